@@ -1,0 +1,1 @@
+"""Prism pipelines: models, precisions, generation, engines. No UI code lives here."""

@@ -1,0 +1,1 @@
+"""Embedded demo models: synthetic scenes, training, prompt-adherence scoring."""
