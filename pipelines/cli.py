@@ -1,0 +1,126 @@
+"""`python -m pipelines generate|bench|build|cache|models`: the same manager the web app uses, headless."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import user_message
+from .gpu import GiB
+from .precision import Precision
+
+log = logging.getLogger("prism.cli")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "tensorrt"],
+                   help="auto picks TensorRT where it is installed and runs on this GPU, else PyTorch")
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (GPU; slow first run)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="build Hub models' exact architectures with random weights (benchmarks; no download)")
+    p.add_argument("--memory-budget", default=None, help="e.g. 40GB or 0.6 (fraction of device memory)")
+    p.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub (like HF_HUB_OFFLINE=1)")
+    p.add_argument("--hf-token", default=None, help="Hugging Face token (default: HF_TOKEN or `hf auth login`)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _add_request_args(p: argparse.ArgumentParser, multi_precision: bool = False) -> None:
+    p.add_argument("--model", default=None,
+                   help="registry id (flux.1-dev, flux.1-schnell, sdxl-base-1.0, sdxl-turbo, demo-flux, demo-sdxl) "
+                        "or a local folder in the Hugging Face pipeline layout (default: the best model available here)")
+    choices = [p_.value for p_ in Precision]
+    if multi_precision:
+        p.add_argument("--precision", nargs="+", default=["bf16"], choices=choices)
+    else:
+        p.add_argument("--precision", default="bf16", choices=choices)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="default: random (reported)")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--num-images", type=int, default=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines", description="Prism: Flux.1 and SDXL, headless.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="render images for a prompt")
+    gen.add_argument("prompt")
+    _add_request_args(gen)
+    gen.add_argument("--out", default="outputs/prism.png", help="PNG path; several images get -1, -2, ... suffixes")
+    _add_runtime_args(gen)
+
+    bench = sub.add_parser("bench", help="per-stage timings with a same-run diffusers baseline")
+    bench.add_argument("prompt", nargs="?", default="a photo of a red fox in a snowy forest, golden hour")
+    _add_request_args(bench, multi_precision=True)
+    bench.add_argument("--runs", type=int, default=3)
+    bench.add_argument("--warmup", type=int, default=1)
+    bench.add_argument("--no-baseline", action="store_true", help="skip the plain diffusers eager baseline")
+    bench.add_argument("--json-out", default=None, help="also write the results as JSON")
+    _add_runtime_args(bench)
+
+    build = sub.add_parser("build", help="export, quantize and build TensorRT engines into the engine cache")
+    build.add_argument("--model", required=True)
+    build.add_argument("--precision", default="bf16", choices=[p_.value for p_ in Precision])
+    build.add_argument("--backend", default="tensorrt", choices=["tensorrt"])
+    build.add_argument("--target", default="current", help="sm89, sm120, sm121 or current (the GPU here)")
+    build.add_argument("--width", type=int, default=None)
+    build.add_argument("--height", type=int, default=None)
+    build.add_argument("--min-size", type=int, default=None, help="smallest side of a dynamic size range")
+    build.add_argument("--max-size", type=int, default=None, help="largest side of a dynamic size range")
+    build.add_argument("--max-batch", type=int, default=1)
+    build.add_argument("--components", nargs="+", default=None, help="default: every component")
+    build.add_argument("--random-weights", action="store_true")
+    build.add_argument("--offline", action="store_true")
+    build.add_argument("--hf-token", default=None)
+    build.add_argument("-v", "--verbose", action="store_true")
+
+    cache = sub.add_parser("cache", help="list, clear or prune the engine cache")
+    cache.add_argument("action", choices=["list", "clear", "prune"])
+    cache.add_argument("--max-size", default=None, help="with prune: e.g. 50GB")
+    cache.add_argument("--dir", default=None, help="engine cache folder (default: PRISM_ENGINE_CACHE or engine_cache/)")
+    cache.add_argument("-v", "--verbose", action="store_true")
+
+    models = sub.add_parser("models", help="list the models Prism knows and whether their weights are here")
+    models.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            from .commands import run_generate
+            return run_generate(args)
+        if args.command == "bench":
+            from .bench import run_bench
+            return run_bench(args)
+        if args.command == "build":
+            from .backends.tensorrt.cli import run_build
+            return run_build(args)
+        if args.command == "cache":
+            from .commands import run_cache
+            return run_cache(args)
+        from .commands import run_models
+        return run_models(args)
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+    except Exception as exc:  # every failure the user can fix ends in one readable line
+        if args.verbose or not user_message(exc, fallback=False):
+            log.exception("failed")
+        print(f"error: {user_message(exc)}", file=sys.stderr)
+        return 2
+
+
+def format_bytes(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / GiB:.2f} GiB"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The CLI's generate / cache / models commands (bench and build live beside their engines)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .engine_cache import EngineCache
+from .gpu import GiB, parse_memory
+from .loading import HubOptions, default_model, is_available_locally
+from .manager import ManagerConfig, PipelineManager
+from .pngmeta import SAMPLER_NAMES, save_png
+from .registry import HUB_MODELS, demo_specs, resolve_spec
+from .request import GenerationRequest
+from .run_context import Progress
+
+
+def hub_options(args: argparse.Namespace) -> HubOptions:
+    return HubOptions(token=args.hf_token, offline=True if args.offline else None)
+
+
+def manager_from_args(args: argparse.Namespace) -> PipelineManager:
+    return PipelineManager(ManagerConfig(device=args.device, backend=args.backend, memory_budget=args.memory_budget,
+                                         compile=args.compile, random_weights=args.random_weights,
+                                         hub=hub_options(args)))
+
+
+def chosen_model(args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    model, note = default_model(hub=hub_options(args))
+    print(note)
+    return model
+
+
+def request_from_args(args: argparse.Namespace, model: str, precision: str) -> GenerationRequest:
+    return GenerationRequest(prompt=args.prompt, model=model, precision=precision, negative_prompt=args.negative_prompt,
+                             width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
+                             seed=args.seed, num_images=args.num_images, backend=args.backend)
+
+
+def print_progress(p: Progress) -> None:
+    if p.stage == "denoise":
+        print(f"\r  step {p.done}/{p.total}", end="\n" if p.done == p.total else "", flush=True)
+    elif p.message:
+        print(f"  {p.message}", flush=True)
+
+
+def output_paths(out: str, count: int) -> list[Path]:
+    base = Path(out)
+    if base.suffix.lower() != ".png":
+        base = base.with_suffix(".png")
+    if count == 1:
+        return [base]
+    return [base.with_name(f"{base.stem}-{i + 1}{base.suffix}") for i in range(count)]
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    model = chosen_model(args)
+    manager = manager_from_args(args)
+    try:
+        result = manager.generate(request_from_args(args, model, args.precision), on_progress=print_progress)
+    finally:
+        manager.close()
+    sampler = SAMPLER_NAMES.get(resolve_spec(model).components["scheduler"].class_name, "Euler")
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    for path, image, seed in zip(output_paths(args.out, len(result.images)), result.images, result.seeds):
+        save_png(path, image, result.settings(), seed, sampler)
+        print(f"saved {path} (seed {seed})")
+    peak = "n/a (CPU)" if result.peak_memory_bytes is None else f"{result.peak_memory_bytes / GiB:.2f} GiB"
+    print(f"{result.request.model} | {result.runs_as} | {result.backend} on {result.device} | peak memory {peak}")
+    print(result.timings.summary())
+    return 0
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    cache = EngineCache(Path(args.dir) if args.dir else None)
+    if args.action == "list":
+        entries = cache.entries()
+        if not entries:
+            print(f"{cache.root}: empty")
+        for e in entries:
+            key = e.manifest.key if e.manifest else None
+            label = (f"{key.model} {key.component} {key.precision}/{key.recipe} {key.shapes} b{key.batch} "
+                     f"{key.target} {key.backend} {key.backend_version}") if key else "(no valid manifest: will be rebuilt)"
+            print(f"{e.size / GiB:8.2f} GiB  {label}  {e.path.name}")
+        print(f"total {cache.total_bytes() / GiB:.2f} GiB in {cache.root}")
+    elif args.action == "clear":
+        print(f"removed {cache.clear()} artifact(s) from {cache.root}")
+    else:
+        if not args.max_size:
+            raise SystemExit("cache prune needs --max-size, e.g. --max-size 50GB")
+        removed = cache.prune(parse_memory(args.max_size, 0))
+        print(f"removed {len(removed)} artifact(s); {cache.total_bytes() / GiB:.2f} GiB remain in {cache.root}")
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    for spec in HUB_MODELS + demo_specs():
+        here = "weights here" if is_available_locally(spec) else ("gated, download" if spec.gated else "download")
+        print(f"{spec.id:16} {spec.family.value:5} {here:16} {spec.description}")
+    return 0

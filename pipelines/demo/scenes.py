@@ -1,0 +1,341 @@
+"""Synthetic scenes for the embedded demo models: vocabulary, captions, and two renderers.
+
+A scene is one or two flat-coloured shapes on a plain background, described by a caption such as
+"a small red circle at the top left and a large blue star in the center on a white background".
+The grammar is closed, so `parse_caption` inverts `caption` exactly and `scorer.py` can check any
+image against any caption.
+
+Layout: the image is a 3x3 grid and each position names one cell. A shape is centred in its cell
+(plus a small jitter) and its extent (the longer side of its bounding box) is a fixed fraction of
+the image side, so a shape never leaves its cell and two shapes never touch:
+largest half-extent + offset = 0.1325 + 0.015 leaves 0.019 of the image side to every cell border.
+
+Geometry has one definition, `POLYGONS` plus the circle: `render` draws those polygons with PIL,
+`render_batch` rasterises the same outlines from signed distances in torch, and the scorer
+synthesises its templates from `shape_distance`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+KINDS = ("circle", "square", "triangle", "star", "diamond")
+
+# Nine colours at least 47 CIE76 units apart in CIELAB (closest pairs: red/orange 47,
+# blue/purple 48, orange/yellow 49), so a blurred or noisy pixel still lands on the right name.
+COLOURS = MappingProxyType({
+    "red": (220, 30, 30),
+    "orange": (250, 140, 0),
+    "yellow": (250, 225, 30),
+    "green": (30, 170, 50),
+    "blue": (40, 110, 230),
+    "purple": (160, 40, 200),
+    "pink": (250, 130, 200),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+})
+
+# Nominal extent (longer bounding-box side) as a fraction of the image side. Jitter keeps small
+# within 0.146-0.164 and large within 0.235-0.265, so the scorer's 0.2 threshold has room on both sides.
+SIZES = MappingProxyType({"small": 0.155, "large": 0.25})
+SIZE_JITTER = 0.06  # relative: extent = nominal * (1 + grow * SIZE_JITTER)
+MAX_OFFSET = 0.015  # position jitter per axis, as a fraction of the image side
+
+GRID = 3
+# (column, row) of each position's cell, and the words the caption uses for it.
+POSITIONS = MappingProxyType({
+    "top left": (0, 0), "top": (1, 0), "top right": (2, 0),
+    "left": (0, 1), "center": (1, 1), "right": (2, 1),
+    "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2),
+})
+POSITION_PHRASES = MappingProxyType({
+    "top left": "at the top left", "top": "at the top", "top right": "at the top right",
+    "left": "on the left", "center": "in the center", "right": "on the right",
+    "bottom left": "at the bottom left", "bottom": "at the bottom", "bottom right": "at the bottom right",
+})
+MAX_SHAPES = 2
+
+
+def _star(points: int = 5, inner: float = 0.48) -> tuple[tuple[float, float], ...]:
+    """A star with its tip up; inner/outer radius 0.48 keeps the arms thick enough to survive 64 px."""
+    vertices = [
+        ((1.0 if k % 2 == 0 else inner) * math.cos(-math.pi / 2 + k * math.pi / points),
+         (1.0 if k % 2 == 0 else inner) * math.sin(-math.pi / 2 + k * math.pi / points))
+        for k in range(2 * points)
+    ]
+    return _fit_unit_box(vertices)
+
+
+def _fit_unit_box(vertices: Sequence[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
+    """Scale and shift so the bounding box is centred on the origin with its longer side 1."""
+    xs, ys = [x for x, _ in vertices], [y for _, y in vertices]
+    scale = max(max(xs) - min(xs), max(ys) - min(ys))
+    cx, cy = (max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2
+    return tuple(((x - cx) / scale, (y - cy) / scale) for x, y in vertices)
+
+
+# Outlines in shape-local units: x right, y down, bounding box centred on 0 with longer side 1.
+# The circle (radius 0.5) is the one kind drawn from its own formula.
+POLYGONS = MappingProxyType({
+    "square": ((-0.5, -0.5), (0.5, -0.5), (0.5, 0.5), (-0.5, 0.5)),
+    "triangle": _fit_unit_box(((0.0, -1.0), (math.cos(math.pi / 6), 0.5), (-math.cos(math.pi / 6), 0.5))),
+    "star": _star(),
+    "diamond": ((0.0, -0.5), (0.5, 0.0), (0.0, 0.5), (-0.5, 0.0)),
+})
+
+
+class Split(enum.Enum):
+    """Which part of the caption space a scene belongs to; see `split_of`."""
+
+    TRAIN = "train"
+    HELD_OUT = "held_out"
+
+
+HELD_OUT_PERCENT = 5
+_HELD_OUT_STREAM = 0x5EED_0E7A  # keeps held_out_captions(seed=s) apart from a training rng seeded with s
+
+
+@dataclass(frozen=True)
+class Jitter:
+    """How one drawing of a shape departs from its nominal place and size.
+
+    Captions cannot carry jitter, so it is excluded from equality: two scenes that differ only in
+    jitter have the same caption and compare equal.
+    """
+
+    dx: float = 0.0  # fraction of the image side, within +-MAX_OFFSET
+    dy: float = 0.0
+    grow: float = 0.0  # -1..1, scales the extent by up to +-SIZE_JITTER
+
+    def __post_init__(self) -> None:
+        if max(abs(self.dx), abs(self.dy)) > MAX_OFFSET or abs(self.grow) > 1.0:
+            raise ValueError(f"jitter {self} out of range: |dx|, |dy| <= {MAX_OFFSET} and |grow| <= 1")
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    colour: str
+    size: str
+    position: str
+    jitter: Jitter = field(default=Jitter(), compare=False)
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("kind", self.kind, KINDS), ("colour", self.colour, COLOURS),
+                                     ("size", self.size, SIZES), ("position", self.position, POSITIONS)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; expected one of: {', '.join(allowed)}")
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        """Centre of the bounding box in unit image coordinates (x right, y down)."""
+        column, row = POSITIONS[self.position]
+        return (column + 0.5) / GRID + self.jitter.dx, (row + 0.5) / GRID + self.jitter.dy
+
+    @property
+    def extent(self) -> float:
+        """Longer side of the bounding box as a fraction of the image side."""
+        return SIZES[self.size] * (1.0 + self.jitter.grow * SIZE_JITTER)
+
+
+@dataclass(frozen=True)
+class Scene:
+    shapes: tuple[Shape, ...]
+    background: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shapes", tuple(self.shapes))
+        if self.background not in COLOURS:
+            raise ValueError(f"unknown background colour {self.background!r}; expected one of: {', '.join(COLOURS)}")
+        if not 1 <= len(self.shapes) <= MAX_SHAPES:
+            raise ValueError(f"a scene has 1 to {MAX_SHAPES} shapes, got {len(self.shapes)}")
+        positions = [s.position for s in self.shapes]
+        if len(set(positions)) != len(positions):
+            raise ValueError(f"shapes must be at different positions, got {positions}")
+        for s in self.shapes:
+            if s.colour == self.background:
+                raise ValueError(f"a {s.colour} {s.kind} would be invisible on a {self.background} background")
+
+
+# --- captions -----------------------------------------------------------------------------------
+
+def _shape_phrase(shape: Shape) -> str:
+    return f"a {shape.size} {shape.colour} {shape.kind} {POSITION_PHRASES[shape.position]}"
+
+
+def caption(scene: Scene) -> str:
+    shapes = " and ".join(_shape_phrase(s) for s in scene.shapes)
+    return f"{shapes} on a {scene.background} background"
+
+
+_POSITION_BY_PHRASE = MappingProxyType({phrase: name for name, phrase in POSITION_PHRASES.items()})
+
+
+def parse_caption(text: str) -> Scene:
+    """Inverse of `caption` (case and runs of spaces are ignored); ValueError says what is wrong."""
+    normal = " ".join(text.lower().split())
+    body, sep, tail = normal.rpartition(" on a ")
+    if not sep or not tail.endswith(" background") or len(tail.split()) != 2:
+        raise ValueError(f"caption {text!r} must end with 'on a <colour> background'")
+    background = tail.split()[0]
+    if background not in COLOURS:
+        raise ValueError(f"unknown background colour {background!r} in {text!r}; expected one of: {', '.join(COLOURS)}")
+    parts = body.split(" and ")
+    if not 1 <= len(parts) <= MAX_SHAPES:
+        raise ValueError(f"caption {text!r} names {len(parts)} shapes; expected 1 to {MAX_SHAPES} joined by 'and'")
+    return Scene(tuple(_parse_shape(part, text) for part in parts), background)
+
+
+def _parse_shape(part: str, text: str) -> Shape:
+    words = part.split()
+    if len(words) < 5 or words[0] != "a":
+        raise ValueError(f"shape phrase {part!r} in {text!r} must read 'a <size> <colour> <kind> <position>'")
+    _, size, colour, kind, *rest = words
+    for name, value, allowed in (("size", size, SIZES), ("colour", colour, COLOURS), ("kind", kind, KINDS)):
+        if value not in allowed:
+            raise ValueError(f"unknown {name} {value!r} in {text!r}; expected one of: {', '.join(allowed)}")
+    phrase = " ".join(rest)
+    if phrase not in _POSITION_BY_PHRASE:
+        raise ValueError(f"unknown position {phrase!r} in {text!r}; expected one of: {', '.join(_POSITION_BY_PHRASE)}")
+    return Shape(kind, colour, size, _POSITION_BY_PHRASE[phrase])
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+Rng = random.Random | np.random.Generator
+
+
+def _index(rng: Rng, n: int) -> int:
+    return rng.randrange(n) if isinstance(rng, random.Random) else int(rng.integers(n))
+
+
+def _pick(rng: Rng, options: Sequence[str]) -> str:
+    return options[_index(rng, len(options))]
+
+
+def split_of(scene: Scene) -> Split:
+    """Hash split of the caption space: a fixed 5% of scenes are held out and never sampled for training.
+
+    The key ignores shape order, so "A and B" and "B and A" fall on the same side. sha256 rather
+    than hash() because Python salts str hashes per process.
+    """
+    key = "|".join(sorted(_shape_phrase(s) for s in scene.shapes) + [scene.background])
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 100
+    return Split.HELD_OUT if bucket < HELD_OUT_PERCENT else Split.TRAIN
+
+
+def sample_scene(rng: Rng, max_shapes: int = MAX_SHAPES, split: Split = Split.TRAIN) -> Scene:
+    """Draw a scene from `split`, with 1 to `max_shapes` shapes and their jitter, deterministic in `rng`."""
+    if not 1 <= max_shapes <= MAX_SHAPES:
+        raise ValueError(f"max_shapes must be 1 to {MAX_SHAPES}, got {max_shapes}")
+    while True:  # rejection: the held-out side is 5% of draws, so this ends after ~20 tries at worst
+        scene = _draw(rng, max_shapes)
+        if split_of(scene) is split:
+            return scene
+
+
+def _draw(rng: Rng, max_shapes: int) -> Scene:
+    background = _pick(rng, tuple(COLOURS))
+    free = list(POSITIONS)
+    shapes = []
+    for _ in range(1 + _index(rng, max_shapes)):
+        position = free.pop(_index(rng, len(free)))
+        shapes.append(Shape(
+            kind=_pick(rng, KINDS),
+            colour=_pick(rng, tuple(c for c in COLOURS if c != background)),
+            size=_pick(rng, tuple(SIZES)),
+            position=position,
+            jitter=Jitter(dx=float(rng.uniform(-MAX_OFFSET, MAX_OFFSET)),
+                          dy=float(rng.uniform(-MAX_OFFSET, MAX_OFFSET)),
+                          grow=float(rng.uniform(-1.0, 1.0))),
+        ))
+    return Scene(tuple(shapes), background)
+
+
+def held_out_captions(n: int = 200, seed: int = 0) -> list[str]:
+    """`n` distinct captions from the held-out split, fixed for a given seed, for evaluation."""
+    rng = np.random.default_rng([_HELD_OUT_STREAM, seed])
+    captions: dict[str, None] = {}  # insertion-ordered set
+    while len(captions) < n:
+        captions[caption(sample_scene(rng, split=Split.HELD_OUT))] = None
+    return list(captions)
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+_SUPERSAMPLE = 8  # PIL draws hard edges; averaging 8x8 sub-pixels gives coverage within 1/64
+
+
+def render(scene: Scene, size: int) -> Image.Image:
+    """Reference renderer: PIL polygons on a supersampled canvas, box-filtered down to `size`."""
+    big = size * _SUPERSAMPLE
+    canvas = Image.new("RGB", (big, big), COLOURS[scene.background])
+    draw = ImageDraw.Draw(canvas)
+    for shape in scene.shapes:
+        (cx, cy), extent = shape.centre, shape.extent
+        # PIL puts pixel k's centre at coordinate k; unit coordinates put it at k + 0.5.
+        to_pixels = lambda x, y: (big * (cx + extent * x) - 0.5, big * (cy + extent * y) - 0.5)  # noqa: E731
+        if shape.kind == "circle":
+            draw.ellipse([to_pixels(-0.5, -0.5), to_pixels(0.5, 0.5)], fill=COLOURS[shape.colour])
+        else:
+            draw.polygon([to_pixels(x, y) for x, y in POLYGONS[shape.kind]], fill=COLOURS[shape.colour])
+    return canvas.resize((size, size), Image.Resampling.BOX)
+
+
+def shape_distance(kind: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Signed distance to a shape's outline in shape-local units (negative inside); x, y broadcast."""
+    if kind == "circle":
+        return torch.sqrt(x * x + y * y) - 0.5
+    vertices = POLYGONS[kind]
+    nearest_sq = torch.full(torch.broadcast_shapes(x.shape, y.shape), math.inf, dtype=x.dtype, device=x.device)
+    inside = torch.zeros_like(nearest_sq, dtype=torch.bool)
+    for (ax, ay), (bx, by) in zip(vertices, vertices[1:] + vertices[:1]):
+        ex, ey = bx - ax, by - ay
+        wx, wy = x - ax, y - ay
+        t = ((wx * ex + wy * ey) / (ex * ex + ey * ey)).clamp(0.0, 1.0)
+        nearest_sq = torch.minimum(nearest_sq, (wx - ex * t) ** 2 + (wy - ey * t) ** 2)
+        if ey != 0.0:  # even-odd rule: count edges crossed by a ray towards -x
+            inside ^= ((ay <= y) != (by <= y)) & (x < ax + (y - ay) * (ex / ey))
+    distance = torch.sqrt(nearest_sq)
+    return torch.where(inside, -distance, distance)
+
+
+def render_batch(scenes: Sequence[Scene], size: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Vectorised renderer: (N, 3, size, size) float32 in [-1, 1], matching `render` up to anti-aliasing.
+
+    Coverage is 0.5 minus the signed distance in pixels, clamped to [0, 1]: a one-pixel-wide ramp
+    that approximates box-filtered coverage without supersampling. Shapes are drawn slot by slot
+    (first shapes of every scene, then second shapes) and kind by kind within a slot, so the work
+    is a handful of batched tensor ops however large the batch.
+    """
+    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32, device=device) / 127.5 - 1.0
+    colour_index = {name: i for i, name in enumerate(COLOURS)}
+    backgrounds = torch.tensor([colour_index[s.background] for s in scenes], device=device)
+    images = palette[backgrounds][:, :, None, None].repeat(1, 1, size, size)
+    pixel_centres = (torch.arange(size, dtype=torch.float32, device=device) + 0.5) / size
+    for slot in range(MAX_SHAPES):
+        for kind in KINDS:
+            members = [(i, s.shapes[slot]) for i, s in enumerate(scenes)
+                       if len(s.shapes) > slot and s.shapes[slot].kind == kind]
+            if not members:
+                continue
+            rows = torch.tensor([i for i, _ in members], device=device)
+            cx, cy, extent = torch.tensor([(*shape.centre, shape.extent) for _, shape in members],
+                                          dtype=torch.float32, device=device).unbind(1)
+            x = (pixel_centres[None, None, :] - cx[:, None, None]) / extent[:, None, None]
+            y = (pixel_centres[None, :, None] - cy[:, None, None]) / extent[:, None, None]
+            pixels_per_unit = (extent * size)[:, None, None]
+            alpha = (0.5 - shape_distance(kind, x, y) * pixels_per_unit).clamp(0.0, 1.0)[:, None]
+            colours = palette[torch.tensor([colour_index[shape.colour] for _, shape in members], device=device)]
+            images[rows] = images[rows] * (1.0 - alpha) + colours[:, :, None, None] * alpha
+    return images

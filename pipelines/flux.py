@@ -1,0 +1,123 @@
+"""Flux.1 text-to-image: encode the prompt (CLIP-L pooled + T5), denoise packed latents with flow matching, decode.
+
+The loop follows diffusers' FluxPipeline step for step (tests compare the two image for image), but
+reads its components through `Parts`, so the manager can load them lazily, evict the text encoders
+once the prompt is encoded, and swap a TensorRT engine in for any component.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from .registry import ModelSpec
+from .request import GenerationRequest, StageTimings
+from .run_context import Parts, RunContext, Stopwatch
+from .sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noise, tokenize,
+                       truncation_warning)
+
+# Top-level transformer modules kept in 16 bits at FP8/FP4: the embedders and the final projection,
+# the layers the TensorRT demo and ModelOpt's Flux recipe also leave unquantized.
+KEEP_16BIT = ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+CLIP_TOKENS = 77
+
+
+def vae_scale_factor(spec: ModelSpec) -> int:
+    return 2 ** (len(spec.components["vae"].config["block_out_channels"]) - 1)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, C*4): 2x2 patches as tokens."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, _, c4 = tokens.shape
+    return tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
+def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(row, column) position of every packed token, for the rotary embedding."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] += torch.arange(h // 2)[:, None]
+    ids[..., 2] += torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunContext) -> FamilyOutput:
+    device, n = ctx.device, req.num_images
+    seeds = tuple(req.seed + i for i in range(n))
+    warnings: list[str] = []
+    clock = Stopwatch(device)
+
+    # 1. Encode the prompt once; every image of the batch shares it.
+    ctx.report("text", 0, 1, "encoding the prompt")
+    clip_ids, cut_clip = tokenize(parts.get("tokenizer"), req.prompt, CLIP_TOKENS)
+    t5_ids, cut_t5 = tokenize(parts.get("tokenizer_2"), req.prompt, spec.max_prompt_tokens)
+    if cut_t5:
+        warnings.append(truncation_warning("T5", spec.max_prompt_tokens))
+    elif cut_clip:
+        warnings.append(f"CLIP sees only the first {CLIP_TOKENS} tokens of the prompt; T5 sees all of it.")
+    clip, t5 = parts.get("text_encoder"), parts.get("text_encoder_2")
+    t_start = clock.mark()
+    with torch.inference_mode():
+        pooled = clip(input_ids=clip_ids.to(device))
+        text = t5(input_ids=t5_ids.to(device))
+    t_text = clock.mark()
+    parts.done_with(*TEXT_ENCODERS)
+
+    # 2. Noise, schedule and conditioning.
+    dtype = parts.dtype("transformer")
+    scale = vae_scale_factor(spec)
+    h, w = 2 * (req.height // (scale * 2)), 2 * (req.width // (scale * 2))
+    channels = spec.components["transformer"].config["in_channels"] // 4
+    noise, _ = seeded_noise(seeds, (channels, h, w), device, dtype)
+    latents = pack(noise)
+    scheduler = type(parts.get("scheduler")).from_config(parts.get("scheduler").config)  # fresh state per job
+    cfg = scheduler.config
+    mu = calculate_shift(latents.shape[1], cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    sigmas = np.linspace(1.0, 1 / req.steps, req.steps)
+    scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
+    scheduler.set_begin_index(0)
+    cond = dict(
+        encoder_hidden_states=text.to(dtype).repeat(n, 1, 1),
+        pooled_projections=pooled.to(dtype).repeat(n, 1),
+        img_ids=image_ids(h, w, device, dtype),
+        txt_ids=torch.zeros(text.shape[1], 3, device=device, dtype=dtype),
+    )
+    if spec.components["transformer"].config.get("guidance_embeds", False):
+        cond["guidance"] = torch.full([n], req.guidance, device=device, dtype=torch.float32)
+
+    # 3. Denoise.
+    denoiser = parts.get("transformer")
+    step_marks = [clock.mark()]
+    with torch.inference_mode():
+        for i, t in enumerate(scheduler.timesteps):
+            ctx.check_cancelled()
+            velocity = denoiser(hidden_states=latents, timestep=(t.expand(n).to(dtype) / 1000), **cond)
+            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+            step_marks.append(clock.mark())
+            clock.wait(step_marks[-1])
+            ctx.report("denoise", i + 1, req.steps)
+    check_finite(latents, "transformer", "Try bf16, or a lower guidance.")
+
+    # 4. Decode.
+    ctx.report("vae", 0, 1, "decoding")
+    vae = parts.get("vae")
+    vae_config = spec.components["vae"].config
+    t_vae = clock.mark()
+    with torch.inference_mode():
+        unscaled = unpack(latents, h, w) / vae_config["scaling_factor"] + vae_config.get("shift_factor", 0.0)
+        decoded = vae(latents=unscaled.to(parts.dtype("vae")))
+    t_end = clock.mark()
+    check_finite(decoded, "VAE decoder", "Try bf16.")
+
+    timings = StageTimings(
+        text_encoders_ms=clock.ms(t_start, t_text),
+        steps_ms=tuple(clock.ms(a, b) for a, b in zip(step_marks, step_marks[1:])),
+        vae_ms=clock.ms(t_vae, t_end),
+    )
+    return FamilyOutput(decoded_to_images(decoded), timings, tuple(warnings))

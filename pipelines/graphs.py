@@ -1,0 +1,99 @@
+"""The exact computation of each engine, as nn.Modules with tensor-only signatures.
+
+The PyTorch backend runs these modules; the TensorRT backend exports these same modules to ONNX.
+Because both backends share one call signature per component, the Flux and SDXL loops never ask
+which backend is running.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ClipPooled(nn.Module):
+    """Flux `text_encoder`: CLIP-L pooled output (B, 768)."""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids, output_hidden_states=False).pooler_output
+
+
+class T5Hidden(nn.Module):
+    """Flux `text_encoder_2`: T5 encoder last hidden state (B, S, 4096)."""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids, output_hidden_states=False)[0]
+
+
+class ClipPenultimate(nn.Module):
+    """SDXL `text_encoder`: CLIP-L penultimate hidden state (B, 77, 768)."""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids, output_hidden_states=True).hidden_states[-2]
+
+
+class ClipPenultimateAndProjection(nn.Module):
+    """SDXL `text_encoder_2`: OpenCLIP-bigG penultimate hidden state (B, 77, 1280) and projected pooled (B, 1280)."""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.text_encoder(input_ids, output_hidden_states=True)
+        return out.hidden_states[-2], out.text_embeds
+
+
+class FluxDenoiser(nn.Module):
+    """Flux `transformer`: velocity prediction for packed latents."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                pooled_projections: torch.Tensor, timestep: torch.Tensor, img_ids: torch.Tensor,
+                txt_ids: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        return self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids,
+                                txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+
+
+class SdxlDenoiser(nn.Module):
+    """SDXL `unet`: noise prediction with text_time conditioning."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False)[0]
+
+
+class VaeDecoder(nn.Module):
+    """`vae`: latents (already unscaled) to an image in [-1, 1]."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
+FLUX_ADAPTERS = {"text_encoder": ClipPooled, "text_encoder_2": T5Hidden, "transformer": FluxDenoiser, "vae": VaeDecoder}
+SDXL_ADAPTERS = {"text_encoder": ClipPenultimate, "text_encoder_2": ClipPenultimateAndProjection,
+                 "unet": SdxlDenoiser, "vae": VaeDecoder}

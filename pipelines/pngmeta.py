@@ -1,0 +1,78 @@
+"""PNG files that remember how they were made.
+
+Two text chunks: `parameters`, the AUTOMATIC1111 infotext that A1111, Forge, ComfyUI loaders and
+image browsers parse, and `prism`, a JSON object with every setting.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+SAMPLER_NAMES = {  # scheduler class -> the name A1111 users know
+    "FlowMatchEulerDiscreteScheduler": "Euler",
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+}
+
+
+def infotext(settings: dict[str, Any], seed: int, sampler: str = "Euler") -> str:
+    lines = [settings.get("prompt", "")]
+    if settings.get("negative_prompt"):
+        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    fields = [("Steps", settings.get("steps")), ("Sampler", sampler), ("CFG scale", settings.get("guidance")),
+              ("Seed", seed), ("Size", f"{settings.get('width')}x{settings.get('height')}"),
+              ("Model", settings.get("model")), ("Precision", settings.get("runs_as") or settings.get("precision")),
+              ("Backend", settings.get("backend"))]
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None and v != ""))
+    return "\n".join(lines)
+
+
+def png_bytes(image: Image.Image, settings: dict[str, Any], seed: int, sampler: str = "Euler") -> bytes:
+    info = PngInfo()
+    info.add_text("parameters", infotext(settings, seed, sampler))
+    info.add_text("prism", json.dumps({**settings, "seed": seed}, sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(path: Path, image: Image.Image, settings: dict[str, Any], seed: int, sampler: str = "Euler") -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(png_bytes(image, settings, seed, sampler))
+    tmp.replace(path)  # never leave a half-written picture under the real name
+    return path
+
+
+def read_png_metadata(source: Path | bytes | Image.Image) -> dict[str, Any]:
+    """{'parameters': infotext or None, 'settings': the JSON settings or {}}."""
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(source))
+    else:
+        image = Image.open(source)
+    text = getattr(image, "text", {}) or {}
+    settings = json.loads(text["prism"]) if "prism" in text else {}
+    return {"parameters": text.get("parameters"), "settings": settings}
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """Inverse of `infotext` for the fields Prism writes: prompt, negative prompt and the key: value list."""
+    lines = text.split("\n")
+    out = {"prompt": lines[0] if lines else ""}
+    for line in lines[1:]:
+        if line.startswith("Negative prompt: "):
+            out["negative_prompt"] = line[len("Negative prompt: "):]
+        else:
+            for item in line.split(", "):
+                key, sep, value = item.partition(": ")
+                if sep:
+                    out[key] = value
+    return out

@@ -1,0 +1,185 @@
+"""FP8 and NVFP4 Linear layers for the PyTorch backend.
+
+Why our own modules rather than torchao: torchao's float8 config refuses to run without a CUDA
+GPU of compute capability >= 8.9 (AssertionError on the CPU, measured with torchao 0.18), and the
+issue asks for one code path whose numerics tests can check on a CPU. `torch._scaled_mm` with
+row-wise scales runs on both the CPU and Hopper/Blackwell, so FP8 uses it everywhere.
+
+- FP8: e4m3 weights with one scale per output channel; activations quantized per row at run time.
+- NVFP4: e2m1 values in blocks of 16 along the input dimension, one e4m3 scale per block and one
+  fp32 scale per tensor. Without FP4 tensor cores the weights are expanded to 16 bits at the matmul
+  ("FP4 weights, 16-bit compute": less memory, not faster). With them (Blackwell) torchao's NVFP4
+  tensor subclass runs the native block-scaled GEMM.
+
+Models keep their sensitive layers in 16 bits (embedders, first/last projections; see
+`keep_16bit`), as the TensorRT demo and ModelOpt recipes do.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .precision import Precision
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP4_MAX = 6.0  # largest e2m1 value
+FP4_BLOCK = 16
+# The eight non-negative e2m1 values, in code order (code = sign << 3 | index).
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_FP4_MIDPOINTS = (FP4_VALUES[1:] + FP4_VALUES[:-1]) / 2
+
+
+class Fp8Linear(nn.Module):
+    """y = x W^T + b with W in e4m3 (per-output-channel scale) and x quantized per row on the fly."""
+
+    def __init__(self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 compute_dtype: torch.dtype):
+        super().__init__()
+        self.in_features = weight_fp8.shape[1]
+        self.out_features = weight_fp8.shape[0]
+        self.register_buffer("weight_fp8", weight_fp8)
+        self.register_buffer("weight_scale", weight_scale.reshape(1, -1).float())  # (1, N) as _scaled_mm wants
+        self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+        self.compute_dtype = compute_dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype) -> "Fp8Linear":
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+        w_fp8 = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return cls(w_fp8, scale, None if linear.bias is None else linear.bias.detach(), compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+        x_fp8 = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        # Row-wise scaled GEMMs produce bf16 on Hopper (cuBLASLt supports no other output there).
+        y = torch._scaled_mm(x_fp8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                             out_dtype=torch.bfloat16)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3 per-channel"
+
+
+@dataclass(frozen=True)
+class Nvfp4Weight:
+    packed: torch.Tensor  # uint8 (N, K/2): two e2m1 codes per byte, even element in the low nibble
+    block_scale: torch.Tensor  # float8_e4m3fn (N, K/16)
+    tensor_scale: torch.Tensor  # float32 scalar
+
+
+def nvfp4_quantize(w: torch.Tensor) -> Nvfp4Weight:
+    n, k = w.shape
+    if k % FP4_BLOCK:
+        raise ValueError(f"NVFP4 needs the input dimension to be a multiple of {FP4_BLOCK}; got {k}")
+    w = w.detach().float()
+    tensor_scale = (w.abs().amax() / (FP4_MAX * FP8_MAX)).clamp(min=1e-12)
+    blocks = w.reshape(n, k // FP4_BLOCK, FP4_BLOCK)
+    block_scale = (blocks.abs().amax(dim=2) / FP4_MAX / tensor_scale).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
+    divisor = block_scale.float() * tensor_scale
+    divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    scaled = (blocks / divisor[..., None]).clamp(-FP4_MAX, FP4_MAX)
+    index = torch.bucketize(scaled.abs(), _FP4_MIDPOINTS.to(w.device))  # round to the nearest e2m1 value
+    codes = (index | ((scaled < 0).to(torch.int64) << 3)).to(torch.uint8).reshape(n, k)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return Nvfp4Weight(packed.contiguous(), block_scale.contiguous(), tensor_scale)
+
+
+def nvfp4_dequantize(q: Nvfp4Weight, dtype: torch.dtype) -> torch.Tensor:
+    n = q.packed.shape[0]
+    codes = torch.stack([q.packed & 0xF, q.packed >> 4], dim=-1).reshape(n, -1).long()
+    table = torch.cat([FP4_VALUES, -FP4_VALUES]).to(q.packed.device)
+    values = table[codes].reshape(n, -1, FP4_BLOCK)
+    scale = q.block_scale.float() * q.tensor_scale
+    return (values * scale[..., None]).reshape(n, -1).to(dtype)
+
+
+class Nvfp4WeightOnlyLinear(nn.Module):
+    """NVFP4-stored weights expanded to 16 bits at each call: memory of FP4, speed of 16-bit (or a bit less)."""
+
+    def __init__(self, q: Nvfp4Weight, bias: torch.Tensor | None, compute_dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = q.packed.shape[0], q.packed.shape[1] * 2
+        self.register_buffer("packed", q.packed)
+        self.register_buffer("block_scale", q.block_scale)
+        self.register_buffer("tensor_scale", q.tensor_scale.reshape(()))
+        self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+        self.compute_dtype = compute_dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype) -> "Nvfp4WeightOnlyLinear":
+        return cls(nvfp4_quantize(linear.weight), None if linear.bias is None else linear.bias.detach(), compute_dtype)
+
+    def weight_16bit(self, dtype: torch.dtype) -> torch.Tensor:
+        return nvfp4_dequantize(Nvfp4Weight(self.packed, self.block_scale, self.tensor_scale), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_16bit(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nvfp4 weights, 16-bit compute"
+
+
+def _torchao_native_nvfp4(linear: nn.Linear) -> nn.Module:
+    """Native NVFP4 GEMM on Blackwell through torchao (W4A4, dynamic activation scales)."""
+    from torchao.quantization import quantize_
+    from torchao.prototype.mx_formats import NVFP4DynamicActivationNVFP4WeightConfig
+
+    holder = nn.Sequential(linear)
+    quantize_(holder, NVFP4DynamicActivationNVFP4WeightConfig(use_triton_kernel=False))
+    return holder[0]
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    precision: Precision
+    quantized: int  # Linear layers replaced
+    kept: tuple[str, ...]  # Linear layers left in 16 bits, by name
+    bytes_before: int
+    bytes_after: int
+    native_fp4: bool = False
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def quantize_linears(model: nn.Module, precision: Precision, keep_16bit: Iterable[str],
+                     compute_dtype: torch.dtype, native_fp4: bool = False) -> QuantReport:
+    """Replace the model's nn.Linear layers in place with FP8 / NVFP4 ones.
+
+    `keep_16bit` names top-level submodules (e.g. "x_embedder") whose layers stay 16-bit. Layers whose
+    dimensions are not multiples of 16 also stay 16-bit: neither the FP8 GEMM nor FP4 blocks take them.
+    """
+    precision = Precision.parse(precision)
+    before = module_bytes(model)
+    if precision.is_16bit:
+        return QuantReport(precision, 0, (), before, before)
+    keep = set(keep_16bit)
+    kept: list[str] = []
+    count = 0
+    for name, linear in list(model.named_modules()):
+        if not isinstance(linear, nn.Linear):
+            continue
+        if name.split(".")[0] in keep or linear.in_features % 16 or linear.out_features % 16:
+            kept.append(name)
+            continue
+        if precision is Precision.FP8:
+            new = Fp8Linear.from_linear(linear, compute_dtype)
+        elif native_fp4:
+            new = _torchao_native_nvfp4(linear)
+        else:
+            new = Nvfp4WeightOnlyLinear.from_linear(linear, compute_dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        count += 1
+    return QuantReport(precision, count, tuple(kept), before, module_bytes(model), native_fp4 and precision is Precision.FP4)

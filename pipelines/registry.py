@@ -1,0 +1,287 @@
+"""The models Prism knows: one frozen ModelSpec per model, with defaults, limits and full architectures.
+
+Every component's architecture config is written out here so that a full-size model can be built
+with random weights and no download (benchmarks on machines that cannot reach the Hub). The configs
+are those published in each repository's `*/config.json`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any, Mapping
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODELS_DIR = REPO_ROOT / "models"
+
+
+class Family(str, Enum):
+    FLUX = "flux"
+    SDXL = "sdxl"
+
+
+# model_index.json `_class_name` -> family; how a local Hugging Face-layout folder says what it is.
+PIPELINE_CLASS_FAMILY = {
+    "FluxPipeline": Family.FLUX,
+    "StableDiffusionXLPipeline": Family.SDXL,
+}
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One entry of a Hugging Face pipeline folder: where the class comes from and its architecture."""
+
+    library: str  # "diffusers" | "transformers"
+    class_name: str
+    config: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    multiple_of: int
+    min_side: int
+    max_side: int
+
+    def check(self, width: int, height: int) -> str | None:
+        """None when the size is valid, else what to change."""
+        for name, value in (("width", width), ("height", height)):
+            if value % self.multiple_of:
+                lo = value - value % self.multiple_of
+                return (f"{name} {value} is not a multiple of {self.multiple_of}; "
+                        f"use {max(lo, self.min_side)} or {lo + self.multiple_of}.")
+            if not self.min_side <= value <= self.max_side:
+                return f"{name} {value} is outside {self.min_side}..{self.max_side}; choose a size in that range."
+        return None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    family: Family
+    description: str
+    components: Mapping[str, ComponentSpec] = field(hash=False)
+    repo: str | None = None  # Hugging Face repo id
+    local_dir: Path | None = None  # a folder in the Hugging Face pipeline layout
+    revision: str | None = None
+    gated: bool = False
+    default_steps: int = 28
+    default_guidance: float = 3.5
+    default_width: int = 1024
+    default_height: int = 1024
+    max_steps: int = 100
+    max_guidance: float = 30.0
+    max_images: int = 8
+    size: SizeLimits = SizeLimits(16, 256, 2048)
+    max_prompt_tokens: int = 77
+    supports_negative_prompt: bool = False
+
+    @property
+    def license_url(self) -> str | None:
+        return f"https://huggingface.co/{self.repo}" if self.repo else None
+
+    @property
+    def source(self) -> str:
+        return str(self.local_dir) if self.local_dir else (self.repo or "(built in)")
+
+    @property
+    def denoiser(self) -> str:
+        return "transformer" if self.family is Family.FLUX else "unet"
+
+
+# --------------------------------------------------------------------------- architectures
+
+CLIP_L_TEXT = {  # openai/clip-vit-large-patch14 text tower, as shipped in the Flux and SDXL repos
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "projection_dim": 768,
+    "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}
+CLIP_BIGG_TEXT = {  # laion OpenCLIP ViT-bigG/14 text tower (SDXL text_encoder_2)
+    "vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "projection_dim": 1280,
+    "num_hidden_layers": 32, "num_attention_heads": 20, "max_position_embeddings": 77,
+    "hidden_act": "gelu", "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}
+T5_XXL_ENCODER = {  # google/t5-v1_1-xxl encoder (Flux text_encoder_2)
+    "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "num_decoder_layers": 24,
+    "vocab_size": 32128, "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-6, "dropout_rate": 0.1,
+    "is_encoder_decoder": True, "tie_word_embeddings": False,
+}
+FLUX_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+    "guidance_embeds": True, "axes_dims_rope": [16, 56, 56],
+}
+FLUX_VAE = {
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "force_upcast": True, "in_channels": 3, "out_channels": 3,
+    "latent_channels": 16, "layers_per_block": 2, "mid_block_add_attention": True, "norm_num_groups": 32,
+    "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+    "use_quant_conv": False, "use_post_quant_conv": False,
+}
+SDXL_UNET = {
+    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "flip_sin_to_cos": True,
+    "freq_shift": 0, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "norm_eps": 1e-5,
+    "norm_num_groups": 32, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": True,
+}
+SDXL_VAE = {
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "force_upcast": True, "in_channels": 3, "out_channels": 3,
+    "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 1024,
+    "scaling_factor": 0.13025,
+}
+FLOW_MATCH_DEV = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                  "use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+                  "base_shift": 0.5, "max_shift": 1.15}
+FLOW_MATCH_SCHNELL = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
+                      "use_dynamic_shifting": False}
+EULER_SDXL = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+              "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+              "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
+              "use_karras_sigmas": False}
+EULER_A_TURBO = {"_class_name": "EulerAncestralDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+                 "steps_offset": 1, "timestep_spacing": "trailing"}
+
+
+def _flux_components(guidance_embeds: bool, t5_max_length: int) -> dict[str, ComponentSpec]:
+    return {
+        "scheduler": ComponentSpec("diffusers", "FlowMatchEulerDiscreteScheduler",
+                                   FLOW_MATCH_DEV if guidance_embeds else FLOW_MATCH_SCHNELL),
+        "text_encoder": ComponentSpec("transformers", "CLIPTextModel", CLIP_L_TEXT),
+        "text_encoder_2": ComponentSpec("transformers", "T5EncoderModel", T5_XXL_ENCODER),
+        "tokenizer": ComponentSpec("transformers", "CLIPTokenizer", {"model_max_length": 77, "vocab_size": 49408}),
+        "tokenizer_2": ComponentSpec("transformers", "T5TokenizerFast",
+                                     {"model_max_length": t5_max_length, "vocab_size": 32128}),
+        "transformer": ComponentSpec("diffusers", "FluxTransformer2DModel",
+                                     {**FLUX_TRANSFORMER, "guidance_embeds": guidance_embeds}),
+        "vae": ComponentSpec("diffusers", "AutoencoderKL", FLUX_VAE),
+    }
+
+
+def _sdxl_components(scheduler: dict, unet_sample_size: int) -> dict[str, ComponentSpec]:
+    return {
+        "scheduler": ComponentSpec("diffusers", scheduler["_class_name"], scheduler),
+        "text_encoder": ComponentSpec("transformers", "CLIPTextModel", CLIP_L_TEXT),
+        "text_encoder_2": ComponentSpec("transformers", "CLIPTextModelWithProjection", CLIP_BIGG_TEXT),
+        "tokenizer": ComponentSpec("transformers", "CLIPTokenizer", {"model_max_length": 77, "vocab_size": 49408}),
+        "tokenizer_2": ComponentSpec("transformers", "CLIPTokenizer", {"model_max_length": 77, "vocab_size": 49408}),
+        "unet": ComponentSpec("diffusers", "UNet2DConditionModel", {**SDXL_UNET, "sample_size": unet_sample_size}),
+        "vae": ComponentSpec("diffusers", "AutoencoderKL", SDXL_VAE),
+    }
+
+
+FLUX_DEFAULTS = dict(family=Family.FLUX, size=SizeLimits(16, 256, 2048), supports_negative_prompt=False)
+SDXL_DEFAULTS = dict(family=Family.SDXL, size=SizeLimits(8, 256, 2048), max_prompt_tokens=77)
+
+HUB_MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec(id="flux.1-dev", repo="black-forest-labs/FLUX.1-dev", gated=True,
+              description="FLUX.1 [dev]: 12B guidance-distilled transformer, best quality (non-commercial license).",
+              components=_flux_components(True, 512), default_steps=28, default_guidance=3.5,
+              max_prompt_tokens=512, **FLUX_DEFAULTS),
+    ModelSpec(id="flux.1-schnell", repo="black-forest-labs/FLUX.1-schnell",
+              description="FLUX.1 [schnell]: 12B timestep-distilled transformer, 1-4 steps (Apache-2.0).",
+              components=_flux_components(False, 256), default_steps=4, default_guidance=0.0,
+              max_prompt_tokens=256, **FLUX_DEFAULTS),
+    ModelSpec(id="sdxl-base-1.0", repo="stabilityai/stable-diffusion-xl-base-1.0",
+              description="Stable Diffusion XL base 1.0: 2.6B UNet with classifier-free guidance.",
+              components=_sdxl_components(EULER_SDXL, 128), default_steps=30, default_guidance=5.0,
+              supports_negative_prompt=True, **SDXL_DEFAULTS),
+    ModelSpec(id="sdxl-turbo", repo="stabilityai/sdxl-turbo",
+              description="SDXL Turbo: adversarially distilled SDXL, 1-4 steps at 512x512 without guidance.",
+              components=_sdxl_components(EULER_A_TURBO, 64), default_steps=1, default_guidance=0.0,
+              default_width=512, default_height=512, supports_negative_prompt=False, **SDXL_DEFAULTS),
+)
+
+
+# --------------------------------------------------------------------------- local folders
+
+SPEC_OVERRIDES_FILE = "prism.json"  # optional, beside model_index.json: defaults and limits for that folder
+
+
+class UnknownModelError(ValueError):
+    pass
+
+
+def read_local_spec(folder: Path, model_id: str | None = None) -> ModelSpec:
+    """A ModelSpec for a folder in the Hugging Face pipeline layout (family read from model_index.json)."""
+    folder = Path(folder)
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise UnknownModelError(f"{folder} has no model_index.json; point --model at a folder in the Hugging Face "
+                                "pipeline layout (model_index.json, transformer/ or unet/, vae/, text_encoder/, ...).")
+    index = json.loads(index_path.read_text())
+    class_name = index.get("_class_name", "")
+    if class_name not in PIPELINE_CLASS_FAMILY:
+        known = ", ".join(PIPELINE_CLASS_FAMILY)
+        raise UnknownModelError(f"{folder}: pipeline class {class_name!r} is not supported; Prism runs {known}.")
+    family = PIPELINE_CLASS_FAMILY[class_name]
+
+    components: dict[str, ComponentSpec] = {}
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        library, cls = entry
+        config = _read_component_config(folder / name)
+        components[name] = ComponentSpec(library, cls, config)
+
+    base = FLUX_DEFAULTS if family is Family.FLUX else SDXL_DEFAULTS
+    spec = ModelSpec(id=model_id or folder.name, local_dir=folder, components=components,
+                     description=f"Local {class_name} from {folder}", **base)
+    if family is Family.FLUX and not components.get("transformer", ComponentSpec("", "")).config.get("guidance_embeds", True):
+        spec = replace(spec, default_steps=4, default_guidance=0.0, max_prompt_tokens=256)
+    elif family is Family.FLUX:
+        spec = replace(spec, max_prompt_tokens=512)
+    else:
+        spec = replace(spec, default_steps=30, default_guidance=5.0, supports_negative_prompt=True)
+    return _apply_overrides(spec, folder / SPEC_OVERRIDES_FILE)
+
+
+def _read_component_config(sub: Path) -> dict[str, Any]:
+    for candidate in ("config.json", "scheduler_config.json", "tokenizer_config.json"):
+        if (sub / candidate).is_file():
+            return json.loads((sub / candidate).read_text())
+    return {}
+
+
+def _apply_overrides(spec: ModelSpec, path: Path) -> ModelSpec:
+    if not path.is_file():
+        return spec
+    raw = json.loads(path.read_text())
+    if "size" in raw:
+        raw["size"] = SizeLimits(**raw["size"])
+    allowed = {f for f in ModelSpec.__dataclass_fields__} - {"components", "family", "local_dir", "id"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise UnknownModelError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    return replace(spec, **raw)
+
+
+def demo_specs(models_dir: Path = DEMO_MODELS_DIR) -> tuple[ModelSpec, ...]:
+    """The embedded demo models that ship in the repository, when their weights are present."""
+    specs = []
+    for name in ("demo-flux", "demo-sdxl"):
+        folder = models_dir / name
+        if (folder / "model_index.json").is_file():
+            specs.append(read_local_spec(folder, model_id=name))
+    return tuple(specs)
+
+
+def known_ids() -> list[str]:
+    return [s.id for s in HUB_MODELS] + [s.id for s in demo_specs()]
+
+
+def resolve_spec(model: str) -> ModelSpec:
+    """A registry id, or a local folder in the Hugging Face pipeline layout."""
+    for spec in HUB_MODELS + demo_specs():
+        if spec.id == model:
+            return spec
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return read_local_spec(path.resolve())
+    raise UnknownModelError(f"Unknown model {model!r}. Choose one of: {', '.join(known_ids())}, "
+                            "or give a local folder in the Hugging Face pipeline layout.")

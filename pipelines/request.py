@@ -1,0 +1,157 @@
+"""What a user asks for (GenerationRequest) and what they get back (GenerationResult).
+
+`resolve_request` is the one place input is validated: it fills defaults from the model spec and
+raises RequestError, whose message says what to change, before any model work starts.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from PIL import Image
+
+from .precision import Backend, Capability, Precision, precision_support
+from .registry import ModelSpec
+
+MAX_SEED = 2**32 - 1  # A1111 / ComfyUI convention; seeds round-trip through their UIs
+
+
+class RequestError(ValueError):
+    """Bad input. The message is shown to the user as-is and says what to change."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    model: str
+    precision: Precision = Precision.BF16
+    negative_prompt: str = ""
+    width: int | None = None  # None: the model's default
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None  # None or -1: a random seed, reported back
+    num_images: int = 1
+    backend: str = "auto"  # auto | torch | tensorrt
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["precision"] = Precision.parse(self.precision).value
+        return d
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Milliseconds per stage, measured with CUDA events on a GPU and a monotonic clock on a CPU."""
+
+    text_encoders_ms: float
+    steps_ms: tuple[float, ...]
+    vae_ms: float
+    load_ms: float = 0.0  # loading models / building engines for this job (not part of total_ms)
+
+    @property
+    def total_ms(self) -> float:
+        """Text encoders + denoising + VAE: the work a warm pipeline does for this request."""
+        return self.text_encoders_ms + self.denoise_ms + self.vae_ms
+
+    @property
+    def denoise_ms(self) -> float:
+        return sum(self.steps_ms)
+
+    @property
+    def mean_step_ms(self) -> float:
+        return self.denoise_ms / len(self.steps_ms) if self.steps_ms else 0.0
+
+    def summary(self) -> str:
+        return (f"text encoders {self.text_encoders_ms:.0f} ms | {len(self.steps_ms)} steps x "
+                f"{self.mean_step_ms:.1f} ms = {self.denoise_ms:.0f} ms | VAE {self.vae_ms:.0f} ms | "
+                f"total {self.total_ms:.0f} ms" + (f" (+ load {self.load_ms:.0f} ms)" if self.load_ms else ""))
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request: GenerationRequest  # resolved: every default filled, the seed chosen
+    images: tuple[Image.Image, ...]
+    seeds: tuple[int, ...]
+    timings: StageTimings
+    peak_memory_bytes: int | None  # None on a CPU
+    backend: str  # what ran the denoiser: "torch", "torch+compile", "tensorrt"
+    runs_as: str  # what precision actually executed, e.g. "FP4 weights, 16-bit compute"
+    device: str
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting needed to reproduce the result; saved into each PNG."""
+        return {**self.request.to_dict(), "seeds": list(self.seeds), "backend": self.backend,
+                "runs_as": self.runs_as, "device": self.device}
+
+
+def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capability | None,
+                    backend: Backend = Backend.TORCH) -> GenerationRequest:
+    """Fill defaults from `spec`, check every field, pick a seed. Raises RequestError."""
+    if not isinstance(req.prompt, str):
+        raise RequestError("The prompt must be text.")
+    try:
+        precision = Precision.parse(req.precision)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    width = spec.default_width if req.width is None else _as_int("width", req.width)
+    height = spec.default_height if req.height is None else _as_int("height", req.height)
+    steps = spec.default_steps if req.steps is None else _as_int("steps", req.steps)
+    guidance = spec.default_guidance if req.guidance is None else _as_float("guidance", req.guidance)
+    num_images = _as_int("number of images", req.num_images)
+    negative = (req.negative_prompt or "").strip()
+
+    problem = spec.size.check(width, height)
+    if problem:
+        raise RequestError(f"{spec.id}: {problem}")
+    if not 1 <= steps <= spec.max_steps:
+        raise RequestError(f"steps must be between 1 and {spec.max_steps} for {spec.id}; got {steps}.")
+    if not 0 <= guidance <= spec.max_guidance:
+        raise RequestError(f"guidance must be between 0 and {spec.max_guidance:g}; got {guidance:g}.")
+    if not 1 <= num_images <= spec.max_images:
+        raise RequestError(f"number of images must be between 1 and {spec.max_images}; got {num_images}.")
+    if negative and not spec.supports_negative_prompt:
+        raise RequestError(f"{spec.id} does not use a negative prompt; clear the negative prompt field.")
+    if negative and guidance <= 1.0:
+        raise RequestError(f"A negative prompt only acts when guidance is above 1 (it is {guidance:g}); "
+                           "raise guidance or clear the negative prompt.")
+
+    support = precision_support(precision, capability, backend)
+    if not support.runnable:
+        raise RequestError(f"{precision.value} cannot run here: {support.reason}")
+
+    seed = req.seed
+    if seed is None or seed == -1:
+        seed = secrets.randbelow(MAX_SEED - num_images + 1)
+    else:
+        seed = _as_int("seed", seed)
+        if not 0 <= seed <= MAX_SEED - num_images + 1:
+            raise RequestError(f"seed must be between 0 and {MAX_SEED - num_images + 1} (or -1 for random); got {seed}.")
+
+    return replace(req, model=spec.id, precision=precision, negative_prompt=negative, width=width, height=height,
+                   steps=steps, guidance=guidance, seed=seed, num_images=num_images)
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise RequestError(f"{name} must be a whole number; got {value!r}.")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise RequestError(f"{name} must be a whole number; got {value!r}.") from None
+
+
+def _as_float(name: str, value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise RequestError(f"{name} must be a number; got {value!r}.") from None
+    if out != out or out in (float("inf"), float("-inf")):
+        raise RequestError(f"{name} must be a finite number; got {value!r}.")
+    return out

@@ -1,0 +1,169 @@
+"""Which components are resident on the device, what they cost, and what goes when room is needed.
+
+Policy (after ComfyUI's: a minimum free working memory, and sorted eviction), stated once:
+- The device may hold at most `budget` bytes of weights plus the running job's working memory.
+- To make room, evict in this order, least recently used first within each tier:
+    1. components the running job has finished with (its text encoders once the prompt is encoded);
+    2. components the running job does not need (other models, other precisions);
+    3. components the running job needs in a later stage (they will be loaded again).
+  Components the current stage needs are never evicted.
+- An evicted torch component is parked in host RAM when the GPU is discrete and RAM is available
+  (bringing it back is a copy, not a reload); on unified memory (DGX Spark) and CPUs it is freed,
+  since parking there frees nothing.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .components import ComponentKey, LoadedComponent
+
+log = logging.getLogger("prism.residency")
+GB = 1e9
+
+
+class InsufficientMemoryError(RuntimeError):
+    """A job cannot fit even after evicting everything else; the message gives the numbers and a way out."""
+
+
+@dataclass
+class Resident:
+    component: LoadedComponent
+    last_used: float
+    parked: bool = False  # in host RAM, not on the device
+
+
+@dataclass
+class ResidencyEvent:
+    action: str  # "load" | "evict" | "park" | "restore"
+    key: ComponentKey
+    nbytes: int
+    reason: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.key} ({self.nbytes / GB:.2f} GB){': ' + self.reason if self.reason else ''}"
+
+
+@dataclass
+class Residency:
+    budget_bytes: int
+    device: str
+    can_park: bool = False  # discrete GPU with host RAM to spare
+    park_budget_bytes: int = 0
+    entries: dict[ComponentKey, Resident] = field(default_factory=dict)
+    events: list[ResidencyEvent] = field(default_factory=list)
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+
+    # ------------------------------------------------------------------ accounting
+
+    def used_bytes(self) -> int:
+        return sum(r.component.nbytes for r in self.entries.values() if not r.parked)
+
+    def parked_bytes(self) -> int:
+        return sum(r.component.nbytes for r in self.entries.values() if r.parked)
+
+    def resident(self) -> list[Resident]:
+        return sorted(self.entries.values(), key=lambda r: -r.last_used)
+
+    def _record(self, action: str, key: ComponentKey, nbytes: int, reason: str = "") -> None:
+        event = ResidencyEvent(action, key, nbytes, reason)
+        self.events.append(event)
+        del self.events[:-200]
+        log.info("%s", event)
+
+    # ------------------------------------------------------------------ the one entry point
+
+    def acquire(self, key: ComponentKey, estimate_bytes: int, load: Callable[[], LoadedComponent], *,
+                working_bytes: int, protect: set[ComponentKey], finished: set[ComponentKey],
+                later: set[ComponentKey]) -> LoadedComponent:
+        """The component for `key`, on the device; loads it (making room first) if needed.
+
+        protect: what the current stage needs (never evicted); finished: what the job is done with
+        (evicted first); later: what the job still needs afterwards (evicted last).
+        """
+        with self._lock:
+            entry = self.entries.get(key)
+            if entry and not entry.parked:
+                entry.last_used = time.monotonic()
+                return entry.component
+            need = entry.component.nbytes if entry else estimate_bytes
+            self.make_room(need + working_bytes, protect | {key}, finished, later, reason=f"to load {key}")
+            if entry:  # parked in host RAM: copy it back
+                entry.component.obj.to(self.device)
+                entry.parked, entry.last_used = False, time.monotonic()
+                self._record("restore", key, need)
+                return entry.component
+            component = load()
+            self.entries[key] = Resident(component, time.monotonic())
+            self._record("load", key, component.nbytes)
+            if self.used_bytes() + working_bytes > self.budget_bytes:  # the estimate was low: settle up now
+                try:
+                    self.make_room(working_bytes, protect | {key}, finished, later, reason=f"after loading {key}")
+                except InsufficientMemoryError:
+                    self.evict(key, "does not fit the budget")
+                    self.entries.pop(key, None)
+                    raise
+            return component
+
+    def make_room(self, nbytes: int, protect: set[ComponentKey], finished: set[ComponentKey] = frozenset(),
+                  later: set[ComponentKey] = frozenset(), reason: str = "") -> None:
+        def tier(key: ComponentKey) -> int:
+            return 0 if key in finished else (2 if key in later else 1)
+
+        while self.used_bytes() + nbytes > self.budget_bytes:
+            victims = [(tier(k), r.last_used, k) for k, r in self.entries.items() if not r.parked and k not in protect]
+            if not victims:
+                free = self.budget_bytes - self.used_bytes()
+                raise InsufficientMemoryError(
+                    f"Needs {nbytes / GB:.1f} GB but only {max(free, 0) / GB:.1f} GB of the {self.budget_bytes / GB:.1f} GB "
+                    "budget is free with nothing left to unload.")
+            _, _, victim = min(victims)
+            self.evict(victim, reason)
+
+    def evict(self, key: ComponentKey, reason: str = "") -> None:
+        with self._lock:
+            entry = self.entries.get(key)
+            if entry is None:
+                return
+            obj, nbytes = entry.component.obj, entry.component.nbytes
+            parkable = isinstance(obj, torch.nn.Module) and self.can_park and not entry.parked
+            if parkable and self.parked_bytes() + nbytes <= self.park_budget_bytes:
+                obj.to("cpu")
+                entry.parked = True
+                self._record("park", key, nbytes, reason)
+            else:
+                del self.entries[key]
+                unload = getattr(obj, "unload", None)
+                if callable(unload):
+                    unload()
+                self._record("evict", key, nbytes, reason)
+            del obj
+            release_device_memory(self.device)
+
+    def evict_all(self, reason: str = "", keep: set[ComponentKey] = frozenset()) -> None:
+        for key in [k for k in self.entries if k not in keep]:
+            self.evict(key, reason)
+            if key in self.entries:  # parked: drop it entirely
+                del self.entries[key]
+
+    def drop_model(self, model: str) -> int:
+        """Unload every component of `model` (device and host); returns bytes released."""
+        keys = [k for k in self.entries if k.model == model]
+        freed = sum(self.entries[k].component.nbytes for k in keys)
+        for k in keys:
+            self.evict(k, "unloaded by the user")
+            self.entries.pop(k, None)
+        release_device_memory(self.device)
+        return freed
+
+
+def release_device_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,56 @@
+"""Pieces both family loops use: tokenizing, seeded noise, and turning decoded tensors into checked images."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .request import StageTimings
+
+
+class NumericsError(RuntimeError):
+    """The model produced NaN or infinite values; the image would be black or noise, so none is returned."""
+
+
+@dataclass(frozen=True)
+class FamilyOutput:
+    images: tuple[Image.Image, ...]
+    timings: StageTimings
+    warnings: tuple[str, ...] = ()
+
+
+def tokenize(tokenizer, prompt: str, max_length: int) -> tuple[torch.Tensor, bool]:
+    """Token ids padded to `max_length`, and whether the prompt had to be cut to fit."""
+    ids = tokenizer([prompt], padding="max_length", max_length=max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    full = tokenizer([prompt], padding="longest", return_tensors="pt").input_ids
+    return ids, full.shape[-1] > max_length
+
+
+def truncation_warning(encoder: str, max_length: int) -> str:
+    return f"The prompt is longer than {encoder}'s {max_length} tokens; the end was cut off."
+
+
+def seeded_noise(seeds: tuple[int, ...], shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """One latent per seed, drawn on the CPU so a seed gives the same image on any device (and alone or in a batch).
+
+    Returns the generators too: ancestral schedulers draw their step noise from the same per-image streams.
+    """
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    latents = torch.cat([torch.randn((1, *shape), generator=g, dtype=dtype) for g in generators])
+    return latents.to(device), generators
+
+
+def check_finite(tensor: torch.Tensor, where: str, hint: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise NumericsError(f"The {where} produced NaN or infinite values, so no image was saved. {hint}")
+
+
+def decoded_to_images(decoded: torch.Tensor) -> tuple[Image.Image, ...]:
+    """VAE output in [-1, 1] (N, 3, H, W) to RGB images."""
+    pixels = (decoded.float() / 2 + 0.5).clamp(0, 1)
+    arrays = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return tuple(Image.fromarray(a) for a in arrays)

@@ -1,0 +1,109 @@
+"""SDXL text-to-image: two CLIP encoders, a UNet with text_time conditioning and classifier-free guidance, a VAE.
+
+Follows diffusers' StableDiffusionXLPipeline step for step (tests compare the two image for image)
+and reads its components through `Parts`, like the Flux loop.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .registry import ModelSpec
+from .request import GenerationRequest, StageTimings
+from .run_context import Parts, RunContext, Stopwatch
+from .sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noise, tokenize,
+                       truncation_warning)
+
+# Top-level UNet modules kept in 16 bits at FP8/FP4: the timestep and size embeddings (convolutions are
+# never quantized by the PyTorch backend).
+KEEP_16BIT = ("time_embedding", "add_embedding", "conv_in", "conv_out")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def vae_scale_factor(spec: ModelSpec) -> int:
+    return 2 ** (len(spec.components["vae"].config["block_out_channels"]) - 1)
+
+
+def _encode(parts: Parts, prompt: str, max_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    ids_1, cut = tokenize(parts.get("tokenizer"), prompt, max_length)
+    ids_2, _ = tokenize(parts.get("tokenizer_2"), prompt, max_length)
+    hidden_1 = parts.get("text_encoder")(input_ids=ids_1.to(device))
+    hidden_2, pooled = parts.get("text_encoder_2")(input_ids=ids_2.to(device))
+    return torch.cat([hidden_1, hidden_2.to(hidden_1.dtype)], dim=-1), pooled, cut
+
+
+def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunContext) -> FamilyOutput:
+    device, n = ctx.device, req.num_images
+    seeds = tuple(req.seed + i for i in range(n))
+    warnings: list[str] = []
+    clock = Stopwatch(device)
+    guided = req.guidance > 1.0  # classifier-free guidance doubles the UNet batch
+
+    # 1. Encode the prompt (and the negative prompt; an empty one is zeros, as SDXL was trained).
+    ctx.report("text", 0, 1, "encoding the prompt")
+    for name in ("tokenizer", "tokenizer_2", *TEXT_ENCODERS):
+        parts.get(name)
+    t_start = clock.mark()
+    with torch.inference_mode():
+        text, pooled, cut = _encode(parts, req.prompt, spec.max_prompt_tokens, device)
+        if guided and req.negative_prompt:
+            neg_text, neg_pooled, _ = _encode(parts, req.negative_prompt, spec.max_prompt_tokens, device)
+        elif guided:
+            neg_text, neg_pooled = torch.zeros_like(text), torch.zeros_like(pooled)
+    t_text = clock.mark()
+    parts.done_with(*TEXT_ENCODERS)
+    if cut:
+        warnings.append(truncation_warning("CLIP", spec.max_prompt_tokens))
+
+    # 2. Noise, schedule and conditioning.
+    dtype = parts.dtype("unet")
+    scale = vae_scale_factor(spec)
+    channels = spec.components["unet"].config["in_channels"]
+    noise, generators = seeded_noise(seeds, (channels, req.height // scale, req.width // scale), device, dtype)
+    scheduler = type(parts.get("scheduler")).from_config(parts.get("scheduler").config)  # fresh state per job
+    scheduler.set_timesteps(req.steps, device=device)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    latents = noise * scheduler.init_noise_sigma
+    time_ids = torch.tensor([[req.height, req.width, 0, 0, req.height, req.width]], dtype=dtype, device=device)
+    cond = dict(encoder_hidden_states=text.to(dtype).repeat(n, 1, 1), text_embeds=pooled.to(dtype).repeat(n, 1),
+                time_ids=time_ids.repeat(n, 1))
+    if guided:  # unconditional half first, as diffusers orders it
+        cond = dict(encoder_hidden_states=torch.cat([neg_text.to(dtype).repeat(n, 1, 1), cond["encoder_hidden_states"]]),
+                    text_embeds=torch.cat([neg_pooled.to(dtype).repeat(n, 1), cond["text_embeds"]]),
+                    time_ids=time_ids.repeat(2 * n, 1))
+    step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+
+    # 3. Denoise.
+    unet = parts.get("unet")
+    step_marks = [clock.mark()]
+    with torch.inference_mode():
+        for i, t in enumerate(scheduler.timesteps):
+            ctx.check_cancelled()
+            model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+            eps = unet(sample=model_in, timestep=t, **cond)
+            if guided:
+                eps_uncond, eps_text = eps.chunk(2)
+                eps = eps_uncond + req.guidance * (eps_text - eps_uncond)
+            latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+            step_marks.append(clock.mark())
+            clock.wait(step_marks[-1])
+            ctx.report("denoise", i + 1, req.steps)
+    check_finite(latents, "UNet", "Try bf16, or a lower guidance.")
+
+    # 4. Decode (the SDXL VAE overflows in fp16; the component plan loads it in fp32 then).
+    ctx.report("vae", 0, 1, "decoding")
+    vae = parts.get("vae")
+    t_vae = clock.mark()
+    with torch.inference_mode():
+        decoded = vae(latents=(latents / spec.components["vae"].config["scaling_factor"]).to(parts.dtype("vae")))
+    t_end = clock.mark()
+    check_finite(decoded, "VAE decoder", "Try bf16.")
+
+    timings = StageTimings(
+        text_encoders_ms=clock.ms(t_start, t_text),
+        steps_ms=tuple(clock.ms(a, b) for a, b in zip(step_marks, step_marks[1:])),
+        vae_ms=clock.ms(t_vae, t_end),
+    )
+    return FamilyOutput(decoded_to_images(decoded), timings, tuple(warnings))

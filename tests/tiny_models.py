@@ -1,0 +1,74 @@
+"""Tiny Flux and SDXL pipelines with random weights, saved in the exact Hugging Face layout.
+
+They load through the same code path as a downloaded checkpoint (model_index.json, one folder per
+component, safetensors weights, tokenizer files) and run on a CPU in well under a second per image.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+                       FluxPipeline, FluxTransformer2DModel, StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+from pipelines.text_tokenizers import BASIC_WORDS, build_clip_tokenizer, build_t5_tokenizer
+
+WORDS = BASIC_WORDS + ["astronaut", "horse", "riding", "moon"]
+LIMITS = {"size": {"multiple_of": 16, "min_side": 32, "max_side": 128},
+          "default_width": 32, "default_height": 32, "default_steps": 3}
+
+
+def _clip_config(vocab: int, projection: int = 32) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, projection_dim=projection,
+                          bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu")
+
+
+def save_tiny_flux(folder: Path, guidance_embeds: bool = True, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    clip_tok = build_clip_tokenizer(WORDS, 77)
+    t5_tok = build_t5_tokenizer(WORDS, 32)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+        axes_dims_rope=[4, 6, 6])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=[16, 32],
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=8, sample_size=32, scaling_factor=0.5,
+                        shift_factor=0.1, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True)
+    text_encoder = CLIPTextModel(_clip_config(len(clip_tok)))
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_ff=64, d_kv=8, num_heads=4,
+                                             num_layers=2, feed_forward_proj="gated-gelu", decoder_start_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0 if guidance_embeds else 1.0,
+                                                use_dynamic_shifting=guidance_embeds)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tok,
+                        text_encoder_2=text_encoder_2, tokenizer_2=t5_tok, transformer=transformer)
+    pipe.save_pretrained(folder)
+    (folder / "prism.json").write_text(json.dumps({**LIMITS, "max_prompt_tokens": 32}))
+    return folder
+
+
+def save_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    tok = build_clip_tokenizer(WORDS, 77)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=[16, 32],
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=8, sample_size=32, scaling_factor=0.13025, force_upcast=True)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(_clip_config(len(tok))),
+                                     text_encoder_2=CLIPTextModelWithProjection(_clip_config(len(tok))),
+                                     tokenizer=tok, tokenizer_2=build_clip_tokenizer(WORDS, 77), unet=unet,
+                                     scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    (folder / "prism.json").write_text(json.dumps({**LIMITS, "size": {**LIMITS["size"], "multiple_of": 8},
+                                                   "default_guidance": 5.0}))
+    return folder
