@@ -68,7 +68,7 @@ def run_generate(args: argparse.Namespace) -> int:
         save_png(path, image, result.settings(), seed, sampler)
         print(f"saved {path} (seed {seed})")
     peak = "n/a (CPU)" if result.peak_memory_bytes is None else f"{result.peak_memory_bytes / GiB:.2f} GiB"
-    print(f"{result.request.model} | {result.runs_as} | {result.backend} on {result.device} | peak memory {peak}")
+    print(f"{result.model_id} | {result.runs_as} | {result.backend} on {result.device} | peak memory {peak}")
     print(result.timings.summary())
     return 0
 

@@ -254,7 +254,7 @@ class PipelineManager:
         backend = self._backend(choice.backend)
         warnings = out.warnings + ((choice.reason,) if choice.backend is Backend.TORCH and req.backend == "tensorrt" else ())
         return GenerationResult(
-            request=req, images=out.images, seeds=tuple(req.seed + i for i in range(req.num_images)),
+            request=req, model_id=spec.id, images=out.images, seeds=tuple(req.seed + i for i in range(req.num_images)),
             timings=replace(out.timings, load_ms=parts.load_ms), peak_memory_bytes=peak,
             backend=backend.describe(), runs_as=parts.runs_as or Precision.parse(req.precision).label,
             device=self.info.name, warnings=warnings)

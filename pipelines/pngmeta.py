@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,16 @@ def infotext(settings: dict[str, Any], seed: int, sampler: str = "Euler") -> str
         lines.append(f"Negative prompt: {settings['negative_prompt']}")
     fields = [("Steps", settings.get("steps")), ("Sampler", sampler), ("CFG scale", settings.get("guidance")),
               ("Seed", seed), ("Size", f"{settings.get('width')}x{settings.get('height')}"),
-              ("Model", settings.get("model")), ("Precision", settings.get("runs_as") or settings.get("precision")),
+              ("Model", settings.get("model_id") or settings.get("model")), ("Precision", settings.get("runs_as") or settings.get("precision")),
               ("Backend", settings.get("backend"))]
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None and v != ""))
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields if v is not None and v != ""))
     return "\n".join(lines)
+
+
+def _quote(value: Any) -> str:
+    """A1111 quotes values that contain its separators, JSON-style."""
+    text = str(value)
+    return json.dumps(text) if any(c in text for c in ',:"\n') else text
 
 
 def png_bytes(image: Image.Image, settings: dict[str, Any], seed: int, sampler: str = "Euler") -> bytes:
@@ -71,8 +78,10 @@ def parse_infotext(text: str) -> dict[str, str]:
         if line.startswith("Negative prompt: "):
             out["negative_prompt"] = line[len("Negative prompt: "):]
         else:
-            for item in line.split(", "):
-                key, sep, value = item.partition(": ")
-                if sep:
-                    out[key] = value
+            for match in _PARAM.finditer(line):
+                key, value = match.group(1), match.group(2)
+                out[key] = json.loads(value) if value.startswith('"') else value
     return out
+
+
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # the A1111 infotext grammar

@@ -71,7 +71,8 @@ class StageTimings:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    request: GenerationRequest  # resolved: every default filled, the seed chosen
+    request: GenerationRequest  # resolved: every default filled, the seed chosen (model as the user gave it)
+    model_id: str  # the registry id, or a local folder's name
     images: tuple[Image.Image, ...]
     seeds: tuple[int, ...]
     timings: StageTimings
@@ -83,7 +84,7 @@ class GenerationResult:
 
     def settings(self) -> dict[str, Any]:
         """Every setting needed to reproduce the result; saved into each PNG."""
-        return {**self.request.to_dict(), "seeds": list(self.seeds), "backend": self.backend,
+        return {**self.request.to_dict(), "model_id": self.model_id, "seeds": list(self.seeds), "backend": self.backend,
                 "runs_as": self.runs_as, "device": self.device}
 
 
@@ -130,7 +131,7 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
         if not 0 <= seed <= MAX_SEED - num_images + 1:
             raise RequestError(f"seed must be between 0 and {MAX_SEED - num_images + 1} (or -1 for random); got {seed}.")
 
-    return replace(req, model=spec.id, precision=precision, negative_prompt=negative, width=width, height=height,
+    return replace(req, precision=precision, negative_prompt=negative, width=width, height=height,
                    steps=steps, guidance=guidance, seed=seed, num_images=num_images)
 
 

@@ -1,0 +1,116 @@
+"""Validation happens before any model work, and every message says what to change."""
+from __future__ import annotations
+
+import pytest
+
+from pipelines.manager import ManagerConfig, PipelineManager
+from pipelines.precision import Backend, Precision, SupportLevel, precision_support
+from pipelines.request import GenerationRequest, RequestError, resolve_request
+from pipelines.registry import resolve_spec
+
+H100, ADA, AMPERE, TURING, SPARK = (9, 0), (8, 9), (8, 0), (7, 5), (12, 1)
+
+
+def resolve(model="flux.1-dev", capability=H100, backend=Backend.TORCH, **fields):
+    return resolve_request(GenerationRequest(prompt="a fox", model=model, **fields), resolve_spec(model), capability, backend)
+
+
+def test_defaults_come_from_the_model_spec():
+    schnell = resolve("flux.1-schnell")
+    assert (schnell.steps, schnell.guidance, schnell.width, schnell.height) == (4, 0.0, 1024, 1024)
+    turbo = resolve("sdxl-turbo")
+    assert (turbo.steps, turbo.guidance, turbo.width, turbo.height) == (1, 0.0, 512, 512)
+    dev = resolve("flux.1-dev")
+    assert (dev.steps, dev.guidance) == (28, 3.5)
+
+
+def test_random_seed_is_chosen_and_reported():
+    a, b = resolve(seed=None), resolve(seed=-1)
+    assert isinstance(a.seed, int) and 0 <= a.seed < 2**32 and isinstance(b.seed, int)
+    assert resolve(seed=1234).seed == 1234
+
+
+@pytest.mark.parametrize("model,fields,needle", [
+    ("flux.1-dev", {"width": 1000}, "multiple of 16; use 992 or 1008"),
+    ("sdxl-base-1.0", {"height": 1020}, "multiple of 8; use 1016 or 1024"),
+    ("flux.1-dev", {"width": 4096}, "outside 256..2048"),
+    ("sdxl-base-1.0", {"width": 128}, "outside 256..2048"),
+    ("flux.1-dev", {"steps": 0}, "steps must be between 1 and 100"),
+    ("flux.1-dev", {"steps": 500}, "steps must be between 1 and 100"),
+    ("flux.1-dev", {"guidance": -1}, "guidance must be between 0 and 30"),
+    ("flux.1-dev", {"num_images": 0}, "number of images must be between 1 and 8"),
+    ("flux.1-dev", {"negative_prompt": "blurry"}, "does not use a negative prompt; clear the negative prompt"),
+    ("sdxl-turbo", {"negative_prompt": "blurry"}, "does not use a negative prompt"),
+    ("sdxl-base-1.0", {"negative_prompt": "blurry", "guidance": 1.0}, "raise guidance or clear the negative prompt"),
+    ("flux.1-dev", {"seed": 2**40}, "seed must be between 0 and"),
+    ("flux.1-dev", {"precision": "int8"}, "choose one of: fp16, bf16, fp8, fp4"),
+    ("flux.1-dev", {"steps": "many"}, "steps must be a whole number"),
+])
+def test_bad_requests_say_what_to_change(model, fields, needle):
+    with pytest.raises(RequestError) as err:
+        resolve(model, **fields)
+    assert needle in str(err.value)
+
+
+def test_precision_unsupported_on_this_gpu_is_refused_with_the_reason():
+    with pytest.raises(RequestError, match="FP8 needs compute capability 8.9 or newer.*this GPU is 8.0. Choose bf16"):
+        resolve(capability=AMPERE, precision="fp8")
+    with pytest.raises(RequestError, match="BF16 needs compute capability 8.0"):
+        resolve(capability=TURING, precision="bf16")
+    with pytest.raises(RequestError, match="TensorRT FP4 engines need FP4 tensor cores"):
+        resolve(capability=H100, precision="fp4", backend=Backend.TENSORRT)
+
+
+def test_sdxl_negative_prompt_with_guidance_is_accepted():
+    req = resolve("sdxl-base-1.0", negative_prompt="  blurry  ", guidance=7)
+    assert req.negative_prompt == "blurry"
+
+
+@pytest.mark.parametrize("cc,backend,precision,level,runs_as", [
+    (None, Backend.TORCH, "fp8", SupportLevel.EMULATED, "FP8 (CPU emulation)"),
+    (None, Backend.TORCH, "fp4", SupportLevel.EMULATED, "FP4 weights, 16-bit compute"),
+    (H100, Backend.TORCH, "fp8", SupportLevel.NATIVE, "FP8"),
+    (H100, Backend.TORCH, "fp4", SupportLevel.EMULATED, "FP4 weights, 16-bit compute"),
+    (ADA, Backend.TENSORRT, "fp8", SupportLevel.NATIVE, "FP8"),
+    (SPARK, Backend.TORCH, "fp4", SupportLevel.NATIVE, "FP4"),
+    (SPARK, Backend.TENSORRT, "fp4", SupportLevel.NATIVE, "FP4"),
+    (AMPERE, Backend.TORCH, "fp8", SupportLevel.UNSUPPORTED, "-"),
+    (H100, Backend.TENSORRT, "fp4", SupportLevel.UNSUPPORTED, "-"),
+    (None, Backend.TENSORRT, "bf16", SupportLevel.UNSUPPORTED, "-"),
+])
+def test_precision_support_matrix(cc, backend, precision, level, runs_as):
+    support = precision_support(Precision(precision), cc, backend)
+    assert (support.level, support.runs_as) == (level, runs_as)
+    assert support.reason.endswith(".")
+
+
+class CountingBackend:
+    """Stands in for the torch backend to prove that bad requests never reach model loading."""
+
+    name = "torch"
+    loads = 0
+
+    def describe(self):
+        return "counting"
+
+    def load(self, *args, **kwargs):
+        CountingBackend.loads += 1
+        raise AssertionError("a bad request reached model loading")
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"model": "no-such-model"}, "Unknown model 'no-such-model'. Choose one of: flux.1-dev, flux.1-schnell"),
+    ({"width": 1001}, "not a multiple of 16"),
+    ({"negative_prompt": "x"}, "does not use a negative prompt"),
+    ({"precision": "fp8", "backend": "tensorrt"}, "TensorRT backend cannot run here"),
+])
+def test_manager_rejects_bad_requests_before_loading_anything(fields, needle):
+    manager = PipelineManager(ManagerConfig(device="cpu"), backends={Backend.TORCH: CountingBackend()})
+    try:
+        request = GenerationRequest(**{"prompt": "a fox", "model": "flux.1-schnell", **fields})
+        with pytest.raises(RequestError) as err:
+            manager.generate(request, timeout=30)
+        assert needle in str(err.value)
+        assert CountingBackend.loads == 0
+    finally:
+        manager.close()
