@@ -29,7 +29,7 @@ from .loading import HubOptions, WeightSource, check_access
 from .precision import Backend, Precision, precision_support
 from .registry import ModelSpec, UnknownModelError, resolve_spec
 from .request import GenerationRequest, GenerationResult, RequestError, resolve_request
-from .residency import GB, InsufficientMemoryError, Residency
+from .residency import InsufficientMemoryError, Residency, human_bytes
 from .run_context import JobCancelled, Progress, RunContext
 
 log = logging.getLogger("prism.manager")
@@ -283,10 +283,10 @@ class PipelineManager:
             return
         free = max(self.residency.budget_bytes - self.residency.used_bytes(), 0)
         raise InsufficientMemoryError(
-            f"{spec.id} at {precision.value} needs {(need + working) / GB:.1f} GB at once "
-            f"({' + '.join(n for n in biggest if n not in LIGHT_PARTS)}: {need / GB:.1f} GB, working memory "
-            f"{working / GB:.1f} GB); the memory budget is {self.residency.budget_bytes / GB:.1f} GB "
-            f"and {free / GB:.1f} GB of it is free now. {self._smaller_precision_hint(spec, precision, backend, working)}")
+            f"{spec.id} at {precision.value} needs {human_bytes(need + working)} at once "
+            f"({' + '.join(n for n in biggest if n not in LIGHT_PARTS)}: {human_bytes(need)}, working memory "
+            f"{human_bytes(working)}); the memory budget is {human_bytes(self.residency.budget_bytes)} "
+            f"and {human_bytes(free)} of it is free now. {self._smaller_precision_hint(spec, precision, backend, working)}")
 
     def _smaller_precision_hint(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int) -> str:
         order = [Precision.BF16, Precision.FP8, Precision.FP4]
@@ -296,7 +296,7 @@ class PipelineManager:
                 continue
             need = max(b for _, b in self.stage_bytes(spec, candidate, backend)) + working
             if need <= self.residency.budget_bytes:
-                return f"{candidate.value} would fit (needs {need / GB:.1f} GB): choose it, or a smaller image size."
+                return f"{candidate.value} would fit (needs {human_bytes(need)}): choose it, or a smaller image size."
         return "No smaller precision fits either: raise --memory-budget, free memory, or choose a smaller model or image."
 
     @property

@@ -28,6 +28,13 @@ log = logging.getLogger("prism.residency")
 GB = 1e9
 
 
+def human_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 class InsufficientMemoryError(RuntimeError):
     """A job cannot fit even after evicting everything else; the message gives the numbers and a way out."""
 
@@ -47,7 +54,7 @@ class ResidencyEvent:
     reason: str = ""
 
     def __str__(self) -> str:
-        return f"{self.action} {self.key} ({self.nbytes / GB:.2f} GB){': ' + self.reason if self.reason else ''}"
+        return f"{self.action} {self.key} ({human_bytes(self.nbytes)}){': ' + self.reason if self.reason else ''}"
 
 
 @dataclass
@@ -117,11 +124,12 @@ class Residency:
             return 0 if key in finished else (2 if key in later else 1)
 
         while self.used_bytes() + nbytes > self.budget_bytes:
-            victims = [(tier(k), r.last_used, k) for k, r in self.entries.items() if not r.parked and k not in protect]
+            victims = [(tier(k), r.last_used, k) for k, r in self.entries.items()
+                       if not r.parked and k not in protect and r.component.nbytes > 0]
             if not victims:
                 free = self.budget_bytes - self.used_bytes()
                 raise InsufficientMemoryError(
-                    f"Needs {nbytes / GB:.1f} GB but only {max(free, 0) / GB:.1f} GB of the {self.budget_bytes / GB:.1f} GB "
+                    f"Needs {human_bytes(nbytes)} but only {human_bytes(max(free, 0))} of the {human_bytes(self.budget_bytes)} "
                     "budget is free with nothing left to unload.")
             _, _, victim = min(victims)
             self.evict(victim, reason)

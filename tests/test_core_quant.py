@@ -133,3 +133,16 @@ def test_full_size_estimates_are_the_published_sizes():
     assert 9.0e9 < estimate_bytes(flux, "text_encoder_2", "fp8") < 10.0e9  # T5-XXL encoder stays bf16
     sdxl = resolve_spec("sdxl-base-1.0")
     assert 5.0e9 < estimate_bytes(sdxl, "unet", "fp16") < 5.3e9  # 2.57B parameters
+
+
+def test_component_dtypes_avoid_known_overflows():
+    from pipelines.components import component_dtype
+
+    sdxl, flux = resolve_spec("sdxl-base-1.0"), resolve_spec("flux.1-dev")
+    assert component_dtype(sdxl, "vae", "fp16") == torch.float32  # SDXL VAE -> NaN / black images in fp16
+    assert component_dtype(sdxl, "vae", "bf16") == torch.bfloat16
+    assert component_dtype(sdxl, "unet", "fp8") == torch.float16  # FP8 computes in the family's 16-bit type
+    assert component_dtype(flux, "transformer", "fp4") == torch.bfloat16
+    assert component_dtype(flux, "text_encoder_2", "fp16") == torch.bfloat16  # T5 overflows in fp16
+    assert component_dtype(flux, "text_encoder_2", "fp16", cuda_bf16=False) == torch.float32
+    assert component_dtype(flux, "tokenizer", "fp8") is None

@@ -61,7 +61,8 @@ def save_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
         cross_attention_dim=64, norm_num_groups=16)
     vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=[16, 32],
                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        latent_channels=4, norm_num_groups=8, sample_size=32, scaling_factor=0.13025, force_upcast=True)
+                        latent_channels=4, norm_num_groups=8, sample_size=32, scaling_factor=0.13025,
+                        force_upcast=False)  # tiny SDXL keeps a 16-bit VAE; tiny Flux covers the fp32 upcast path
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(_clip_config(len(tok))),
