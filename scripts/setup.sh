@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up Prism's virtual environment in .venv (idempotent). With --test, also the test tools.
+#
+# The venv sees the system's packages, so inside NVIDIA's PyTorch container (DGX Spark) the container's
+# own torch and TensorRT are used untouched; torch is installed only where none is importable.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv --system-site-packages .venv
+fi
+PY=.venv/bin/python
+$PY -m pip install -q --upgrade pip >/dev/null
+if ! $PY -c "import torch" 2>/dev/null; then
+  # 2.13.0 is the release our CI machines carry as a local CPU wheel; elsewhere pip picks the platform's build.
+  $PY -m pip install -q "torch==2.13.0"
+fi
+$PY -m pip install -q -r requirements.txt
+if [ "${1:-}" = "--test" ]; then
+  $PY -m pip install -q -r requirements-test.txt
+  if ! command -v chromium >/dev/null 2>&1; then
+    # The browser tests drive Debian's chromium (Playwright's own browser download is not reachable here).
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null
+  fi
+fi
