@@ -94,13 +94,20 @@ def nvfp4_quantize(w: torch.Tensor) -> Nvfp4Weight:
     return Nvfp4Weight(packed.contiguous(), block_scale.contiguous(), tensor_scale)
 
 
+def _byte_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(256, 2): the two e2m1 values every packed byte holds, low nibble first."""
+    codes = torch.arange(256, device=device)
+    table = torch.cat([FP4_VALUES, -FP4_VALUES]).to(device)
+    return torch.stack([table[codes & 0xF], table[codes >> 4]], dim=-1).to(dtype)
+
+
 def nvfp4_dequantize(q: Nvfp4Weight, dtype: torch.dtype) -> torch.Tensor:
+    # One table lookup per byte (int32 indices) rather than unpacking nibbles into int64 codes: the
+    # weight-only path runs this for every layer on every step, so fewer and smaller temporaries matter.
     n = q.packed.shape[0]
-    codes = torch.stack([q.packed & 0xF, q.packed >> 4], dim=-1).reshape(n, -1).long()
-    table = torch.cat([FP4_VALUES, -FP4_VALUES]).to(q.packed.device)
-    values = table[codes].reshape(n, -1, FP4_BLOCK)
-    scale = q.block_scale.float() * q.tensor_scale
-    return (values * scale[..., None]).reshape(n, -1).to(dtype)
+    values = _byte_table(q.packed.device, dtype)[q.packed.int()].reshape(n, -1, FP4_BLOCK)
+    scale = (q.block_scale.float() * q.tensor_scale).to(dtype)
+    return (values * scale[..., None]).reshape(n, -1)
 
 
 class Nvfp4WeightOnlyLinear(nn.Module):
