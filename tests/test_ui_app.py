@@ -1,0 +1,294 @@
+"""The web app end to end with tiny real models on the CPU: started in-process on a free loopback port,
+driven through `gradio_client` (every named endpoint) and through headless Chromium (every tab).
+
+Screenshots of each tab go to test-artifacts/ (git-ignored) for a person to look at.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.tiny_models import save_tiny_flux, save_tiny_sdxl
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+# No network from the browser, and nothing it does not need (updates, sync, QUIC probes).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+WAIT_MS = 90_000  # one tiny CPU job takes 1-6 s; the bound leaves room for a busy shared CI machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from ui.launch import LaunchOptions, start
+
+    models = tmp_path_factory.mktemp("ui-models")
+    flux, sdxl = save_tiny_flux(models / "tiny-flux"), save_tiny_sdxl(models / "tiny-sdxl")
+    schnell = save_tiny_flux(models / "tiny-flux-schnell", guidance_embeds=False)  # its default guidance is 0
+    # max_queue=1: one job running and one waiting fill the manager, so "busy" is reachable with three requests.
+    opts = LaunchOptions(port=free_port(), models=(str(flux), str(schnell), str(sdxl)), device="cpu", max_queue=1,
+                         output_dir=tmp_path_factory.mktemp("outputs"))
+    demo, service = start(opts, block=False)
+    yield f"http://127.0.0.1:{opts.port}/", service
+    demo.close()
+    service.manager.close()
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    from gradio_client import Client
+
+    return Client(app[0], verbose=False)
+
+
+def _png_settings(path: str) -> dict:
+    image = Image.open(path)
+    return {"parameters": image.text.get("parameters", ""), "prism": json.loads(image.text["prism"])}
+
+
+# --------------------------------------------------------------------------- API (gradio_client)
+
+
+def test_api_lists_named_endpoints(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/generate_flux", "/generate_sdxl", "/compare", "/system_status", "/unload_model",
+            "/clear_engine_cache"} <= names
+
+
+def test_api_generate_flux_returns_images_seed_and_timings(client):
+    gallery, files, seed, summary, details, status = client.predict(
+        "tiny-flux", "a red circle", 48, 32, 2, 3.5, -1, 2, "bf16", api_name="/generate_flux")
+    assert len(gallery) == 2 and len(files) == 2
+    assert Image.open(gallery[0]["image"]).size == (48, 32)
+    assert isinstance(seed, int) and details["seeds"] == [seed, seed + 1]  # random seed, reported
+    assert details["timings"]["total_ms"] > 0 and len(details["timings"]["steps_ms"]) == 2
+    assert details["model"] == "tiny-flux" and details["runs_as"] == "BF16"
+    meta = _png_settings(files[1])  # the download carries its settings
+    assert f"Seed: {seed + 1}" in meta["parameters"] and meta["prism"]["seed"] == seed + 1
+    assert "Seed" in summary and "total" in summary and status.startswith("Done")
+
+
+def test_api_generate_sdxl_with_negative_prompt_and_fixed_seed(client):
+    gallery, files, seed, summary, details, status = client.predict(
+        "tiny-sdxl", "a blue square", "blurry", 40, 32, 1, 5.0, 1234, 1, "fp16", api_name="/generate_sdxl")
+    assert Image.open(gallery[0]["image"]).size == (40, 32)
+    assert seed == 1234 and details["negative_prompt"] == "blurry"
+    assert details["timings"]["total_ms"] > 0 and details["runs_as"] == "FP16"
+
+
+def test_api_compare_returns_each_precision_with_figures(client):
+    out = client.predict("tiny-flux", "a red circle", 5, ["16-bit", "fp4"], 32, 32, 1, 3.5, api_name="/compare")
+    images, heatmaps, figures = out[0:3], out[3:6], out[6:9]
+    seed, summary, details, status = out[9:]
+    assert images[0] and images[2] and images[1] is None  # 16-bit and FP4 selected, FP8 not
+    assert Image.open(images[2]).size == (32, 32) and Image.open(heatmaps[2]).size == (32, 32)
+    assert heatmaps[0] is None  # the reference has nothing to differ from
+    assert "Latency" in figures[2] and "FP4 weights, 16-bit compute" in figures[2] and "PSNR" in figures[2]
+    assert figures[1] == "*Not selected.*"
+    assert seed == 5 and details["reference"] == "bf16"
+    fp4 = details["entries"][1]
+    assert fp4["precision"] == "fp4" and fp4["ssim"] is not None and fp4["latency_ms"] > 0
+
+
+def test_api_error_is_a_message_and_the_app_keeps_serving(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="width 40 is not a multiple of 16; use 32 or 48"):
+        client.predict("tiny-flux", "a red circle", 40, 32, 1, 3.5, 1, 1, "bf16", api_name="/generate_flux")
+    # Only the offered models, by name (Gradio's dropdown refuses others before our check does), never a path.
+    with pytest.raises(AppError, match="tiny-sdxl is not in the list of choices"):
+        client.predict("tiny-sdxl", "a red circle", 32, 32, 1, 3.5, 1, 1, "bf16", api_name="/generate_flux")
+    with pytest.raises(AppError, match="/etc is not in the list of choices"):
+        client.predict("/etc", "a red circle", 32, 32, 1, 3.5, 1, 1, "bf16", api_name="/generate_flux")
+    gallery, *_ = client.predict("tiny-flux", "a red circle", 32, 32, 1, 3.5, 1, 1, "bf16", api_name="/generate_flux")
+    assert Image.open(gallery[0]["image"]).size == (32, 32)
+
+
+def test_api_queue_position_and_busy(client, app):
+    """With max_queue=1: a request behind a running job reports its place in line; one more is told "busy"."""
+    import threading
+
+    from gradio_client.exceptions import AppError
+
+    from pipelines.request import GenerationRequest
+
+    service = app[1]
+    release, holding = threading.Event(), threading.Event()
+
+    def hold_the_worker(progress):  # called on the worker thread: the job keeps the GPU until released
+        if progress.stage == "denoise":
+            holding.set()
+            release.wait(60)
+
+    blocker = service.manager.submit(GenerationRequest("x", service.choice("tiny-flux").model, width=32, height=32,
+                                                       steps=1, seed=1), on_progress=hold_the_worker)
+    try:
+        assert holding.wait(60), "the blocking job never started"
+        second = client.submit("tiny-flux", "a red circle", 32, 32, 1, 3.5, 2, 1, "bf16", api_name="/generate_flux")
+        deadline = time.monotonic() + 30
+        while service.manager.status().queued < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(AppError, match="busy"):
+            client.predict("tiny-flux", "x", 32, 32, 1, 3.5, 3, 1, "bf16", api_name="/generate_flux")
+        time.sleep(0.5)  # let the waiting request report its position at least once more
+    finally:
+        release.set()
+    blocker.result(timeout=60)
+    assert second.result(timeout=60)[2] == 2
+    statuses = [out[-1] for out in second.outputs()]
+    assert any("Queued: 1 job ahead of yours" in s for s in statuses), statuses
+
+
+def test_api_system_status_unload_and_clear(client):
+    overview, resident, choices, cache, raw, message = client.predict(api_name="/system_status")
+    assert "CPU" in overview and "system RAM" in overview and "Backend" in overview
+    assert "tiny-flux" in raw["resident_models"]
+    assert any(row[0] == "tiny-flux" for row in resident["data"])
+    overview, resident, choices, cache, raw, message = client.predict("tiny-flux", api_name="/unload_model")
+    assert "Unloaded tiny-flux" in message and "tiny-flux" not in raw["resident_models"]
+    *_, raw, message = client.predict(api_name="/clear_engine_cache")
+    assert "Cleared the engine cache" in message and raw["engine_cache"]["entries"] == []
+
+
+# --------------------------------------------------------------------------- the browser
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        pytest.fail("playwright is not installed: `pip install playwright` (CI installs it; the browser test "
+                    "must run, not skip).")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `apt-get install chromium` (CI installs it).")
+    ARTIFACTS.mkdir(exist_ok=True)
+    expect.set_options(timeout=WAIT_MS)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(WAIT_MS)
+        # Loopback only: any request elsewhere is refused (and would show as a missing resource).
+        page.route(lambda url: not url.startswith(("http://127.0.0.1", "ws://127.0.0.1", "data:", "blob:")),
+                   lambda route: route.abort())
+        page.goto(app[0], timeout=60_000)
+        page.wait_for_selector("#flux-prompt textarea")
+        yield page
+        browser.close()
+
+
+def _image_size(page, selector: str) -> tuple[int, int]:
+    img = page.locator(selector).first
+    img.wait_for()
+    page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.element_handle())
+    return tuple(img.evaluate("el => [el.naturalWidth, el.naturalHeight]"))
+
+
+def _open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def _screenshot(page, name: str) -> None:
+    for close in page.locator(".toast-close").all():  # earlier, intended error toasts would hide the view
+        close.click()
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def _choose(page, dropdown: str, option: str) -> None:
+    page.click(f"{dropdown} input")
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def test_browser_flux_tab_error_then_image(page):
+    from playwright.sync_api import expect
+
+    _open_tab(page, "Flux.1")
+    guidance = page.locator("#flux-guidance input[type=number]")
+    expect(guidance).to_have_value("3.5")
+    _choose(page, "#flux-model", "tiny-flux-schnell")  # the model's own defaults replace the previous ones
+    expect(guidance).to_have_value("0")
+    expect(page.locator("#flux-model-note")).to_contain_text("tiny-flux-schnell")
+    _choose(page, "#flux-model", "tiny-flux")
+    expect(guidance).to_have_value("3.5")
+    page.fill("#flux-prompt textarea", "a red circle")
+    page.fill("#flux-width input", "40")  # not a multiple of 16
+    page.fill("#flux-height input", "32")
+    page.fill("#flux-steps input[type=number]", "1")
+    page.click("#flux-generate")
+    expect(page.locator("#flux-status")).to_contain_text("width 40 is not a multiple of 16; use 32 or 48")
+    page.fill("#flux-width input", "48")
+    page.click("#flux-generate")
+    expect(page.locator("#flux-status")).to_contain_text("Done: 1 image")
+    assert _image_size(page, "#flux-gallery img") == (48, 32)
+    expect(page.locator("#flux-summary")).to_contain_text("Timings")
+    expect(page.locator("#flux-files")).to_contain_text(".png")
+    _screenshot(page, "ui-flux.png")
+
+
+def test_browser_sdxl_tab(page):
+    from playwright.sync_api import expect
+
+    _open_tab(page, "SDXL")
+    page.fill("#sdxl-prompt textarea", "a blue square")
+    page.fill("#sdxl-negative textarea", "blurry")
+    page.fill("#sdxl-width input", "40")  # SDXL sizes are multiples of 8
+    page.fill("#sdxl-height input", "32")
+    page.fill("#sdxl-steps input[type=number]", "1")
+    page.click("#sdxl-generate")
+    expect(page.locator("#sdxl-status")).to_contain_text("Done: 1 image")
+    assert _image_size(page, "#sdxl-gallery img") == (40, 32)
+    expect(page.locator("#sdxl-summary")).to_contain_text("Ran as")
+    _screenshot(page, "ui-sdxl.png")
+
+
+def test_browser_compare_tab(page):
+    from playwright.sync_api import expect
+
+    _open_tab(page, "Compare")
+    page.fill("#compare-prompt textarea", "a red circle")
+    page.get_by_text("Size, steps and guidance").click()
+    page.fill("#compare-steps input[type=number]", "1")
+    page.locator("#compare-precisions").get_by_label("FP8").uncheck()  # FP8's column must stay empty
+    page.click("#compare-run")
+    expect(page.locator("#compare-status")).to_contain_text("Done: 2 of 2 precisions")
+    for key in ("16bit", "fp4"):
+        assert _image_size(page, f"#compare-image-{key} img") == (32, 32)
+        expect(page.locator(f"#compare-figures-{key}")).to_contain_text("Latency")
+        expect(page.locator(f"#compare-figures-{key}")).to_contain_text("Peak memory")
+        expect(page.locator(f"#compare-figures-{key}")).to_contain_text("Ran as")
+    expect(page.locator("#compare-figures-fp4")).to_contain_text("FP4 weights, 16-bit compute")
+    expect(page.locator("#compare-figures-fp4")).to_contain_text("PSNR")
+    expect(page.locator("#compare-figures-fp4")).to_contain_text("SSIM")
+    assert _image_size(page, "#compare-heatmap-fp4 img") == (32, 32)
+    assert page.locator("#compare-image-fp8 img").count() == 0
+    expect(page.locator("#compare-figures-fp8")).to_contain_text("Not selected")
+    _screenshot(page, "ui-compare.png")
+
+
+def test_browser_system_tab(page, app):
+    from playwright.sync_api import expect
+
+    from pipelines.request import GenerationRequest
+
+    service = app[1]
+    flux = service.choice("tiny-flux").model
+    service.manager.generate(GenerationRequest("x", flux, width=32, height=32, steps=1), timeout=120)  # something resident
+    _open_tab(page, "System")
+    expect(page.locator("#system-overview")).to_contain_text("Device")
+    expect(page.locator("#system-overview")).to_contain_text("system RAM")
+    expect(page.locator("#system-resident")).to_contain_text("tiny-flux")
+    _screenshot(page, "ui-system.png")
+    page.click("#system-unload-all")
+    expect(page.locator("#system-message")).to_contain_text("Unloaded every model")

@@ -1,0 +1,127 @@
+"""Text the UI shows: results, comparison figures, progress and system state. Pure functions, no gradio."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pipelines.compare import CompareEntry, Comparison
+from pipelines.imagemetrics import HEATMAP_FULL_SCALE
+from pipelines.precision import Precision, PrecisionSupport, SupportLevel
+from pipelines.request import GenerationResult
+from pipelines.run_context import Progress
+
+MiB, GiB = 2**20, 2**30
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    if n < GiB:
+        return f"{n / MiB:.1f} MiB"
+    return f"{n / GiB:.2f} GiB"
+
+
+def fmt_ms(ms: float | None) -> str:
+    if ms is None:
+        return "n/a"
+    return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
+
+
+def precision_label(support: PrecisionSupport) -> str:
+    """A dropdown label: the precision and, unless native, what really runs (or that it cannot)."""
+    p = support.precision
+    if support.level is SupportLevel.NATIVE:
+        return f"{p.label} (native)"
+    if support.level is SupportLevel.EMULATED:
+        return f"{p.label} ({support.runs_as})"
+    return f"{p.label} (not available here)"
+
+
+def precision_info(support: PrecisionSupport) -> str:
+    return f"**{support.precision.label}:** {support.reason}"
+
+
+def progress_text(progress: Progress | None, ahead: int, label: str = "") -> tuple[str, float | None]:
+    """(what is happening, fraction done or None) for a job's latest progress report."""
+    prefix = f"{label}: " if label else ""
+    if ahead > 0:
+        return f"{prefix}Queued: {ahead} job{'s' if ahead != 1 else ''} ahead of yours", None
+    if progress is None or progress.stage == "queue":
+        return f"{prefix}Starting", None
+    if progress.stage == "denoise":
+        return f"{prefix}Denoising: step {progress.done}/{progress.total}", progress.fraction
+    if progress.stage == "build":
+        counts = f" ({progress.done}/{progress.total})" if progress.total > 1 else ""
+        return f"{prefix}Building engine{counts}: {progress.message or 'first use of this size and precision'}", \
+            (progress.fraction if progress.total > 1 else None)
+    text = progress.message or {"text": "Encoding the prompt", "vae": "Decoding", "load": "Loading"}.get(
+        progress.stage, progress.stage)
+    fraction = progress.fraction if progress.total > 1 else None  # "1 of 1" says nothing about progress
+    return prefix + text[:1].upper() + text[1:], fraction
+
+
+def timings_dict(result: GenerationResult) -> dict[str, Any]:
+    t = result.timings
+    return {"text_encoders_ms": round(t.text_encoders_ms, 1), "steps_ms": [round(s, 1) for s in t.steps_ms],
+            "denoise_ms": round(t.denoise_ms, 1), "vae_ms": round(t.vae_ms, 1), "total_ms": round(t.total_ms, 1),
+            "load_ms": round(t.load_ms, 1)}
+
+
+def result_details(result: GenerationResult, model_name: str, files: list[str]) -> dict[str, Any]:
+    """Everything about a result for the API and the Details panel (JSON-serialisable). The model is given
+    by its offered name: the request's model string may be a folder path on the server."""
+    return {**result.settings(), "model": model_name, "timings": timings_dict(result), "peak_memory_bytes": result.peak_memory_bytes,
+            "warnings": list(result.warnings), "files": [f.rsplit("/", 1)[-1] for f in files]}
+
+
+def peak_text(n: int | None) -> str:
+    return "n/a (a CPU has no peak-memory counter)" if n is None else fmt_bytes(n)
+
+
+def result_markdown(result: GenerationResult) -> str:
+    t = result.timings
+    seeds = ", ".join(str(s) for s in result.seeds)
+    lines = [
+        f"**Seed{'s' if len(result.seeds) > 1 else ''}:** {seeds}",
+        f"**Ran as:** {result.runs_as} · {result.backend} · {result.device}",
+        f"**Peak memory:** {peak_text(result.peak_memory_bytes)}",
+        f"**Timings:** text encoders {fmt_ms(t.text_encoders_ms)} · {len(t.steps_ms)} steps × "
+        f"{fmt_ms(t.mean_step_ms)} = {fmt_ms(t.denoise_ms)} · VAE {fmt_ms(t.vae_ms)} · **total {fmt_ms(t.total_ms)}**"
+        + (f" (+ loading {fmt_ms(t.load_ms)})" if t.load_ms else ""),
+    ]
+    lines += [f"⚠ {w}" for w in result.warnings]
+    return "\n\n".join(lines)
+
+
+def compare_figures(entry: CompareEntry | None, reference: Precision | None) -> str:
+    """The figures under one Compare image."""
+    if entry is None:
+        return "*Not selected.*"
+    head = f"**{entry.precision.label}**"
+    if entry.result is None:
+        return f"{head}\n\n⚠ {entry.error}"
+    lines = [head,
+             f"**Latency:** {fmt_ms(entry.latency_ms)}" + (f" (+ loading {fmt_ms(entry.load_ms)})" if entry.load_ms else ""),
+             f"**Peak memory:** {peak_text(entry.peak_memory_bytes)}",
+             f"**Ran as:** {entry.runs_as} · {entry.result.backend}"]
+    if entry.is_reference:
+        lines.append("**Reference** for PSNR / SSIM")
+    elif entry.psnr_db is not None:
+        psnr = "∞ (identical)" if math.isinf(entry.psnr_db) else f"{entry.psnr_db:.2f} dB"
+        lines.append(f"**vs {reference.label if reference else '16-bit'}:** PSNR {psnr} · SSIM {entry.ssim:.4f} · "
+                     f"max difference {entry.max_difference}/255")
+    lines += [f"⚠ {w}" for w in entry.result.warnings]
+    return "\n\n".join(lines)
+
+
+def comparison_markdown(comparison: Comparison) -> str:
+    req = comparison.request
+    ran = sum(1 for e in comparison.entries if e.result is not None)
+    lines = [f"**Seed:** {req.seed} · {req.model} · {req.width}×{req.height} · {req.steps} steps · "
+             f"guidance {req.guidance:g} · {ran} of {len(comparison.entries)} precisions ran"]
+    if comparison.note:
+        lines.append(comparison.note)
+    else:
+        lines.append("Heat maps show the largest per-channel difference from the 16-bit image: black is none, "
+                     f"pale yellow is {HEATMAP_FULL_SCALE:.0f}/255 or more (one scale for every column).")
+    return "\n\n".join(lines)

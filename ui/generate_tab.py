@@ -1,0 +1,177 @@
+"""The Flux.1 and SDXL tabs: one builder, the family decides the few differences (negative prompt)."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import gradio as gr
+
+from pipelines.errors import user_message
+from pipelines.registry import Family, ModelSpec
+
+from .formatting import fmt_ms, precision_info, precision_label, result_details, result_markdown
+from .service import PRECISION_ORDER, ModelChoice, PrismService
+
+log = logging.getLogger("prism.ui")
+
+GPU_CONCURRENCY_ID = "prism-gpu"  # every event that submits jobs shares one Gradio concurrency limit
+
+
+def size_info(spec: ModelSpec) -> str:
+    s = spec.size
+    return f"multiple of {s.multiple_of}, {s.min_side} to {s.max_side}"
+
+
+def precision_dropdown(service: PrismService, elem_id: str) -> tuple[gr.Dropdown, gr.Markdown]:
+    default = service.default_precision()
+    dropdown = gr.Dropdown([(precision_label(service.support(p)), p.value) for p in PRECISION_ORDER],
+                           value=default.value, label="Precision", elem_id=elem_id)
+    info = gr.Markdown(precision_info(service.support(default)), elem_id=f"{elem_id}-info")
+    dropdown.change(lambda p: precision_info(service.support(p)), dropdown, info, api_visibility="private",
+                    concurrency_limit=None, show_progress="hidden")
+    return dropdown, info
+
+
+def error_status(message: str) -> str:
+    return f"⚠ **{message}**"
+
+
+def run_with_errors(n_outputs: int):
+    """For a generator handler whose last output is its status line: an error is shown as one readable
+    message there and in a toast, never as a stack trace; through the API it arrives as the error text."""
+
+    def decorate(fn):
+        def wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as exc:
+                message = exc.message if isinstance(exc, gr.Error) else user_message(exc)
+                if not isinstance(exc, gr.Error) and user_message(exc, fallback=False) is None:
+                    log.exception("request failed")  # unexpected: the log gets the traceback, the user a sentence
+                yield (*(gr.skip(),) * (n_outputs - 1), error_status(message))
+                raise gr.Error(message, title="Could not run", print_exception=False) from None
+
+        wrapper.__name__ = fn.__name__
+        wrapper.__doc__ = fn.__doc__
+        return wrapper
+
+    return decorate
+
+
+def build_generate_tab(service: PrismService, family: Family) -> None:
+    """Widgets and events for one family's tab; call inside a `gr.Tab`."""
+    prefix = family.value
+    choice, note = service.default_choice(family)
+    spec = choice.spec if choice else None
+    sdxl = family is Family.SDXL
+
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            model = gr.Dropdown([c.name for c in service.choices(family)], value=choice.name if choice else None,
+                                label="Model", elem_id=f"{prefix}-model")
+            model_note = gr.Markdown(note, elem_id=f"{prefix}-model-note")
+            prompt = gr.Textbox(label="Prompt", lines=3, placeholder="What to draw", elem_id=f"{prefix}-prompt")
+            negative = None
+            if sdxl:
+                negative = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{prefix}-negative",
+                                      interactive=bool(spec and spec.supports_negative_prompt),
+                                      placeholder=_negative_placeholder(spec))
+            with gr.Row():
+                width = gr.Number(spec.default_width if spec else None, label="Width", precision=0,
+                                  info=size_info(spec) if spec else None, elem_id=f"{prefix}-width")
+                height = gr.Number(spec.default_height if spec else None, label="Height", precision=0,
+                                   info=size_info(spec) if spec else None, elem_id=f"{prefix}-height")
+            steps = gr.Slider(1, spec.max_steps if spec else 100, spec.default_steps if spec else 28, step=1,
+                              label="Steps", elem_id=f"{prefix}-steps")
+            guidance = gr.Slider(0, spec.max_guidance if spec else 30, spec.default_guidance if spec else 3.5,
+                                 step=0.1, label="Guidance", elem_id=f"{prefix}-guidance")
+            with gr.Row():
+                seed = gr.Number(-1, label="Seed", precision=0, info="-1: random (the seed used is reported)",
+                                 elem_id=f"{prefix}-seed")
+                num_images = gr.Slider(1, spec.max_images if spec else 8, 1, step=1, label="Number of images",
+                                       elem_id=f"{prefix}-num-images")
+            precision, _ = precision_dropdown(service, f"{prefix}-precision")
+            button = gr.Button("Generate", variant="primary", elem_id=f"{prefix}-generate")
+        with gr.Column(scale=3):
+            status = gr.Markdown("", elem_id=f"{prefix}-status")
+            gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id=f"{prefix}-gallery",
+                                 buttons=["download", "fullscreen"], interactive=False)
+            used_seed = gr.Number(None, label="Seed used", precision=0, interactive=False, placeholder="after a run",
+                                  elem_id=f"{prefix}-seed-used")
+            summary = gr.Markdown("", elem_id=f"{prefix}-summary")
+            files = gr.File(label="PNG files (with generation settings in their metadata)", file_count="multiple",
+                            interactive=False, elem_id=f"{prefix}-files")
+            with gr.Accordion("Details (JSON)", open=False):
+                details = gr.JSON(label="Settings, timings and memory", elem_id=f"{prefix}-details")
+
+    def on_model(name: str):
+        c: ModelChoice = service.choice(name, family)
+        s = c.spec
+        updates = [service.model_note(c), gr.update(value=s.default_width, info=size_info(s)),
+                   gr.update(value=s.default_height, info=size_info(s)),
+                   gr.update(maximum=s.max_steps, value=s.default_steps),
+                   gr.update(maximum=s.max_guidance, value=s.default_guidance),
+                   gr.update(maximum=s.max_images, value=1)]
+        if sdxl:
+            negative_update = dict(interactive=s.supports_negative_prompt, placeholder=_negative_placeholder(s))
+            if not s.supports_negative_prompt:
+                negative_update["value"] = ""  # a hidden leftover would make the request fail
+            updates.append(gr.update(**negative_update))
+        return updates
+
+    model.input(run_once(on_model), model,
+                 [model_note, width, height, steps, guidance, num_images] + ([negative] if sdxl else []),
+                 api_visibility="undocumented", concurrency_limit=None, show_progress="hidden")
+
+    outputs = [gallery, files, used_seed, summary, details, status]
+
+    @run_with_errors(len(outputs))
+    def generate(model_name, prompt_text, *rest, progress=gr.Progress()):
+        if sdxl:
+            negative_text, *rest = rest
+        else:
+            negative_text = ""
+        w, h, n_steps, g, s, n, p = rest
+        request = service.build_request(family, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p)
+        request_choice = service.choice_for(request)
+        started = time.perf_counter()
+        task = service.start_generate(request)
+        skip = (gr.skip(),) * 5
+        try:
+            for text, fraction in task.views():
+                progress(fraction, desc=text)
+                yield (*skip, text)
+            result = task.result()
+        finally:
+            if not task.finished:  # the browser went away or the event was cancelled: stop the job too
+                task.cancel()
+        paths = [str(p_) for p_ in service.save_result(result)]
+        gallery_value = [(path, f"seed {sd}") for path, sd in zip(paths, result.seeds)]
+        done = (f"Done: {len(paths)} image{'s' if len(paths) > 1 else ''} in "
+                f"{fmt_ms((time.perf_counter() - started) * 1000)} (including any wait and loading)")
+        yield (gallery_value, paths, result.seeds[0], result_markdown(result), result_details(result, request_choice.name, paths), done)
+
+    inputs = [model, prompt] + ([negative] if sdxl else []) + [width, height, steps, guidance, seed, num_images,
+                                                                precision]
+    button.click(generate, inputs, outputs, api_name=f"generate_{prefix}", concurrency_id=GPU_CONCURRENCY_ID,
+                 show_progress_on=[gallery])
+
+
+def run_once(fn):
+    """A plain (non-generator) handler whose errors show as messages, for small events."""
+
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except Exception as exc:
+            raise gr.Error(user_message(exc), print_exception=False) from None
+
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+def _negative_placeholder(spec: ModelSpec | None) -> str:
+    if spec is None or spec.supports_negative_prompt:
+        return "What to avoid (acts when guidance is above 1)"
+    return f"{spec.id} does not use a negative prompt"

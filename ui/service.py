@@ -1,0 +1,322 @@
+"""The UI's one door into Prism: widget values become GenerationRequests for the PipelineManager, and
+results become files and text. No model logic lives here; the manager validates, loads and runs.
+
+Only the models offered at startup can be asked for, by name: a request never names a path, so a
+browser cannot make the server read an arbitrary folder.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from pipelines.backends import choose_backend
+from pipelines.compare import Comparison, run_comparison
+from pipelines.loading import HubOptions, ModelAccessError, default_model, is_available_locally
+from pipelines.pngmeta import SAMPLER_NAMES, save_png
+from pipelines.precision import Backend, Precision, PrecisionSupport, precision_support
+from pipelines.registry import HUB_MODELS, Family, ModelSpec, UnknownModelError, demo_specs, read_local_spec
+from pipelines.request import GenerationRequest, GenerationResult, RequestError, resolve_request
+from pipelines.gpu import system_memory
+
+from .formatting import progress_text
+
+log = logging.getLogger("prism.ui")
+
+PRECISION_ORDER = (Precision.BF16, Precision.FP16, Precision.FP8, Precision.FP4)
+KEEP_OUTPUT_BATCHES = 64  # PNG folders kept in the output dir; older ones are deleted as new ones come
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A model offered in the UI. `name` is what the browser and API see; `model` what the manager loads."""
+
+    name: str
+    model: str  # a registry id, or the path of a local folder in the Hugging Face layout
+    spec: ModelSpec
+
+    @property
+    def family(self) -> Family:
+        return self.spec.family
+
+
+def offered_models(models: Sequence[str] | None = None) -> tuple[ModelChoice, ...]:
+    """The models to offer: `models` (registry ids or local folders, the latter under their folder name),
+    or by default every Hub model plus the embedded demo models that are present."""
+    if not models:
+        return tuple(ModelChoice(s.id, s.id, s) for s in demo_specs() + HUB_MODELS)
+    known = {s.id: s for s in HUB_MODELS + demo_specs()}
+    out: dict[str, ModelChoice] = {}
+    for item in models:
+        if item in known:
+            choice = ModelChoice(item, item, known[item])
+        else:
+            folder = Path(item).expanduser()
+            if not folder.is_dir():
+                raise UnknownModelError(f"--models: {item!r} is neither a known model ({', '.join(known)}) "
+                                        "nor a folder in the Hugging Face pipeline layout.")
+            folder = folder.resolve()
+            spec = read_local_spec(folder)
+            choice = ModelChoice(spec.id, str(folder), spec)
+        if choice.name in out:
+            raise UnknownModelError(f"--models: two models are named {choice.name!r}; rename one of the folders.")
+        out[choice.name] = choice
+    return tuple(out.values())
+
+
+@dataclass(frozen=True)
+class MemoryView:
+    used_bytes: int
+    total_bytes: int
+    kind: str  # what the figures are: GPU memory, unified memory, system RAM
+
+
+class Task:
+    """Work for one UI request, run on its own thread so the UI thread can poll it for progress.
+
+    The manager reports progress from its worker thread; polling `view()` from the request's thread
+    keeps Gradio's progress calls on the thread Gradio expects.
+    """
+
+    def __init__(self, manager: Any, work: Callable[["Task"], Any]):
+        self._manager = manager
+        self.job: Any = None
+        self.label = ""
+        self.cancel_event = threading.Event()
+        self._finished = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, args=(work,), name="prism-ui-task", daemon=True).start()
+
+    def _run(self, work: Callable[["Task"], Any]) -> None:
+        try:
+            self._value = work(self)
+        except BaseException as exc:  # handed to the UI thread by `result()`
+            self._error = exc
+        finally:
+            self._finished.set()
+
+    def track(self, job: Any) -> None:
+        self.job = job
+        if self.cancel_event.is_set():
+            job.cancel()
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    def view(self) -> tuple[str, float | None]:
+        job = self.job
+        if job is None:
+            return progress_text(None, 0, self.label)
+        return progress_text(job.progress, self._manager.queue_position(job), self.label)
+
+    def views(self, poll_s: float = 0.2) -> Iterator[tuple[str, float | None]]:
+        """Each change of (text, fraction) until the work is finished."""
+        last = None
+        while not self._finished.is_set():
+            view = self.view()
+            if view != last:
+                yield view
+                last = view
+            self._finished.wait(poll_s)
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self._finished.wait(timeout):
+            raise TimeoutError("The task did not finish in time.")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+        if self.job is not None:
+            self.job.cancel()
+
+
+class PrismService:
+    """What the UI may do: list models and their defaults, generate, compare, report and unload."""
+
+    def __init__(self, manager: Any, models: Sequence[ModelChoice] | None = None, output_dir: Path | None = None,
+                 hub: HubOptions = HubOptions()):
+        self.manager = manager
+        self.models = tuple(models) if models is not None else offered_models()
+        self.hub = hub
+        self.output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="prism-outputs-"))
+        self._by_name = {c.name: c for c in self.models}
+        self._save_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ models
+
+    @property
+    def capability(self) -> tuple[int, int] | None:
+        return self.manager.info.capability
+
+    def choices(self, family: Family | None = None) -> list[ModelChoice]:
+        return [c for c in self.models if family is None or c.family is family]
+
+    def choice(self, name: str, family: Family | None = None) -> ModelChoice:
+        offered = self.choices(family)
+        for c in offered:
+            if c.name == name:
+                return c
+        what = f"{family.value.upper()} model" if family else "model"
+        if not offered:
+            raise RequestError(f"No {what} is offered by this server; start it with --models and a {what}.")
+        raise RequestError(f"Unknown {what} {name!r}; choose one of: {', '.join(c.name for c in offered)}.")
+
+    def default_choice(self, family: Family) -> tuple[ModelChoice | None, str]:
+        """(model to preselect, note to show): `default_model`'s pick when it is offered, else the first offered."""
+        offered = self.choices(family)
+        if not offered:
+            return None, f"No {family.value.upper()} model is offered; start the app with `--models` naming one."
+        try:
+            model_id, note = default_model(family, self.hub)
+        except ModelAccessError:
+            model_id, note = None, ""
+        if model_id in self._by_name and self._by_name[model_id].family is family:
+            return self._by_name[model_id], note
+        return offered[0], self.model_note(offered[0])
+
+    def model_note(self, choice: ModelChoice) -> str:
+        spec = choice.spec
+        if spec.local_dir is not None:
+            return spec.description  # names the folder
+        if is_available_locally(spec, self.hub):
+            where = "Weights are in the local Hugging Face cache."
+        elif self.hub.is_offline:
+            where = "Not downloaded, and offline mode is on: choose another model or download it elsewhere."
+        else:
+            where = ("Not downloaded yet: the first request downloads it"
+                     + (" (gated: accept its license on Hugging Face and set HF_TOKEN)." if spec.gated else "."))
+        return f"{spec.description} {where}"
+
+    # ------------------------------------------------------------------ precisions
+
+    def backend_for(self, precision: Precision) -> Backend:
+        configured = self.manager.config.backend
+        try:
+            return choose_backend(configured, self.capability, precision).backend
+        except ValueError:  # forced TensorRT that cannot run here: the request will say so
+            return Backend.TENSORRT if configured == "tensorrt" else Backend.TORCH
+
+    def support(self, precision: Precision) -> PrecisionSupport:
+        return precision_support(precision, self.capability, self.backend_for(precision))
+
+    def default_precision(self) -> Precision:
+        return next((p for p in PRECISION_ORDER if self.support(p).runnable), Precision.FP16)
+
+    # ------------------------------------------------------------------ requests
+
+    def build_request(self, family: Family | None, model: str, prompt: str, negative_prompt: str | None,
+                      width: Any, height: Any, steps: Any, guidance: Any, seed: Any, num_images: Any,
+                      precision: str) -> GenerationRequest:
+        """A request from widget values (None or -1 seed: random; empty size/steps/guidance: the model's default)."""
+        choice = self.choice(model, family)
+        seed = None if seed in (None, "", -1, -1.0) else seed
+        return GenerationRequest(
+            prompt=prompt or "", model=choice.model, precision=precision or self.default_precision().value,
+            negative_prompt=negative_prompt or "", width=_blank_none(width), height=_blank_none(height),
+            steps=_blank_none(steps), guidance=_blank_none(guidance), seed=seed,
+            num_images=1 if num_images in (None, "") else num_images)
+
+    def check(self, request: GenerationRequest) -> GenerationRequest:
+        """Validate now (the manager validates again) so a bad field is reported without queueing."""
+        choice = self.choice_for(request)
+        try:
+            precision = Precision.parse(request.precision)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        return resolve_request(request, choice.spec, self.capability, self.backend_for(precision))
+
+    def start_generate(self, request: GenerationRequest) -> Task:
+        self.check(request)
+
+        def work(task: Task) -> GenerationResult:
+            job = self.manager.submit(request)
+            task.track(job)
+            return job.result()
+
+        return Task(self.manager, work)
+
+    def start_compare(self, request: GenerationRequest, precisions: Sequence[str]) -> Task:
+        def work(task: Task) -> Comparison:
+            def on_progress(precision: Precision, index: int, count: int, _progress: Any) -> None:
+                task.label = f"{precision.label} ({index + 1}/{count})"
+
+            return run_comparison(self.manager, request, precisions, on_progress=on_progress, on_job=task.track,
+                                  cancel=task.cancel_event)
+
+        return Task(self.manager, work)
+
+    # ------------------------------------------------------------------ files
+
+    def _new_batch_dir(self) -> Path:
+        with self._save_lock:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            batches = sorted((p for p in self.output_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+            for old in batches[:max(0, len(batches) - KEEP_OUTPUT_BATCHES + 1)]:
+                shutil.rmtree(old, ignore_errors=True)
+            folder = self.output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+            folder.mkdir()
+            return folder
+
+    def choice_for(self, request: GenerationRequest) -> ModelChoice:
+        """The offered model a request names (by what the manager loads, or by its name)."""
+        for c in self.models:
+            if request.model in (c.model, c.name):
+                return c
+        raise RequestError(f"Model {request.model!r} is not offered here.")
+
+    def save_result(self, result: GenerationResult, folder: Path | None = None) -> list[Path]:
+        """PNG files with the A1111 `parameters` and Prism JSON chunks, one per image."""
+        folder = folder or self._new_batch_dir()
+        choice = self.choice_for(result.request)
+        scheduler = choice.spec.components.get("scheduler")
+        sampler = SAMPLER_NAMES.get(scheduler.class_name if scheduler else "", "Euler")
+        precision = Precision.parse(result.request.precision).value
+        # The offered name, not the request's model string: that may be a folder path.
+        return [save_png(folder / f"{choice.name}-{seed}-{precision}.png", image, result.settings(), seed, sampler)
+                for image, seed in zip(result.images, result.seeds)]
+
+    def save_comparison(self, comparison: Comparison) -> dict[Precision, Path]:
+        folder = self._new_batch_dir()
+        return {e.precision: self.save_result(e.result, folder)[0] for e in comparison.entries if e.result is not None}
+
+    # ------------------------------------------------------------------ system
+
+    def memory(self) -> MemoryView:
+        info = self.manager.info
+        if info.is_cuda and not info.unified:
+            import torch
+
+            free, total = torch.cuda.mem_get_info(info.device)
+            return MemoryView(total - free, total, "GPU memory")
+        total, available = system_memory()
+        kind = "unified memory, shared by the CPU and GPU" if info.is_cuda else "system RAM; no GPU, running on the CPU"
+        return MemoryView(total - available, total, kind)
+
+    def status(self) -> Any:
+        return self.manager.status()
+
+    def unload(self, model: str | None) -> int:
+        return self.manager.unload(model or None)
+
+    def clear_engine_cache(self) -> tuple[int, int]:
+        """(artifacts removed, bytes freed). Refused while jobs run: a build may be writing into the cache."""
+        status = self.manager.status()
+        if status.running is not None or status.queued:
+            raise RequestError("Jobs are running or queued; clear the engine cache when they have finished.")
+        cache = self.manager.engine_cache
+        before = cache.total_bytes()
+        return cache.clear(), before
+
+
+def _blank_none(value: Any) -> Any:
+    return None if value in (None, "") else value

@@ -1,0 +1,143 @@
+"""The System tab: device and memory, the backend in use and why, resident models, the engine cache."""
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from .formatting import fmt_bytes
+from .generate_tab import run_once
+from .service import PrismService
+
+RESIDENT_HEADERS = ["Model", "Component", "Form", "Backend", "Memory", "Where"]
+CACHE_HEADERS = ["Model", "Component", "Precision", "Shapes", "Batch", "Target", "Backend", "Size", "File"]
+
+
+def system_snapshot(service: PrismService) -> dict[str, Any]:
+    """Everything the tab shows, as plain data (also the `system_status` API's JSON)."""
+    status = service.status()
+    memory = service.memory()
+    info = status.device
+    models: dict[str, int] = {}
+    for r in status.resident:
+        models[r.key.model] = models.get(r.key.model, 0) + r.nbytes
+    cache = []
+    for e in service.manager.engine_cache.entries():
+        k = e.manifest.key if e.manifest else None
+        cache.append({"file": e.path.name, "size_bytes": e.size, "valid_manifest": k is not None,
+                      **({"model": k.model, "component": k.component, "precision": f"{k.precision}/{k.recipe}",
+                          "shapes": k.shapes, "batch": k.batch, "target": k.target,
+                          "backend": f"{k.backend} {k.backend_version}"} if k else {})})
+    running = status.running
+    return {
+        "device": {"name": info.name, "device": info.device, "compute_capability": info.capability_text,
+                   "unified_memory": info.unified},
+        "memory": {"used_bytes": memory.used_bytes, "total_bytes": memory.total_bytes, "kind": memory.kind},
+        "budget_bytes": status.budget_bytes, "resident_bytes": status.used_bytes, "parked_bytes": status.parked_bytes,
+        "backend": {"configured": service.manager.config.backend, "in_use": status.backend_note,
+                    "tensorrt": status.tensorrt.reason, "tensorrt_can_run": status.tensorrt.can_run},
+        "resident_models": models,
+        "resident": [{"model": r.key.model, "component": r.key.name, "form": r.key.variant, "backend": r.key.backend,
+                      "bytes": r.nbytes, "parked": r.parked}
+                     for r in status.resident if r.nbytes],  # tokenizers and schedulers hold no memory
+        "engine_cache": {"dir": str(status.engine_cache_dir), "total_bytes": status.engine_cache_bytes,
+                         "entries": cache},
+        "jobs": {"running": None if running is None else {"model": running.model, "precision": str(
+            getattr(running.precision, "value", running.precision))}, "queued": status.queued},
+        "events": list(status.events),
+    }
+
+
+def system_markdown(snap: dict[str, Any]) -> str:
+    d, m, b = snap["device"], snap["memory"], snap["backend"]
+    if d["device"] == "cpu":
+        device_line = f"**Device:** {d['name']} (no CUDA GPU found: running on the CPU)"
+    else:
+        device_line = f"**GPU:** {d['name']} · compute capability {d['compute_capability']}"
+    resident = ", ".join(f"{name} {fmt_bytes(n)}" for name, n in snap["resident_models"].items()) or "none"
+    running = snap["jobs"]["running"]
+    lines = [
+        "### Device", device_line,
+        f"**Memory:** {fmt_bytes(m['used_bytes'])} of {fmt_bytes(m['total_bytes'])} used ({m['kind']})",
+        f"**Prism's memory budget:** {fmt_bytes(snap['budget_bytes'])} · in use by resident models "
+        f"{fmt_bytes(snap['resident_bytes'])}" + (f" (+ {fmt_bytes(snap['parked_bytes'])} parked in host RAM)"
+                                                    if snap["parked_bytes"] else ""),
+        f"**Jobs:** {'running ' + running['model'] + ' ' + running['precision'] if running else 'none running'}"
+        f" · {snap['jobs']['queued']} waiting",
+        "### Backend",
+        f"**In use:** {b['in_use']}", f"**TensorRT:** {b['tensorrt']}", f"**Requested:** `--backend {b['configured']}`",
+        "### Resident models", resident,
+        "### Engine cache",
+        f"{len(snap['engine_cache']['entries'])} engine(s), {fmt_bytes(snap['engine_cache']['total_bytes'])} in "
+        f"`{snap['engine_cache']['dir']}`",
+    ]
+    return "\n\n".join(lines)
+
+
+def resident_rows(snap: dict[str, Any]) -> list[list[str]]:
+    return [[r["model"], r["component"], r["form"], r["backend"], fmt_bytes(r["bytes"]),
+             "host RAM (parked)" if r["parked"] else "device"] for r in snap["resident"]]
+
+
+def cache_rows(snap: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for e in snap["engine_cache"]["entries"]:
+        if e["valid_manifest"]:
+            rows.append([e["model"], e["component"], e["precision"], e["shapes"], e["batch"], e["target"],
+                         e["backend"], fmt_bytes(e["size_bytes"]), e["file"]])
+        else:
+            rows.append(["(no valid manifest: rebuilt on use)", "", "", "", "", "", "", fmt_bytes(e["size_bytes"]),
+                         e["file"]])
+    return rows
+
+
+def build_system_tab(service: PrismService) -> tuple[Any, list[Any]]:
+    """Widgets and events; returns (refresh handler, its outputs) so the app can refresh when the tab opens."""
+    with gr.Row():
+        refresh = gr.Button("Refresh", elem_id="system-refresh", scale=0)
+    overview = gr.Markdown("", elem_id="system-overview")
+    resident = gr.Dataframe(headers=RESIDENT_HEADERS, label="Resident components", interactive=False,
+                            elem_id="system-resident", column_count=len(RESIDENT_HEADERS))
+    with gr.Row():
+        to_unload = gr.Dropdown([], value=None, label="Model to unload", elem_id="system-unload-model", scale=2)
+        unload = gr.Button("Unload model", elem_id="system-unload", scale=1)
+        unload_all = gr.Button("Unload all models", elem_id="system-unload-all", scale=1)
+    cache = gr.Dataframe(headers=CACHE_HEADERS, label="Engine cache", interactive=False, elem_id="system-cache",
+                         column_count=len(CACHE_HEADERS))
+    clear = gr.Button("Clear engine cache", variant="stop", elem_id="system-clear-cache")
+    message = gr.Markdown("", elem_id="system-message")
+    with gr.Accordion("Status (JSON)", open=False):
+        raw = gr.JSON(label="System status", elem_id="system-json")
+
+    view_outputs = [overview, resident, to_unload, cache, raw]
+
+    def view(note: str = "") -> tuple:
+        snap = system_snapshot(service)
+        models = list(snap["resident_models"])
+        return (system_markdown(snap), resident_rows(snap), gr.update(choices=models, value=models[0] if models else None),
+                cache_rows(snap), snap, note)
+
+    def status() -> tuple:
+        return view()
+
+    def unload_model(name: str | None) -> tuple:
+        if not name:
+            return view("Choose a resident model to unload.")
+        freed = service.unload(name)
+        return view(f"Unloaded {name}: {fmt_bytes(freed)} released.")
+
+    def unload_everything() -> tuple:
+        freed = service.unload(None)
+        return view(f"Unloaded every model: {fmt_bytes(freed)} released.")
+
+    def clear_cache() -> tuple:
+        removed, freed = service.clear_engine_cache()
+        return view(f"Cleared the engine cache: {removed} engine(s), {fmt_bytes(freed)}.")
+
+    outputs = view_outputs + [message]
+    light = dict(concurrency_limit=None, show_progress="minimal")
+    refresh.click(run_once(status), None, outputs, api_name="system_status", **light)
+    unload.click(run_once(unload_model), to_unload, outputs, api_name="unload_model", **light)
+    unload_all.click(run_once(unload_everything), None, outputs, api_name="unload_all", **light)
+    clear.click(run_once(clear_cache), None, outputs, api_name="clear_engine_cache", **light)
+    return run_once(status), outputs
