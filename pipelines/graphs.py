@@ -94,6 +94,22 @@ class VaeDecoder(nn.Module):
         return self.vae.decode(latents, return_dict=False)[0]
 
 
+class VaeEncoder(nn.Module):
+    """`vae` encoder, for img2img: an image in [-1, 1] to the latent distribution's mean and std (unscaled).
+
+    Not part of the text-to-image stages; the TensorRT backend exports it on request so the engine
+    exists when img2img lands, with the same signature the torch path will use.
+    """
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(image, return_dict=False)[0]
+        return dist.mean, dist.std
+
+
 FLUX_ADAPTERS = {"text_encoder": ClipPooled, "text_encoder_2": T5Hidden, "transformer": FluxDenoiser, "vae": VaeDecoder}
 SDXL_ADAPTERS = {"text_encoder": ClipPenultimate, "text_encoder_2": ClipPenultimateAndProjection,
                  "unet": SdxlDenoiser, "vae": VaeDecoder}
