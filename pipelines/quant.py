@@ -58,10 +58,14 @@ class Fp8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
         x_fp8 = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        # Row-wise scaled GEMMs produce bf16 on Hopper (cuBLASLt supports no other output there).
-        y = torch._scaled_mm(x_fp8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                             out_dtype=torch.bfloat16)
-        y = y.to(x.dtype)
+        if x.is_cuda:
+            # Row-wise scaled GEMM on the FP8 tensor cores; it produces bf16 on Hopper (cuBLASLt has no other output).
+            y = torch._scaled_mm(x_fp8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                                 out_dtype=torch.bfloat16).to(x.dtype)
+        else:
+            # CPU emulation of the same arithmetic: the FP8 products are exact in fp32, accumulated in fp32.
+            # (torch < 2.12 has no row-wise _scaled_mm on the CPU.)
+            y = ((x_fp8.float() * x_scale) @ (self.weight_fp8.float() * self.weight_scale.reshape(-1, 1)).t()).to(torch.bfloat16).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
