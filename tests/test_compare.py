@@ -10,14 +10,13 @@ from pipelines.manager import ManagerConfig, PipelineManager
 from pipelines.precision import Precision
 from pipelines.registry import read_local_spec
 from pipelines.request import GenerationRequest, RequestError
-from tests.tiny_models import save_tiny_flux, save_tiny_sdxl
 
 SMALL = dict(width=32, height=32, steps=1)  # one step keeps each run around a second on a shared CPU
 
 
 @pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    return save_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
+def flux_dir(tiny_flux):
+    return tiny_flux
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +26,9 @@ def manager():
     m.close()
 
 
-def test_plan_orders_16bit_first_and_picks_the_compute_dtype(flux_dir, tmp_path):
+def test_plan_orders_16bit_first_and_picks_the_compute_dtype(flux_dir, tiny_sdxl):
     flux = read_local_spec(flux_dir)
-    sdxl = read_local_spec(save_tiny_sdxl(tmp_path / "tiny-sdxl"))
+    sdxl = read_local_spec(tiny_sdxl)
     assert plan_precisions(["fp4", "16-bit", "fp8", "fp4"], flux, None) == [Precision.BF16, Precision.FP8, Precision.FP4]
     # SDXL's FP8/FP4 UNet computes in fp16, so fp16 is the reference that isolates quantization
     assert reference_precision(sdxl, None) is Precision.FP16

@@ -6,6 +6,7 @@ Screenshots of each tab go to test-artifacts/ (git-ignored) for a person to look
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from pathlib import Path
@@ -13,7 +14,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.tiny_models import save_tiny_flux, save_tiny_sdxl
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
@@ -31,12 +31,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(tmp_path_factory, tiny_flux, tiny_sdxl, tiny_flux_schnell):
     from ui.launch import LaunchOptions, start
 
-    models = tmp_path_factory.mktemp("ui-models")
-    flux, sdxl = save_tiny_flux(models / "tiny-flux"), save_tiny_sdxl(models / "tiny-sdxl")
-    schnell = save_tiny_flux(models / "tiny-flux-schnell", guidance_embeds=False)  # its default guidance is 0
+    flux, sdxl, schnell = tiny_flux, tiny_sdxl, tiny_flux_schnell  # schnell's default guidance is 0
     # max_queue=1: one job running and one waiting fill the manager, so "busy" is reachable with three requests.
     opts = LaunchOptions(port=free_port(), models=(str(flux), str(schnell), str(sdxl)), device="cpu", max_queue=1,
                          output_dir=tmp_path_factory.mktemp("outputs"))
@@ -142,13 +140,15 @@ def test_api_queue_position_and_busy(client, app):
             time.sleep(0.05)
         with pytest.raises(AppError, match="busy"):
             client.predict("tiny-flux", "x", 32, 32, 1, 3.5, 3, 1, "bf16", api_name="/generate_flux")
-        time.sleep(0.5)  # let the waiting request report its position at least once more
+        seen = []  # the waiting request's progress text, as its client sees it
+        while time.monotonic() < deadline and not any("Queued: 1 job ahead of yours" in d for d in seen):
+            seen += [unit.desc or "" for unit in (second.status().progress_data or [])]
+            time.sleep(0.1)
+        assert any("Queued: 1 job ahead of yours" in d for d in seen), seen
     finally:
         release.set()
     blocker.result(timeout=60)
     assert second.result(timeout=60)[2] == 2
-    statuses = [out[-1] for out in second.outputs()]
-    assert any("Queued: 1 job ahead of yours" in s for s in statuses), statuses
 
 
 def test_api_system_status_unload_and_clear(client):
@@ -211,7 +211,8 @@ def _choose(page, dropdown: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=True).click()
 
 
-def test_browser_flux_tab_error_then_image(page):
+def test_browser_flux_tab(page):
+    """Model defaults, a validation error, the progress bar, Stop, then an image of the requested size."""
     from playwright.sync_api import expect
 
     _open_tab(page, "Flux.1")
@@ -228,11 +229,25 @@ def test_browser_flux_tab_error_then_image(page):
     page.fill("#flux-steps input[type=number]", "1")
     page.click("#flux-generate")
     expect(page.locator("#flux-status")).to_contain_text("width 40 is not a multiple of 16; use 32 or 48")
+    # A long job shows its denoising progress bar, and Stop ends it.
+    page.fill("#flux-width input", "128")
+    page.fill("#flux-height input", "128")
+    page.fill("#flux-steps input[type=number]", "60")
+    page.click("#flux-generate")
+    expect(page.locator("#flux-gallery")).to_contain_text(re.compile(r"Denoising: step \d+/60"))
+    page.click("#flux-stop")
+    expect(page.locator("#flux-status")).to_contain_text("Stopped")
+    # and a valid job still works afterwards
     page.fill("#flux-width input", "48")
+    page.fill("#flux-height input", "32")
+    page.fill("#flux-steps input[type=number]", "1")
     page.click("#flux-generate")
     expect(page.locator("#flux-status")).to_contain_text("Done: 1 image")
     assert _image_size(page, "#flux-gallery img") == (48, 32)
     expect(page.locator("#flux-summary")).to_contain_text("Timings")
+    used = re.search(r"Seed: (\d+)", page.locator("#flux-summary").inner_text()).group(1)
+    page.click("#flux-reuse-seed")  # the random seed that was used, back into the seed field
+    expect(page.locator("#flux-seed input")).to_have_value(used)
     expect(page.locator("#flux-files")).to_contain_text(".png")
     _screenshot(page, "ui-flux.png")
 

@@ -11,7 +11,7 @@ from pipelines.registry import Family
 from pipelines.request import GenerationRequest
 
 from .formatting import comparison_markdown, compare_figures, fmt_ms, precision_info
-from .generate_tab import GPU_CONCURRENCY_ID, run_once, run_with_errors, size_info
+from .generate_tab import GPU_CONCURRENCY_ID, session_of, error_status, run_once, run_with_errors, size_info
 from .service import PrismService
 
 COLUMNS = ((SIXTEEN_BIT, "16-bit"), (Precision.FP8.value, "FP8"), (Precision.FP4.value, "FP4"))
@@ -44,7 +44,9 @@ def build_compare_tab(service: PrismService) -> None:
                     guidance = gr.Slider(0, spec.max_guidance if spec else 30,
                                          spec.default_guidance if spec else 3.5, step=0.1, label="Guidance",
                                          elem_id="compare-guidance")
-            button = gr.Button("Compare", variant="primary", elem_id="compare-run")
+            with gr.Row():
+                button = gr.Button("Compare", variant="primary", elem_id="compare-run", scale=3)
+                stop = gr.Button("Stop", variant="stop", elem_id="compare-stop", scale=1)
         with gr.Column(scale=2):
             gr.Markdown("\n\n".join(precision_info(service.support(p))
                                     for p in (service.default_precision(), Precision.FP8, Precision.FP4)),
@@ -65,8 +67,8 @@ def build_compare_tab(service: PrismService) -> None:
                 figures.append(gr.Markdown("", elem_id=f"compare-figures-{key}"))
                 heatmaps.append(gr.Image(label=f"{label}: difference from 16-bit", type="pil", format="png",
                                          interactive=False, elem_id=f"compare-heatmap-{key}"))
-    used_seed = gr.Number(None, label="Seed used", precision=0, interactive=False, placeholder="after a run",
-                          elem_id="compare-seed-used")
+    used_seed = gr.Number(None, label="Seed used", precision=0, interactive=False, visible="hidden",
+                          elem_id="compare-seed-used")  # for the API; the summary shows it to people
     summary = gr.Markdown("", elem_id="compare-summary")
     with gr.Accordion("Figures (JSON)", open=False):
         details = gr.JSON(label="Comparison", elem_id="compare-details")
@@ -83,18 +85,17 @@ def build_compare_tab(service: PrismService) -> None:
     outputs = [*images, *heatmaps, *figures, used_seed, summary, details, status]
 
     @run_with_errors(len(outputs))
-    def compare(model_name, prompt_text, seed_value, selected, w, h, n_steps, g, progress=gr.Progress()):
+    def compare(model_name, prompt_text, seed_value, selected, w, h, n_steps, g, request: gr.Request = None,
+                progress=gr.Progress()):
         choice = service.choice(model_name)
-        request = GenerationRequest(prompt=prompt_text or "", model=choice.model,
-                                    seed=None if seed_value in (None, -1) else seed_value,
-                                    width=w, height=h, steps=n_steps, guidance=g)
+        job_request = GenerationRequest(prompt=prompt_text or "", model=choice.model,
+                                        seed=None if seed_value in (None, -1) else seed_value,
+                                        width=w, height=h, steps=n_steps, guidance=g)
         started = time.perf_counter()
-        task = service.start_compare(request, list(selected or []))
-        skip = (gr.skip(),) * (len(outputs) - 1)
+        task = service.start_compare(job_request, list(selected or []), session=session_of(request))
         try:
-            for text, fraction in task.views():
+            for text, fraction in task.views():  # to the progress bar only (see generate_tab)
                 progress(fraction, desc=text)
-                yield (*skip, text)
             comparison: Comparison = task.result()
         finally:
             if not task.finished:
@@ -114,5 +115,11 @@ def build_compare_tab(service: PrismService) -> None:
                f"{'Done' if ran == len(comparison.entries) else '⚠ Done'}: {ran} of {len(comparison.entries)} precisions in "
                f"{fmt_ms((time.perf_counter() - started) * 1000)}")
 
-    button.click(compare, [model, prompt, seed, precisions, width, height, steps, guidance], outputs,
-                 api_name="compare", concurrency_id=GPU_CONCURRENCY_ID, show_progress_on=images)
+    event = button.click(compare, [model, prompt, seed, precisions, width, height, steps, guidance], outputs,
+                         api_name="compare", concurrency_id=GPU_CONCURRENCY_ID, show_progress_on=images)
+
+    def stop_job(request: gr.Request = None):
+        return error_status("Stopped." if service.cancel_session(session_of(request)) else "Nothing to stop.")
+
+    stop.click(stop_job, None, status, cancels=[event], api_visibility="private", concurrency_limit=None,
+               show_progress="hidden")

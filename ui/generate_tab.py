@@ -1,6 +1,7 @@
 """The Flux.1 and SDXL tabs: one builder, the family decides the few differences (negative prompt)."""
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -42,6 +43,7 @@ def run_with_errors(n_outputs: int):
     message there and in a toast, never as a stack trace; through the API it arrives as the error text."""
 
     def decorate(fn):
+        @functools.wraps(fn)  # Gradio reads the signature (its gr.Progress and gr.Request parameters) through this
         def wrapper(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
@@ -52,8 +54,6 @@ def run_with_errors(n_outputs: int):
                 yield (*(gr.skip(),) * (n_outputs - 1), error_status(message))
                 raise gr.Error(message, title="Could not run", print_exception=False) from None
 
-        wrapper.__name__ = fn.__name__
-        wrapper.__doc__ = fn.__doc__
         return wrapper
 
     return decorate
@@ -87,17 +87,22 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
             guidance = gr.Slider(0, spec.max_guidance if spec else 30, spec.default_guidance if spec else 3.5,
                                  step=0.1, label="Guidance", elem_id=f"{prefix}-guidance")
             with gr.Row():
-                seed = gr.Number(-1, label="Seed", precision=0, info="-1: random (the seed used is reported)",
-                                 elem_id=f"{prefix}-seed")
+                with gr.Column(min_width=160):
+                    seed = gr.Number(-1, label="Seed", precision=0, info="-1: random (the seed used is reported)",
+                                     elem_id=f"{prefix}-seed")
+                    reuse = gr.Button("Reuse last seed", size="sm", elem_id=f"{prefix}-reuse-seed")
                 num_images = gr.Slider(1, spec.max_images if spec else 8, 1, step=1, label="Number of images",
                                        elem_id=f"{prefix}-num-images")
             precision, _ = precision_dropdown(service, f"{prefix}-precision")
-            button = gr.Button("Generate", variant="primary", elem_id=f"{prefix}-generate")
+            with gr.Row():
+                button = gr.Button("Generate", variant="primary", elem_id=f"{prefix}-generate", scale=3)
+                stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop", scale=1)
         with gr.Column(scale=3):
             status = gr.Markdown("", elem_id=f"{prefix}-status")
             gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id=f"{prefix}-gallery",
                                  buttons=["download", "fullscreen"], interactive=False)
-            used_seed = gr.Number(None, label="Seed used", precision=0, interactive=False, placeholder="after a run",
+            # For the API (the summary shows seeds to people): Gradio draws an empty Number as 0, which would mislead.
+            used_seed = gr.Number(None, label="Seed used", precision=0, interactive=False, visible="hidden",
                                   elem_id=f"{prefix}-seed-used")
             summary = gr.Markdown("", elem_id=f"{prefix}-summary")
             files = gr.File(label="PNG files (with generation settings in their metadata)", file_count="multiple",
@@ -126,48 +131,69 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
 
     outputs = [gallery, files, used_seed, summary, details, status]
 
-    @run_with_errors(len(outputs))
-    def generate(model_name, prompt_text, *rest, progress=gr.Progress()):
-        if sdxl:
-            negative_text, *rest = rest
-        else:
-            negative_text = ""
-        w, h, n_steps, g, s, n, p = rest
+    def run(session: str | None, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p, progress):
         request = service.build_request(family, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p)
-        request_choice = service.choice_for(request)
+        name = service.choice_for(request).name
         started = time.perf_counter()
-        task = service.start_generate(request)
-        skip = (gr.skip(),) * 5
+        task = service.start_generate(request, session=session)
         try:
+            # Progress goes to Gradio's progress bar only: a yielded update would end the bar (Gradio shows a
+            # generator's later work as "streaming", without progress).
             for text, fraction in task.views():
                 progress(fraction, desc=text)
-                yield (*skip, text)
             result = task.result()
         finally:
             if not task.finished:  # the browser went away or the event was cancelled: stop the job too
                 task.cancel()
-        paths = [str(p_) for p_ in service.save_result(result)]
-        gallery_value = [(path, f"seed {sd}") for path, sd in zip(paths, result.seeds)]
+        paths = [str(path) for path in service.save_result(result)]
         done = (f"Done: {len(paths)} image{'s' if len(paths) > 1 else ''} in "
                 f"{fmt_ms((time.perf_counter() - started) * 1000)} (including any wait and loading)")
-        yield (gallery_value, paths, result.seeds[0], result_markdown(result), result_details(result, request_choice.name, paths), done)
+        yield ([(path, f"seed {sd}") for path, sd in zip(paths, result.seeds)], paths, result.seeds[0],
+               result_markdown(result), result_details(result, name, paths), done)
+
+    # Two explicit signatures (rather than *args) so the API lists every parameter by name.
+    if sdxl:
+        @run_with_errors(len(outputs))
+        def generate(model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p,
+                     request: gr.Request = None, progress=gr.Progress()):
+            yield from run(session_of(request), model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p,
+                           progress)
+    else:
+        @run_with_errors(len(outputs))
+        def generate(model_name, prompt_text, w, h, n_steps, g, s, n, p,
+                     request: gr.Request = None, progress=gr.Progress()):
+            yield from run(session_of(request), model_name, prompt_text, "", w, h, n_steps, g, s, n, p, progress)
 
     inputs = [model, prompt] + ([negative] if sdxl else []) + [width, height, steps, guidance, seed, num_images,
                                                                 precision]
-    button.click(generate, inputs, outputs, api_name=f"generate_{prefix}", concurrency_id=GPU_CONCURRENCY_ID,
-                 show_progress_on=[gallery])
+    event = button.click(generate, inputs, outputs, api_name=f"generate_{prefix}", concurrency_id=GPU_CONCURRENCY_ID,
+                         show_progress_on=[gallery])
+
+    reuse.click(lambda last: -1 if last is None else last, used_seed, seed, api_visibility="private",
+                concurrency_limit=None, show_progress="hidden")
+
+    def stop_job(request: gr.Request = None):
+        stopped = service.cancel_session(session_of(request))
+        return error_status("Stopped." if stopped else "Nothing to stop.")
+
+    stop.click(stop_job, None, status, cancels=[event], api_visibility="private", concurrency_limit=None,
+               show_progress="hidden")
+
+
+def session_of(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None) if request is not None else None
 
 
 def run_once(fn):
     """A plain (non-generator) handler whose errors show as messages, for small events."""
 
+    @functools.wraps(fn)
     def wrapper(*args):
         try:
             return fn(*args)
         except Exception as exc:
             raise gr.Error(user_message(exc), print_exception=False) from None
 
-    wrapper.__name__ = fn.__name__
     return wrapper
 
 

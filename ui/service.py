@@ -151,6 +151,8 @@ class PrismService:
         self.output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="prism-outputs-"))
         self._by_name = {c.name: c for c in self.models}
         self._save_lock = threading.Lock()
+        self._sessions: dict[str, Task] = {}  # each browser session's latest task, for its Stop button
+        self._sessions_lock = threading.Lock()
 
     # ------------------------------------------------------------------ models
 
@@ -235,7 +237,7 @@ class PrismService:
             raise RequestError(str(exc)) from None
         return resolve_request(request, choice.spec, self.capability, self.backend_for(precision))
 
-    def start_generate(self, request: GenerationRequest) -> Task:
+    def start_generate(self, request: GenerationRequest, session: str | None = None) -> Task:
         self.check(request)
 
         def work(task: Task) -> GenerationResult:
@@ -243,9 +245,26 @@ class PrismService:
             task.track(job)
             return job.result()
 
-        return Task(self.manager, work)
+        return self._remember(session, Task(self.manager, work))
 
-    def start_compare(self, request: GenerationRequest, precisions: Sequence[str]) -> Task:
+    def _remember(self, session: str | None, task: Task) -> Task:
+        if session:
+            with self._sessions_lock:
+                for key in [k for k, t in self._sessions.items() if t.finished]:
+                    del self._sessions[key]  # forget finished work so the map stays small
+                self._sessions[session] = task
+        return task
+
+    def cancel_session(self, session: str | None) -> bool:
+        """Cancel the session's unfinished task; True if there was one."""
+        with self._sessions_lock:
+            task = self._sessions.get(session) if session else None
+        if task is None or task.finished:
+            return False
+        task.cancel()
+        return True
+
+    def start_compare(self, request: GenerationRequest, precisions: Sequence[str], session: str | None = None) -> Task:
         def work(task: Task) -> Comparison:
             def on_progress(precision: Precision, index: int, count: int, _progress: Any) -> None:
                 task.label = f"{precision.label} ({index + 1}/{count})"
@@ -253,7 +272,7 @@ class PrismService:
             return run_comparison(self.manager, request, precisions, on_progress=on_progress, on_job=task.track,
                                   cancel=task.cancel_event)
 
-        return Task(self.manager, work)
+        return self._remember(session, Task(self.manager, work))
 
     # ------------------------------------------------------------------ files
 

@@ -1,0 +1,126 @@
+"""The UI's service and text, without a browser: which models are offered, how widget values become
+requests, what the precision choices say on a given GPU, and how progress reads."""
+from __future__ import annotations
+
+import pytest
+
+from pipelines.gpu import DeviceInfo
+from pipelines.manager import ManagerConfig, PipelineManager
+from pipelines.precision import Precision
+from pipelines.registry import HUB_MODELS, Family, UnknownModelError
+from pipelines.request import RequestError
+from pipelines.run_context import Progress
+from ui.formatting import fmt_bytes, precision_label, progress_text
+from ui.service import PrismService, offered_models
+
+
+@pytest.fixture(scope="module")
+def service(tiny_flux, tiny_sdxl, tmp_path_factory):
+    manager = PipelineManager(ManagerConfig(device="cpu"))
+    yield PrismService(manager, offered_models([str(tiny_flux), str(tiny_sdxl), "flux.1-schnell"]),
+                       output_dir=tmp_path_factory.mktemp("outputs"))
+    manager.close()
+
+
+def test_default_offer_is_every_hub_model():
+    assert {c.name for c in offered_models()} >= {s.id for s in HUB_MODELS}
+
+
+def test_models_argument_accepts_ids_and_folders_under_their_name(service, tiny_flux):
+    names = [c.name for c in service.models]
+    assert names == ["tiny-flux", "tiny-sdxl", "flux.1-schnell"]
+    assert service.choice("tiny-flux").model == str(tiny_flux.resolve())
+    assert [c.name for c in service.choices(Family.SDXL)] == ["tiny-sdxl"]
+
+
+def test_models_argument_rejects_unknowns_and_duplicate_names(tmp_path, tiny_flux):
+    with pytest.raises(UnknownModelError, match="neither a known model"):
+        offered_models([str(tmp_path / "missing")])
+    with pytest.raises(UnknownModelError, match="two models are named 'tiny-flux'"):
+        offered_models([str(tiny_flux), str(tiny_flux)])
+
+
+def test_default_choice_prefers_an_offered_model_with_weights_here(service):
+    choice, note = service.default_choice(Family.FLUX)
+    assert choice.name == "tiny-flux" and "tiny-flux" in note
+    sdxl_only = PrismService(service.manager, [service.choice("tiny-sdxl")], output_dir=service.output_dir)
+    choice, note = sdxl_only.default_choice(Family.FLUX)
+    assert choice is None and "--models" in note
+
+
+def test_hub_model_note_says_how_it_will_be_fetched(service):
+    note = service.model_note(service.choice("flux.1-schnell"))
+    assert "schnell" in note and ("download" in note.lower() or "cache" in note)
+
+
+def test_widget_values_become_a_request(service):
+    req = service.build_request(Family.FLUX, "tiny-flux", "a cat", None, 48, "", 2, 3.5, -1, 2, "fp4")
+    assert req.model == service.choice("tiny-flux").model and req.seed is None  # -1: random
+    assert (req.width, req.height, req.steps, req.num_images, req.precision) == (48, None, 2, 2, "fp4")
+    with pytest.raises(RequestError, match="Unknown FLUX model 'tiny-sdxl'; choose one of: tiny-flux, flux.1-schnell"):
+        service.build_request(Family.FLUX, "tiny-sdxl", "a cat", None, 32, 32, 1, 0, 1, 1, "bf16")
+    with pytest.raises(RequestError, match="Unknown FLUX model"):  # a path is not a name
+        service.build_request(Family.FLUX, service.choice("tiny-flux").model, "x", None, 32, 32, 1, 0, 1, 1, "bf16")
+
+
+def test_bad_input_is_refused_before_it_is_queued(service):
+    req = service.build_request(Family.SDXL, "tiny-sdxl", "x", "blurry", 36, 32, 1, 1.0, 1, 1, "bf16")
+    with pytest.raises(RequestError, match="width 36 is not a multiple of 8; use 32 or 40"):
+        service.start_generate(req)
+    assert service.manager.status().queued == 0 and service.manager.status().running is None
+
+
+def test_generate_saves_pngs_with_settings_under_the_offered_name(service):
+    from pipelines.pngmeta import read_png_metadata
+
+    req = service.build_request(Family.FLUX, "tiny-flux", "a cat", None, 32, 32, 1, 3.5, 9, 1, "bf16")
+    result = service.start_generate(req).result(timeout=120)
+    (path,) = service.save_result(result)
+    assert path.parent.parent == service.output_dir and path.name == "tiny-flux-9-bf16.png"
+    meta = read_png_metadata(path)
+    assert "Seed: 9" in meta["parameters"] and meta["settings"]["seed"] == 9
+
+
+def test_stop_cancels_the_sessions_job(service):
+    import threading
+
+    from pipelines.request import GenerationRequest
+
+    release = threading.Event()
+    hold = service.manager.submit(GenerationRequest("x", service.choice("tiny-flux").model, width=32, height=32,
+                                                    steps=1, seed=1),
+                                  on_progress=lambda p: p.stage == "denoise" and release.wait(60))
+    try:
+        req = service.build_request(Family.FLUX, "tiny-flux", "a cat", None, 32, 32, 1, 3.5, 1, 1, "bf16")
+        task = service.start_generate(req, session="browser-1")
+        assert not service.cancel_session("browser-2")
+        assert service.cancel_session("browser-1")
+    finally:
+        release.set()
+    hold.result(timeout=60)
+    with pytest.raises(Exception, match="cancelled"):
+        task.result(timeout=60)
+
+
+def test_precision_choices_tell_what_runs_on_this_gpu():
+    # An Ada-less, Blackwell-less GPU (compute capability 8.0) cannot exist here: a DeviceInfo says so.
+    ampere = DeviceInfo("cpu", "Fake A100", (8, 0), 8 * 2**30, 8 * 2**30, unified=False)
+    manager = PipelineManager(ManagerConfig(device="cpu", backend="torch"), device_info=ampere)
+    try:
+        service = PrismService(manager, [])
+        labels = {p: precision_label(service.support(p)) for p in Precision}
+    finally:
+        manager.close()
+    assert labels[Precision.BF16] == "BF16 (native)"
+    assert labels[Precision.FP8] == "FP8 (not available here)"
+    assert labels[Precision.FP4] == "FP4 (FP4 weights, 16-bit compute)"
+    assert "8.9" in service.support(Precision.FP8).reason
+
+
+def test_progress_reads_as_a_sentence():
+    assert progress_text(Progress("queue", 0, 1), 2) == ("Queued: 2 jobs ahead of yours", None)
+    assert progress_text(Progress("denoise", 3, 4), 0, "FP8 (2/3)") == ("FP8 (2/3): Denoising: step 3/4", 0.75)
+    text, fraction = progress_text(Progress("build", 1, 4, "transformer fp4"), 0)
+    assert text == "Building engine (1/4): transformer fp4" and fraction == 0.25
+    assert progress_text(Progress("load", 0, 1, "loading x"), 0) == ("Loading x", None)
+    assert fmt_bytes(3 * 2**30) == "3.00 GiB" and fmt_bytes(None) == "n/a"
