@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-batch", type=int, default=1)
     build.add_argument("--components", nargs="+", default=None, help="default: every component")
     build.add_argument("--random-weights", action="store_true")
+    build.add_argument("--onnx-source", default="export", choices=["export", "official"],
+                       help="official: the model maker's ONNX for the denoiser (e.g. FLUX.1-dev-onnx; needs a token)")
+    build.add_argument("--calibration-prompts", type=int, default=None, help="FP8/FP4: calibration images (default 32)")
+    build.add_argument("--calibration-steps", type=int, default=None, help="FP8/FP4: steps per image (default: the model's)")
+    build.add_argument("--weight-streaming", action="store_true",
+                       help="build engines that can stream weights from host memory (low-memory GPUs)")
     build.add_argument("--offline", action="store_true")
     build.add_argument("--hf-token", default=None)
     build.add_argument("-v", "--verbose", action="store_true")

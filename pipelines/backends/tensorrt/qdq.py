@@ -261,11 +261,15 @@ def lower_fake_quant(model, base_dir: Path | None = None,
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    new_nodes, new_inits, drop = [], [], set()
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def source(name: str) -> str:
+        """Follow Identity nodes (the TorchScript exporter's de-duplicated constants) to an initializer."""
+        while name not in inits and name in producers and producers[name].op_type == "Identity":
+            name = producers[name].input[0]
+        return name
+
+    new_nodes, new_inits = [], []
     weights = activations = 0
     formats: set = set()
     for node in graph.node:
@@ -274,18 +278,16 @@ def lower_fake_quant(model, base_dir: Path | None = None,
             continue
         fmt = next(a.s.decode() for a in node.attribute if a.name == "fmt")
         formats.add(fmt)
-        x_name, amax_name = node.input
+        x_name, amax_name = node.input[0], source(node.input[1])
         out = node.output[0]
         if amax_name not in inits:
             raise ValueError(f"{node.name}: the amax of a quantizer must be a constant; got {amax_name}")
         amax = _to_torch(inits[amax_name], base_dir).float()
-        drop.add(amax_name)
-        if x_name in inits:  # a weight: quantize now, store the low-precision tensor
+        if source(x_name) in inits:  # a weight: quantize now, store the low-precision tensor
+            x_name = source(x_name)
             w_proto = inits[x_name]
             dtype = _TORCH_FROM_ONNX[w_proto.data_type]
             w = _to_torch(w_proto, base_dir).to(dtype)
-            if consumers.get(x_name, 0) == 1:
-                drop.add(x_name)
             base = x_name.removesuffix(".weight") if x_name.endswith(".weight") else x_name
             if fmt == FMT_FP8:
                 q, scale = fp8_quantize(w, amax.reshape(-1, 1) if amax.numel() > 1 else amax)
@@ -337,11 +339,24 @@ def lower_fake_quant(model, base_dir: Path | None = None,
 
     del graph.node[:]
     graph.node.extend(new_nodes)
-    kept = [t for t in graph.initializer if t.name not in drop]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
+    graph.initializer.extend(new_inits)
+    _drop_unused(graph)
     _set_opsets(model, formats)
     return LoweringReport(weights, activations, formats)
+
+
+def _drop_unused(graph) -> None:
+    """Remove initializers and Identity/Constant nodes nothing reads any more (the replaced 16-bit weights)."""
+    while True:
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in ("Identity", "Constant") and not set(n.output) & used]
+        for node in dead:
+            graph.node.remove(node)
+        if not dead:
+            break
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
 
 
 def _set_opsets(model, formats: set) -> None:

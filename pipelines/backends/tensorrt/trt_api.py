@@ -191,6 +191,30 @@ def torch_dtype(trt: Trt, data_type: Any):
     return table[data_type]
 
 
+@dataclass(frozen=True)
+class IOTensor:
+    name: str
+    is_input: bool
+    dtype: Any  # torch dtype
+    shape: tuple[int, ...]  # -1 where dynamic
+    profile: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None  # inputs: (min, opt, max) of profile 0
+
+
+def engine_io(trt: Trt, engine: Any) -> list[IOTensor]:
+    """The engine's inputs and outputs in its own order (outputs in the ONNX graph's order)."""
+    t = trt.module
+    out = []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        is_input = engine.get_tensor_mode(name) == t.TensorIOMode.INPUT
+        profile = None
+        if is_input:
+            profile = tuple(tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape(name, 0))
+        out.append(IOTensor(name, is_input, torch_dtype(trt, engine.get_tensor_dtype(name)),
+                            tuple(int(d) for d in engine.get_tensor_shape(name)), profile))
+    return out
+
+
 def deserialize(trt: Trt, plan: bytes, logger: Any) -> Any:
     runtime = trt.module.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(plan)
@@ -214,6 +238,13 @@ def context_memory_bytes(engine: Any) -> int:
         if hasattr(engine, name):
             return int(getattr(engine, name))
     return 0
+
+
+def scratch_bytes_for_shapes(context: Any, engine: Any) -> int:
+    """Scratch memory the context needs for the input shapes just set (TensorRT 10.1+), else for the largest."""
+    if hasattr(context, "update_device_memory_size_for_shapes"):
+        return int(context.update_device_memory_size_for_shapes())
+    return context_memory_bytes(engine)
 
 
 def set_context_memory(context: Any, ptr: int, nbytes: int) -> None:

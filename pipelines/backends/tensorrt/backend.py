@@ -1,0 +1,99 @@
+"""TensorRT backend: `load()` returns an engine with the same call signature as the torch module it replaces.
+
+A missing engine is built on first use (export, calibration for FP8/FP4, build) through the engine
+cache, with progress reported as stage "build"; `python -m pipelines build` prebuilds the same
+artifacts (same defaults, so the app finds them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...components import LIGHT_PARTS, LoadedComponent, component_key
+from ...engine_cache import EngineCache
+from ...loading import WeightSource
+from ...precision import Backend, Precision
+from ...registry import ModelSpec
+from ...run_context import RunContext
+from .artifacts import ArtifactBuilder, EngineRequest
+from .export import ShapeRanges, component_io
+from .runtime import DeviceMemoryPool, TensorRTEngine
+from .trt_api import TensorRTUnavailable, Trt, import_trt
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """How engines are built when the app needs one; `python -m pipelines build` has the same defaults."""
+
+    min_size: int | None = None  # None: the model's size limits (engines accept any valid size)
+    max_size: int | None = None
+    max_batch: int = 1  # larger batches run in chunks of this size
+    cuda_graphs: bool = True  # denoiser only: the one engine called many times with the same shapes
+    weight_streaming_budget: int | None = None  # bytes of weights kept on the GPU; None: all of them
+    onnx_source: str = "export"  # "export" | "official" (the model maker's ONNX, for the denoiser)
+
+
+_LOW_PRECISION = {"FP8": Precision.FP8, "FP4E2M1": Precision.FP4}  # build-log type -> precision
+
+
+def runs_as(precision: Precision, matmul_counts: dict[str, int]) -> str:
+    """What the denoiser engine's matrix multiplies really run in, read from its build log."""
+    precision = Precision.parse(precision)
+    found = {_LOW_PRECISION[p] for p in matmul_counts if p in _LOW_PRECISION}
+    if precision.is_16bit or precision in found:
+        return precision.label
+    return f"{precision.label} requested; the engine runs 16-bit matrix multiplies"
+
+
+class TensorRTBackend:
+    name = Backend.TENSORRT.value
+
+    def __init__(self, engine_cache: EngineCache, options: TensorRTOptions = TensorRTOptions(), trt: Trt | None = None):
+        self.cache = engine_cache
+        self.options = options
+        self._trt = trt
+        self._pools: dict[tuple[str, str], DeviceMemoryPool] = {}
+
+    @property
+    def trt(self) -> Trt:
+        if self._trt is None:
+            self._trt = import_trt()
+        return self._trt
+
+    def describe(self) -> str:
+        try:
+            return f"TensorRT ({self.trt.describe()})"
+        except TensorRTUnavailable:
+            return "TensorRT (not installed)"
+
+    def _pool(self, model: str, device: str) -> DeviceMemoryPool:
+        """One scratch pool per pipeline (model) and device, shared by its engines."""
+        return self._pools.setdefault((model, device), DeviceMemoryPool(device))
+
+    def request(self, spec: ModelSpec, name: str, precision: Precision, capability: tuple[int, int],
+                source: WeightSource) -> EngineRequest:
+        o = self.options
+        ranges = ShapeRanges.for_spec(spec, min_size=o.min_size, max_size=o.max_size, max_batch=o.max_batch)
+        return EngineRequest(spec, name, Precision.parse(precision), ranges, capability, source,
+                             onnx_source=o.onnx_source if name == spec.denoiser else "export",
+                             weight_streaming=o.weight_streaming_budget is not None)
+
+    def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, capability: tuple[int, int] | None,
+             source: WeightSource, ctx: RunContext | None = None) -> LoadedComponent:
+        if name in LIGHT_PARTS:
+            raise ValueError(f"{name} is not a TensorRT component; tokenizers and schedulers come from the torch backend.")
+        if capability is None or not device.startswith("cuda"):
+            raise RuntimeError("TensorRT engines run on an NVIDIA GPU; on this machine use the torch backend "
+                               "(engines can still be built ahead of time: python -m pipelines build --target sm121 ...).")
+        report = (lambda done, total, message: ctx.report("build", done, total, message)) if ctx else None
+        builder = ArtifactBuilder(self.cache, device=device, trt=self.trt, report=report)
+        req = self.request(spec, name, precision, capability, source)
+        built = builder.engine(req)
+        io = component_io(spec, name)
+        engine = TensorRTEngine(built.engine, self.trt, device, pool=self._pool(spec.id, device),
+                                cuda_graphs=self.options.cuda_graphs and name == spec.denoiser,
+                                weight_streaming_budget=self.options.weight_streaming_budget,
+                                name=f"{spec.id} {name} engine",
+                                batch_inputs=frozenset(t.name for t in io.inputs if t.dims[:1] == ("batch",)))
+        key = component_key(spec, name, precision, self.name, req.bf16_ok)
+        label = runs_as(precision, built.report.precision_counts()) if name == spec.denoiser else None
+        return LoadedComponent(key, engine, engine.nbytes, req.dtype, label)

@@ -1,0 +1,78 @@
+"""`python -m pipelines build`: export, quantize and build every component into engine_cache/, saying where each went.
+
+Works without a GPU when TensorRT-RTX is installed (it builds ahead of time for a named target);
+export and calibration then run on the CPU, which is fine for small models and slow for full-size ones.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ...engine_cache import EngineCache
+from ...gpu import GiB
+from ...loading import HubOptions, ModelAccessError, WeightSource
+from ...precision import Precision
+from ...registry import ModelSpec, UnknownModelError, resolve_spec
+from .artifacts import ArtifactBuilder, EngineRequest
+from .build import LAYERS_SUFFIX, LOG_SUFFIX, parse_target, target_name
+from .export import DATA_SUFFIX, ShapeRanges, onnx_size
+from .quantize import QuantRecipe
+from .trt_api import BuildFailed, BuildRefused, TensorRTUnavailable, import_trt
+
+
+def default_components(spec: ModelSpec) -> list[str]:
+    """What text-to-image runs: both text encoders, the denoiser, the VAE decoder (vae_encoder only on request)."""
+    return ["text_encoder", "text_encoder_2", spec.denoiser, "vae"]
+
+
+def run_build(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (BuildRefused, BuildFailed, TensorRTUnavailable, UnknownModelError, ModelAccessError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    spec = resolve_spec(args.model)
+    precision = Precision.parse(args.precision)
+    trt = import_trt()
+    target = parse_target(args.target)
+    ranges = ShapeRanges.for_spec(spec, args.width, args.height, args.min_size, args.max_size, args.max_batch)
+    source = WeightSource(random_weights=bool(args.random_weights) and spec.local_dir is None,
+                          hub=HubOptions(token=args.hf_token, offline=True if args.offline else None))
+    onnx_source = getattr(args, "onnx_source", None) or "export"
+    recipe = None
+    if not precision.is_16bit:
+        recipe = QuantRecipe(precision, prompts=getattr(args, "calibration_prompts", None) or QuantRecipe.prompts,
+                             steps=getattr(args, "calibration_steps", None))
+    requests = [EngineRequest(spec, name, precision, ranges, target, source, recipe=recipe,
+                              onnx_source=onnx_source if name == spec.denoiser else "export",
+                              weight_streaming=bool(getattr(args, "weight_streaming", False)))
+                for name in (args.components or default_components(spec))]
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache = EngineCache()
+    builder = ArtifactBuilder(cache, device, trt, report=lambda done, total, message: print(f"  {message}", flush=True))
+    for req in requests:  # refuse before any export or calibration starts
+        builder.check(req)
+    print(f"{spec.id}: {precision.value} engines for {target_name(target)} with {trt.describe()}; sizes "
+          f"{ranges.shapes_label()}, batch {ranges.batch_label()}; export/calibration on {device}; cache {cache.root}")
+    started = time.monotonic()
+    for req in requests:
+        built = builder.engine(req)
+        counts = ", ".join(f"{n} {p}" for p, n in sorted(built.report.precision_counts().items())) or "n/a"
+        cached = " (already built)" if "cached" in built.seconds else f" ({sum(built.seconds.values()):.1f} s)"
+        print(f"{req.component}{cached}: matrix multiplies: {counts}")
+        print(f"  engine       {built.engine} ({built.report.engine_bytes / GiB:.3f} GiB)")
+        print(f"  build log    {built.engine}{LOG_SUFFIX}")
+        print(f"  layers       {built.engine}{LAYERS_SUFFIX}")
+        if built.onnx:
+            print(f"  onnx         {built.onnx} (+{DATA_SUFFIX}, {onnx_size(built.onnx) / GiB:.3f} GiB)")
+        if built.calibration:
+            print(f"  calibration  {built.calibration}")
+    print(f"done in {time.monotonic() - started:.1f} s")
+    return 0

@@ -1,0 +1,192 @@
+"""Quantization recipes for the denoiser, calibrated with NVIDIA ModelOpt over real denoise trajectories.
+
+A recipe (FP8 or NVFP4, calibration prompts/steps/size, algorithm) has an id that goes into every
+EngineKey built from it, so changing any part of it builds new artifacts.
+
+Calibration runs the project's own Flux/SDXL loop (`pipelines.flux.generate` / `pipelines.sdxl.generate`)
+on our prompt set (`calibration_prompts.txt`), with ModelOpt's calibrators on the inputs of every
+quantized Linear layer. The result is one activation range (amax) per layer: small, cached, and
+reused for every target GPU. Weights need no calibration: their scales come from the weights.
+
+Which layers: every Linear of the denoiser except the family's 16-bit anchors (`KEEP_16BIT`:
+embedders and the final projection, as the TensorRT demo and ModelOpt's diffusion recipes keep them)
+and layers whose sizes are not multiples of 16 (FP8 GEMMs and FP4 blocks need them), the same rule
+as the torch backend (`pipelines.quant.quantize_linears`).
+
+NVFP4 on a CPU: ModelOpt's NVFP4 fake-quantization kernel needs CUDA ("amax must be a CUDA tensor
+for dynamic block quantization"). We do not need it: calibration only collects ranges (ModelOpt
+disables quantization while calibrating), and the quantize-dequantize arithmetic is ours (qdq.py),
+in plain torch on any device.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...components import ADAPTERS, FAMILY_MODULES, LIGHT_PARTS, compute_dtype, component_dtype
+from ...loading import WeightSource, load_component
+from ...precision import Backend, Precision
+from ...registry import ModelSpec
+from ...request import GenerationRequest, resolve_request
+from ...run_context import RunContext
+from . import qdq
+
+log = logging.getLogger("prism.tensorrt.quantize")
+
+PROMPTS_FILE = Path(__file__).with_name("calibration_prompts.txt")
+RECIPE_VERSION = 1  # bump when the quantization arithmetic or layer choice changes
+ALGORITHMS = ("max",)  # ModelOpt calibration algorithms whose result is a range per layer (what we lower)
+
+_FORMATS = {
+    Precision.FP8: (qdq.FMT_FP8, "e4m3 weights per output channel, activations per tensor (calibrated)"),
+    Precision.FP4: (qdq.FMT_NVFP4, "e2m1 in blocks of 16 with e4m3 block scales; activations quantized per block "
+                                   "at run time with a calibrated global scale"),
+}
+
+
+def calibration_prompts(path: Path = PROMPTS_FILE) -> list[str]:
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    precision: Precision
+    prompts: int = 32  # calibration images (one prompt each, in file order)
+    steps: int | None = None  # denoising steps per image; None: the model's default
+    width: int | None = None  # calibration size; None: the model's default
+    height: int | None = None
+    guidance: float | None = None  # None: the model's default
+    algorithm: str = "max"
+    seed: int = 0
+
+    def __post_init__(self):
+        precision = Precision.parse(self.precision)
+        object.__setattr__(self, "precision", precision)
+        if precision not in _FORMATS:
+            raise ValueError(f"{precision.value} is not a quantized precision; recipes exist for fp8 and fp4.")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"Calibration algorithm {self.algorithm!r} is not supported; choose one of {ALGORITHMS}.")
+        if self.prompts < 1:
+            raise ValueError("A calibration needs at least one prompt.")
+
+    @property
+    def fmt(self) -> str:
+        return _FORMATS[self.precision][0]
+
+    def resolved(self, spec: ModelSpec) -> "QuantRecipe":
+        """Defaults filled from the model spec: the recipe as it will run."""
+        return replace(self, steps=self.steps or spec.default_steps, width=self.width or spec.default_width,
+                       height=self.height or spec.default_height,
+                       guidance=spec.default_guidance if self.guidance is None else self.guidance)
+
+    def recipe_id(self, spec: ModelSpec) -> str:
+        """Readable, and unique for everything that changes the result (a digest covers the rest)."""
+        r = self.resolved(spec)
+        keep = FAMILY_MODULES[spec.family].KEEP_16BIT
+        full = {**asdict(r), "precision": r.precision.value, "keep_16bit": list(keep), "version": RECIPE_VERSION,
+                "format": _FORMATS[r.precision][1], "prompts_sha256": hashlib.sha256(PROMPTS_FILE.read_bytes()).hexdigest()}
+        digest = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{r.fmt}-{r.algorithm}-cal{r.prompts}x{r.steps}-{r.width}x{r.height}-{digest}"
+
+
+def quantizable_linears(model: nn.Module, keep_16bit: tuple[str, ...]) -> list[str]:
+    """Names (relative to `model`) of the Linear layers a recipe quantizes."""
+    keep = set(keep_16bit)
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.split(".")[0] not in keep
+            and m.in_features % 16 == 0 and m.out_features % 16 == 0]
+
+
+def apply_quantization(model: nn.Module, fmt: str, amax: dict[str, float]) -> int:
+    """Swap each Linear named in `amax` for a FakeQuantLinear (in place, sharing the weights)."""
+    for name, value in amax.items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name} is a {type(linear).__name__}, not a Linear; the calibration does not fit this model.")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, qdq.FakeQuantLinear(linear, fmt, value))
+    return len(amax)
+
+
+class _CalibrationParts:
+    """The `Parts` the family loop reads: 16-bit encoders and VAE on the device, and the denoiser being calibrated."""
+
+    def __init__(self, spec: ModelSpec, precision: Precision, device: str, source: WeightSource, denoiser: nn.Module,
+                 bf16_ok: bool):
+        self.spec, self.precision, self.device, self.source = spec, precision, device, source
+        self.bf16_ok = bf16_ok
+        self._loaded: dict[str, Any] = {spec.denoiser: denoiser}
+
+    def get(self, name: str) -> Any:
+        if name not in self._loaded:
+            dtype = component_dtype(self.spec, name, self.precision, self.bf16_ok)
+            obj = load_component(self.spec, name, dtype=dtype or torch.float32, device=self.device, source=self.source)
+            self._loaded[name] = obj if name in LIGHT_PARTS else ADAPTERS[self.spec.family][name](obj).eval()
+        return self._loaded[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return component_dtype(self.spec, name, self.precision, self.bf16_ok)
+
+    def done_with(self, *names: str) -> None:
+        """Kept: the encoders serve every calibration prompt."""
+
+
+def calibrate(spec: ModelSpec, recipe: QuantRecipe, source: WeightSource, device: str,
+              capability: tuple[int, int] | None, ctx: RunContext | None = None) -> dict[str, Any]:
+    """Run the recipe's calibration; returns {"amax": {layer: activation range}, ...} for `apply_quantization`."""
+    try:
+        import modelopt
+        import modelopt.torch.quantization as mtq
+    except ImportError as exc:
+        raise RuntimeError("FP8/FP4 engines are calibrated with NVIDIA ModelOpt: pip install 'nvidia-modelopt[torch]'") from exc
+
+    recipe = recipe.resolved(spec)
+    bf16_ok = capability is None or capability >= (8, 0)
+    dtype = compute_dtype(spec, recipe.precision, bf16_ok)
+    started = time.monotonic()
+    denoiser = load_component(spec, spec.denoiser, dtype=dtype, device=device, source=source)
+    graph = ADAPTERS[spec.family][spec.denoiser](denoiser).eval()
+    prefix = next(name for name, child in graph.named_children() if child is denoiser) + "."
+    targets = quantizable_linears(denoiser, FAMILY_MODULES[spec.family].KEEP_16BIT)
+    input_cfg = ({"num_bits": (4, 3), "axis": None} if recipe.fmt == qdq.FMT_FP8 else
+                 {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}})
+    # Only the inputs of the chosen layers: weight ranges come from the weights themselves.
+    quant_cfg = [{"quantizer_name": "*", "enable": False}]
+    quant_cfg += [{"quantizer_name": f"{prefix}{name}.input_quantizer", "cfg": input_cfg} for name in targets]
+
+    prompts = calibration_prompts()
+    if recipe.prompts > len(prompts):
+        raise ValueError(f"The recipe asks for {recipe.prompts} calibration prompts; {PROMPTS_FILE.name} has {len(prompts)}.")
+    run_precision = Precision.BF16 if dtype == torch.bfloat16 else Precision.FP16
+    run_ctx = RunContext(torch.device(device))
+    family = FAMILY_MODULES[spec.family]
+
+    def forward_loop(model: nn.Module) -> None:
+        parts = _CalibrationParts(spec, recipe.precision, device, source, model, bf16_ok)
+        for i, prompt in enumerate(prompts[:recipe.prompts]):
+            request = resolve_request(GenerationRequest(
+                prompt=prompt, model=spec.id, precision=run_precision, width=recipe.width, height=recipe.height,
+                steps=recipe.steps, guidance=recipe.guidance, seed=recipe.seed + i), spec, capability, Backend.TORCH)
+            family.generate(spec, parts, request, run_ctx)
+            if ctx is not None:
+                ctx.report("build", i + 1, recipe.prompts, f"calibrating {spec.denoiser}: image {i + 1}/{recipe.prompts}")
+
+    mtq.quantize(graph, {"quant_cfg": quant_cfg, "algorithm": recipe.algorithm}, forward_loop=forward_loop)
+    amax, unused = {}, []
+    for name in targets:
+        value = graph.get_submodule(prefix + name).input_quantizer.amax
+        if value is None or not torch.isfinite(value).all():
+            unused.append(name)  # never ran (or saw no finite data): it stays 16-bit
+        else:
+            amax[name] = float(value.float().max())
+    return {"amax": amax, "left_16bit": unused, "recipe": recipe.recipe_id(spec), "modelopt": modelopt.__version__,
+            "seconds": round(time.monotonic() - started, 2), "device": device}
