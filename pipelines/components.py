@@ -126,6 +126,13 @@ def estimate_bytes(spec: ModelSpec, name: str, precision: Precision, cuda_bf16: 
     return total
 
 
+def largest_linear_bytes(spec: ModelSpec, name: str) -> int:
+    """16-bit bytes of the component's largest Linear layer (what staging holds on the device at once)."""
+    comp = spec.components[name]
+    _, linears = _architecture(comp.library, comp.class_name, json.dumps(dict(comp.config), sort_keys=True))
+    return max((n_in * n_out * 2 for _, n_in, n_out in linears), default=0)
+
+
 def activation_bytes(spec: ModelSpec, width: int, height: int, num_images: int, vae_dtype_bytes: int = 2) -> int:
     """Working memory a job needs beyond the weights: dominated by the VAE decoder at full resolution.
 

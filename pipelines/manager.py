@@ -140,7 +140,8 @@ class PipelineManager:
                                    park_budget_bytes=int(host_free * 0.5))
         self.engine_cache = EngineCache(config.engine_cache_dir)
         self._backends: dict[Backend, Any] = dict(backends or {})
-        self._backends.setdefault(Backend.TORCH, TorchBackend(TorchOptions(compile=config.compile)))
+        self._backends.setdefault(Backend.TORCH, TorchBackend(TorchOptions(
+            compile=config.compile, stage_on_host=self.info.is_cuda and not self.info.unified)))
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._waiting: list[Job] = []
         self._running: Job | None = None
@@ -228,7 +229,7 @@ class PipelineManager:
         source = WeightSource(random_weights=self.config.random_weights and spec.local_dir is None, hub=self.config.hub)
         check_access(spec, source)
         working = self._working_bytes(spec, resolved)
-        self.check_fits(spec, precision, choice.backend, working)
+        self.check_fits(spec, precision, choice.backend, working, source)
         ctx = RunContext(torch.device(self.device), on_progress=job.report, cancel=job.cancel_event)
         try:
             return self._generate(spec, resolved, choice, source, ctx, working)
@@ -242,7 +243,7 @@ class PipelineManager:
                 raise InsufficientMemoryError(
                     f"Out of GPU memory running {spec.id} at {precision.value} {resolved.width}x{resolved.height} "
                     f"x{resolved.num_images}, even with every other model unloaded. "
-                    f"{self._smaller_precision_hint(spec, precision, choice.backend, working)}") from None
+                    f"{self._smaller_precision_hint(spec, precision, choice.backend, working, source)}") from None
 
     def _generate(self, spec: ModelSpec, req: GenerationRequest, choice: BackendChoice, source: WeightSource,
                   ctx: RunContext, working: int) -> GenerationResult:
@@ -276,25 +277,46 @@ class PipelineManager:
     def stage_bytes(self, spec: ModelSpec, precision: Precision, backend: Backend) -> list[tuple[tuple[str, ...], int]]:
         return [(stage, sum(self._component_bytes(spec, n, precision, backend) for n in stage)) for stage in stages(spec)]
 
-    def check_fits(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int) -> None:
+    def stage_needs(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
+                    source: WeightSource = WeightSource()) -> list[tuple[tuple[str, ...], int]]:
+        """Per stage, the most memory it holds at once: its weights plus working memory, or a load's peak."""
+        out = []
+        for stage, weights in self.stage_bytes(spec, precision, backend):
+            peaks = [weights - self._component_bytes(spec, n, precision, backend) + self._load_peak(spec, n, precision, backend, source)
+                     for n in stage if n not in LIGHT_PARTS]
+            out.append((stage, max([weights + working, *peaks])))
+        return out
+
+    def _load_peak(self, spec: ModelSpec, name: str, precision: Precision, backend: Backend, source: WeightSource) -> int:
+        key = component_key(spec, name, precision, backend.value, self._bf16_ok)
+        if key in self.residency.entries:
+            return 0  # already loaded (or parked): no load peak
+        peak = getattr(self._backend(backend), "load_peak_bytes", None)
+        if peak is None:
+            return estimate_bytes(spec, name, precision, self._bf16_ok)
+        return peak(spec, name, precision, self._bf16_ok, self.device, source)
+
+    def check_fits(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
+                   source: WeightSource = WeightSource()) -> None:
         """Raise InsufficientMemoryError (needed, free, and a smaller precision that fits) before loading anything."""
-        biggest, need = max(self.stage_bytes(spec, precision, backend), key=lambda s: s[1])
-        if need + working <= self.residency.budget_bytes:
+        stage, need = max(self.stage_needs(spec, precision, backend, working, source), key=lambda s: s[1])
+        if need <= self.residency.budget_bytes:
             return
         free = max(self.residency.budget_bytes - self.residency.used_bytes(), 0)
         raise InsufficientMemoryError(
-            f"{spec.id} at {precision.value} needs {human_bytes(need + working)} at once "
-            f"({' + '.join(n for n in biggest if n not in LIGHT_PARTS)}: {human_bytes(need)}, working memory "
-            f"{human_bytes(working)}); the memory budget is {human_bytes(self.residency.budget_bytes)} "
-            f"and {human_bytes(free)} of it is free now. {self._smaller_precision_hint(spec, precision, backend, working)}")
+            f"{spec.id} at {precision.value} needs {human_bytes(need)} at once "
+            f"({' + '.join(n for n in stage if n not in LIGHT_PARTS)} and {human_bytes(working)} of working memory); "
+            f"the memory budget is {human_bytes(self.residency.budget_bytes)} and {human_bytes(free)} of it is free now. "
+            f"{self._smaller_precision_hint(spec, precision, backend, working, source)}")
 
-    def _smaller_precision_hint(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int) -> str:
+    def _smaller_precision_hint(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
+                                source: WeightSource = WeightSource()) -> str:
         order = [Precision.BF16, Precision.FP8, Precision.FP4]
         smaller = order[order.index(precision) + 1:] if precision in order else order[1:]
         for candidate in smaller:
             if not precision_support(candidate, self.info.capability, backend).runnable:
                 continue
-            need = max(b for _, b in self.stage_bytes(spec, candidate, backend)) + working
+            need = max(n for _, n in self.stage_needs(spec, candidate, backend, working, source))
             if need <= self.residency.budget_bytes:
                 return f"{candidate.value} would fit (needs {human_bytes(need)}): choose it, or a smaller image size."
         return "No smaller precision fits either: raise --memory-budget, free memory, or choose a smaller model or image."
@@ -355,9 +377,12 @@ class JobParts:
         index = next(i for i, stage in enumerate(self.stages) if name in stage)
         protect = {self.key(n) for n in self.stages[index]}
         later = {self.key(n) for stage in self.stages[index + 1:] for n in stage}
+        backend = self.m._backend(Backend.TORCH if name in LIGHT_PARTS else self.backend_kind)
         component = self.m.residency.acquire(
             self.key(name), self.m._component_bytes(self.spec, name, self.precision, self.backend_kind),
-            lambda: self._load(name), working_bytes=self.working, protect=protect, finished=self.finished, later=later)
+            lambda: self._load(name), working_bytes=self.working, protect=protect, finished=self.finished, later=later,
+            load_peak_bytes=backend.load_peak_bytes(self.spec, name, self.precision, self.m._bf16_ok, self.m.device,
+                                                    self.source))
         self._dtypes[name] = component.dtype
         if name == self.spec.denoiser:
             self.runs_as = component.runs_as

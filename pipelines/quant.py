@@ -165,11 +165,14 @@ def module_bytes(module: nn.Module) -> int:
 
 
 def quantize_linears(model: nn.Module, precision: Precision, keep_16bit: Iterable[str],
-                     compute_dtype: torch.dtype, native_fp4: bool = False) -> QuantReport:
+                     compute_dtype: torch.dtype, native_fp4: bool = False,
+                     device: torch.device | str | None = None) -> QuantReport:
     """Replace the model's nn.Linear layers in place with FP8 / NVFP4 ones.
 
     `keep_16bit` names top-level submodules (e.g. "x_embedder") whose layers stay 16-bit. Layers whose
     dimensions are not multiples of 16 also stay 16-bit: neither the FP8 GEMM nor FP4 blocks take them.
+    With `device`, a model staged elsewhere (host RAM) moves there one layer at a time as it is converted,
+    so the device never holds the whole 16-bit model: Flux FP8 loads on a GPU too small for Flux in bf16.
     """
     precision = Precision.parse(precision)
     before = module_bytes(model)
@@ -184,6 +187,8 @@ def quantize_linears(model: nn.Module, precision: Precision, keep_16bit: Iterabl
         if name.split(".")[0] in keep or linear.in_features % 16 or linear.out_features % 16:
             kept.append(name)
             continue
+        if device is not None:
+            linear = linear.to(device)
         if precision is Precision.FP8:
             new = Fp8Linear.from_linear(linear, compute_dtype)
         elif native_fp4:
@@ -193,4 +198,6 @@ def quantize_linears(model: nn.Module, precision: Precision, keep_16bit: Iterabl
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         count += 1
+    if device is not None:
+        model.to(device)
     return QuantReport(precision, count, tuple(kept), before, module_bytes(model), native_fp4 and precision is Precision.FP4)

@@ -88,11 +88,12 @@ class Residency:
 
     def acquire(self, key: ComponentKey, estimate_bytes: int, load: Callable[[], LoadedComponent], *,
                 working_bytes: int, protect: set[ComponentKey], finished: set[ComponentKey],
-                later: set[ComponentKey]) -> LoadedComponent:
+                later: set[ComponentKey], load_peak_bytes: int = 0) -> LoadedComponent:
         """The component for `key`, on the device; loads it (making room first) if needed.
 
         protect: what the current stage needs (never evicted); finished: what the job is done with
-        (evicted first); later: what the job still needs afterwards (evicted last).
+        (evicted first); later: what the job still needs afterwards (evicted last). load_peak_bytes:
+        what loading holds at its height when that exceeds the result (16-bit weights being quantized).
         """
         with self._lock:
             entry = self.entries.get(key)
@@ -100,7 +101,8 @@ class Residency:
                 entry.last_used = time.monotonic()
                 return entry.component
             need = entry.component.nbytes if entry else estimate_bytes
-            self.make_room(need + working_bytes, protect | {key}, finished, later, reason=f"to load {key}")
+            room = need + working_bytes if entry else max(need + working_bytes, load_peak_bytes)
+            self.make_room(room, protect | {key}, finished, later, reason=f"to load {key}")
             if entry:  # parked in host RAM: copy it back
                 entry.component.obj.to(self.device)
                 entry.parked, entry.last_used = False, time.monotonic()

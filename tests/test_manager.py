@@ -19,9 +19,9 @@ from pipelines.run_context import JobCancelled
 def need_bytes(manager, model: str, precision: str) -> int:
     """What the manager itself says one job needs at once (largest stage + working memory)."""
     spec = resolve_spec(model)
-    largest = max(b for _, b in manager.stage_bytes(spec, Precision(precision), Backend.TORCH))
-    return largest + manager._working_bytes(spec, GenerationRequest(prompt="", model=model, width=32, height=32,
-                                                                     num_images=1, precision=precision))
+    working = manager._working_bytes(spec, GenerationRequest(prompt="", model=model, width=32, height=32,
+                                                             num_images=1, precision=precision))
+    return max(n for _, n in manager.stage_needs(spec, Precision(precision), Backend.TORCH, working))
 
 
 def total_bytes(manager, model: str, precision: str) -> int:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..components import ADAPTERS, FAMILY_MODULES, LoadedComponent, component_dtype, component_key
+from ..components import (ADAPTERS, FAMILY_MODULES, LoadedComponent, component_dtype, component_key, estimate_bytes,
+                          largest_linear_bytes)
 from ..loading import WeightSource, load_component
 from ..precision import Backend, Precision, SupportLevel, precision_support
 from ..quant import module_bytes, quantize_linears
@@ -24,6 +25,9 @@ from ..run_context import RunContext
 class TorchOptions:
     compile: bool = False  # regional torch.compile of the denoiser's repeated blocks (GPU only)
     compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
+    # Quantize checkpoints while moving them from host RAM, one layer at a time (discrete GPUs only: on
+    # unified memory the host copy is device memory too, so staging saves nothing).
+    stage_on_host: bool = False
 
 
 class TorchBackend:
@@ -35,12 +39,28 @@ class TorchBackend:
     def describe(self) -> str:
         return "PyTorch" + (" + torch.compile" if self.options.compile else " (eager)")
 
+    def _staged(self, spec: ModelSpec, name: str, precision: Precision, device: str, source: WeightSource) -> bool:
+        return (self.options.stage_on_host and device.startswith("cuda") and name == spec.denoiser
+                and not Precision.parse(precision).is_16bit and not source.random_weights)
+
+    def load_peak_bytes(self, spec: ModelSpec, name: str, precision: Precision, bf16_ok: bool = True,
+                        device: str = "cpu", source: WeightSource = WeightSource()) -> int:
+        """Device memory at the height of loading. A quantized denoiser is converted from 16-bit weights:
+        staged in host RAM it costs its final size plus one 16-bit layer; built in place, its 16-bit size."""
+        final = estimate_bytes(spec, name, precision, bf16_ok)
+        if name != spec.denoiser or Precision.parse(precision).is_16bit:
+            return final
+        if self._staged(spec, name, precision, device, source):
+            return final + largest_linear_bytes(spec, name)
+        return estimate_bytes(spec, name, Precision.BF16 if bf16_ok else Precision.FP16, bf16_ok)
+
     def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, capability: tuple[int, int] | None,
              source: WeightSource, ctx: RunContext | None = None) -> LoadedComponent:
         bf16_ok = capability is None or capability >= (8, 0)
         dtype = component_dtype(spec, name, precision, bf16_ok)
         key = component_key(spec, name, precision, self.name, bf16_ok)
-        obj = load_component(spec, name, dtype=dtype or torch.float32, device=device, source=source)
+        staged = self._staged(spec, name, precision, device, source)
+        obj = load_component(spec, name, dtype=dtype or torch.float32, device="cpu" if staged else device, source=source)
         if dtype is None:  # tokenizer or scheduler
             return LoadedComponent(key, obj, 0, None)
 
@@ -48,7 +68,7 @@ class TorchBackend:
         if name == spec.denoiser:
             support = precision_support(precision, capability, Backend.TORCH)
             native_fp4 = Precision.parse(precision) is Precision.FP4 and support.level is SupportLevel.NATIVE
-            report = _quantize(obj, spec, precision, dtype, native_fp4)
+            report = _quantize(obj, spec, precision, dtype, native_fp4, device if staged else None)
             runs_as = support.runs_as if report.native_fp4 == native_fp4 else "FP4 weights, 16-bit compute"
             if self.options.compile and device.startswith("cuda"):
                 obj.compile_repeated_blocks(fullgraph=True, mode=self.options.compile_mode)
@@ -56,12 +76,18 @@ class TorchBackend:
         return LoadedComponent(key, engine, module_bytes(obj), dtype, runs_as)
 
 
-def _quantize(module: torch.nn.Module, spec: ModelSpec, precision: Precision, dtype: torch.dtype, native_fp4: bool):
+def _quantize(module: torch.nn.Module, spec: ModelSpec, precision: Precision, dtype: torch.dtype, native_fp4: bool,
+              device: str | None):
     keep = FAMILY_MODULES[spec.family].KEEP_16BIT
-    if not native_fp4:
-        return quantize_linears(module, precision, keep, dtype)
+    if native_fp4 and native_fp4_available():
+        return quantize_linears(module, precision, keep, dtype, native_fp4=True, device=device)
+    # Without torchao's NVFP4 kernels the honest fallback is FP4 weights with 16-bit compute.
+    return quantize_linears(module, precision, keep, dtype, native_fp4=False, device=device)
+
+
+def native_fp4_available() -> bool:
     try:
-        return quantize_linears(module, precision, keep, dtype, native_fp4=True)
-    except (ImportError, RuntimeError, AssertionError):
-        # torchao missing or its NVFP4 kernels unavailable for this GPU/torch: fall back honestly.
-        return quantize_linears(module, precision, keep, dtype, native_fp4=False)
+        from torchao.prototype.mx_formats import NVFP4DynamicActivationNVFP4WeightConfig  # noqa: F401
+    except Exception:
+        return False
+    return True

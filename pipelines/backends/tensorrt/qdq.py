@@ -92,11 +92,17 @@ class Nvfp4Tensor:
         return (flat[:, 0] | (flat[:, 1] << 4)).contiguous()
 
 
-def nvfp4_quantize(x: torch.Tensor, amax: torch.Tensor) -> Nvfp4Tensor:
-    """NVFP4 with a global scale from the calibrated (or weight) `amax`, block scales from the data."""
+def nvfp4_global_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The per-tensor scale that puts the largest block scale at e4m3's top: amax / (6 * 448), in 16 bits."""
+    return (amax.float() / (FP4_MAX * FP8_MAX)).clamp(min=1e-12).to(dtype)
+
+
+def nvfp4_quantize(x: torch.Tensor, amax: torch.Tensor | None = None, global_scale: torch.Tensor | None = None) -> Nvfp4Tensor:
+    """NVFP4 with a global scale from the calibrated (or weight) `amax`, or given; block scales from the data."""
     if x.shape[-1] % FP4_BLOCK:
         raise ValueError(f"NVFP4 needs the last dimension to be a multiple of {FP4_BLOCK}; got {tuple(x.shape)}")
-    global_scale = (amax.float() / (FP4_MAX * FP8_MAX)).clamp(min=1e-12).to(x.dtype)
+    if global_scale is None:
+        global_scale = nvfp4_global_scale(amax, x.dtype)
     blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // FP4_BLOCK, FP4_BLOCK)
     block_scale = _to_e4m3(blocks.abs().amax(dim=-1) / FP4_MAX / global_scale.float())
     # The divisor is exactly what DequantizeLinear will multiply by (the block scale in 16 bits).
@@ -325,7 +331,7 @@ def lower_fake_quant(model, base_dir: Path | None = None,
                 helper.make_node("QuantizeLinear", [x_name, f"{tag}.scale", f"{tag}.zero"], [f"{tag}.q"], name=f"{tag}.q"),
                 helper.make_node("DequantizeLinear", [f"{tag}.q", f"{tag}.scale", f"{tag}.zero"], [out], name=f"{tag}.dq")]
         else:
-            global_scale = (amax / (FP4_MAX * FP8_MAX)).clamp(min=1e-12).to(dtype)
+            global_scale = nvfp4_global_scale(amax, dtype)
             new_inits += [_scalar_like(f"{tag}.global_scale", global_scale, onnx_type)]
             new_nodes += [
                 helper.make_node("TRT_FP4DynamicQuantize", [x_name, f"{tag}.global_scale"], [f"{tag}.fp4", f"{tag}.block_scale"],
