@@ -6,8 +6,10 @@ Screenshots of each tab go to test-artifacts/ (git-ignored) for a person to look
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -34,11 +36,25 @@ def free_port() -> int:
 def app(tmp_path_factory, tiny_flux, tiny_sdxl, tiny_flux_schnell):
     from ui.launch import LaunchOptions, start
 
+    from pipelines.engine_cache import ENV_VAR
+
     flux, sdxl, schnell = tiny_flux, tiny_sdxl, tiny_flux_schnell  # schnell's default guidance is 0
+    # The test clears the engine cache: it must be a scratch one, not the repository's engine_cache/.
+    previous_cache = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = str(tmp_path_factory.mktemp("engine-cache"))
     # max_queue=1: one job running and one waiting fill the manager, so "busy" is reachable with three requests.
-    opts = LaunchOptions(port=free_port(), models=(str(flux), str(schnell), str(sdxl)), device="cpu", max_queue=1,
+    # flux.1-schnell is not downloaded here and offline mode is on: asking for it must give the offline message.
+    opts = LaunchOptions(port=free_port(), models=(str(flux), str(schnell), str(sdxl), "flux.1-schnell"),
+                         device="cpu", max_queue=1, offline=True,
                          output_dir=tmp_path_factory.mktemp("outputs"))
-    demo, service = start(opts, block=False)
+    try:
+        demo, service = start(opts, block=False)
+    finally:  # the manager has read it; later tests get the environment they expect
+        if previous_cache is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = previous_cache
+    assert service.manager.engine_cache.root != REPO / "engine_cache"
     yield f"http://127.0.0.1:{opts.port}/", service
     demo.close()
     service.manager.close()
@@ -110,6 +126,8 @@ def test_api_error_is_a_message_and_the_app_keeps_serving(client):
         client.predict("tiny-sdxl", "a red circle", 32, 32, 1, 3.5, 1, 1, "bf16", api_name="/generate_flux")
     with pytest.raises(AppError, match="/etc is not in the list of choices"):
         client.predict("/etc", "a red circle", 32, 32, 1, 3.5, 1, 1, "bf16", api_name="/generate_flux")
+    with pytest.raises(AppError, match="flux.1-schnell is not in the local Hugging Face cache and offline mode is on"):
+        client.predict("flux.1-schnell", "a red circle", 256, 256, 1, 0, 1, 1, "bf16", api_name="/generate_flux")
     gallery, *_ = client.predict("tiny-flux", "a red circle", 32, 32, 1, 3.5, 1, 1, "bf16", api_name="/generate_flux")
     assert Image.open(gallery[0]["image"]).size == (32, 32)
 
@@ -151,15 +169,22 @@ def test_api_queue_position_and_busy(client, app):
     assert second.result(timeout=60)[2] == 2
 
 
-def test_api_system_status_unload_and_clear(client):
+def test_api_system_status_unload_and_clear(client, app):
+    client.predict("tiny-flux", "a red circle", 32, 32, 1, 3.5, 1, 1, "bf16", api_name="/generate_flux")
     overview, resident, choices, cache, raw, message = client.predict(api_name="/system_status")
     assert "CPU" in overview and "system RAM" in overview and "Backend" in overview
     assert "tiny-flux" in raw["resident_models"]
     assert any(row[0] == "tiny-flux" for row in resident["data"])
     overview, resident, choices, cache, raw, message = client.predict("tiny-flux", api_name="/unload_model")
     assert "Unloaded tiny-flux" in message and "tiny-flux" not in raw["resident_models"]
+    stray = app[1].manager.engine_cache.root / "stale.engine"  # an artifact with no manifest: listed, then cleared
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"x" * 1000)
+    overview, resident, choices, cache, raw, message = client.predict(api_name="/system_status")
+    assert cache["data"][0][-1] == "stale.engine" and "rebuilt on use" in cache["data"][0][0]
     *_, raw, message = client.predict(api_name="/clear_engine_cache")
-    assert "Cleared the engine cache" in message and raw["engine_cache"]["entries"] == []
+    assert "Cleared the engine cache: 1 engine(s)" in message and raw["engine_cache"]["entries"] == []
+    assert not stray.exists()
 
 
 # --------------------------------------------------------------------------- the browser
@@ -201,8 +226,11 @@ def _open_tab(page, name: str) -> None:
 
 
 def _screenshot(page, name: str) -> None:
+    from playwright.sync_api import expect
+
     for close in page.locator(".toast-close").all():  # earlier, intended error toasts would hide the view
         close.click()
+    expect(page.locator(".toast-close")).to_have_count(0, timeout=10_000)  # gone, not fading
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
 
@@ -211,7 +239,7 @@ def _choose(page, dropdown: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=True).click()
 
 
-def test_browser_flux_tab(page):
+def test_browser_flux_tab(page, app):
     """Model defaults, a validation error, the progress bar, Stop, then an image of the requested size."""
     from playwright.sync_api import expect
 
@@ -229,14 +257,31 @@ def test_browser_flux_tab(page):
     page.fill("#flux-steps input[type=number]", "1")
     page.click("#flux-generate")
     expect(page.locator("#flux-status")).to_contain_text("width 40 is not a multiple of 16; use 32 or 48")
-    # A long job shows its denoising progress bar, and Stop ends it.
-    page.fill("#flux-width input", "128")
-    page.fill("#flux-height input", "128")
-    page.fill("#flux-steps input[type=number]", "60")
-    page.click("#flux-generate")
-    expect(page.locator("#flux-gallery")).to_contain_text(re.compile(r"Denoising: step \d+/60"))
-    page.click("#flux-stop")
-    expect(page.locator("#flux-status")).to_contain_text("Stopped")
+    # A running job shows its denoising progress bar, and Stop ends it. The job is held at step 2 (by a
+    # progress listener on the manager's worker) so that the check does not race a fast CPU.
+    release = threading.Event()
+    manager = app[1].manager
+    submit = manager.submit
+
+    def submit_and_hold(request, on_progress=None):
+        def listener(progress):
+            if on_progress is not None:
+                on_progress(progress)
+            if progress.stage == "denoise" and progress.done == 2:
+                release.wait(60)
+        return submit(request, listener)
+
+    manager.submit = submit_and_hold
+    try:
+        page.fill("#flux-width input", "32")
+        page.fill("#flux-steps input[type=number]", "4")
+        page.click("#flux-generate")
+        expect(page.locator("#flux-gallery")).to_contain_text("Denoising: step 2/4")
+        page.click("#flux-stop")
+        expect(page.locator("#flux-status")).to_contain_text("Stopped")
+    finally:
+        release.set()
+        del manager.submit  # the class's own method again
     # and a valid job still works afterwards
     page.fill("#flux-width input", "48")
     page.fill("#flux-height input", "32")

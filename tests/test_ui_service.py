@@ -81,7 +81,7 @@ def test_generate_saves_pngs_with_settings_under_the_offered_name(service):
     assert "Seed: 9" in meta["parameters"] and meta["settings"]["seed"] == 9
 
 
-def test_stop_cancels_the_sessions_job(service):
+def test_stop_cancels_the_sessions_job_and_a_running_model_stays_loaded(service):
     import threading
 
     from pipelines.request import GenerationRequest
@@ -93,6 +93,12 @@ def test_stop_cancels_the_sessions_job(service):
     try:
         req = service.build_request(Family.FLUX, "tiny-flux", "a cat", None, 32, 32, 1, 3.5, 1, 1, "bf16")
         task = service.start_generate(req, session="browser-1")
+        # components in use are not unloaded from under the running job; other models may go
+        with pytest.raises(RequestError, match="A job is running on tiny-flux"):
+            service.unload("tiny-flux")
+        with pytest.raises(RequestError, match="A job is running"):
+            service.unload(None)
+        assert service.unload("tiny-sdxl") >= 0
         assert not service.cancel_session("browser-2")
         assert service.cancel_session("browser-1")
     finally:

@@ -324,7 +324,21 @@ class PrismService:
     def status(self) -> Any:
         return self.manager.status()
 
+    def running_name(self) -> str | None:
+        """The offered name of the model the running job uses (its request may name a folder path)."""
+        running = self.manager.status().running
+        if running is None:
+            return None
+        try:
+            return self.choice_for(running).name
+        except RequestError:
+            return str(running.model)
+
     def unload(self, model: str | None) -> int:
+        """Bytes released. Refused for the model a job is running on: its components are in use."""
+        running = self.running_name()
+        if running is not None and model in (None, "", running):
+            raise RequestError(f"A job is running on {running}; unload it when the job has finished.")
         return self.manager.unload(model or None)
 
     def clear_engine_cache(self) -> tuple[int, int]:

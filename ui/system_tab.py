@@ -42,7 +42,7 @@ def system_snapshot(service: PrismService) -> dict[str, Any]:
                      for r in status.resident if r.nbytes],  # tokenizers and schedulers hold no memory
         "engine_cache": {"dir": str(status.engine_cache_dir), "total_bytes": status.engine_cache_bytes,
                          "entries": cache},
-        "jobs": {"running": None if running is None else {"model": running.model, "precision": str(
+        "jobs": {"running": None if running is None else {"model": service.running_name() or "", "precision": str(
             getattr(running.precision, "value", running.precision))}, "queued": status.queued},
         "events": list(status.events),
     }
