@@ -83,9 +83,11 @@ def run_bench(args: argparse.Namespace) -> int:
             base = "bf16" if compute_dtype(spec, Precision(precision)) == torch.bfloat16 else "fp16"
             if baseline is not None and base not in baselines:
                 baselines[base] = _measure(baseline, args, model, base, f"baseline: diffusers eager {base}")
+                print(f"measured {baselines[base]}", flush=True)  # partial results survive a time limit
                 baseline.unload()
             rows.append(_measure(manager, args, model, precision, f"prism {precision}",
                                  base if baseline is not None else None))
+            print(f"measured {rows[-1]}", flush=True)
             manager.unload()
     finally:
         manager.close()
