@@ -134,3 +134,4 @@ def test_auth_refuses_requests_without_credentials(tiny_flux):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+    assert proc.returncode == 0, "".join(lines[-20:])  # Ctrl-C is a clean stop, not a crash

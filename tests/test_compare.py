@@ -1,6 +1,5 @@
 """The Compare logic with a tiny real Flux pipeline on the CPU: order, shared seed, figures, per-precision errors."""
 import math
-from dataclasses import replace
 
 import pytest
 
@@ -61,8 +60,8 @@ def test_each_precision_runs_with_one_seed_and_is_measured_against_16bit(manager
     for entry in (fp8, fp4):
         assert entry.psnr_db > 0 and -1 <= entry.ssim <= 1 and entry.max_difference >= 0
         assert entry.heatmap.size == (32, 32)
-    # quantizing to 4 bits moves the image at least as far as 8 bits does (tiny random models are noisy,
-    # so only the clear ordering between 16-bit-identical and different is asserted)
+    # 4-bit weights change the picture measurably (no ordering against FP8 is asserted: on tiny random
+    # models both differences are a few levels and either may be larger)
     assert fp4.max_difference > 0
     data = comparison.to_dict()
     assert [e["precision"] for e in data["entries"]] == ["bf16", "fp8", "fp4"]

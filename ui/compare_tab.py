@@ -115,8 +115,9 @@ def build_compare_tab(service: PrismService) -> None:
                f"{'Done' if ran == len(comparison.entries) else '⚠ Done'}: {ran} of {len(comparison.entries)} precisions in "
                f"{fmt_ms((time.perf_counter() - started) * 1000)}")
 
-    event = button.click(compare, [model, prompt, seed, precisions, width, height, steps, guidance], outputs,
-                         api_name="compare", concurrency_id=GPU_CONCURRENCY_ID, show_progress_on=images)
+    event = button.click(None, None, status, js="() => ''", queue=False).then(  # clear the last status (see generate_tab)
+        compare, [model, prompt, seed, precisions, width, height, steps, guidance], outputs, api_name="compare",
+        concurrency_id=GPU_CONCURRENCY_ID, show_progress_on=images)
 
     def stop_job(request: gr.Request = None):
         return error_status("Stopped." if service.cancel_session(session_of(request)) else "Nothing to stop.")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any
 
 import gradio as gr
 
@@ -166,8 +165,10 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
 
     inputs = [model, prompt] + ([negative] if sdxl else []) + [width, height, steps, guidance, seed, num_images,
                                                                 precision]
-    event = button.click(generate, inputs, outputs, api_name=f"generate_{prefix}", concurrency_id=GPU_CONCURRENCY_ID,
-                         show_progress_on=[gallery])
+    # The last run's status line goes at once, in the browser, so a stale "Done" or error never describes this run.
+    event = button.click(None, None, status, js="() => ''", queue=False).then(
+        generate, inputs, outputs, api_name=f"generate_{prefix}", concurrency_id=GPU_CONCURRENCY_ID,
+        show_progress_on=[gallery])
 
     reuse.click(lambda last: -1 if last is None else last, used_seed, seed, api_visibility="private",
                 concurrency_limit=None, show_progress="hidden")

@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except Exception as exc:  # a bad --models, --memory-budget or --device: one line, no traceback
-        if opts.verbose or user_message(exc, fallback=False) is None and not isinstance(exc, (ValueError, RuntimeError)):
+        if opts.verbose:
             log.exception("startup failed")
         print(f"error: {user_message(exc, fallback=False) or exc}", file=sys.stderr)
         return 2
