@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...components import LIGHT_PARTS, LoadedComponent, component_key
+from ...components import ADAPTERS, LIGHT_PARTS, LoadedComponent, component_key, estimate_bytes
 from ...engine_cache import EngineCache
 from ...loading import WeightSource
 from ...precision import Backend, Precision
@@ -16,6 +16,7 @@ from ...registry import ModelSpec
 from ...run_context import RunContext
 from .artifacts import ArtifactBuilder, EngineRequest
 from .export import ShapeRanges, component_io
+from .quantize import QuantRecipe
 from .runtime import DeviceMemoryPool, TensorRTEngine
 from .trt_api import TensorRTUnavailable, Trt, import_trt
 
@@ -30,6 +31,8 @@ class TensorRTOptions:
     cuda_graphs: bool = True  # denoiser only: the one engine called many times with the same shapes
     weight_streaming_budget: int | None = None  # bytes of weights kept on the GPU; None: all of them
     onnx_source: str = "export"  # "export" | "official" (the model maker's ONNX, for the denoiser)
+    calibration_prompts: int = QuantRecipe.prompts  # FP8/FP4 calibration images
+    calibration_steps: int | None = None  # None: the model's default steps
 
 
 _LOW_PRECISION = {"FP8": Precision.FP8, "FP4E2M1": Precision.FP4}  # build-log type -> precision
@@ -73,15 +76,39 @@ class TensorRTBackend:
                 source: WeightSource) -> EngineRequest:
         o = self.options
         ranges = ShapeRanges.for_spec(spec, min_size=o.min_size, max_size=o.max_size, max_batch=o.max_batch)
-        return EngineRequest(spec, name, Precision.parse(precision), ranges, capability, source,
+        precision = Precision.parse(precision)
+        recipe = None if precision.is_16bit else QuantRecipe(precision, prompts=o.calibration_prompts,
+                                                             steps=o.calibration_steps)
+        return EngineRequest(spec, name, precision, ranges, capability, source, recipe=recipe,
                              onnx_source=o.onnx_source if name == spec.denoiser else "export",
                              weight_streaming=o.weight_streaming_budget is not None)
+
+    def load_peak_bytes(self, spec: ModelSpec, name: str, precision: Precision, bf16_ok: bool = True,
+                        device: str = "cpu", source: WeightSource = WeightSource()) -> int:
+        """Device memory at the height of loading: the engine when it is built; otherwise the build's peak,
+        which is the 16-bit torch module being exported (plus, for FP8/FP4, the whole pipeline that
+        calibrates it: encoders, denoiser and VAE at once)."""
+        if name in LIGHT_PARTS:
+            return 0
+        precision = Precision.parse(precision)
+        if device.startswith("cuda"):
+            import torch
+
+            capability = tuple(torch.cuda.get_device_capability(device))
+            found = self.cache.lookup(ArtifactBuilder(self.cache, trt=self.trt).engine_key(
+                self.request(spec, name, precision, capability, source)))
+            if found:
+                return found.stat().st_size
+        sixteen = Precision.BF16 if bf16_ok else Precision.FP16
+        if name != spec.denoiser or precision.is_16bit:
+            return estimate_bytes(spec, name, precision, bf16_ok)
+        return sum(estimate_bytes(spec, part, sixteen, bf16_ok) for part in ADAPTERS[spec.family])
 
     def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, capability: tuple[int, int] | None,
              source: WeightSource, ctx: RunContext | None = None) -> LoadedComponent:
         if name in LIGHT_PARTS:
             raise ValueError(f"{name} is not a TensorRT component; tokenizers and schedulers come from the torch backend.")
-        if capability is None or not device.startswith("cuda"):
+        if capability is None:
             raise RuntimeError("TensorRT engines run on an NVIDIA GPU; on this machine use the torch backend "
                                "(engines can still be built ahead of time: python -m pipelines build --target sm121 ...).")
         report = (lambda done, total, message: ctx.report("build", done, total, message)) if ctx else None
