@@ -18,7 +18,6 @@ the scorer synthesises its templates from `shape_distance` in numpy.
 from __future__ import annotations
 
 import enum
-import functools
 import hashlib
 import math
 import random
@@ -68,14 +67,11 @@ POSITION_PHRASES = MappingProxyType({
 MAX_SHAPES = 2
 
 
-def _star(points: int = 5, inner: float = 0.48) -> tuple[tuple[float, float], ...]:
-    """A star with its tip up; inner/outer radius 0.48 keeps the arms thick enough to survive 64 px."""
-    vertices = [
-        ((1.0 if k % 2 == 0 else inner) * math.cos(-math.pi / 2 + k * math.pi / points),
-         (1.0 if k % 2 == 0 else inner) * math.sin(-math.pi / 2 + k * math.pi / points))
-        for k in range(2 * points)
-    ]
-    return _fit_unit_box(vertices)
+def _star() -> tuple[tuple[float, float], ...]:
+    """Five points, tip up; an inner radius 0.48 of the outer keeps the arms thick enough for 64 px."""
+    radii = [1.0, 0.48] * 5
+    angles = [-math.pi / 2 + k * math.pi / 5 for k in range(10)]
+    return _fit_unit_box([(r * math.cos(a), r * math.sin(a)) for r, a in zip(radii, angles)])
 
 
 def _fit_unit_box(vertices: Sequence[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
@@ -126,6 +122,8 @@ class Jitter:
 
 @dataclass(frozen=True)
 class Shape:
+    """One shape: the four words its caption gives it, plus how this drawing of it is jittered."""
+
     kind: str
     colour: str
     size: str
@@ -152,13 +150,16 @@ class Shape:
 
 @dataclass(frozen=True)
 class Scene:
+    """One or two shapes at distinct positions on a plain background; checked on construction."""
+
     shapes: tuple[Shape, ...]
     background: str
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shapes", tuple(self.shapes))
         if self.background not in COLOURS:
-            raise ValueError(f"unknown background colour {self.background!r}; expected one of: {', '.join(COLOURS)}")
+            raise ValueError(f"unknown background colour {self.background!r}; "
+                             f"expected one of: {', '.join(COLOURS)}")
         if not 1 <= len(self.shapes) <= MAX_SHAPES:
             raise ValueError(f"a scene has 1 to {MAX_SHAPES} shapes, got {len(self.shapes)}")
         positions = [s.position for s in self.shapes]
@@ -191,7 +192,8 @@ def parse_caption(text: str) -> Scene:
         raise ValueError(f"caption {text!r} must end with 'on a <colour> background'")
     background = tail.split()[0]
     if background not in COLOURS:
-        raise ValueError(f"unknown background colour {background!r} in {text!r}; expected one of: {', '.join(COLOURS)}")
+        raise ValueError(f"unknown background colour {background!r} in {text!r}; "
+                         f"expected one of: {', '.join(COLOURS)}")
     parts = body.split(" and ")
     if not 1 <= len(parts) <= MAX_SHAPES:
         raise ValueError(f"caption {text!r} names {len(parts)} shapes; expected 1 to {MAX_SHAPES} joined by 'and'")
@@ -208,7 +210,8 @@ def _parse_shape(part: str, text: str) -> Shape:
             raise ValueError(f"unknown {name} {value!r} in {text!r}; expected one of: {', '.join(allowed)}")
     phrase = " ".join(rest)
     if phrase not in _POSITION_BY_PHRASE:
-        raise ValueError(f"unknown position {phrase!r} in {text!r}; expected one of: {', '.join(_POSITION_BY_PHRASE)}")
+        raise ValueError(f"unknown position {phrase!r} in {text!r}; "
+                         f"expected one of: {', '.join(_POSITION_BY_PHRASE)}")
     return Shape(kind, colour, size, _POSITION_BY_PHRASE[phrase])
 
 
@@ -309,15 +312,16 @@ def shape_distance(kind: str, x: Array, y: Array) -> Array:
     if kind == "circle":
         return xp.sqrt(x * x + y * y) - 0.5
     vertices = POLYGONS[kind]
-    squared, inside = [], False
+    nearest_sq, inside = None, False
     for (ax, ay), (bx, by) in zip(vertices, vertices[1:] + vertices[:1]):
         ex, ey = bx - ax, by - ay
         wx, wy = x - ax, y - ay
         t = xp.clip((wx * ex + wy * ey) / (ex * ex + ey * ey), 0.0, 1.0)
-        squared.append((wx - ex * t) ** 2 + (wy - ey * t) ** 2)
-        if ey != 0.0:  # even-odd rule: count edges crossed by a ray towards -x
+        squared = (wx - ex * t) ** 2 + (wy - ey * t) ** 2
+        nearest_sq = squared if nearest_sq is None else xp.minimum(nearest_sq, squared)
+        if ey != 0.0:  # even-odd rule: count the edges a ray towards +x crosses
             inside = inside ^ (((ay <= y) != (by <= y)) & (x < ax + (y - ay) * (ex / ey)))
-    distance = xp.sqrt(functools.reduce(xp.minimum, squared))
+    distance = xp.sqrt(nearest_sq)
     return xp.where(inside, -distance, distance)
 
 
