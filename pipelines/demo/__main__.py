@@ -1,0 +1,16 @@
+"""`python -m pipelines.demo train|evaluate ...`"""
+import sys
+
+
+def main() -> None:
+    command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
+    if command == "train":
+        from .train import main as run
+    elif command == "evaluate":
+        from .evaluate import main as run
+    else:
+        sys.exit("usage: python -m pipelines.demo train|evaluate [options]  (--help after the command for options)")
+    run(rest)
+
+
+main()
