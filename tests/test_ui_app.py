@@ -57,7 +57,7 @@ def app(tmp_path_factory, tiny_flux, tiny_sdxl, tiny_flux_schnell):
     assert service.manager.engine_cache.root != REPO / "engine_cache"
     yield f"http://127.0.0.1:{opts.port}/", service
     demo.close()
-    service.manager.close()
+    service.close()
 
 
 @pytest.fixture(scope="module")
@@ -205,13 +205,19 @@ def page(app):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(WAIT_MS)
-        # Loopback only: any request elsewhere is refused (and would show as a missing resource).
-        page.route(lambda url: not url.startswith(("http://127.0.0.1", "ws://127.0.0.1", "data:", "blob:")),
-                   lambda route: route.abort())
+        # Loopback only: any request elsewhere is refused and remembered; the page must not make any.
+        elsewhere: list[str] = []
+
+        def refuse(route):
+            elsewhere.append(route.request.url)
+            route.abort()
+
+        page.route(lambda url: not url.startswith(("http://127.0.0.1", "ws://127.0.0.1", "data:", "blob:")), refuse)
         page.goto(app[0], timeout=60_000)
         page.wait_for_selector("#flux-prompt textarea")
         yield page
         browser.close()
+    assert elsewhere == [], f"the page asked for non-loopback addresses: {elsewhere}"
 
 
 def _image_size(page, selector: str) -> tuple[int, int]:
@@ -350,5 +356,5 @@ def test_browser_system_tab(page, app):
     expect(page.locator("#system-overview")).to_contain_text("system RAM")
     expect(page.locator("#system-resident")).to_contain_text("tiny-flux")
     _screenshot(page, "ui-system.png")
-    page.click("#system-unload-all")
-    expect(page.locator("#system-message")).to_contain_text("Unloaded every model")
+    page.click("#system-unload")  # the first resident model is preselected
+    expect(page.locator("#system-message")).to_contain_text(re.compile(r"Unloaded \S+: [\d.]+ MiB released"))

@@ -48,6 +48,16 @@ def test_default_choice_prefers_an_offered_model_with_weights_here(service):
     assert choice is None and "--models" in note
 
 
+def test_without_local_weights_an_ungated_hub_model_is_preselected(service, tmp_path):
+    from pipelines.loading import HubOptions
+
+    empty_cache = HubOptions(cache_dir=str(tmp_path), offline=False)  # whatever this machine has downloaded
+    hub_only = PrismService(service.manager, offered_models(["flux.1-dev", "flux.1-schnell"]),
+                            output_dir=service.output_dir, hub=empty_cache)
+    choice, note = hub_only.default_choice(Family.FLUX)
+    assert choice.name == "flux.1-schnell" and "first request downloads it" in note
+
+
 def test_hub_model_note_says_how_it_will_be_fetched(service):
     note = service.model_note(service.choice("flux.1-schnell"))
     assert "schnell" in note and ("download" in note.lower() or "cache" in note)
@@ -86,11 +96,17 @@ def test_stop_cancels_the_sessions_job_and_a_running_model_stays_loaded(service)
 
     from pipelines.request import GenerationRequest
 
-    release = threading.Event()
+    release, holding = threading.Event(), threading.Event()
+
+    def hold_the_worker(progress):  # on the worker thread: this job keeps running until released
+        if progress.stage == "denoise":
+            holding.set()
+            release.wait(60)
+
     hold = service.manager.submit(GenerationRequest("x", service.choice("tiny-flux").model, width=32, height=32,
-                                                    steps=1, seed=1),
-                                  on_progress=lambda p: p.stage == "denoise" and release.wait(60))
+                                                    steps=1, seed=1), on_progress=hold_the_worker)
     try:
+        assert holding.wait(60), "the holding job never started"
         req = service.build_request(Family.FLUX, "tiny-flux", "a cat", None, 32, 32, 1, 3.5, 1, 1, "bf16")
         task = service.start_generate(req, session="browser-1")
         # components in use are not unloaded from under the running job; other models may go

@@ -11,10 +11,6 @@ from .generate_tab import build_generate_tab
 from .service import PrismService
 from .system_tab import build_system_tab
 
-CSS = """
-#compare-status, #flux-status, #sdxl-status { min-height: 1.5em; }
-"""
-
 
 def create_demo(service: PrismService, title: str = "Prism") -> gr.Blocks:
     # Analytics off: Gradio would otherwise contact api.gradio.app (telemetry, version check) at startup.

@@ -186,7 +186,7 @@ def start(opts: LaunchOptions, *, block: bool = True):
         demo.block_thread()
     finally:
         demo.close()
-        manager.close()
+        service.close()
     return demo, service
 
 

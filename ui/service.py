@@ -148,11 +148,18 @@ class PrismService:
         self.manager = manager
         self.models = tuple(models) if models is not None else offered_models()
         self.hub = hub
+        self._own_output_dir = output_dir is None  # a temporary folder of ours, removed by `close`
         self.output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="prism-outputs-"))
         self._by_name = {c.name: c for c in self.models}
         self._save_lock = threading.Lock()
         self._sessions: dict[str, Task] = {}  # each browser session's latest task, for its Stop button
         self._sessions_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop the manager's worker and remove our temporary PNG folder (Gradio serves its own copies)."""
+        self.manager.close()
+        if self._own_output_dir:
+            shutil.rmtree(self.output_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ models
 
@@ -174,7 +181,8 @@ class PrismService:
         raise RequestError(f"Unknown {what} {name!r}; choose one of: {', '.join(c.name for c in offered)}.")
 
     def default_choice(self, family: Family) -> tuple[ModelChoice | None, str]:
-        """(model to preselect, note to show): `default_model`'s pick when it is offered, else the first offered."""
+        """(model to preselect, note to show): `default_model`'s pick when it is offered, else the first offered
+        (ungated first)."""
         offered = self.choices(family)
         if not offered:
             return None, f"No {family.value.upper()} model is offered; start the app with `--models` naming one."
@@ -184,7 +192,9 @@ class PrismService:
             model_id, note = None, ""
         if model_id in self._by_name and self._by_name[model_id].family is family:
             return self._by_name[model_id], note
-        return offered[0], self.model_note(offered[0])
+        # Nothing here yet: an ungated model first, whose download needs no Hugging Face token.
+        first = min(offered, key=lambda c: c.spec.gated)
+        return first, self.model_note(first)
 
     def model_note(self, choice: ModelChoice) -> str:
         spec = choice.spec
