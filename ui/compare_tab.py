@@ -62,11 +62,12 @@ def build_compare_tab(service: PrismService) -> None:
         for value, label in COLUMNS:
             key = "16bit" if value == SIXTEEN_BIT else value
             with gr.Column(elem_id=f"compare-col-{key}", min_width=200):
-                images.append(gr.Image(label=label, type="filepath", format="png", interactive=False,
+                # One display height for every column, so the images line up whatever their size.
+                images.append(gr.Image(label=label, type="filepath", format="png", interactive=False, height=360,
                                        elem_id=f"compare-image-{key}", buttons=["download", "fullscreen"]))
                 figures.append(gr.Markdown("", elem_id=f"compare-figures-{key}"))
                 heatmaps.append(gr.Image(label=f"{label}: difference from 16-bit", type="pil", format="png",
-                                         interactive=False, elem_id=f"compare-heatmap-{key}"))
+                                         interactive=False, height=360, elem_id=f"compare-heatmap-{key}"))
     used_seed = gr.Number(None, label="Seed used", precision=0, interactive=False, visible="hidden",
                           elem_id="compare-seed-used")  # for the API; the summary shows it to people
     summary = gr.Markdown("", elem_id="compare-summary")
