@@ -58,14 +58,15 @@ class SceneStream:
 
     Sampling scenes is Python and costs about as much as a training step of these small models, so
     worker processes draw batches ahead (batch k always from seed [seed, k]: reproducible whatever the
-    number of workers); the device renders them.
+    number of workers); the device renders them. Spawned, not forked: a fork of a process that has
+    initialised CUDA is unsafe.
     """
 
     AHEAD = 32
 
     def __init__(self, seed: int, batch: int, device: str, workers: int = 0):
         self.seed, self.batch, self.device, self.index = seed, batch, device, 0
-        self.pool = multiprocessing.get_context("fork").Pool(workers) if workers else None
+        self.pool = multiprocessing.get_context("spawn").Pool(workers) if workers else None
         self.pending: collections.deque = collections.deque()
 
     def _fill(self) -> None:
