@@ -240,6 +240,9 @@ def save(parts: FluxParts | SdxlParts, family: str, out_dir: Path, steps: int) -
 
 def train(cfg: TrainConfig, log=print) -> Path:
     torch.manual_seed(cfg.seed)
+    # cuDNN's fused attention fails in the backward pass at these small shapes on the H100 (torch 2.11,
+    # "mha_graph.execute ... is_good()" seen 2026-11-26); the flash / memory-efficient kernels train fine.
+    torch.backends.cuda.enable_cudnn_sdp(False)
     stream = SceneStream(cfg.seed, cfg.batch, cfg.device, workers=cfg.workers)
     started = time.monotonic()
     try:
