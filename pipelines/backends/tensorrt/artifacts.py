@@ -141,7 +141,9 @@ class ArtifactBuilder:
         return recipe.recipe_id(req.spec) if recipe else "none"
 
     def _precision_field(self, req: EngineRequest) -> str:
-        return Precision.parse(req.precision).value if req.quantized else _dtype_name(req.dtype)
+        """The 16-bit type, and for the quantized denoiser the format too (FP8 layers in a bf16 or fp16 graph)."""
+        dtype = _dtype_name(req.dtype)
+        return f"{Precision.parse(req.precision).value}-{dtype}" if req.quantized else dtype
 
     def onnx_key(self, req: EngineRequest) -> EngineKey:
         io = export.component_io(req.spec, req.component)

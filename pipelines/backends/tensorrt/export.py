@@ -238,9 +238,11 @@ def export_graph(module: nn.Module, io: ComponentIO, dtype: torch.dtype, workdir
         else:
             if quantized:
                 qdq.register_legacy_symbolic(OPSET)
+            # No constant folding: folded weight transposes become anonymous initializers ("onnx::MatMul_12"),
+            # losing the parameter names the build report maps layers by; TensorRT folds them itself.
             torch.onnx.export(module, (), str(raw), kwargs=sample, dynamo=False, opset_version=OPSET,
                               input_names=[t.name for t in io.inputs], output_names=list(io.outputs),
-                              dynamic_axes={n: axes for n, axes in dynamic.items() if axes})
+                              dynamic_axes={n: axes for n, axes in dynamic.items() if axes}, do_constant_folding=False)
     return raw
 
 
