@@ -199,6 +199,7 @@ class ArtifactBuilder:
 
         def build(tmp: Path) -> None:
             amax = self.calibration(req)[1]["amax"] if req.quantized else None
+            _free(self.device)  # the calibration pipeline's modules
             self.report(0, 1, f"exporting {req.spec.id} {req.component} to ONNX ({key.precision})")
             workdir = tmp.parent / f".work-{tmp.name}"
             try:
@@ -211,7 +212,7 @@ class ArtifactBuilder:
                 del graph, module
                 _free(self.device)
                 export.finalize(raw, io, tmp, final_name + export.DATA_SUFFIX,
-                                metadata={"prism.key": json.dumps(key.__dict__, sort_keys=True)})
+                                metadata={"prism.key": json.dumps(key.__dict__, sort_keys=True)}, device=self.device)
             finally:
                 export.remove_workdir(workdir)
 

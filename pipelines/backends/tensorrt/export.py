@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,6 +284,11 @@ def save_with_external_data(model, path: Path, source_dir: Path, location: str) 
     from onnx import TensorProto
 
     data_path = Path(str(path) + DATA_SUFFIX)
+    moved = _adopt_single_data_file(model, source_dir, data_path, location)
+    if moved is not None:
+        _set_metadata(model, {"prism.data_bytes": str(moved[0]), "prism.data_sha256": moved[1]})
+        path.write_bytes(model.SerializeToString())
+        return moved
     digest = hashlib.sha256()
     offset = 0
     with open(data_path, "wb") as f:
@@ -312,6 +318,36 @@ def save_with_external_data(model, path: Path, source_dir: Path, location: str) 
     return offset, digest.hexdigest()
 
 
+def _adopt_single_data_file(model, source_dir: Path, data_path: Path, location: str) -> tuple[int, str] | None:
+    """When every large tensor already sits in one data file (a 16-bit dynamo export), move that file
+    instead of copying it: for a 24 GB transformer that saves the copy's time and its disk space."""
+    from onnx import TensorProto
+
+    locations = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            locations.add(next(e.value for e in tensor.external_data if e.key == "location"))
+        elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
+            return None  # new tensors (quantized weights) must be written out
+    if len(locations) != 1:
+        return None
+    source = source_dir / locations.pop()
+    live = sum(int(next((e.value for e in t.external_data if e.key == "length"), 0)) for t in model.graph.initializer
+               if t.data_location == TensorProto.EXTERNAL)
+    if live < source.stat().st_size // 2:
+        return None  # mostly dead weights (replaced by quantized ones): copy the live part instead
+    os.replace(source, data_path)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    digest = hashlib.sha256()
+    with open(data_path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            digest.update(block)
+    return data_path.stat().st_size, digest.hexdigest()
+
+
 def set_data_location(path: Path, location: str) -> None:
     """Point every external tensor of the model at `path` to the data file `location` (same folder)."""
     import onnx
@@ -334,7 +370,7 @@ def _set_metadata(model, values: dict[str, str]) -> None:
 
 
 def finalize(raw: Path, io: ComponentIO, out: Path, location: str, metadata: dict[str, str] | None = None,
-             on_weight: Callable[[str], None] | None = None) -> qdq.LoweringReport | None:
+             on_weight: Callable[[str], None] | None = None, device: str = "cpu") -> qdq.LoweringReport | None:
     """Rename outputs, lower quantizer placeholders, check the graph, and save `raw` as `out` (+ data file)."""
     import onnx
 
@@ -346,7 +382,7 @@ def finalize(raw: Path, io: ComponentIO, out: Path, location: str, metadata: dic
     _rename_outputs(model, io.outputs)
     report = None
     if any(n.domain == qdq.PLACEHOLDER_DOMAIN for n in model.graph.node):
-        report = qdq.lower_fake_quant(model, raw.parent, on_weight)
+        report = qdq.lower_fake_quant(model, raw.parent, on_weight, device=device)
     _set_metadata(model, {"prism.export_version": str(EXPORT_VERSION), **(metadata or {})})
     save_with_external_data(model, out, raw.parent, Path(str(out) + DATA_SUFFIX).name)
     onnx.checker.check_model(str(out))  # by path: works past 2 GB, reads external data

@@ -37,6 +37,7 @@ from ...precision import Backend, Precision
 from ...registry import ModelSpec
 from ...request import GenerationRequest, resolve_request
 from ...run_context import RunContext
+from ...sampling import NumericsError
 from . import qdq
 
 log = logging.getLogger("prism.tensorrt.quantize")
@@ -170,13 +171,20 @@ def calibrate(spec: ModelSpec, recipe: QuantRecipe, source: WeightSource, device
     run_ctx = RunContext(torch.device(device))
     family = FAMILY_MODULES[spec.family]
 
+    non_finite = []
+
     def forward_loop(model: nn.Module) -> None:
         parts = _CalibrationParts(spec, recipe.precision, device, source, model, bf16_ok)
         for i, prompt in enumerate(prompts[:recipe.prompts]):
             request = resolve_request(GenerationRequest(
                 prompt=prompt, model=spec.id, precision=run_precision, width=recipe.width, height=recipe.height,
                 steps=recipe.steps, guidance=recipe.guidance, seed=recipe.seed + i), spec, capability, Backend.TORCH)
-            family.generate(spec, parts, request, run_ctx)
+            try:
+                family.generate(spec, parts, request, run_ctx)
+            except NumericsError:
+                # The ranges were already observed step by step; only the final image is not finite (random
+                # weights do this). Layers whose range is not finite stay 16-bit below.
+                non_finite.append(i)
             if ctx is not None:
                 ctx.report("build", i + 1, recipe.prompts, f"calibrating {spec.denoiser}: image {i + 1}/{recipe.prompts}")
 
@@ -189,4 +197,4 @@ def calibrate(spec: ModelSpec, recipe: QuantRecipe, source: WeightSource, device
         else:
             amax[name] = float(value.float().max())
     return {"amax": amax, "left_16bit": unused, "recipe": recipe.recipe_id(spec), "modelopt": modelopt.__version__,
-            "seconds": round(time.monotonic() - started, 2), "device": device}
+            "seconds": round(time.monotonic() - started, 2), "device": device, "non_finite_images": non_finite}
