@@ -184,7 +184,7 @@ class ArtifactBuilder:
         def build(tmp: Path) -> None:
             self.report(0, 1, f"calibrating {req.spec.id} {req.spec.denoiser} ({key.recipe})")
             capability = tuple(torch.cuda.get_device_capability(self.device)) if self.device.startswith("cuda") else None
-            result = calibrate(req.spec, req.quant_recipe, req.source, self.device, capability, _Reporter(self.report))
+            result = calibrate(req.spec, req.quant_recipe, req.source, self.device, capability, self.report)
             tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
 
         path = self.cache.get_or_build(key, build)
@@ -247,16 +247,6 @@ class ArtifactBuilder:
         steps["engine"] = round(time.monotonic() - started, 2)
         calibration = self.cache.lookup(self.calibration_key(req)) if req.quantized and req.onnx_source == "export" else None
         return Built(req.component, path, read_report(path), onnx_path, calibration, steps)
-
-
-class _Reporter:
-    """Adapts our (done, total, message) callback to the RunContext.report signature calibrate() uses."""
-
-    def __init__(self, report: Report):
-        self._report = report
-
-    def report(self, stage: str, done: int, total: int, message: str = "") -> None:
-        self._report(done, total, message)
 
 
 def _free(device: str) -> None:

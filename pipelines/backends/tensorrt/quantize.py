@@ -26,7 +26,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -142,7 +142,7 @@ class _CalibrationParts:
 
 
 def calibrate(spec: ModelSpec, recipe: QuantRecipe, source: WeightSource, device: str,
-              capability: tuple[int, int] | None, ctx: RunContext | None = None) -> dict[str, Any]:
+              capability: tuple[int, int] | None, report: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     """Run the recipe's calibration; returns {"amax": {layer: activation range}, ...} for `apply_quantization`."""
     try:
         import modelopt
@@ -185,8 +185,8 @@ def calibrate(spec: ModelSpec, recipe: QuantRecipe, source: WeightSource, device
                 # The ranges were already observed step by step; only the final image is not finite (random
                 # weights do this). Layers whose range is not finite stay 16-bit below.
                 non_finite.append(i)
-            if ctx is not None:
-                ctx.report("build", i + 1, recipe.prompts, f"calibrating {spec.denoiser}: image {i + 1}/{recipe.prompts}")
+            if report is not None:
+                report(i + 1, recipe.prompts, f"calibrating {spec.denoiser}: image {i + 1}/{recipe.prompts}")
 
     mtq.quantize(graph, {"quant_cfg": quant_cfg, "algorithm": recipe.algorithm}, forward_loop=forward_loop)
     amax, unused = {}, []
