@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ..flux import image_ids, pack
-from .architectures import IMAGE_SIZE, T5_TOKENS, FluxParts, SdxlParts, new_flux, new_sdxl
-from .scenes import caption, render_batch, sample_scene
+from .architectures import IMAGE_SIZE, T5_TOKENS, FluxParts, SdxlParts, clip_tokenizer, new_flux, new_sdxl, t5_tokenizer
+from .scenes import COLOURS, KINDS, MAX_SHAPES, caption, sample_scene, shape_distance
 
 UNCOND_RATE = 0.1
 
@@ -37,51 +37,107 @@ class TrainConfig:
     family: str  # "flux" | "sdxl"
     out_dir: Path
     device: str = "cuda"
-    batch: int = 128
-    vae_steps: int = 1500
+    batch: int = 1024
+    vae_steps: int = 500
     denoiser_minutes: float = 3.0  # wall-clock cap for the denoiser phase
     max_denoiser_steps: int = 20000
-    lr: float = 4e-4
+    lr: float = 8e-4
     seed: int = 0
     log_every: int = 250
     workers: int = 0  # processes drawing scenes ahead of the GPU
 
 
-def _scene_batch(seed: int, index: int, size: int):
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, 64, 64) in [-1, 1], on the device
+    ids_clip: torch.Tensor  # (B, 77) CLIP token ids
+    ids_t5: torch.Tensor  # (B, T5_TOKENS) T5 token ids
+
+
+_WORKER_TOKENIZERS: tuple | None = None
+
+
+def _init_worker() -> None:
+    global _WORKER_TOKENIZERS
+    torch.set_num_threads(1)
+    _WORKER_TOKENIZERS = (clip_tokenizer(), t5_tokenizer())
+
+
+def _scene_arrays(seed: int, index: int, size: int) -> dict[str, np.ndarray]:
+    """Batch `index` as compact arrays (cheap to send between processes) plus both token id arrays."""
+    if _WORKER_TOKENIZERS is None:
+        _init_worker()
+    clip_tok, t5_tok = _WORKER_TOKENIZERS
     rng = np.random.default_rng([seed, index])
     scenes = [sample_scene(rng) for _ in range(size)]
-    return scenes, [caption(s) for s in scenes]
+    out = {"background": np.array([_COLOUR_INDEX[s.background] for s in scenes], np.int64)}
+    shape = (size, MAX_SHAPES)
+    out |= {"present": np.zeros(shape, bool), "kind": np.zeros(shape, np.int64), "colour": np.zeros(shape, np.int64),
+            "geometry": np.zeros(shape + (3,), np.float32)}
+    for i, scene in enumerate(scenes):
+        for slot, shape_ in enumerate(scene.shapes):
+            out["present"][i, slot] = True
+            out["kind"][i, slot] = KINDS.index(shape_.kind)
+            out["colour"][i, slot] = _COLOUR_INDEX[shape_.colour]
+            out["geometry"][i, slot] = (*shape_.centre, shape_.extent)
+    captions = [caption(s) for s in scenes]
+    out["ids_clip"] = clip_tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
+    out["ids_t5"] = t5_tok(captions, padding="max_length", max_length=T5_TOKENS, truncation=True,
+                           return_tensors="np").input_ids
+    return out
+
+
+_COLOUR_INDEX = {name: i for i, name in enumerate(COLOURS)}
+
+
+def render_arrays(arrays: dict[str, torch.Tensor], size: int) -> torch.Tensor:
+    """`render_batch` from `_scene_arrays` tensors: every kind is computed for the whole batch and masked,
+    so there is no per-scene Python and no host synchronisation."""
+    device = arrays["background"].device
+    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32, device=device) / 127.5 - 1.0
+    images = palette[arrays["background"]][:, :, None, None].repeat(1, 1, size, size)
+    pixels = (torch.arange(size, dtype=torch.float32, device=device) + 0.5) / size
+    for slot in range(MAX_SHAPES):
+        cx, cy, extent = arrays["geometry"][:, slot].unbind(1)
+        extent = extent.clamp(min=1e-3)  # absent shapes have zero extent; they are masked out below
+        x = (pixels[None, None, :] - cx[:, None, None]) / extent[:, None, None]
+        y = (pixels[None, :, None] - cy[:, None, None]) / extent[:, None, None]
+        colours = palette[arrays["colour"][:, slot]][:, :, None, None]
+        for k, kind in enumerate(KINDS):
+            member = (arrays["present"][:, slot] & (arrays["kind"][:, slot] == k)).float()[:, None, None, None]
+            alpha = (0.5 - shape_distance(kind, x, y) * (extent * size)[:, None, None]).clamp(0.0, 1.0)[:, None]
+            alpha = alpha * member
+            images = images * (1.0 - alpha) + colours * alpha
+    return images
 
 
 class SceneStream:
-    """Endless batches of (images in [-1, 1] on the device, captions), drawn from the training split.
+    """Endless training batches drawn from the training split of the scene space.
 
-    Sampling scenes is Python and costs about as much as a training step of these small models, so
-    worker processes draw batches ahead (batch k always from seed [seed, k]: reproducible whatever the
-    number of workers); the device renders them. Spawned, not forked: a fork of a process that has
-    initialised CUDA is unsafe.
+    Sampling scenes and tokenizing captions is Python and costs more than a step of these small models,
+    so worker processes prepare batches ahead (batch k always from seed [seed, k]: reproducible whatever
+    the number of workers) as compact arrays; the device renders them. Workers are spawned, not forked:
+    a fork of a process that has initialised CUDA is unsafe.
     """
 
-    AHEAD = 32
+    AHEAD = 24
 
     def __init__(self, seed: int, batch: int, device: str, workers: int = 0):
         self.seed, self.batch, self.device, self.index = seed, batch, device, 0
-        self.pool = multiprocessing.get_context("spawn").Pool(workers) if workers else None
+        self.pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) if workers else None
         self.pending: collections.deque = collections.deque()
 
-    def _fill(self) -> None:
-        while len(self.pending) < self.AHEAD:
-            self.pending.append(self.pool.apply_async(_scene_batch, (self.seed, self.index, self.batch)))
-            self.index += 1
-
-    def next(self) -> tuple[torch.Tensor, list[str]]:
+    def next(self) -> Batch:
         if self.pool is None:
-            scenes, captions = _scene_batch(self.seed, self.index, self.batch)
+            arrays = _scene_arrays(self.seed, self.index, self.batch)
             self.index += 1
         else:
-            self._fill()
-            scenes, captions = self.pending.popleft().get()
-        return render_batch(scenes, IMAGE_SIZE, self.device), captions
+            while len(self.pending) < self.AHEAD:
+                self.pending.append(self.pool.apply_async(_scene_arrays, (self.seed, self.index, self.batch)))
+                self.index += 1
+            arrays = self.pending.popleft().get()
+        tensors = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()}
+        return Batch(render_arrays(tensors, IMAGE_SIZE), tensors["ids_clip"], tensors["ids_t5"])
 
     def close(self) -> None:
         if self.pool is not None:
@@ -105,7 +161,7 @@ def train_vae(vae, stream: SceneStream, cfg: TrainConfig, log) -> tuple[float, f
     for step in range(cfg.vae_steps):
         for group in opt.param_groups:
             group["lr"] = 1e-3 * _schedule(step, cfg.vae_steps, 100)
-        images, _ = stream.next()
+        images = stream.next().images
         with _autocast(cfg.device):
             posterior = vae.encode(images).latent_dist
             recon = vae.decode(posterior.sample()).sample
@@ -117,12 +173,8 @@ def train_vae(vae, stream: SceneStream, cfg: TrainConfig, log) -> tuple[float, f
             log(f"vae step {step}: loss {loss.item():.4f}")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        latents = torch.cat([vae.encode(stream.next()[0]).latent_dist.mean.float() for _ in range(8)])
+        latents = torch.cat([vae.encode(stream.next().images).latent_dist.mean.float() for _ in range(4)])
     return float(latents.mean()), float(latents.std())
-
-
-def _tokens(tokenizer, captions: list[str], length: int, device: str) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids.to(device)
 
 
 def train_flux(parts: FluxParts, stream: SceneStream, cfg: TrainConfig, log) -> int:
@@ -141,16 +193,16 @@ def train_flux(parts: FluxParts, stream: SceneStream, cfg: TrainConfig, log) -> 
     while step < cfg.max_denoiser_steps and time.monotonic() < deadline:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _schedule(step, cfg.max_denoiser_steps)
-        images, captions = stream.next()
+        batch = stream.next()
         with torch.no_grad():
-            latents = (parts.vae.encode(images).latent_dist.sample() - mean) / std
+            latents = (parts.vae.encode(batch.images).latent_dist.sample() - mean) / std
         target_tokens = pack(latents)
         noise = torch.randn_like(target_tokens)
-        t = torch.sigmoid(torch.randn(len(captions), device=device))  # logit-normal timesteps
+        t = torch.sigmoid(torch.randn(len(latents), device=device))  # logit-normal timesteps
         noisy = (1 - t[:, None, None]) * target_tokens + t[:, None, None] * noise
         with _autocast(device):
-            pooled = parts.text_encoder(_tokens(parts.tokenizer, captions, 77, device)).pooler_output
-            text = parts.text_encoder_2(_tokens(parts.tokenizer_2, captions, T5_TOKENS, device))[0]
+            pooled = parts.text_encoder(batch.ids_clip).pooler_output
+            text = parts.text_encoder_2(batch.ids_t5)[0]
             velocity = parts.transformer(hidden_states=noisy, encoder_hidden_states=text, pooled_projections=pooled,
                                          timestep=t, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
         loss = F.mse_loss(velocity.float(), noise - target_tokens)
@@ -159,7 +211,7 @@ def train_flux(parts: FluxParts, stream: SceneStream, cfg: TrainConfig, log) -> 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % cfg.log_every == 0:
-            log(f"flux step {step}: loss {loss.item():.4f}")
+            log(f"flux step {step}: loss {loss.item():.4f} ({time.monotonic() - deadline + cfg.denoiser_minutes * 60:.0f} s)")
         step += 1
     for m in modules:
         m.eval().requires_grad_(False)
@@ -181,19 +233,19 @@ def train_sdxl(parts: SdxlParts, stream: SceneStream, cfg: TrainConfig, log) -> 
     while step < cfg.max_denoiser_steps and time.monotonic() < deadline:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _schedule(step, cfg.max_denoiser_steps)
-        images, captions = stream.next()
-        n = len(captions)
+        batch = stream.next()
+        n = len(batch.images)
         with torch.no_grad():
-            latents = parts.vae.encode(images).latent_dist.sample() / std
+            latents = parts.vae.encode(batch.images).latent_dist.sample() / std
         noise = torch.randn_like(latents)
         t = torch.randint(0, len(alphas), (n,), device=device)
         a = alphas[t][:, None, None, None]
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         keep = (torch.rand(n, device=device) >= UNCOND_RATE).float()
         with _autocast(device):
-            ids = _tokens(parts.tokenizer, captions, 77, device)
-            hidden_1 = parts.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
-            out_2 = parts.text_encoder_2(_tokens(parts.tokenizer_2, captions, 77, device), output_hidden_states=True)
+            # Both SDXL tokenizers are the same CLIP vocabulary here, so one id array serves both encoders.
+            hidden_1 = parts.text_encoder(batch.ids_clip, output_hidden_states=True).hidden_states[-2]
+            out_2 = parts.text_encoder_2(batch.ids_clip, output_hidden_states=True)
             text = torch.cat([hidden_1, out_2.hidden_states[-2]], dim=-1) * keep[:, None, None]
             pooled = out_2.text_embeds * keep[:, None]
             eps = parts.unet(noisy, t, encoder_hidden_states=text,
@@ -205,7 +257,7 @@ def train_sdxl(parts: SdxlParts, stream: SceneStream, cfg: TrainConfig, log) -> 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % cfg.log_every == 0:
-            log(f"sdxl step {step}: loss {loss.item():.4f}")
+            log(f"sdxl step {step}: loss {loss.item():.4f} ({time.monotonic() - deadline + cfg.denoiser_minutes * 60:.0f} s)")
         step += 1
     for m in modules:
         m.eval().requires_grad_(False)
@@ -265,13 +317,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="models")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--minutes", type=float, default=3.0, help="denoiser training time per model")
-    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-steps", type=int, default=500)
     parser.add_argument("--max-steps", type=int, default=20000)
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=8e-4)
     parser.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 2)))
     args = parser.parse_args(argv)
     for family in args.family:
         train(TrainConfig(family=family, out_dir=Path(args.out), device=args.device, batch=args.batch,
                           vae_steps=args.vae_steps, denoiser_minutes=args.minutes, max_denoiser_steps=args.max_steps,
-                          workers=args.workers),
+                          workers=args.workers, lr=args.lr),
               log=lambda m: print(m, flush=True))
