@@ -229,16 +229,17 @@ _TORCH_FROM_ONNX = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16}
 class LoweringReport:
     weights: int  # weight tensors stored quantized
     activations: int  # activation quantizers inserted
-    fmt: set
+    fmt: set[str]  # formats found
 
 
 def _to_torch(tensor, base_dir: Path | None) -> torch.Tensor:
     from onnx import numpy_helper
 
-    array = numpy_helper.to_array(tensor, base_dir=str(base_dir) if base_dir else "")
-    if tensor.data_type == 16:  # bfloat16 arrives as ml_dtypes.bfloat16
-        return torch.from_numpy(array.view(np.uint16).astype(np.int32)).to(torch.int16).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(array))
+    # A writable copy: protobuf-backed arrays are read-only, which torch warns about.
+    array = np.array(numpy_helper.to_array(tensor, base_dir=str(base_dir) if base_dir else ""), copy=True)
+    if tensor.data_type == 16:  # bfloat16 arrives as ml_dtypes.bfloat16, which torch cannot take: pass the bits
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def _tensor_proto(name: str, t: torch.Tensor, onnx_type: int, dims: tuple[int, ...] | None = None):
