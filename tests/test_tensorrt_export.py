@@ -8,6 +8,8 @@ definition it documents).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -178,7 +180,7 @@ def test_fp8_lowering_matches_reference(tmp_path, exporter, dtype):
     assert rel_err(got, ref) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
-def _export_mlp(mlp: nn.Module, exporter: str, dtype: torch.dtype, tmp_path) -> "Path":
+def _export_mlp(mlp: nn.Module, exporter: str, dtype: torch.dtype, tmp_path: Path) -> Path:
     io = export.ComponentIO("mlp", nn.Identity, (export.TensorSpec("x", ("batch", 64), "compute"),), ("y",), exporter)
     raw = export.export_graph(mlp, io, dtype, tmp_path / "work")
     out = tmp_path / "mlp.onnx"
