@@ -11,9 +11,9 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from .registry import ModelSpec
-from .request import GenerationRequest, StageTimings
+from .request import GenerationRequest
 from .run_context import Parts, RunContext, Stopwatch
-from .sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noise, tokenize,
+from .sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noise, stage_timings, tokenize,
                        truncation_warning)
 
 # Top-level transformer modules kept in 16 bits at FP8/FP4: the embedders and the final projection,
@@ -115,9 +115,5 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     t_end = clock.mark()
     check_finite(decoded, "VAE decoder", "Try bf16.")
 
-    timings = StageTimings(
-        text_encoders_ms=clock.ms(t_start, t_text),
-        steps_ms=tuple(clock.ms(a, b) for a, b in zip(step_marks, step_marks[1:])),
-        vae_ms=clock.ms(t_vae, t_end),
-    )
+    timings = stage_timings(clock, t_start, t_text, step_marks, t_vae, t_end)
     return FamilyOutput(decoded_to_images(decoded), timings, tuple(warnings))

@@ -49,6 +49,13 @@ def check_finite(tensor: torch.Tensor, where: str, hint: str) -> None:
         raise NumericsError(f"The {where} produced NaN or infinite values, so no image was saved. {hint}")
 
 
+def stage_timings(clock, start, text_done, step_marks: list, vae_start, end) -> StageTimings:
+    """Milliseconds per stage from the loop's marks (read once, after the work: no sync per stage)."""
+    return StageTimings(text_encoders_ms=clock.ms(start, text_done),
+                        steps_ms=tuple(clock.ms(a, b) for a, b in zip(step_marks, step_marks[1:])),
+                        vae_ms=clock.ms(vae_start, end))
+
+
 def decoded_to_images(decoded: torch.Tensor) -> tuple[Image.Image, ...]:
     """VAE output in [-1, 1] (N, 3, H, W) to RGB images."""
     pixels = (decoded.float() / 2 + 0.5).clamp(0, 1)

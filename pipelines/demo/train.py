@@ -154,6 +154,13 @@ def _schedule(step: int, total: int, warmup: int = 200) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))) * 0.9 + 0.1
 
 
+def _optimise(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def train_vae(vae, stream: SceneStream, cfg: TrainConfig, log) -> tuple[float, float]:
     """Returns (mean, std) of the latents, for the pipeline's shift and scaling factors."""
     vae.to(cfg.device).train()
@@ -206,10 +213,7 @@ def train_flux(parts: FluxParts, stream: SceneStream, cfg: TrainConfig, log) -> 
             velocity = parts.transformer(hidden_states=noisy, encoder_hidden_states=text, pooled_projections=pooled,
                                          timestep=t, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
         loss = F.mse_loss(velocity.float(), noise - target_tokens)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimise(opt, params, loss)
         if step % cfg.log_every == 0:
             log(f"flux step {step}: loss {loss.item():.4f} ({time.monotonic() - deadline + cfg.denoiser_minutes * 60:.0f} s)")
         step += 1
@@ -252,10 +256,7 @@ def train_sdxl(parts: SdxlParts, stream: SceneStream, cfg: TrainConfig, log) -> 
                              added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.repeat(n, 1)},
                              return_dict=False)[0]
         loss = F.mse_loss(eps.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimise(opt, params, loss)
         if step % cfg.log_every == 0:
             log(f"sdxl step {step}: loss {loss.item():.4f} ({time.monotonic() - deadline + cfg.denoiser_minutes * 60:.0f} s)")
         step += 1
