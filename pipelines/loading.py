@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .registry import ModelSpec
+from .registry import Family, ModelSpec
 from .text_tokenizers import BASIC_WORDS, build_clip_tokenizer, build_t5_tokenizer
 
 
@@ -178,12 +178,12 @@ def _pretrained_args(spec: ModelSpec, name: str, source: WeightSource) -> dict[s
             "token": hub.token, "cache_dir": hub.cache_dir, "local_files_only": hub.is_offline}
 
 
-def default_model(family: "Family | None" = None, hub: HubOptions = HubOptions()) -> tuple[str, str]:
+def default_model(family: Family | None = None, hub: HubOptions = HubOptions()) -> tuple[str, str]:
     """(model id, note): the best model whose weights are here; the embedded demo model when none are.
 
     The note says what was chosen and how to get the real model, for the CLI and the UI to show.
     """
-    from .registry import HUB_MODELS, Family, demo_specs
+    from .registry import HUB_MODELS, demo_specs
 
     families = [family] if family else [Family.FLUX, Family.SDXL]
     for fam in families:

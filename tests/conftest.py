@@ -28,6 +28,31 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
+# Every tiny component the TensorRT tests export and build, as (family, component).
+TINY_COMPONENTS = [("flux", c) for c in ("text_encoder", "text_encoder_2", "transformer", "vae")] + \
+                  [("sdxl", c) for c in ("text_encoder", "text_encoder_2", "unet", "vae", "vae_encoder")]
+
+
+@pytest.fixture(scope="session")
+def specs(tiny_flux, tiny_sdxl):
+    from pipelines.registry import read_local_spec
+
+    return {"flux": read_local_spec(tiny_flux), "sdxl": read_local_spec(tiny_sdxl)}
+
+
+@pytest.fixture(scope="session")
+def sdxl(specs):
+    return specs["sdxl"]
+
+
+@pytest.fixture(scope="session")
+def trt_cache(tmp_path_factory):
+    """One TensorRT artifact cache for the whole session, so each tiny export/build is made once."""
+    from pipelines.engine_cache import EngineCache
+
+    return EngineCache(tmp_path_factory.getbasetemp() / "tensorrt-cache")
+
+
 @pytest.fixture(scope="session")
 def cpu_manager():
     from pipelines.manager import ManagerConfig, PipelineManager

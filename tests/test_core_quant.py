@@ -1,7 +1,6 @@
 """FP8 / NVFP4 arithmetic: formats, error bounds, which layers are converted, and memory saved."""
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 

@@ -1,8 +1,6 @@
 """The embedded demo models: shipped, small, loaded like any checkpoint, and drawing what the caption says."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch

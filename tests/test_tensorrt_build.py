@@ -26,25 +26,14 @@ from pipelines.components import FAMILY_MODULES
 from pipelines.engine_cache import EngineCache
 from pipelines.loading import load_component
 from pipelines.precision import Precision
-from pipelines.registry import read_local_spec
+from conftest import TINY_COMPONENTS
 
 # The same recipes and cache folder as test_tensorrt_export.py, so artifacts made there are reused.
 SMALL = {Precision.FP8: QuantRecipe(Precision.FP8, prompts=2, steps=2), Precision.FP4: QuantRecipe(Precision.FP4, prompts=2, steps=2)}
 TARGETS = {"sm89": (8, 9), "sm120": (12, 0)}
 SIXTEEN = {torch.float16: "Half", torch.bfloat16: "BFloat16"}
 WIDTH = {**SIXTEEN, torch.float32: "Float"}
-COMPONENTS = [("flux", c) for c in ("text_encoder", "text_encoder_2", "transformer", "vae")] + \
-             [("sdxl", c) for c in ("text_encoder", "text_encoder_2", "unet", "vae", "vae_encoder")]
-
-
-@pytest.fixture(scope="session")
-def trt_cache(tmp_path_factory) -> EngineCache:
-    return EngineCache(tmp_path_factory.getbasetemp() / "tensorrt-cache")
-
-
-@pytest.fixture(scope="session")
-def specs(tiny_flux, tiny_sdxl):
-    return {"flux": read_local_spec(tiny_flux), "sdxl": read_local_spec(tiny_sdxl)}
+COMPONENTS = TINY_COMPONENTS
 
 
 def request(spec, component, precision, target, dtype=None, **kw) -> EngineRequest:

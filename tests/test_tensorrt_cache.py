@@ -23,20 +23,10 @@ from pipelines.backends.tensorrt.quantize import QuantRecipe
 from pipelines.engine_cache import EngineCache, Manifest
 from pipelines.loading import HubOptions, WeightSource
 from pipelines.precision import Precision
-from pipelines.registry import read_local_spec, resolve_spec
+from pipelines.registry import resolve_spec
 
 # The same recipe and cache folder as the other TensorRT test modules, so artifacts are made once.
 SMALL_FP8 = QuantRecipe(Precision.FP8, prompts=2, steps=2)
-
-
-@pytest.fixture(scope="session")
-def trt_cache(tmp_path_factory) -> EngineCache:
-    return EngineCache(tmp_path_factory.getbasetemp() / "tensorrt-cache")
-
-
-@pytest.fixture(scope="session")
-def sdxl(tiny_sdxl):
-    return read_local_spec(tiny_sdxl)
 
 
 def request(spec, component, precision, target, dtype=None, **kw) -> EngineRequest:

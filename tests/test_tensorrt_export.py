@@ -28,28 +28,16 @@ from pipelines.backends.tensorrt import export, qdq
 from pipelines.backends.tensorrt.artifacts import ArtifactBuilder, EngineRequest
 from pipelines.backends.tensorrt.quantize import QuantRecipe, apply_quantization
 from pipelines.components import FAMILY_MODULES
-from pipelines.engine_cache import EngineCache
 from pipelines.loading import load_component
 from pipelines.precision import Precision
-from pipelines.registry import read_local_spec
+from conftest import TINY_COMPONENTS
 
 # Shared by the TensorRT test modules (same cache folder, same recipes), so each artifact is made once.
 SMALL_FP8 = QuantRecipe(Precision.FP8, prompts=2, steps=2)
 SMALL_FP4 = QuantRecipe(Precision.FP4, prompts=2, steps=2)
 DIMS = ({"batch": 1, "lat_h": 4, "lat_w": 6, "img_tokens": 6, "img_h": 32, "img_w": 48},
         {"batch": 3, "lat_h": 10, "lat_w": 8, "img_tokens": 20, "img_h": 80, "img_w": 64})
-CASES = [("flux", c) for c in ("text_encoder", "text_encoder_2", "transformer", "vae")] + \
-        [("sdxl", c) for c in ("text_encoder", "text_encoder_2", "unet", "vae", "vae_encoder")]
-
-
-@pytest.fixture(scope="session")
-def trt_cache(tmp_path_factory) -> EngineCache:
-    return EngineCache(tmp_path_factory.getbasetemp() / "tensorrt-cache")
-
-
-@pytest.fixture(scope="session")
-def specs(tiny_flux, tiny_sdxl):
-    return {"flux": read_local_spec(tiny_flux), "sdxl": read_local_spec(tiny_sdxl)}
+CASES = TINY_COMPONENTS
 
 
 def request(spec, component, dtype, precision=Precision.FP16, recipe=None, target=(8, 9)):

@@ -37,7 +37,6 @@ from pipelines.engine_cache import EngineCache
 from pipelines.gpu import DeviceInfo
 from pipelines.loading import load_component
 from pipelines.precision import Backend, Precision
-from pipelines.registry import read_local_spec
 
 TARGET = (8, 9)
 
@@ -170,16 +169,6 @@ def fake_trt(cache: EngineCache) -> Trt:
 
 
 # --------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="session")
-def trt_cache(tmp_path_factory) -> EngineCache:
-    return EngineCache(tmp_path_factory.getbasetemp() / "tensorrt-cache")
-
-
-@pytest.fixture(scope="session")
-def sdxl(tiny_sdxl):
-    return read_local_spec(tiny_sdxl)
-
 
 def build(cache, spec, component, dtype=torch.float32, max_batch=2):
     ranges = export.ShapeRanges.for_spec(spec, min_size=32, max_size=128, max_batch=max_batch)
