@@ -141,7 +141,8 @@ class PipelineManager:
         self.engine_cache = EngineCache(config.engine_cache_dir)
         self._backends: dict[Backend, Any] = dict(backends or {})
         self._backends.setdefault(Backend.TORCH, TorchBackend(TorchOptions(
-            compile=config.compile, stage_on_host=self.info.is_cuda and not self.info.unified)))
+            compile=config.compile, stage_on_host=self.info.is_cuda and not self.info.unified,
+            compile_cache_dir=self.engine_cache.root / "torch-inductor")))
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._waiting: list[Job] = []
         self._running: Job | None = None

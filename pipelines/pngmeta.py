@@ -27,7 +27,7 @@ def infotext(settings: dict[str, Any], seed: int, sampler: str = "Euler") -> str
         lines.append(f"Negative prompt: {settings['negative_prompt']}")
     fields = [("Steps", settings.get("steps")), ("Sampler", sampler), ("CFG scale", settings.get("guidance")),
               ("Seed", seed), ("Size", f"{settings.get('width')}x{settings.get('height')}"),
-              ("Model", settings.get("model_id") or settings.get("model")), ("Precision", settings.get("runs_as") or settings.get("precision")),
+              ("Model", settings.get("model")), ("Precision", settings.get("runs_as") or settings.get("precision")),
               ("Backend", settings.get("backend"))]
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields if v is not None and v != ""))
     return "\n".join(lines)

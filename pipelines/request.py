@@ -84,7 +84,8 @@ class GenerationResult:
 
     def settings(self) -> dict[str, Any]:
         """Every setting needed to reproduce the result; saved into each PNG."""
-        return {**self.request.to_dict(), "model_id": self.model_id, "seeds": list(self.seeds), "backend": self.backend,
+        # The model by name, never a local folder's path: PNGs get shared, paths are private.
+        return {**self.request.to_dict(), "model": self.model_id, "seeds": list(self.seeds), "backend": self.backend,
                 "runs_as": self.runs_as, "device": self.device}
 
 

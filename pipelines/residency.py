@@ -136,13 +136,13 @@ class Residency:
             _, _, victim = min(victims)
             self.evict(victim, reason)
 
-    def evict(self, key: ComponentKey, reason: str = "") -> None:
+    def evict(self, key: ComponentKey, reason: str = "", release: bool = True, park: bool = True) -> None:
         with self._lock:
             entry = self.entries.get(key)
             if entry is None:
                 return
             obj, nbytes = entry.component.obj, entry.component.nbytes
-            parkable = isinstance(obj, torch.nn.Module) and self.can_park and not entry.parked
+            parkable = park and isinstance(obj, torch.nn.Module) and self.can_park and not entry.parked
             if parkable and self.parked_bytes() + nbytes <= self.park_budget_bytes:
                 obj.to("cpu")
                 entry.parked = True
@@ -154,20 +154,21 @@ class Residency:
                     unload()
                 self._record("evict", key, nbytes, reason)
             del obj
-            release_device_memory(self.device)
+            if release:
+                release_device_memory(self.device)
 
     def evict_all(self, reason: str = "", keep: set[ComponentKey] = frozenset()) -> None:
         for key in [k for k in self.entries if k not in keep]:
-            self.evict(key, reason)
-            if key in self.entries:  # parked: drop it entirely
-                del self.entries[key]
+            self.evict(key, reason, release=False, park=False)
+            self.entries.pop(key, None)  # a component parked earlier is dropped from host RAM too
+        release_device_memory(self.device)  # one collection for the lot (each is ~0.5 s in a big process)
 
     def drop_model(self, model: str) -> int:
         """Unload every component of `model` (device and host); returns bytes released."""
         keys = [k for k in self.entries if k.model == model]
         freed = sum(self.entries[k].component.nbytes for k in keys)
         for k in keys:
-            self.evict(k, "unloaded by the user")
+            self.evict(k, "unloaded by the user", release=False, park=False)
             self.entries.pop(k, None)
         release_device_memory(self.device)
         return freed

@@ -21,7 +21,7 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 def test_png_metadata_round_trips(tmp_path):
     settings = {"prompt": "a red fox, snow", "negative_prompt": "blurry", "steps": 28, "guidance": 3.5,
-                "width": 64, "height": 48, "model": "/models/my-flux", "model_id": "my-flux", "precision": "fp4",
+                "width": 64, "height": 48, "model": "my-flux", "precision": "fp4",
                 "runs_as": "FP4 weights, 16-bit compute", "backend": "PyTorch (eager)", "seeds": [42]}
     image = Image.new("RGB", (64, 48), (10, 200, 30))
     path = save_png(tmp_path / "a.png", image, settings, seed=42, sampler="Euler")
@@ -52,6 +52,7 @@ def test_cli_generate_writes_pngs_with_metadata(tiny_flux, tmp_path):
     meta = [read_png_metadata(p)["settings"] for p in paths]
     assert [m["seed"] for m in meta] == [21, 22] and meta[0]["precision"] == "fp8"
     assert meta[0]["runs_as"] == "FP8 (CPU emulation)"
+    assert meta[0]["model"] == "tiny-flux"  # the model's name, not the folder's path
     assert "FP8 (CPU emulation)" in proc.stdout and "2 steps" in proc.stdout
 
 

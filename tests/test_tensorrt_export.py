@@ -113,9 +113,13 @@ def test_fp8_graph_matches_its_torch_reference(specs, trt_cache):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for dims in DIMS:
         got, ref = run_both(session, quantized, io, torch.float32, dims, 100)
-        assert rel_err(got[0], ref[0]) < 1e-4
         _, full = run_both(session, plain, io, torch.float32, dims, 100)
-        assert 1e-4 < rel_err(got[0], full[0]) < 0.2  # quantized, and still close to the 16-bit model
+        same, quant = rel_err(got[0], ref[0]), rel_err(got[0], full[0])
+        # onnxruntime quantizes with a reciprocal multiply, torch divides: a value that lands on an e4m3
+        # rounding boundary can round the other way. Usually 1e-6; seen 1.6e-3 with other calibration data.
+        # Either way it is far below the quantization error itself (~0.04), which is what the graph adds.
+        assert same < 5e-3 and same < quant / 5, (same, quant)
+        assert 1e-4 < quant < 0.2  # quantized, and still close to the 16-bit model
 
 
 class _TrtFp4DynamicQuantize:

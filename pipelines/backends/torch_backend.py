@@ -8,7 +8,9 @@ Optimisations, in order, each with its off switch and reason:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -28,6 +30,9 @@ class TorchOptions:
     # Quantize checkpoints while moving them from host RAM, one layer at a time (discrete GPUs only: on
     # unified memory the host copy is device memory too, so staging saves nothing).
     stage_on_host: bool = False
+    # Inductor's compiled kernels and graphs are kept here (under engine_cache/), so a restart reuses them
+    # instead of compiling for minutes again; None leaves torch's default (a temp folder).
+    compile_cache_dir: Path | None = None
 
 
 class TorchBackend:
@@ -71,6 +76,12 @@ class TorchBackend:
             report = _quantize(obj, spec, precision, dtype, native_fp4, device if staged else None)
             runs_as = support.runs_as if report.native_fp4 == native_fp4 else "FP4 weights, 16-bit compute"
             if self.options.compile and device.startswith("cuda"):
+                if self.options.compile_cache_dir is not None:
+                    # Read by inductor whenever it resolves its cache folder, so setting it here is enough.
+                    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.options.compile_cache_dir))
+                if ctx is not None:
+                    ctx.report("build", 0, 1, "torch.compile: the first image at a new size compiles for a few "
+                                              "minutes (cached in engine_cache/ for next time)")
                 obj.compile_repeated_blocks(fullgraph=True, mode=self.options.compile_mode)
         engine = ADAPTERS[spec.family][name](obj).eval()
         return LoadedComponent(key, engine, module_bytes(obj), dtype, runs_as)
