@@ -45,6 +45,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 250
     workers: int = 0  # processes drawing scenes ahead of the GPU
+    resume: Path | None = None  # continue training a saved demo model (text encoders + denoiser; VAE kept)
 
 
 @dataclass
@@ -186,8 +187,12 @@ def train_vae(vae, stream: SceneStream, cfg: TrainConfig, log) -> tuple[float, f
 
 def train_flux(parts: FluxParts, stream: SceneStream, cfg: TrainConfig, log) -> int:
     device = cfg.device
-    mean, std = train_vae(parts.vae, stream, cfg, log)
-    parts.vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
+    if cfg.resume is None:
+        mean, std = train_vae(parts.vae, stream, cfg, log)
+        parts.vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
+    else:  # continuing: the VAE and its latent statistics stay as saved
+        parts.vae.to(device).eval().requires_grad_(False)
+        mean, std = parts.vae.config.shift_factor, 1.0 / parts.vae.config.scaling_factor
     modules = [parts.text_encoder, parts.text_encoder_2, parts.transformer]
     for m in modules:
         m.to(device).train()
@@ -224,8 +229,12 @@ def train_flux(parts: FluxParts, stream: SceneStream, cfg: TrainConfig, log) -> 
 
 def train_sdxl(parts: SdxlParts, stream: SceneStream, cfg: TrainConfig, log) -> int:
     device = cfg.device
-    _, std = train_vae(parts.vae, stream, cfg, log)
-    parts.vae.register_to_config(scaling_factor=1.0 / std)
+    if cfg.resume is None:
+        _, std = train_vae(parts.vae, stream, cfg, log)
+        parts.vae.register_to_config(scaling_factor=1.0 / std)
+    else:
+        parts.vae.to(device).eval().requires_grad_(False)
+        std = 1.0 / parts.vae.config.scaling_factor
     modules = [parts.text_encoder, parts.text_encoder_2, parts.unet]
     for m in modules:
         m.to(device).train()
@@ -291,6 +300,20 @@ def save(parts: FluxParts | SdxlParts, family: str, out_dir: Path, steps: int) -
     return folder
 
 
+def load_parts(kind, folder: Path):
+    """A saved demo model's components in fp32, ready to train further."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    return kind(**{name: getattr(pipe, name) for name in kind.__dataclass_fields__})
+
+
+def previous_steps(folder: Path | None) -> int:
+    if folder is None or not (folder / "TRAINING.json").is_file():
+        return 0
+    return int(json.loads((folder / "TRAINING.json").read_text()).get("denoiser_steps", 0))
+
+
 def train(cfg: TrainConfig, log=print) -> Path:
     torch.manual_seed(cfg.seed)
     # cuDNN's fused attention fails in the backward pass at these small shapes on the H100 (torch 2.11,
@@ -300,11 +323,12 @@ def train(cfg: TrainConfig, log=print) -> Path:
     started = time.monotonic()
     try:
         if cfg.family == "flux":
-            parts = new_flux()
+            parts = load_parts(FluxParts, cfg.resume) if cfg.resume else new_flux()
             steps = train_flux(parts, stream, cfg, log)
         else:
-            parts = new_sdxl()
+            parts = load_parts(SdxlParts, cfg.resume) if cfg.resume else new_sdxl()
             steps = train_sdxl(parts, stream, cfg, log)
+        steps += previous_steps(cfg.resume)
     finally:
         stream.close()
     folder = save(parts, cfg.family, cfg.out_dir, steps)
@@ -322,10 +346,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=20000)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=8e-4)
+    parser.add_argument("--resume", default=None,
+                        help="continue from saved demo models in this folder (e.g. models): VAE kept, the rest trained")
     parser.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 2)))
     args = parser.parse_args(argv)
     for family in args.family:
         train(TrainConfig(family=family, out_dir=Path(args.out), device=args.device, batch=args.batch,
                           vae_steps=args.vae_steps, denoiser_minutes=args.minutes, max_denoiser_steps=args.max_steps,
-                          workers=args.workers, lr=args.lr),
+                          workers=args.workers, lr=args.lr,
+                          resume=Path(args.resume) / f"demo-{family}" if args.resume else None),
               log=lambda m: print(m, flush=True))
