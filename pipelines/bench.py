@@ -80,7 +80,7 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         for precision in args.precision:
             # The baseline runs in the 16-bit type this precision computes in (bf16 for Flux FP8/FP4, fp16 for SDXL).
-            base = "bf16" if compute_dtype(spec, Precision(precision)) == torch.bfloat16 else "fp16"
+            base = "bf16" if compute_dtype(spec, Precision(precision), **manager.dtype_policy) == torch.bfloat16 else "fp16"
             if baseline is not None and base not in baselines:
                 baselines[base] = _measure(baseline, args, model, base, f"baseline: diffusers eager {base}")
                 print(f"measured {baselines[base]}", flush=True)  # partial results survive a time limit

@@ -264,16 +264,16 @@ class PipelineManager:
     # ------------------------------------------------------------------ memory planning
 
     def _working_bytes(self, spec: ModelSpec, req: GenerationRequest) -> int:
-        vae_dtype = component_dtype(spec, "vae", req.precision)
+        vae_dtype = component_dtype(spec, "vae", req.precision, **self.dtype_policy)
         return self.config.min_working_bytes + activation_bytes(spec, req.width, req.height, req.num_images,
                                                                 torch.empty((), dtype=vae_dtype).element_size())
 
     def _component_bytes(self, spec: ModelSpec, name: str, precision: Precision, backend: Backend) -> int:
         if name in LIGHT_PARTS:
             return 0
-        key = component_key(spec, name, precision, backend.value, self._bf16_ok)
+        key = component_key(spec, name, precision, backend.value, **self.dtype_policy)
         entry = self.residency.entries.get(key)
-        return entry.component.nbytes if entry else estimate_bytes(spec, name, precision, self._bf16_ok)
+        return entry.component.nbytes if entry else estimate_bytes(spec, name, precision, **self.dtype_policy)
 
     def stage_bytes(self, spec: ModelSpec, precision: Precision, backend: Backend) -> list[tuple[tuple[str, ...], int]]:
         return [(stage, sum(self._component_bytes(spec, n, precision, backend) for n in stage)) for stage in stages(spec)]
@@ -289,12 +289,12 @@ class PipelineManager:
         return out
 
     def _load_peak(self, spec: ModelSpec, name: str, precision: Precision, backend: Backend, source: WeightSource) -> int:
-        key = component_key(spec, name, precision, backend.value, self._bf16_ok)
+        key = component_key(spec, name, precision, backend.value, **self.dtype_policy)
         if key in self.residency.entries:
             return 0  # already loaded (or parked): no load peak
         peak = getattr(self._backend(backend), "load_peak_bytes", None)
         if peak is None:
-            return estimate_bytes(spec, name, precision, self._bf16_ok)
+            return estimate_bytes(spec, name, precision, **self.dtype_policy)
         return peak(spec, name, precision, self._bf16_ok, self.device, source)
 
     def check_fits(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
@@ -325,6 +325,11 @@ class PipelineManager:
     @property
     def _bf16_ok(self) -> bool:
         return self.info.capability is None or self.info.capability >= (8, 0)
+
+    @property
+    def dtype_policy(self) -> dict[str, bool]:
+        """What decides each component's dtype on this device (see components.compute_dtype)."""
+        return {"cuda_bf16": self._bf16_ok, "cpu": not self.info.is_cuda}
 
     # ------------------------------------------------------------------ backends, status, unloading
 
@@ -372,7 +377,7 @@ class JobParts:
     def key(self, name: str) -> ComponentKey:
         # Tokenizers and schedulers are the same object for every backend.
         backend = "any" if name in LIGHT_PARTS else self.backend_kind.value
-        return component_key(self.spec, name, self.precision, backend, self.m._bf16_ok)
+        return component_key(self.spec, name, self.precision, backend, **self.m.dtype_policy)
 
     def get(self, name: str) -> Any:
         index = next(i for i, stage in enumerate(self.stages) if name in stage)
@@ -403,7 +408,7 @@ class JobParts:
     def dtype(self, name: str) -> torch.dtype:
         if self._dtypes.get(name) is not None:
             return self._dtypes[name]
-        return component_dtype(self.spec, name, self.precision, self.m._bf16_ok)
+        return component_dtype(self.spec, name, self.precision, **self.m.dtype_policy)
 
     def done_with(self, *names: str) -> None:
         self.finished |= {self.key(n) for n in names}

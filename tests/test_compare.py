@@ -29,9 +29,11 @@ def test_plan_orders_16bit_first_and_picks_the_compute_dtype(flux_dir, tiny_sdxl
     flux = read_local_spec(flux_dir)
     sdxl = read_local_spec(tiny_sdxl)
     assert plan_precisions(["fp4", "16-bit", "fp8", "fp4"], flux, None) == [Precision.BF16, Precision.FP8, Precision.FP4]
-    # SDXL's FP8/FP4 UNet computes in fp16, so fp16 is the reference that isolates quantization
-    assert reference_precision(sdxl, None) is Precision.FP16
-    assert plan_precisions(["16-bit"], sdxl, None) == [Precision.FP16]
+    # SDXL's FP8/FP4 UNet computes in fp16 on a GPU (bf16 on a CPU), so that is the reference that
+    # isolates quantization
+    assert reference_precision(sdxl, (9, 0)) is Precision.FP16
+    assert plan_precisions(["16-bit"], sdxl, (9, 0)) == [Precision.FP16]
+    assert reference_precision(sdxl, None) is Precision.BF16
     # a GPU without bf16 computes Flux in fp16
     assert reference_precision(flux, (7, 5)) is Precision.FP16
     with pytest.raises(ValueError, match="at least one precision"):

@@ -52,18 +52,19 @@ class TorchBackend:
                         device: str = "cpu", source: WeightSource = WeightSource()) -> int:
         """Device memory at the height of loading. A quantized denoiser is converted from 16-bit weights:
         staged in host RAM it costs its final size plus one 16-bit layer; built in place, its 16-bit size."""
-        final = estimate_bytes(spec, name, precision, bf16_ok)
+        cpu = not device.startswith("cuda")
+        final = estimate_bytes(spec, name, precision, bf16_ok, cpu)
         if name != spec.denoiser or Precision.parse(precision).is_16bit:
             return final
         if self._staged(spec, name, precision, device, source):
             return final + largest_linear_bytes(spec, name)
-        return estimate_bytes(spec, name, Precision.BF16 if bf16_ok else Precision.FP16, bf16_ok)
+        return estimate_bytes(spec, name, Precision.BF16 if bf16_ok else Precision.FP16, bf16_ok, cpu)
 
     def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, capability: tuple[int, int] | None,
              source: WeightSource, ctx: RunContext | None = None) -> LoadedComponent:
-        bf16_ok = capability is None or capability >= (8, 0)
-        dtype = component_dtype(spec, name, precision, bf16_ok)
-        key = component_key(spec, name, precision, self.name, bf16_ok)
+        bf16_ok, cpu = capability is None or capability >= (8, 0), capability is None
+        dtype = component_dtype(spec, name, precision, bf16_ok, cpu)
+        key = component_key(spec, name, precision, self.name, bf16_ok, cpu)
         staged = self._staged(spec, name, precision, device, source)
         obj = load_component(spec, name, dtype=dtype or torch.float32, device="cpu" if staged else device, source=source)
         if dtype is None:  # tokenizer or scheduler
