@@ -6,7 +6,6 @@ import logging
 import sys
 
 from .errors import user_message
-from .gpu import GiB
 from .precision import Precision
 
 log = logging.getLogger("prism.cli")
@@ -121,10 +120,6 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("failed")
         print(f"error: {user_message(exc)}", file=sys.stderr)
         return 2
-
-
-def format_bytes(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / GiB:.2f} GiB"
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ class PipelineManager:
         self.info = device_info or probe_device(self.device)
         budget = (parse_memory(config.memory_budget, self.info.total_bytes) if config.memory_budget
                   else default_budget(self.info))
-        host_total, host_free = system_memory()
+        _, host_free = system_memory()
         self.residency = Residency(budget, self.device, can_park=self.info.is_cuda and not self.info.unified,
                                    park_budget_bytes=int(host_free * 0.5))
         self.engine_cache = EngineCache(config.engine_cache_dir)
