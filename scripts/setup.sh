@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv --system-site-packages .venv
+  # Some containers lack ensurepip; a venv without its own pip still installs into itself through the
+  # system's pip module (visible via --system-site-packages).
+  "$PYTHON" -m venv --system-site-packages .venv 2>/dev/null || "$PYTHON" -m venv --system-site-packages --without-pip .venv
 fi
 PY=.venv/bin/python
 $PY -m pip install -q --upgrade pip >/dev/null
