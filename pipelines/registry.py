@@ -277,6 +277,7 @@ def known_ids() -> list[str]:
 
 def resolve_spec(model: str) -> ModelSpec:
     """A registry id, or a local folder in the Hugging Face pipeline layout."""
+    model = str(model).strip()
     for spec in HUB_MODELS + demo_specs():
         if spec.id == model:
             return spec
