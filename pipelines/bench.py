@@ -13,7 +13,7 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
 import torch
@@ -47,7 +47,7 @@ def _measure(manager: PipelineManager, args: argparse.Namespace, model: str, pre
              baseline: str | None = None) -> BenchRow:
     request = request_from_args(args, model, precision)
     if request.seed is None:
-        request = request.__class__(**{**request.__dict__, "seed": 0})
+        request = replace(request, seed=0)  # every run renders the same image
     first = manager.generate(request)
     for _ in range(max(args.warmup - 1, 0)):
         manager.generate(request)

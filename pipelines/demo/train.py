@@ -201,7 +201,8 @@ def train_flux(parts: FluxParts, stream: SceneStream, cfg: TrainConfig, log) -> 
     side = IMAGE_SIZE // 4  # latent side
     img_ids = image_ids(side, side, torch.device(device), torch.float32)
     txt_ids = torch.zeros(T5_TOKENS, 3, device=device)
-    deadline, step = time.monotonic() + cfg.denoiser_minutes * 60, 0
+    started, step = time.monotonic(), 0
+    deadline = started + cfg.denoiser_minutes * 60
     while step < cfg.max_denoiser_steps and time.monotonic() < deadline:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _schedule(step, cfg.max_denoiser_steps)
@@ -220,7 +221,7 @@ def train_flux(parts: FluxParts, stream: SceneStream, cfg: TrainConfig, log) -> 
         loss = F.mse_loss(velocity.float(), noise - target_tokens)
         _optimise(opt, params, loss)
         if step % cfg.log_every == 0:
-            log(f"flux step {step}: loss {loss.item():.4f} ({time.monotonic() - deadline + cfg.denoiser_minutes * 60:.0f} s)")
+            log(f"flux step {step}: loss {loss.item():.4f} ({time.monotonic() - started:.0f} s)")
         step += 1
     for m in modules:
         m.eval().requires_grad_(False)
@@ -242,7 +243,8 @@ def train_sdxl(parts: SdxlParts, stream: SceneStream, cfg: TrainConfig, log) -> 
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     alphas = parts.scheduler.alphas_cumprod.to(device)
     time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32, device=device)
-    deadline, step = time.monotonic() + cfg.denoiser_minutes * 60, 0
+    started, step = time.monotonic(), 0
+    deadline = started + cfg.denoiser_minutes * 60
     while step < cfg.max_denoiser_steps and time.monotonic() < deadline:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _schedule(step, cfg.max_denoiser_steps)
@@ -267,7 +269,7 @@ def train_sdxl(parts: SdxlParts, stream: SceneStream, cfg: TrainConfig, log) -> 
         loss = F.mse_loss(eps.float(), noise)
         _optimise(opt, params, loss)
         if step % cfg.log_every == 0:
-            log(f"sdxl step {step}: loss {loss.item():.4f} ({time.monotonic() - deadline + cfg.denoiser_minutes * 60:.0f} s)")
+            log(f"sdxl step {step}: loss {loss.item():.4f} ({time.monotonic() - started:.0f} s)")
         step += 1
     for m in modules:
         m.eval().requires_grad_(False)
