@@ -69,11 +69,21 @@ def host_peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
+def _placeholder_class(name: str) -> type:
+    if name.startswith("_"):  # inspect and importlib probe __file__, __path__ ...: those must stay missing
+        raise AttributeError(name)
+    return type(name, (), {})
+
+
 def check_imports() -> None:
     import importlib.util
 
-    if importlib.util.find_spec("pulp") is None:
-        sys.modules["pulp"] = types.ModuleType("pulp")  # see the module docstring
+    if importlib.util.find_spec("pulp") is None:  # see the module docstring
+        stub = types.ModuleType("pulp")
+        # ModelOpt 0.47 names pulp classes in annotations evaluated at import (pulp.LpVariable): any
+        # attribute is a placeholder class, which is all an import needs.
+        stub.__getattr__ = _placeholder_class
+        sys.modules["pulp"] = stub
     missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
     if missing:
         sys.exit(f"missing Python packages: {', '.join(missing)} -- carry their wheels (see this script's docstring)")

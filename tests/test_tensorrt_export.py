@@ -222,3 +222,27 @@ def test_e2m1_rounding_is_nearest_even():
     values = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -0.75, -0.1])
     # ties go to the even code (0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0), beyond 6 saturates, signs kept
     assert qdq._e2m1_values(qdq._e2m1_codes(values)).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, -1.0, -0.0]
+
+
+def test_rms_norms_are_written_in_plain_ops_during_export_and_restored_after():
+    # On a GPU torch lowers nn.RMSNorm to aten._fused_rms_norm, which no ONNX exporter writes (seen on the
+    # H200); the export swaps in the same arithmetic and must leave the module as it found it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.RMSNorm(16, eps=1e-6), nn.Sequential(nn.RMSNorm([2, 8])))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    originals = [m for m in model.modules() if isinstance(m, nn.RMSNorm)]
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model[1](model[0](x))
+        expected_2d = model[2](expected.view(3, 2, 8))
+        with export.plain_rms_norms(model):
+            assert not any(isinstance(m, nn.RMSNorm) for m in model.modules())
+            assert list(dict(model.named_parameters())) == ["0.weight", "0.bias", "1.weight", "2.0.weight"]
+            got = model[1](model[0](x))
+            got_2d = model[2](got.view(3, 2, 8))
+            bf16 = model[1](model[0](x).bfloat16())
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_2d, expected_2d, rtol=1e-6, atol=1e-6)
+    assert bf16.dtype == torch.bfloat16
+    assert [m for m in model.modules() if isinstance(m, nn.RMSNorm)] == originals

@@ -10,6 +10,9 @@ Exporter per graph, from measurements on the tiny models (research/feasibility-t
   LayerNorm with mixed fp32/fp16 inputs (and fails outright in bf16);
 - TorchScript for the SDXL UNet and the VAE: dynamo's UNet graph concatenates fp16 with fp32
   (rejected by strongly typed TensorRT), and TorchScript exports them 5-10x faster.
+On a GPU, torch's RMSNorm becomes the CUDA-only `aten._fused_rms_norm`, which neither exporter can
+write (seen on the H100/H200 with torch 2.11 + onnxscript 0.7.2); during export every `nn.RMSNorm`
+is swapped for the same arithmetic in plain ops (`_PlainRMSNorm`), on every device alike.
 
 The saved file keeps its weights in an external data file beside it (any model over 2 GB must, and
 one layout for every size keeps the code single); its size and checksum are recorded in the model's
@@ -17,10 +20,12 @@ metadata so a truncated data file is caught before a build trusts it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,7 +41,7 @@ from . import qdq
 log = logging.getLogger("prism.tensorrt.export")
 
 OPSET = 20  # the TorchScript exporter's newest; the quantized graphs move to 23 when lowered (qdq.QDQ_OPSET)
-EXPORT_VERSION = 1  # part of every ONNX artifact's key: bump when the exported graphs change
+EXPORT_VERSION = 2  # part of every ONNX artifact's key: bump when the exported graphs change
 CLIP_TOKENS = 77
 DATA_SUFFIX = ".data"
 EXTERNAL_THRESHOLD = 1024  # tensors at least this many bytes go to the data file
@@ -226,7 +231,7 @@ def export_graph(module: nn.Module, io: ComponentIO, dtype: torch.dtype, workdir
     sample = sample_inputs(io, dtype, device, vocab)
     quantized = any(isinstance(m, qdq.QUANTIZED_MODULES) for m in module.modules())
     dynamic = {t.name: {i: d for i, d in enumerate(t.dims) if isinstance(d, str)} for t in io.inputs}
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), plain_rms_norms(module):
         if io.exporter == "dynamo":
             from torch.export import Dim
 
@@ -245,6 +250,41 @@ def export_graph(module: nn.Module, io: ComponentIO, dtype: torch.dtype, workdir
                               input_names=[t.name for t in io.inputs], output_names=list(io.outputs),
                               dynamic_axes={n: axes for n, axes in dynamic.items() if axes}, do_constant_folding=False)
     return raw
+
+
+class _PlainRMSNorm(nn.Module):
+    """`nn.RMSNorm`'s arithmetic (float32 statistics, result in the input's type) in ops every exporter knows.
+    It holds the original's weight Parameter, so the ONNX initializer keeps the parameter's name."""
+
+    def __init__(self, norm: nn.RMSNorm):
+        super().__init__()
+        self.dims = tuple(range(-len(norm.normalized_shape), 0))
+        self.eps = norm.eps
+        self.weight = norm.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        y = x32 * torch.rsqrt(x32.pow(2).mean(self.dims, keepdim=True) + eps)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.to(x.dtype)
+
+
+@contextlib.contextmanager
+def plain_rms_norms(module: nn.Module) -> Iterator[None]:
+    """Swap every `nn.RMSNorm` inside `module` for `_PlainRMSNorm` for the duration, then put them back."""
+    swapped = []
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.RMSNorm):
+                setattr(parent, name, _PlainRMSNorm(child))
+                swapped.append((parent, name, child))
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
 
 
 def _rename_outputs(model, names: tuple[str, ...]) -> None:
