@@ -21,6 +21,14 @@ onnxscript==0.7.2 onnx_ir==1.1.0 omegaconf pydantic==2.14.4 pydantic-core==2.50.
 typing-inspection typing_extensions rich markdown-it-py mdurl pygments scipy (about 47 MB). `pulp` is
 stubbed below when missing: ModelOpt imports it for its auto-quantize search only, never run here.
 
+The full-depth FLUX.1-dev transformer does not fit one 10-minute call (2026-11-26 on an H200: the
+export was still saving after 9.5 minutes, at bf16 and at FP8). Start it detached and collect it with
+a second call while the machine is still warm:
+
+    setsid nohup python3 scripts/gpu_trt_export.py --only fp8 > /tmp/trt.log 2>&1 &     # call 1, then wait
+    while pgrep -f gpu_trt_export >/dev/null; do sleep 10; done; cp /tmp/trt.log $OUT/   # call 2
+(with OUT pointing at a folder outside $OUT in call 1, e.g. OUT=/tmp/trt-out, copied back in call 2).
+
 Results go to $OUT when set (log, results.json, benchmarks.md with rows for BENCHMARKS.md); the ONNX
 files stay on the machine's disk (--cache) and are deleted after measuring unless --keep.
 """

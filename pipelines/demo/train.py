@@ -1,6 +1,10 @@
 """Train the embedded demo models on synthetic scenes and save them in the Hugging Face pipeline layout.
 
-    python -m pipelines.demo train --family flux sdxl --out models --minutes 4
+    python -m pipelines.demo train --family flux sdxl --out models --vae-minutes 2.2 --minutes 6
+    python -m pipelines.demo train --family flux --resume models --out models --minutes 8   # train on
+
+The shipped models (2026-11-26, one H200): both families at once, 2.2 VAE minutes + 5.8 denoiser
+minutes each; demo-flux then resumed alone for 8.1 minutes (6270 denoiser steps in all, demo-sdxl 1883).
 
 Order per model: the VAE first (reconstruction weighted towards the shapes + a small KL term), its
 latent statistics set the scaling (and for Flux the shift) factor, then the denoiser and the text
@@ -13,7 +17,8 @@ and the denoiser and text encoders are saved as an exponential moving average of
 
 The VAE bounds everything: a denoiser cannot draw a shape its VAE cannot reconstruct. After the VAE
 phase the log prints the adherence score of VAE reconstructions of the held-out scenes (1.0 for the
-renders themselves); 500 plain-MSE steps gave 0.74 (demo-flux) and 0.43 (demo-sdxl): blobs.
+renders themselves); 500 plain-MSE steps gave 0.74 (demo-flux) and 0.43 (demo-sdxl): blobs; the
+shape-weighted loss over 1310 steps of 256 gave 0.984 and 0.986.
 """
 from __future__ import annotations
 
