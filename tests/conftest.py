@@ -1,7 +1,9 @@
 """Shared fixtures: tiny Flux/SDXL pipelines saved once per session in the Hugging Face layout."""
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,28 @@ def trt_cache(tmp_path_factory):
     from pipelines.engine_cache import EngineCache
 
     return EngineCache(tmp_path_factory.getbasetemp() / "tensorrt-cache")
+
+
+@contextlib.contextmanager
+def worker_held(manager, model: str):
+    """Keep `manager`'s one worker busy with a 1-step job of `model` until the block ends; yields that job,
+    whose result is awaited on the way out."""
+    from pipelines.request import GenerationRequest
+
+    release, holding = threading.Event(), threading.Event()
+
+    def hold(progress):  # on the worker thread: the job stays in its denoise stage until released
+        if progress.stage == "denoise":
+            holding.set()
+            release.wait(60)
+
+    job = manager.submit(GenerationRequest("x", model, width=32, height=32, steps=1, seed=1), on_progress=hold)
+    try:
+        assert holding.wait(60), "the holding job never started"
+        yield job
+    finally:
+        release.set()
+    job.result(timeout=60)
 
 
 @pytest.fixture(scope="session")

@@ -134,24 +134,12 @@ def test_api_error_is_a_message_and_the_app_keeps_serving(client):
 
 def test_api_queue_position_and_busy(client, app):
     """With max_queue=1: a request behind a running job reports its place in line; one more is told "busy"."""
-    import threading
-
     from gradio_client.exceptions import AppError
 
-    from pipelines.request import GenerationRequest
+    from conftest import worker_held
 
     service = app[1]
-    release, holding = threading.Event(), threading.Event()
-
-    def hold_the_worker(progress):  # called on the worker thread: the job keeps the GPU until released
-        if progress.stage == "denoise":
-            holding.set()
-            release.wait(60)
-
-    blocker = service.manager.submit(GenerationRequest("x", service.choice("tiny-flux").model, width=32, height=32,
-                                                       steps=1, seed=1), on_progress=hold_the_worker)
-    try:
-        assert holding.wait(60), "the blocking job never started"
+    with worker_held(service.manager, service.choice("tiny-flux").model):
         second = client.submit("tiny-flux", "a red circle", 32, 32, 1, 3.5, 2, 1, "bf16", api_name="/generate_flux")
         deadline = time.monotonic() + 30
         while service.manager.status().queued < 1 and time.monotonic() < deadline:
@@ -163,9 +151,6 @@ def test_api_queue_position_and_busy(client, app):
             seen += [unit.desc or "" for unit in (second.status().progress_data or [])]
             time.sleep(0.1)
         assert any("Queued: 1 job ahead of yours" in d for d in seen), seen
-    finally:
-        release.set()
-    blocker.result(timeout=60)
     assert second.result(timeout=60)[2] == 2
 
 
@@ -220,6 +205,12 @@ def page(app):
     assert elsewhere == [], f"the page asked for non-loopback addresses: {elsewhere}"
 
 
+def _fill_size(page, tab: str, width: int, height: int, steps: int) -> None:
+    page.fill(f"#{tab}-width input", str(width))
+    page.fill(f"#{tab}-height input", str(height))
+    page.fill(f"#{tab}-steps input[type=number]", str(steps))
+
+
 def _image_size(page, selector: str) -> tuple[int, int]:
     img = page.locator(selector).first
     img.wait_for()
@@ -258,9 +249,7 @@ def test_browser_flux_tab(page, app):
     _choose(page, "#flux-model", "tiny-flux")
     expect(guidance).to_have_value("3.5")
     page.fill("#flux-prompt textarea", "a red circle")
-    page.fill("#flux-width input", "40")  # not a multiple of 16
-    page.fill("#flux-height input", "32")
-    page.fill("#flux-steps input[type=number]", "1")
+    _fill_size(page, "flux", 40, 32, steps=1)  # 40: not a multiple of 16
     page.click("#flux-generate")
     expect(page.locator("#flux-status")).to_contain_text("width 40 is not a multiple of 16; use 32 or 48")
     # A running job shows its denoising progress bar, and Stop ends it. The job is held at step 2 (by a
@@ -289,9 +278,7 @@ def test_browser_flux_tab(page, app):
         release.set()
         del manager.submit  # the class's own method again
     # and a valid job still works afterwards
-    page.fill("#flux-width input", "48")
-    page.fill("#flux-height input", "32")
-    page.fill("#flux-steps input[type=number]", "1")
+    _fill_size(page, "flux", 48, 32, steps=1)
     page.click("#flux-generate")
     expect(page.locator("#flux-status")).to_contain_text("Done: 1 image")
     assert _image_size(page, "#flux-gallery img") == (48, 32)
@@ -309,9 +296,7 @@ def test_browser_sdxl_tab(page):
     _open_tab(page, "SDXL")
     page.fill("#sdxl-prompt textarea", "a blue square")
     page.fill("#sdxl-negative textarea", "blurry")
-    page.fill("#sdxl-width input", "40")  # SDXL sizes are multiples of 8
-    page.fill("#sdxl-height input", "32")
-    page.fill("#sdxl-steps input[type=number]", "1")
+    _fill_size(page, "sdxl", 40, 32, steps=1)  # SDXL sizes are multiples of 8
     page.click("#sdxl-generate")
     expect(page.locator("#sdxl-status")).to_contain_text("Done: 1 image")
     assert _image_size(page, "#sdxl-gallery img") == (40, 32)

@@ -92,21 +92,9 @@ def test_generate_saves_pngs_with_settings_under_the_offered_name(service):
 
 
 def test_stop_cancels_the_sessions_job_and_a_running_model_stays_loaded(service):
-    import threading
+    from conftest import worker_held
 
-    from pipelines.request import GenerationRequest
-
-    release, holding = threading.Event(), threading.Event()
-
-    def hold_the_worker(progress):  # on the worker thread: this job keeps running until released
-        if progress.stage == "denoise":
-            holding.set()
-            release.wait(60)
-
-    hold = service.manager.submit(GenerationRequest("x", service.choice("tiny-flux").model, width=32, height=32,
-                                                    steps=1, seed=1), on_progress=hold_the_worker)
-    try:
-        assert holding.wait(60), "the holding job never started"
+    with worker_held(service.manager, service.choice("tiny-flux").model):
         req = service.build_request(Family.FLUX, "tiny-flux", "a cat", None, 32, 32, 1, 3.5, 1, 1, "bf16")
         task = service.start_generate(req, session="browser-1")
         # components in use are not unloaded from under the running job; other models may go
@@ -117,9 +105,6 @@ def test_stop_cancels_the_sessions_job_and_a_running_model_stays_loaded(service)
         assert service.unload("tiny-sdxl") >= 0
         assert not service.cancel_session("browser-2")
         assert service.cancel_session("browser-1")
-    finally:
-        release.set()
-    hold.result(timeout=60)
     with pytest.raises(Exception, match="cancelled"):
         task.result(timeout=60)
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..flux import image_ids, pack
+from ..sampling import decoded_to_images
 from .architectures import IMAGE_SIZE, T5_TOKENS, FluxParts, SdxlParts, clip_tokenizer, new_flux, new_sdxl, t5_tokenizer
 from .scenes import COLOURS, KINDS, MAX_SHAPES, caption, held_out_captions, parse_caption, render, sample_scene, shape_distance
 from .scorer import adherence
@@ -261,9 +262,8 @@ def reconstruction_adherence(vae, device: str, n: int = 200) -> float:
     images = torch.stack([torch.from_numpy(np.asarray(render(parse_caption(c), IMAGE_SIZE), np.float32))
                           for c in captions]).permute(0, 3, 1, 2).to(device) / 127.5 - 1.0
     with torch.no_grad():
-        recon = vae.decode(vae.encode(images.to(vae.dtype)).latent_dist.mean).sample.float()
-    pixels = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return adherence(list(pixels), captions)["mean_fraction"]
+        recon = vae.decode(vae.encode(images.to(vae.dtype)).latent_dist.mean).sample
+    return adherence(decoded_to_images(recon), captions)["mean_fraction"]
 
 
 def _train_denoiser(name: str, modules: list, loss_of, stream: SceneStream, cfg: TrainConfig, log) -> int:
