@@ -19,6 +19,10 @@ from .sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noi
 # never quantized by the PyTorch backend).
 KEEP_16BIT = ("time_embedding", "add_embedding", "conv_in", "conv_out")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# torch.compile scope on a GPU. SDXL's UNet is launch-bound in its ResNet blocks and convolutions, which
+# regional compilation (its transformer blocks only) leaves eager. H200, fp16 1024x1024: 59.8 ms/step eager,
+# 60.8 blocks only, 43.4 whole UNet (BENCHMARKS.md), so the whole UNet is compiled.
+COMPILE_WHOLE_DENOISER = True
 
 
 def vae_scale_factor(spec: ModelSpec) -> int:

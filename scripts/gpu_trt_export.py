@@ -6,28 +6,28 @@ artifact chain (pipelines/backends/tensorrt/artifacts.py) up to the checked ONNX
 calibration and export times, ONNX size (graph + data), peak GPU memory, peak host memory, onnx's
 checker and shape inference (times and outcome), and how many layers are FP8 / FP4.
 
-One precision per call keeps each call within ~8 minutes on an H100 (full Flux: export ~2-3 min,
-save and lowering ~1-2 min, calibration 8 images x 8 steps < 1 min):
+Times on an H200 (2026-11-26): SDXL's UNet about 2 minutes per precision; the full FLUX.1-dev
+transformer 9.5 minutes at FP8 and 6.5 at NVFP4, mostly torch.export + ONNX translation (see BENCHMARKS.md):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-    python3 scripts/gpu_trt_export.py --only fp8
-    python3 scripts/gpu_trt_export.py --only fp4
-    python3 scripts/gpu_trt_export.py --only bf16
+    python3 scripts/gpu_trt_export.py --model sdxl-base-1.0 --only fp8,fp4
     python3 scripts/gpu_trt_export.py --only fp8 --layers 2:4      # quick smoke run: 2 + 4 blocks, full width
 
 Wheels to carry (not on that machine): diffusers==0.42.1 importlib_metadata zipp nvidia-modelopt==0.47.0
 onnxscript==0.7.2 onnx_ir==1.1.0 omegaconf pydantic==2.14.4 pydantic-core==2.50.5 annotated-types
-typing-inspection typing_extensions rich markdown-it-py mdurl pygments scipy (about 47 MB). `pulp` is
+typing-inspection typing_extensions rich markdown-it-py mdurl pygments (about 14 MB; scipy is there). `pulp` is
 stubbed below when missing: ModelOpt imports it for its auto-quantize search only, never run here.
 
-The full-depth FLUX.1-dev transformer does not fit one 10-minute call (2026-11-26 on an H200: the
-export was still saving after 9.5 minutes, at bf16 and at FP8). Start it detached and collect it with
-a second call while the machine is still warm:
+The full-depth Flux run (both precisions, ~16 minutes) outlasts one 10-minute device call: start it
+detached and collect it with a second call while the machine is still warm (this is how the
+BENCHMARKS.md rows were made):
 
-    setsid nohup python3 scripts/gpu_trt_export.py --only fp8 > /tmp/trt.log 2>&1 &     # call 1, then wait
-    while pgrep -f gpu_trt_export >/dev/null; do sleep 10; done; cp /tmp/trt.log $OUT/   # call 2
-(with OUT pointing at a folder outside $OUT in call 1, e.g. OUT=/tmp/trt-out, copied back in call 2).
+    mkdir -p /tmp/trt-out                                                   # call 1, then sleep in that call:
+    OUT=/tmp/trt-out setsid nohup python3 scripts/gpu_trt_export.py --only fp8,fp4 > /tmp/trt.log 2>&1 < /dev/null &
+    while pgrep -f 'python3 scripts/gpu_trt_expor[t]' >/dev/null; do sleep 10; done; cp /tmp/trt-out/* $OUT/   # call 2
+
+(the bracket keeps pgrep from matching the shell running the loop, whose command line names the script).
 
 Results go to $OUT when set (log, results.json, benchmarks.md with rows for BENCHMARKS.md); the ONNX
 files stay on the machine's disk (--cache) and are deleted after measuring unless --keep.

@@ -2,9 +2,11 @@
 
 Optimisations, in order, each with its off switch and reason:
 1. 16-bit weights (bf16 for Flux, fp16 for SDXL), the FP8/FP4 Linear swap on the denoiser only.
-2. Regional torch.compile of the repeated blocks (diffusers `compile_repeated_blocks`): the same
-   speed as compiling the whole model at a fraction of the compile time (diffusers PR #11705;
-   measured on the H100 here: Flux 183 -> 132 ms/step bf16, SDXL UNet 58 -> 37 ms/step).
+2. torch.compile of the denoiser, scoped per family (`COMPILE_WHOLE_DENOISER` in flux.py / sdxl.py):
+   Flux compiles its repeated blocks only (diffusers `compile_repeated_blocks`, PR #11705: the
+   whole-model speed at a fraction of the compile time; H100: 183 -> 132 ms/step bf16); SDXL compiles
+   the whole UNet, because its blocks-only compile left the launch-bound ResNet/conv part eager and gained
+   nothing (H200, fp16 1024x1024: 59.8 ms/step eager, 60.8 blocks only, 43.4 whole UNet; BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from ..run_context import RunContext
 
 @dataclass(frozen=True)
 class TorchOptions:
-    compile: bool = False  # regional torch.compile of the denoiser's repeated blocks (GPU only)
+    compile: bool = False  # torch.compile of the denoiser, scoped per family (GPU only)
     compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
     # Quantize checkpoints while moving them from host RAM, one layer at a time (discrete GPUs only: on
     # unified memory the host copy is device memory too, so staging saves nothing).
@@ -83,9 +85,17 @@ class TorchBackend:
                 if ctx is not None:
                     ctx.report("build", 0, 1, "torch.compile: the first image at a new size compiles for a few "
                                               "minutes (cached in engine_cache/ for next time)")
-                obj.compile_repeated_blocks(fullgraph=True, mode=self.options.compile_mode)
+                compile_denoiser(obj, spec, self.options.compile_mode)
         engine = ADAPTERS[spec.family][name](obj).eval()
         return LoadedComponent(key, engine, module_bytes(obj), dtype, runs_as)
+
+
+def compile_denoiser(module: torch.nn.Module, spec: ModelSpec, mode: str | None) -> None:
+    """Mark the denoiser for torch.compile in place (compilation itself happens on the first call)."""
+    if FAMILY_MODULES[spec.family].COMPILE_WHOLE_DENOISER:
+        module.compile(mode=mode)  # graph breaks allowed: diffusers' UNet has a few data-dependent branches
+    else:
+        module.compile_repeated_blocks(fullgraph=True, mode=mode)
 
 
 def _quantize(module: torch.nn.Module, spec: ModelSpec, precision: Precision, dtype: torch.dtype, native_fp4: bool,
