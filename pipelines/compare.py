@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from . import imagemetrics
-from .components import compute_dtype
+from .components import compute_dtype, dtype_policy
 from .errors import user_message
 from .precision import Backend, Capability, Precision
 from .registry import ModelSpec, resolve_spec
@@ -106,9 +106,7 @@ def _timings_dict(result: GenerationResult) -> dict[str, Any]:
 
 def reference_precision(spec: ModelSpec, capability: Capability | None) -> Precision:
     """The 16-bit precision FP8/FP4 compute in for this model here (Flux: bf16; SDXL: fp16 on a GPU, bf16 on a CPU)."""
-    bf16_ok = capability is None or capability >= (8, 0)
-    cpu = capability is None
-    return Precision.BF16 if compute_dtype(spec, Precision.FP8, bf16_ok, cpu) == torch.bfloat16 else Precision.FP16
+    return Precision.BF16 if compute_dtype(spec, Precision.FP8, **dtype_policy(capability)) == torch.bfloat16 else Precision.FP16
 
 
 def plan_precisions(selected: Iterable[str | Precision], spec: ModelSpec, capability: Capability | None) -> list[Precision]:

@@ -53,6 +53,11 @@ def stages(spec: ModelSpec) -> tuple[tuple[str, ...], ...]:
     return (("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"), ("scheduler", spec.denoiser), ("vae",))
 
 
+def dtype_policy(capability: tuple[int, int] | None) -> dict[str, bool]:
+    """The device facts `compute_dtype` and friends take: bf16 support (sm80+) and whether it is a CPU (None)."""
+    return {"cuda_bf16": capability is None or capability >= (8, 0), "cpu": capability is None}
+
+
 def compute_dtype(spec: ModelSpec, precision: Precision, cuda_bf16: bool = True, cpu: bool = False) -> torch.dtype:
     """The 16-bit dtype the denoiser computes in. FP8/FP4 compute in the family's usual 16-bit type on a GPU
     (Flux bf16, SDXL fp16) and in bf16 on a CPU, where fp16 convolutions run ~10x slower (measured on the

@@ -22,7 +22,7 @@ import torch
 from .backends import BackendChoice, TensorRTStatus, choose_backend, tensorrt_status
 from .backends.torch_backend import TorchBackend, TorchOptions
 from .components import (FAMILY_MODULES, LIGHT_PARTS, ComponentKey, LoadedComponent, activation_bytes,
-                         component_dtype, component_key, estimate_bytes, stages)
+                         component_dtype, component_key, dtype_policy, estimate_bytes, stages)
 from .engine_cache import EngineCache
 from .gpu import DeviceInfo, parse_memory, probe_device, resolve_device, system_memory
 from .loading import HubOptions, WeightSource, check_access
@@ -324,7 +324,7 @@ class PipelineManager:
 
     @property
     def _bf16_ok(self) -> bool:
-        return self.info.capability is None or self.info.capability >= (8, 0)
+        return dtype_policy(self.info.capability)["cuda_bf16"]
 
     @property
     def dtype_policy(self) -> dict[str, bool]:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..components import (ADAPTERS, FAMILY_MODULES, LoadedComponent, component_dtype, component_key, estimate_bytes,
-                          largest_linear_bytes)
+from ..components import (ADAPTERS, FAMILY_MODULES, LoadedComponent, component_dtype, component_key, dtype_policy,
+                          estimate_bytes, largest_linear_bytes)
 from ..loading import WeightSource, load_component
 from ..precision import Backend, Precision, SupportLevel, precision_support
 from ..quant import module_bytes, quantize_linears
@@ -64,9 +64,9 @@ class TorchBackend:
 
     def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, capability: tuple[int, int] | None,
              source: WeightSource, ctx: RunContext | None = None) -> LoadedComponent:
-        bf16_ok, cpu = capability is None or capability >= (8, 0), capability is None
-        dtype = component_dtype(spec, name, precision, bf16_ok, cpu)
-        key = component_key(spec, name, precision, self.name, bf16_ok, cpu)
+        policy = dtype_policy(capability)
+        dtype = component_dtype(spec, name, precision, **policy)
+        key = component_key(spec, name, precision, self.name, **policy)
         staged = self._staged(spec, name, precision, device, source)
         obj = load_component(spec, name, dtype=dtype or torch.float32, device="cpu" if staged else device, source=source)
         if dtype is None:  # tokenizer or scheduler

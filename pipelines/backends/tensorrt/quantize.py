@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ...components import ADAPTERS, FAMILY_MODULES, LIGHT_PARTS, compute_dtype, component_dtype
+from ...components import ADAPTERS, FAMILY_MODULES, LIGHT_PARTS, component_dtype, compute_dtype, dtype_policy
 from ...loading import WeightSource, load_component
 from ...precision import Backend, Precision
 from ...registry import ModelSpec
@@ -151,7 +151,7 @@ def calibrate(spec: ModelSpec, recipe: QuantRecipe, source: WeightSource, device
         raise RuntimeError("FP8/FP4 engines are calibrated with NVIDIA ModelOpt: pip install 'nvidia-modelopt[torch]'") from exc
 
     recipe = recipe.resolved(spec)
-    bf16_ok = capability is None or capability >= (8, 0)
+    bf16_ok = dtype_policy(capability)["cuda_bf16"]
     dtype = compute_dtype(spec, recipe.precision, bf16_ok)
     started = time.monotonic()
     denoiser = load_component(spec, spec.denoiser, dtype=dtype, device=device, source=source)
