@@ -1,4 +1,4 @@
-"""`python -m pipelines generate|bench|build|cache|models`: the same manager the web app uses, headless."""
+"""`python -m pipelines generate|bench|build|cache|doctor|models`: the same manager the web app uses, headless."""
 from __future__ import annotations
 
 import argparse
@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--dir", default=None, help="engine cache folder (default: PRISM_ENGINE_CACHE or engine_cache/)")
     cache.add_argument("-v", "--verbose", action="store_true")
 
+    doctor = sub.add_parser("doctor", help="check what works on this machine (GPU, TensorRT, every precision) in ~2 min")
+    doctor.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    doctor.add_argument("--json-out", default="prism-doctor.json", help="where to write the report (attach it to bug reports)")
+    doctor.add_argument("--budget", type=float, default=120.0, help="seconds; rows not reached by then say 'not run'")
+    doctor.add_argument("-v", "--verbose", action="store_true")
+
     models = sub.add_parser("models", help="list the models Prism knows and whether their weights are here")
     models.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -107,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             from .backends.tensorrt.cli import run_build
             return run_build(args)
+        if args.command == "doctor":
+            from .commands import run_doctor_command
+            return run_doctor_command(args)
         if args.command == "cache":
             from .commands import run_cache
             return run_cache(args)

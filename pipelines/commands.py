@@ -100,3 +100,16 @@ def run_models(args: argparse.Namespace) -> int:
         here = "weights here" if is_available_locally(spec) else ("gated, download" if spec.gated else "download")
         print(f"{spec.id:16} {spec.family.value:5} {here:16} {spec.description}")
     return 0
+
+
+def run_doctor_command(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor, write_report
+
+    print(f"Checking what works here (at most {args.budget:.0f} s; rows print as they finish)...", flush=True)
+    report = run_doctor(args.device, args.budget,
+                        on_check=lambda c: print(f"  {c.backend} {c.precision}: {c.status}", flush=True))
+    print()
+    print(report.table())
+    path = write_report(report, Path(args.json_out))
+    print(f"\nReport written to {path} ({'no failures' if report.ok else 'SOME CHECKS FAILED'}).")
+    return 0 if report.ok else 1

@@ -1,6 +1,8 @@
 """What a running job carries besides its request: device, progress reporting, cancellation, timing."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ class JobCancelled(Exception):
 
 @dataclass(frozen=True)
 class Progress:
-    stage: str  # "queue" | "load" | "build" | "text" | "denoise" | "vae"
+    stage: str  # "queue" | "load" | "build" | "compile" | "text" | "denoise" | "vae"
     done: int
     total: int
     message: str = ""
@@ -30,6 +32,7 @@ class RunContext:
     device: torch.device
     on_progress: Callable[[Progress], None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    warnings: list[str] = field(default_factory=list)  # notes for the result, from anything the job ran
 
     def report(self, stage: str, done: int, total: int, message: str = "") -> None:
         if self.on_progress is not None:
@@ -38,6 +41,28 @@ class RunContext:
     def check_cancelled(self) -> None:
         if self.cancel.is_set():
             raise JobCancelled("The job was cancelled.")
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    @contextlib.contextmanager
+    def active(self):
+        """Make this the job that engines called inside the block report to (see `current_context`)."""
+        token = _current.set(self)
+        try:
+            yield self
+        finally:
+            _current.reset(token)
+
+
+# Engines are shared between jobs and called with tensors only; what they have to tell the job running
+# them (a compile stage, a fallback) goes to the context the worker made current for that job.
+_current: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar("prism_run_context", default=None)
+
+
+def current_context() -> RunContext | None:
+    return _current.get()
 
 
 class Parts(Protocol):

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up Prism's virtual environment in .venv (idempotent). With --test, also the test tools.
+# Set up Prism's virtual environment in .venv (idempotent). With --test, also the test tools; with --tensorrt,
+# what building TensorRT engines needs (installed anyway wherever TensorRT imports, as in NVIDIA's container).
 #
 # The venv sees the system's packages, so inside NVIDIA's PyTorch container (DGX Spark) the container's
 # own torch and TensorRT are used untouched; torch is installed only where none is importable.
@@ -18,6 +19,10 @@ if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q "torch==2.13.0"
 fi
 $PY -m pip install -q -r requirements.txt
+if [ "${1:-}" = "--tensorrt" ] || $PY -c "import tensorrt" 2>/dev/null || $PY -c "import tensorrt_rtx" 2>/dev/null; then
+  # Build tools only: the container's own torch and TensorRT stay as they are (nothing here pins either).
+  $PY -m pip install -q -r requirements-tensorrt.txt
+fi
 if [ "${1:-}" = "--test" ]; then
   $PY -m pip install -q -r requirements-test.txt
   if ! command -v chromium >/dev/null 2>&1; then

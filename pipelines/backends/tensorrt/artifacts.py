@@ -24,6 +24,7 @@ import torch
 
 from ...components import compute_dtype, component_dtype
 from ...engine_cache import EngineCache, EngineKey
+from ...errors import require_packages
 from ...loading import WeightSource, load_component
 from ...precision import Precision
 from ...registry import ModelSpec
@@ -107,6 +108,11 @@ def weights_revision(spec: ModelSpec, source: WeightSource, component: str) -> s
         text = "\n".join(f"{p.relative_to(folder)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files)
         return "local-" + hashlib.sha256(text.encode()).hexdigest()[:12]
     return spec.revision or "main"
+
+
+# Import name -> pip name of what building needs beyond TensorRT itself (requirements-tensorrt.txt).
+BUILD_PACKAGES = {"onnxscript": "onnxscript", "modelopt": "nvidia-modelopt"}
+BUILD_INSTALL = "pip install -r requirements-tensorrt.txt (or: bash scripts/setup.sh --tensorrt)"
 
 
 def _package_version(name: str) -> str:
@@ -198,6 +204,9 @@ class ArtifactBuilder:
         io = export.component_io(req.spec, req.component)
 
         def build(tmp: Path) -> None:
+            # Before minutes of calibration: name what is missing and how to add it.
+            require_packages("Exporting engines to ONNX" + (" and calibrating FP8/FP4" if req.quantized else ""),
+                             BUILD_PACKAGES if req.quantized else {"onnxscript": "onnxscript"}, BUILD_INSTALL)
             amax = self.calibration(req)[1]["amax"] if req.quantized else None
             _free(self.device)  # the calibration pipeline's modules
             self.report(0, 1, f"exporting {req.spec.id} {req.component} to ONNX ({key.precision})")

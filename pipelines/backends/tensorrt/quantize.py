@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ...components import ADAPTERS, FAMILY_MODULES, LIGHT_PARTS, component_dtype, compute_dtype, dtype_policy
+from ...errors import MissingPackageError
 from ...loading import WeightSource, load_component
 from ...precision import Backend, Precision
 from ...registry import ModelSpec
@@ -148,7 +149,8 @@ def calibrate(spec: ModelSpec, recipe: QuantRecipe, source: WeightSource, device
         import modelopt
         import modelopt.torch.quantization as mtq
     except ImportError as exc:
-        raise RuntimeError("FP8/FP4 engines are calibrated with NVIDIA ModelOpt: pip install 'nvidia-modelopt[torch]'") from exc
+        raise MissingPackageError("FP8/FP4 engines are calibrated with NVIDIA ModelOpt (nvidia-modelopt), which does not "
+                                  "import here. Install with: pip install -r requirements-tensorrt.txt") from exc
 
     recipe = recipe.resolved(spec)
     bf16_ok = dtype_policy(capability)["cuda_bf16"]

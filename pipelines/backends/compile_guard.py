@@ -1,0 +1,80 @@
+"""A compiled denoiser that says when it compiles and falls back to eager when compiling fails.
+
+torch.compile compiles lazily, on the first call with each new input signature, and a failure there
+(no C compiler, an inductor bug, a Triton that does not support this GPU) would fail the user's job.
+This wrapper makes both visible: a new signature reports a "compile" progress stage ("compiling (once)")
+with its time, and a failure turns compilation off for this model, reruns the call eagerly and leaves a
+warning on the job, so the image still comes and the result says why it ran eager.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..run_context import JobCancelled, current_context
+
+log = logging.getLogger("prism.compile")
+
+
+def _signature(inputs: dict[str, Any]) -> tuple:
+    return tuple((k, tuple(v.shape), v.dtype, v.device.type) if isinstance(v, torch.Tensor) else (k, repr(v))
+                 for k, v in sorted(inputs.items()))
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: the underlying error (dynamo wraps a backend's own exception in BackendCompilerFailed)."""
+    inner = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
+    first_line = (str(inner).strip().splitlines() or [""])[0][:200]
+    return f"{type(inner).__name__}: {first_line}" if first_line else type(inner).__name__
+
+
+def reset_compiled(module: nn.Module) -> None:
+    """Undo `nn.Module.compile()` on `module` and its children (it stores the compiled call per module)."""
+    for child in module.modules():
+        if getattr(child, "_compiled_call_impl", None) is not None:
+            child._compiled_call_impl = None
+
+
+class CompiledDenoiser(nn.Module):
+    """Wraps the denoiser's graph adapter whose module (or blocks) `compile_fn` marks for torch.compile."""
+
+    def __init__(self, engine: nn.Module, compile_fn: Callable[[], None]):
+        super().__init__()
+        self.engine = engine
+        compile_fn()
+        self.failure: str | None = None  # why compilation was turned off, once it was
+        self._compiled: set[tuple] = set()
+
+    @property
+    def compiled(self) -> bool:
+        return self.failure is None
+
+    def forward(self, **inputs: Any) -> Any:
+        signature = _signature(inputs)
+        if self.failure is not None or signature in self._compiled:
+            return self.engine(**inputs)
+        ctx = current_context()
+        if ctx is not None:
+            ctx.report("compile", 0, 1, "compiling (once for this model, precision and size; kept in engine_cache/)")
+        started = time.perf_counter()
+        try:
+            out = self.engine(**inputs)
+        except (JobCancelled, torch.OutOfMemoryError, KeyboardInterrupt):
+            raise  # not a compilation problem
+        except Exception as exc:
+            self.failure = _reason(exc)
+            log.warning("torch.compile failed, running eager from now on: %s", self.failure, exc_info=True)
+            reset_compiled(self.engine)
+            out = self.engine(**inputs)  # an eager failure here is a real error and propagates
+            if ctx is not None:
+                ctx.warn(f"torch.compile failed ({self.failure}); this model runs eager until the app restarts.")
+            return out
+        self._compiled.add(signature)
+        if ctx is not None:
+            seconds = time.perf_counter() - started
+            ctx.report("compile", 1, 1, f"compiled in {seconds:.1f} s (the first step included)")
+        return out
