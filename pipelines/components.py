@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import flux, sdxl
+from .families import flux, sdxl
 from .graphs import FLUX_ADAPTERS, SDXL_ADAPTERS
 from .precision import Precision
 from .quant import FP4_BLOCK

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..flux import image_ids, pack
+from ..families.flux import image_ids, pack
 from ..sampling import decoded_to_images
 from .architectures import IMAGE_SIZE, T5_TOKENS, FluxParts, SdxlParts, clip_tokenizer, new_flux, new_sdxl, t5_tokenizer
 from .scenes import COLOURS, KINDS, MAX_SHAPES, caption, held_out_captions, parse_caption, render, sample_scene, shape_distance

@@ -3,7 +3,7 @@
 A recipe (FP8 or NVFP4, calibration prompts/steps/size, algorithm) has an id that goes into every
 EngineKey built from it, so changing any part of it builds new artifacts.
 
-Calibration runs the project's own Flux/SDXL loop (`pipelines.flux.generate` / `pipelines.sdxl.generate`)
+Calibration runs the project's own Flux/SDXL loop (`pipelines.families.flux.generate` / `pipelines.families.sdxl.generate`)
 on our prompt set (`calibration_prompts.txt`), with ModelOpt's calibrators on the inputs of every
 quantized Linear layer. The result is one activation range (amax) per layer: small, cached, and
 reused for every target GPU. Weights need no calibration: their scales come from the weights.

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from .registry import ModelSpec
-from .request import GenerationRequest
-from .run_context import Parts, RunContext, Stopwatch
-from .sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noise, stage_timings, tokenize,
+from ..registry import ModelSpec
+from ..request import GenerationRequest
+from ..run_context import Parts, RunContext, Stopwatch
+from ..sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noise, stage_timings, tokenize,
                        truncation_warning)
 
 # Top-level transformer modules kept in 16 bits at FP8/FP4: the embedders and the final projection,

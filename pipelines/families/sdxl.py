@@ -9,10 +9,10 @@ import inspect
 
 import torch
 
-from .registry import ModelSpec
-from .request import GenerationRequest
-from .run_context import Parts, RunContext, Stopwatch
-from .sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noise, stage_timings, tokenize,
+from ..registry import ModelSpec
+from ..request import GenerationRequest
+from ..run_context import Parts, RunContext, Stopwatch
+from ..sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noise, stage_timings, tokenize,
                        truncation_warning)
 
 # Top-level UNet modules kept in 16 bits at FP8/FP4: the timestep and size embeddings (convolutions are

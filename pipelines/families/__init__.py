@@ -1,0 +1,1 @@
+"""One module per model family: what the family is and its generate loop."""
