@@ -19,10 +19,8 @@ from datetime import datetime, timezone
 import torch
 
 from .commands import chosen_model, hub_options, request_from_args
-from .components import compute_dtype
 from .gpu import GiB
 from .manager import ManagerConfig, PipelineManager
-from .precision import Precision
 from .registry import resolve_spec
 
 
@@ -80,7 +78,7 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         for precision in args.precision:
             # The baseline runs in the 16-bit type this precision computes in (bf16 for Flux FP8/FP4, fp16 for SDXL).
-            base = "bf16" if compute_dtype(spec, Precision(precision), **manager.dtype_policy) == torch.bfloat16 else "fp16"
+            base = manager.policy.reference_precision(spec, precision).value
             if baseline is not None and base not in baselines:
                 baselines[base] = _measure(baseline, args, model, base, f"baseline: diffusers eager {base}")
                 print(f"measured {baselines[base]}", flush=True)  # partial results survive a time limit

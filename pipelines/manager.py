@@ -21,9 +21,10 @@ import torch
 
 from .backends import BackendChoice, TensorRTStatus, choose_backend, tensorrt_status
 from .backends.torch_backend import TorchBackend, TorchOptions
-from .components import (FAMILY_MODULES, LIGHT_PARTS, ComponentKey, LoadedComponent, activation_bytes,
-                         component_dtype, component_key, dtype_policy, estimate_bytes, stages)
+from .components import ComponentKey, LoadedComponent, activation_bytes, component_key, estimate_bytes
+from .device_policy import LIGHT_PARTS, DevicePolicy
 from .engine_cache import EngineCache
+from .families import family_of
 from .gpu import DeviceInfo, parse_memory, probe_device, resolve_device, system_memory
 from .loading import HubOptions, WeightSource, check_access
 from .precision import Backend, Precision, precision_support
@@ -133,6 +134,7 @@ class PipelineManager:
         self.config = config
         self.device = device_info.device if device_info else resolve_device(config.device)
         self.info = device_info or probe_device(self.device)
+        self.policy = DevicePolicy.for_info(self.info)  # what decides each component's dtype here
         budget = (parse_memory(config.memory_budget, self.info.total_bytes) if config.memory_budget
                   else default_budget(self.info))
         _, host_free = system_memory()
@@ -251,7 +253,7 @@ class PipelineManager:
         parts = JobParts(self, spec, Precision.parse(req.precision), choice.backend, source, ctx, working)
         if self.info.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        out = FAMILY_MODULES[spec.family].generate(spec, parts, req, ctx)
+        out = family_of(spec).generate(spec, parts, req, ctx)
         peak = torch.cuda.max_memory_allocated(self.device) if self.info.is_cuda else None
         backend = self._backend(choice.backend)
         warnings = out.warnings + ((choice.reason,) if choice.backend is Backend.TORCH and req.backend == "tensorrt" else ())
@@ -264,19 +266,19 @@ class PipelineManager:
     # ------------------------------------------------------------------ memory planning
 
     def _working_bytes(self, spec: ModelSpec, req: GenerationRequest) -> int:
-        vae_dtype = component_dtype(spec, "vae", req.precision, **self.dtype_policy)
+        vae_dtype = self.policy.component_dtype(spec, "vae", req.precision)
         return self.config.min_working_bytes + activation_bytes(spec, req.width, req.height, req.num_images,
                                                                 torch.empty((), dtype=vae_dtype).element_size())
 
     def _component_bytes(self, spec: ModelSpec, name: str, precision: Precision, backend: Backend) -> int:
         if name in LIGHT_PARTS:
             return 0
-        key = component_key(spec, name, precision, backend.value, **self.dtype_policy)
+        key = component_key(spec, name, precision, backend.value, self.policy)
         entry = self.residency.entries.get(key)
-        return entry.component.nbytes if entry else estimate_bytes(spec, name, precision, **self.dtype_policy)
+        return entry.component.nbytes if entry else estimate_bytes(spec, name, precision, self.policy)
 
     def stage_bytes(self, spec: ModelSpec, precision: Precision, backend: Backend) -> list[tuple[tuple[str, ...], int]]:
-        return [(stage, sum(self._component_bytes(spec, n, precision, backend) for n in stage)) for stage in stages(spec)]
+        return [(stage, sum(self._component_bytes(spec, n, precision, backend) for n in stage)) for stage in family_of(spec).stages]
 
     def stage_needs(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
                     source: WeightSource = WeightSource()) -> list[tuple[tuple[str, ...], int]]:
@@ -289,13 +291,10 @@ class PipelineManager:
         return out
 
     def _load_peak(self, spec: ModelSpec, name: str, precision: Precision, backend: Backend, source: WeightSource) -> int:
-        key = component_key(spec, name, precision, backend.value, **self.dtype_policy)
+        key = component_key(spec, name, precision, backend.value, self.policy)
         if key in self.residency.entries:
             return 0  # already loaded (or parked): no load peak
-        peak = getattr(self._backend(backend), "load_peak_bytes", None)
-        if peak is None:
-            return estimate_bytes(spec, name, precision, **self.dtype_policy)
-        return peak(spec, name, precision, self._bf16_ok, self.device, source)
+        return self._backend(backend).load_peak_bytes(spec, name, precision, self.device, self.policy, source)
 
     def check_fits(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
                    source: WeightSource = WeightSource()) -> None:
@@ -321,15 +320,6 @@ class PipelineManager:
             if need <= self.residency.budget_bytes:
                 return f"{candidate.value} would fit (needs {human_bytes(need)}): choose it, or a smaller image size."
         return "No smaller precision fits either: raise --memory-budget, free memory, or choose a smaller model or image."
-
-    @property
-    def _bf16_ok(self) -> bool:
-        return dtype_policy(self.info.capability)["cuda_bf16"]
-
-    @property
-    def dtype_policy(self) -> dict[str, bool]:
-        """What decides each component's dtype on this device (see components.compute_dtype)."""
-        return {"cuda_bf16": self._bf16_ok, "cpu": not self.info.is_cuda}
 
     # ------------------------------------------------------------------ backends, status, unloading
 
@@ -368,7 +358,7 @@ class JobParts:
                  source: WeightSource, ctx: RunContext, working_bytes: int):
         self.m, self.spec, self.precision, self.backend_kind = manager, spec, precision, backend
         self.source, self.ctx, self.working = source, ctx, working_bytes
-        self.stages = stages(spec)
+        self.stages = family_of(spec).stages
         self.finished: set[ComponentKey] = set()
         self.load_ms = 0.0
         self.runs_as: str | None = None
@@ -377,7 +367,7 @@ class JobParts:
     def key(self, name: str) -> ComponentKey:
         # Tokenizers and schedulers are the same object for every backend.
         backend = "any" if name in LIGHT_PARTS else self.backend_kind.value
-        return component_key(self.spec, name, self.precision, backend, **self.m.dtype_policy)
+        return component_key(self.spec, name, self.precision, backend, self.m.policy)
 
     def get(self, name: str) -> Any:
         index = next(i for i, stage in enumerate(self.stages) if name in stage)
@@ -387,7 +377,7 @@ class JobParts:
         component = self.m.residency.acquire(
             self.key(name), self.m._component_bytes(self.spec, name, self.precision, self.backend_kind),
             lambda: self._load(name), working_bytes=self.working, protect=protect, finished=self.finished, later=later,
-            load_peak_bytes=backend.load_peak_bytes(self.spec, name, self.precision, self.m._bf16_ok, self.m.device,
+            load_peak_bytes=backend.load_peak_bytes(self.spec, name, self.precision, self.m.device, self.m.policy,
                                                     self.source))
         self._dtypes[name] = component.dtype
         if name == self.spec.denoiser:
@@ -399,8 +389,7 @@ class JobParts:
         if name not in LIGHT_PARTS:
             self.ctx.report("load", 0, 1, f"loading {self.spec.id} {name} ({self.precision.value})")
         backend = self.m._backend(Backend.TORCH if name in LIGHT_PARTS else self.backend_kind)
-        component = backend.load(self.spec, name, self.precision, self.m.device, self.m.info.capability, self.source,
-                                  self.ctx)
+        component = backend.load(self.spec, name, self.precision, self.m.device, self.m.policy, self.source, self.ctx)
         component.key = self.key(name)
         self.load_ms += (time.perf_counter() - started) * 1000
         return component
@@ -408,7 +397,7 @@ class JobParts:
     def dtype(self, name: str) -> torch.dtype:
         if self._dtypes.get(name) is not None:
             return self._dtypes[name]
-        return component_dtype(self.spec, name, self.precision, **self.m.dtype_policy)
+        return self.m.policy.component_dtype(self.spec, name, self.precision)
 
     def done_with(self, *names: str) -> None:
         self.finished |= {self.key(n) for n in names}

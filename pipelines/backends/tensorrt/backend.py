@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...components import ADAPTERS, LIGHT_PARTS, LoadedComponent, component_key, estimate_bytes
+from ...components import LoadedComponent, component_key, estimate_bytes
+from ...device_policy import LIGHT_PARTS, DevicePolicy
+from ...families import family_of
 from ...engine_cache import EngineCache
 from ...loading import WeightSource
 from ...precision import Backend, Precision
@@ -83,29 +85,27 @@ class TensorRTBackend:
                              onnx_source=o.onnx_source if name == spec.denoiser else "export",
                              weight_streaming=o.weight_streaming_budget is not None)
 
-    def load_peak_bytes(self, spec: ModelSpec, name: str, precision: Precision, bf16_ok: bool = True,
-                        device: str = "cpu", source: WeightSource = WeightSource()) -> int:
+    def load_peak_bytes(self, spec: ModelSpec, name: str, precision: Precision, device: str, policy: DevicePolicy,
+                        source: WeightSource = WeightSource()) -> int:
         """Device memory at the height of loading: the engine when it is built; otherwise the build's peak,
         which is the 16-bit torch module being exported (plus, for FP8/FP4, the whole pipeline that
         calibrates it: encoders, denoiser and VAE at once)."""
         if name in LIGHT_PARTS:
             return 0
         precision = Precision.parse(precision)
-        if device.startswith("cuda"):
-            import torch
-
-            capability = tuple(torch.cuda.get_device_capability(device))
+        if device.startswith("cuda") and policy.capability is not None:
             found = self.cache.lookup(ArtifactBuilder(self.cache, trt=self.trt).engine_key(
-                self.request(spec, name, precision, capability, source)))
+                self.request(spec, name, precision, policy.capability, source)))
             if found:
                 return found.stat().st_size
-        sixteen = Precision.BF16 if bf16_ok else Precision.FP16
+        build = DevicePolicy.for_target(policy.capability)  # the export runs as the engine will
         if name != spec.denoiser or precision.is_16bit:
-            return estimate_bytes(spec, name, precision, bf16_ok)
-        return sum(estimate_bytes(spec, part, sixteen, bf16_ok) for part in ADAPTERS[spec.family])
+            return estimate_bytes(spec, name, precision, build)
+        return sum(estimate_bytes(spec, part, build.sixteen_bit, build) for part in family_of(spec).adapters)
 
-    def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, capability: tuple[int, int] | None,
+    def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, policy: DevicePolicy,
              source: WeightSource, ctx: RunContext | None = None) -> LoadedComponent:
+        capability = policy.capability
         if name in LIGHT_PARTS:
             raise ValueError(f"{name} is not a TensorRT component; tokenizers and schedulers come from the torch backend.")
         if capability is None:
@@ -121,6 +121,6 @@ class TensorRTBackend:
                                 weight_streaming_budget=self.options.weight_streaming_budget,
                                 name=f"{spec.id} {name} engine",
                                 batch_inputs=frozenset(t.name for t in io.inputs if t.dims[:1] == ("batch",)))
-        key = component_key(spec, name, precision, self.name, req.bf16_ok)
+        key = component_key(spec, name, precision, self.name, req.policy)
         label = runs_as(precision, built.report.precision_counts()) if name == spec.denoiser else None
         return LoadedComponent(key, engine, engine.nbytes, req.dtype, label)
