@@ -18,9 +18,11 @@ from datetime import datetime, timezone
 
 import torch
 
-from .commands import chosen_model, hub_options, request_from_args
+from .backends.contract import TorchOptions
+from .commands import chosen_model, request_from_args
+from .config import manager_config
 from .gpu import GiB
-from .manager import ManagerConfig, PipelineManager
+from .manager import PipelineManager
 from .registry import resolve_spec
 
 
@@ -67,12 +69,8 @@ def _measure(manager: PipelineManager, args: argparse.Namespace, model: str, pre
 def run_bench(args: argparse.Namespace) -> int:
     model = chosen_model(args)
     spec = resolve_spec(model)
-    config = ManagerConfig(device=args.device, backend=args.backend, memory_budget=args.memory_budget,
-                           compile=args.compile, random_weights=args.random_weights, hub=hub_options(args))
-    manager = PipelineManager(config)
-    baseline = None if args.no_baseline else PipelineManager(
-        ManagerConfig(device=args.device, backend="torch", memory_budget=args.memory_budget, compile=False,
-                      random_weights=args.random_weights, hub=hub_options(args)))
+    manager = PipelineManager(manager_config(args))
+    baseline = None if args.no_baseline else PipelineManager(manager_config(args, backend="torch", torch=TorchOptions()))
     rows: list[BenchRow] = []
     baselines: dict[str, BenchRow] = {}
     try:

@@ -36,7 +36,6 @@ class ComponentKey:
 
 @dataclass
 class LoadedComponent:
-    key: ComponentKey
     obj: Any  # engine (callable with the graph's keyword arguments), tokenizer or scheduler
     nbytes: int
     dtype: torch.dtype | None
@@ -45,6 +44,7 @@ class LoadedComponent:
 
 def component_key(spec: ModelSpec, name: str, precision: Precision, backend: str,
                   policy: DevicePolicy = DevicePolicy()) -> ComponentKey:
+    """The key the manager loads component `name` under (backends never name what they load)."""
     if name == spec.denoiser:
         variant = Precision.parse(precision).value
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 def user_message(exc: BaseException, fallback: bool = True) -> str | None:
     """The message for errors a user can act on; for anything else a generic line (or None if not `fallback`)."""
+    from .config import FlagError
     from .loading import ModelAccessError
     from .manager import InternalError, QueueFullError
     from .registry import UnknownModelError
@@ -12,7 +13,7 @@ def user_message(exc: BaseException, fallback: bool = True) -> str | None:
     from .run_context import JobCancelled
     from .sampling import NumericsError
 
-    known = (RequestError, UnknownModelError, ModelAccessError, InsufficientMemoryError, NumericsError,
+    known = (FlagError, RequestError, UnknownModelError, ModelAccessError, InsufficientMemoryError, NumericsError,
              QueueFullError, JobCancelled, InternalError)
     if isinstance(exc, known):
         return str(exc)

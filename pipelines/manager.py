@@ -19,18 +19,20 @@ from typing import Any, Callable
 
 import torch
 
+from . import memory_plan
 from .backends import BackendChoice, TensorRTStatus, choose_backend, tensorrt_status
-from .backends.torch_backend import TorchBackend, TorchOptions
-from .components import ComponentKey, LoadedComponent, activation_bytes, component_key, estimate_bytes
+from .backends.contract import ComponentBackend, TensorRTOptions, TorchOptions
+from .backends.torch_backend import TorchBackend
+from .components import ComponentKey, LoadedComponent, component_key, estimate_bytes
 from .device_policy import LIGHT_PARTS, DevicePolicy
-from .engine_cache import EngineCache
+from .engine_cache import DEFAULT_CACHE_DIR, EngineCache
 from .families import family_of
 from .gpu import DeviceInfo, parse_memory, probe_device, resolve_device, system_memory
 from .loading import HubOptions, WeightSource, check_access
 from .precision import Backend, Precision, precision_support
 from .registry import ModelSpec, UnknownModelError, resolve_spec
 from .request import GenerationRequest, GenerationResult, RequestError, resolve_request
-from .residency import InsufficientMemoryError, Residency, human_bytes
+from .residency import InsufficientMemoryError, Residency
 from .run_context import JobCancelled, Progress, RunContext
 
 log = logging.getLogger("prism.manager")
@@ -40,17 +42,24 @@ class QueueFullError(RuntimeError):
     """The queue is at its limit; the caller should try again shortly."""
 
 
+class ModelInUseError(RequestError):
+    """An unload asked for the model the running job uses."""
+
+
 @dataclass(frozen=True)
 class ManagerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     backend: str = "auto"  # auto | torch | tensorrt
     memory_budget: str | None = None  # "40GB", "512MB" or a fraction of device memory; None: most of it
-    compile: bool = False  # torch.compile the denoiser (GPU only)
     random_weights: bool = False  # Hub models get their architecture with random weights (benchmarks)
     hub: HubOptions = HubOptions()
     max_queue: int = 4  # waiting jobs; one more is refused at once
-    engine_cache_dir: Path | None = None
+    # Built engines and compiled kernels (its torch-inductor/ folder); pipelines.config sets it from the
+    # flags, where PRISM_ENGINE_CACHE is read as the default.
+    engine_cache_dir: Path = DEFAULT_CACHE_DIR
     min_working_bytes: int = 512 * 2**20  # kept free beyond the weights even for tiny images
+    torch: TorchOptions = TorchOptions()  # compile; the manager fills in staging and the compile cache
+    tensorrt: TensorRTOptions = TensorRTOptions()  # CUDA graphs, weight streaming, engine size ranges
 
 
 class JobState(str, Enum):
@@ -130,7 +139,7 @@ class ManagerStatus:
 
 class PipelineManager:
     def __init__(self, config: ManagerConfig = ManagerConfig(), *, device_info: DeviceInfo | None = None,
-                 backends: dict[Backend, Any] | None = None):
+                 backends: dict[Backend, ComponentBackend] | None = None):
         self.config = config
         self.device = device_info.device if device_info else resolve_device(config.device)
         self.info = device_info or probe_device(self.device)
@@ -141,9 +150,9 @@ class PipelineManager:
         self.residency = Residency(budget, self.device, can_park=self.info.is_cuda and not self.info.unified,
                                    park_budget_bytes=int(host_free * 0.5))
         self.engine_cache = EngineCache(config.engine_cache_dir)
-        self._backends: dict[Backend, Any] = dict(backends or {})
-        self._backends.setdefault(Backend.TORCH, TorchBackend(TorchOptions(
-            compile=config.compile, stage_on_host=self.info.is_cuda and not self.info.unified,
+        self._backends: dict[Backend, ComponentBackend] = dict(backends or {})
+        self._backends.setdefault(Backend.TORCH, TorchBackend(replace(
+            config.torch, stage_on_host=self.info.is_cuda and not self.info.unified,
             compile_cache_dir=self.engine_cache.root / "torch-inductor")))
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._waiting: list[Job] = []
@@ -231,7 +240,7 @@ class PipelineManager:
         resolved = resolve_request(req, spec, self.info.capability, choice.backend)
         source = WeightSource(random_weights=self.config.random_weights and spec.local_dir is None, hub=self.config.hub)
         check_access(spec, source)
-        working = self._working_bytes(spec, resolved)
+        working = self.working_bytes(spec, resolved)
         self.check_fits(spec, precision, choice.backend, working, source)
         ctx = RunContext(torch.device(self.device), on_progress=job.report, cancel=job.cancel_event)
         try:
@@ -263,12 +272,10 @@ class PipelineManager:
             backend=backend.describe(), runs_as=parts.runs_as or Precision.parse(req.precision).label,
             device=self.info.name, warnings=warnings)
 
-    # ------------------------------------------------------------------ memory planning
+    # ------------------------------------------------------------------ memory planning (pipelines.memory_plan)
 
-    def _working_bytes(self, spec: ModelSpec, req: GenerationRequest) -> int:
-        vae_dtype = self.policy.component_dtype(spec, "vae", req.precision)
-        return self.config.min_working_bytes + activation_bytes(spec, req.width, req.height, req.num_images,
-                                                                torch.empty((), dtype=vae_dtype).element_size())
+    def working_bytes(self, spec: ModelSpec, req: GenerationRequest) -> int:
+        return memory_plan.working_bytes(spec, req, self.policy, self.config.min_working_bytes)
 
     def _component_bytes(self, spec: ModelSpec, name: str, precision: Precision, backend: Backend) -> int:
         if name in LIGHT_PARTS:
@@ -278,17 +285,17 @@ class PipelineManager:
         return entry.component.nbytes if entry else estimate_bytes(spec, name, precision, self.policy)
 
     def stage_bytes(self, spec: ModelSpec, precision: Precision, backend: Backend) -> list[tuple[tuple[str, ...], int]]:
-        return [(stage, sum(self._component_bytes(spec, n, precision, backend) for n in stage)) for stage in family_of(spec).stages]
+        return [(stage, sum(self._component_bytes(spec, n, precision, backend) for n in stage))
+                for stage in family_of(spec).stages]
 
     def stage_needs(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
                     source: WeightSource = WeightSource()) -> list[tuple[tuple[str, ...], int]]:
         """Per stage, the most memory it holds at once: its weights plus working memory, or a load's peak."""
-        out = []
-        for stage, weights in self.stage_bytes(spec, precision, backend):
-            peaks = [weights - self._component_bytes(spec, n, precision, backend) + self._load_peak(spec, n, precision, backend, source)
-                     for n in stage if n not in LIGHT_PARTS]
-            out.append((stage, max([weights + working, *peaks])))
-        return out
+        stages = family_of(spec).stages
+        names = {n for stage in stages for n in stage}
+        weights = {n: self._component_bytes(spec, n, precision, backend) for n in names}
+        peaks = {n: self._load_peak(spec, n, precision, backend, source) for n in names if n not in LIGHT_PARTS}
+        return memory_plan.stage_needs(stages, weights, peaks, working)
 
     def _load_peak(self, spec: ModelSpec, name: str, precision: Precision, backend: Backend, source: WeightSource) -> int:
         key = component_key(spec, name, precision, backend.value, self.policy)
@@ -299,35 +306,28 @@ class PipelineManager:
     def check_fits(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
                    source: WeightSource = WeightSource()) -> None:
         """Raise InsufficientMemoryError (needed, free, and a smaller precision that fits) before loading anything."""
-        stage, need = max(self.stage_needs(spec, precision, backend, working, source), key=lambda s: s[1])
-        if need <= self.residency.budget_bytes:
-            return
-        free = max(self.residency.budget_bytes - self.residency.used_bytes(), 0)
-        raise InsufficientMemoryError(
-            f"{spec.id} at {precision.value} needs {human_bytes(need)} at once "
-            f"({' + '.join(n for n in stage if n not in LIGHT_PARTS)} and {human_bytes(working)} of working memory); "
-            f"the memory budget is {human_bytes(self.residency.budget_bytes)} and {human_bytes(free)} of it is free now. "
-            f"{self._smaller_precision_hint(spec, precision, backend, working, source)}")
+        budget = self.residency.budget_bytes
+        problem = memory_plan.refusal(spec, precision, self.stage_needs(spec, precision, backend, working, source),
+                                      working, budget, self.residency.used_bytes())
+        if problem:
+            raise InsufficientMemoryError(f"{problem} {self._smaller_precision_hint(spec, precision, backend, working, source)}")
 
     def _smaller_precision_hint(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
                                 source: WeightSource = WeightSource()) -> str:
-        order = [Precision.BF16, Precision.FP8, Precision.FP4]
-        smaller = order[order.index(precision) + 1:] if precision in order else order[1:]
-        for candidate in smaller:
+        def need_of(candidate: Precision) -> int | None:
             if not precision_support(candidate, self.info.capability, backend).runnable:
-                continue
-            need = max(n for _, n in self.stage_needs(spec, candidate, backend, working, source))
-            if need <= self.residency.budget_bytes:
-                return f"{candidate.value} would fit (needs {human_bytes(need)}): choose it, or a smaller image size."
-        return "No smaller precision fits either: raise --memory-budget, free memory, or choose a smaller model or image."
+                return None
+            return max(n for _, n in self.stage_needs(spec, candidate, backend, working, source))
+
+        return memory_plan.smaller_precision_hint(precision, self.residency.budget_bytes, need_of)
 
     # ------------------------------------------------------------------ backends, status, unloading
 
-    def _backend(self, kind: Backend) -> Any:
+    def _backend(self, kind: Backend) -> ComponentBackend:
         if kind not in self._backends:
             from .backends.tensorrt.backend import TensorRTBackend  # heavy, optional: only when chosen
 
-            self._backends[kind] = TensorRTBackend(self.engine_cache)
+            self._backends[kind] = TensorRTBackend(self.engine_cache, self.config.tensorrt)
         return self._backends[kind]
 
     def status(self) -> ManagerStatus:
@@ -336,19 +336,29 @@ class PipelineManager:
         trt = tensorrt_status(self.info.capability)
         choice = choose_backend(self.config.backend if self.config.backend != "tensorrt" else "auto",
                                 self.info.capability, Precision.BF16)
-        resident = tuple(ResidentInfo(r.component.key, r.component.nbytes, r.parked) for r in self.residency.resident())
-        return ManagerStatus(self.info, self.residency.budget_bytes, self.residency.used_bytes(),
-                             self.residency.parked_bytes(), resident, queued, running, trt, choice.reason,
-                             self.engine_cache.root, self.engine_cache.total_bytes(),
-                             tuple(str(e) for e in self.residency.events[-20:]))
+        snap = self.residency.snapshot()
+        resident = tuple(ResidentInfo(r.key, r.component.nbytes, r.parked) for r in snap.resident)
+        return ManagerStatus(self.info, self.residency.budget_bytes, snap.used_bytes, snap.parked_bytes, resident,
+                             queued, running, trt, choice.reason, self.engine_cache.root,
+                             self.engine_cache.total_bytes(), tuple(str(e) for e in snap.events))
 
-    def unload(self, model: str | None = None) -> int:
-        """Unload one model (or all); returns bytes released. Waits for the running job's memory lock."""
-        if model is None:
-            freed = self.residency.used_bytes() + self.residency.parked_bytes()
-            self.residency.evict_all("unloaded by the user")
-            return freed
-        return self.residency.drop_model(model)
+    def unload(self, model: str | None = None, *, spare_running: bool = False) -> int:
+        """Unload one model (or all); returns bytes released. With `spare_running`, refuse (ModelInUseError)
+        when the running job uses it: checked and done under the lock the worker takes to start a job, so
+        no job can start on the model in between."""
+        with self._lock:
+            if spare_running and self._running is not None and model in (None, self._running_model()):
+                raise ModelInUseError(f"A job is running on {self._running_model()}; unload it when the job has finished.")
+            if model is None:
+                return self.residency.evict_all("unloaded by the user")
+            return self.residency.drop_model(model)
+
+    def _running_model(self) -> str | None:
+        """The model id the running job uses (residency keys name models by id)."""
+        try:
+            return resolve_spec(self._running.request.model).id if self._running else None
+        except UnknownModelError:
+            return None
 
 
 class JobParts:
@@ -390,7 +400,6 @@ class JobParts:
             self.ctx.report("load", 0, 1, f"loading {self.spec.id} {name} ({self.precision.value})")
         backend = self.m._backend(Backend.TORCH if name in LIGHT_PARTS else self.backend_kind)
         component = backend.load(self.spec, name, self.precision, self.m.device, self.m.policy, self.source, self.ctx)
-        component.key = self.key(name)
         self.load_ms += (time.perf_counter() - started) * 1000
         return component
 

@@ -146,3 +146,16 @@ def test_component_dtypes_avoid_known_overflows():
     assert component_dtype(flux, "text_encoder_2", "fp16") == torch.bfloat16  # T5 overflows in fp16
     assert DevicePolicy.for_target((7, 5)).component_dtype(flux, "text_encoder_2", "fp16") == torch.float32
     assert component_dtype(flux, "tokenizer", "fp8") is None
+
+
+def test_device_policy_computes_as_the_device_or_the_build_target_does():
+    from pipelines.device_policy import DevicePolicy
+
+    sdxl, flux = resolve_spec("sdxl-base-1.0"), resolve_spec("flux.1-dev")
+    cpu, ampere, turing = DevicePolicy.for_device(None), DevicePolicy.for_device((8, 6)), DevicePolicy.for_device((7, 5))
+    assert cpu.compute_dtype(sdxl, "fp8") == torch.bfloat16  # fp16 convolutions are ~10x slower on a CPU
+    assert ampere.compute_dtype(sdxl, "fp8") == torch.float16 and ampere.compute_dtype(flux, "fp8") == torch.bfloat16
+    assert turing.compute_dtype(flux, "fp4") == torch.float16 and turing.reference_precision(flux) is Precision.FP16
+    # An engine exported on a CPU computes as the GPU it is built for, not as the CPU.
+    assert DevicePolicy.for_target(None).compute_dtype(sdxl, "fp8") == torch.float16
+    assert cpu.reference_precision(sdxl) is Precision.BF16 and ampere.reference_precision(sdxl) is Precision.FP16

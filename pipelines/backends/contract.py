@@ -51,6 +51,8 @@ class TorchOptions:
 class TensorRTOptions:
     """How engines are built when the app needs one; `python -m pipelines build` has the same defaults."""
 
+    width: int | None = None  # a static size when given without a range (python -m pipelines build)
+    height: int | None = None
     min_size: int | None = None  # None: the model's size limits (engines accept any valid size)
     max_size: int | None = None
     max_batch: int = 1  # larger batches run in chunks of this size

@@ -11,12 +11,10 @@ Optimisations, in order, each with its off switch and reason:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ..components import LoadedComponent, component_key, estimate_bytes, largest_linear_bytes
+from ..components import LoadedComponent, estimate_bytes, largest_linear_bytes
 from ..device_policy import DevicePolicy
 from ..families import family_of
 from ..loading import WeightSource, load_component
@@ -24,18 +22,7 @@ from ..precision import Backend, Precision, SupportLevel, precision_support
 from ..quant import module_bytes, quantize_linears
 from ..registry import ModelSpec
 from ..run_context import RunContext
-
-
-@dataclass(frozen=True)
-class TorchOptions:
-    compile: bool = False  # torch.compile of the denoiser, scoped per family (GPU only)
-    compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
-    # Quantize checkpoints while moving them from host RAM, one layer at a time (discrete GPUs only: on
-    # unified memory the host copy is device memory too, so staging saves nothing).
-    stage_on_host: bool = False
-    # Inductor's compiled kernels and graphs are kept here (under engine_cache/), so a restart reuses them
-    # instead of compiling for minutes again; None leaves torch's default (a temp folder).
-    compile_cache_dir: Path | None = None
+from .contract import TorchOptions
 
 
 class TorchBackend:
@@ -43,6 +30,10 @@ class TorchBackend:
 
     def __init__(self, options: TorchOptions = TorchOptions()):
         self.options = options
+        if options.compile and options.compile_cache_dir is not None:
+            # Inductor reads its cache folder from this variable only (and writes it back itself), so it is
+            # set once, here, when the manager builds its backend; a folder the user set is left alone.
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(options.compile_cache_dir))
 
     def describe(self) -> str:
         return "PyTorch" + (" + torch.compile" if self.options.compile else " (eager)")
@@ -66,11 +57,10 @@ class TorchBackend:
              source: WeightSource, ctx: RunContext | None = None) -> LoadedComponent:
         capability = policy.capability
         dtype = policy.component_dtype(spec, name, precision)
-        key = component_key(spec, name, precision, self.name, policy)
         staged = self._staged(spec, name, precision, device, source)
         obj = load_component(spec, name, dtype=dtype or torch.float32, device="cpu" if staged else device, source=source)
         if dtype is None:  # tokenizer or scheduler
-            return LoadedComponent(key, obj, 0, None)
+            return LoadedComponent(obj, 0, None)
 
         runs_as = None
         if name == spec.denoiser:
@@ -79,15 +69,12 @@ class TorchBackend:
             report = _quantize(obj, spec, precision, dtype, native_fp4, device if staged else None)
             runs_as = support.runs_as if report.native_fp4 == native_fp4 else "FP4 weights, 16-bit compute"
             if self.options.compile and device.startswith("cuda"):
-                if self.options.compile_cache_dir is not None:
-                    # Read by inductor whenever it resolves its cache folder, so setting it here is enough.
-                    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.options.compile_cache_dir))
                 if ctx is not None:
                     ctx.report("build", 0, 1, "torch.compile: the first image at a new size compiles for a few "
                                               "minutes (cached in engine_cache/ for next time)")
                 compile_denoiser(obj, spec, self.options.compile_mode)
         engine = family_of(spec).adapters[name](obj).eval()
-        return LoadedComponent(key, engine, module_bytes(obj), dtype, runs_as)
+        return LoadedComponent(engine, module_bytes(obj), dtype, runs_as)
 
 
 def compile_denoiser(module: torch.nn.Module, spec: ModelSpec, mode: str | None) -> None:

@@ -6,9 +6,7 @@ artifacts (same defaults, so the app finds them).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ...components import LoadedComponent, component_key, estimate_bytes
+from ...components import LoadedComponent, estimate_bytes
 from ...device_policy import LIGHT_PARTS, DevicePolicy
 from ...families import family_of
 from ...engine_cache import EngineCache
@@ -16,25 +14,12 @@ from ...loading import WeightSource
 from ...precision import Backend, Precision
 from ...registry import ModelSpec
 from ...run_context import RunContext
+from ..contract import TensorRTOptions
 from .artifacts import ArtifactBuilder, EngineRequest
 from .export import ShapeRanges, component_io
 from .quantize import QuantRecipe
 from .runtime import DeviceMemoryPool, TensorRTEngine
 from .trt_api import TensorRTUnavailable, Trt, import_trt
-
-
-@dataclass(frozen=True)
-class TensorRTOptions:
-    """How engines are built when the app needs one; `python -m pipelines build` has the same defaults."""
-
-    min_size: int | None = None  # None: the model's size limits (engines accept any valid size)
-    max_size: int | None = None
-    max_batch: int = 1  # larger batches run in chunks of this size
-    cuda_graphs: bool = True  # denoiser only: the one engine called many times with the same shapes
-    weight_streaming_budget: int | None = None  # bytes of weights kept on the GPU; None: all of them
-    onnx_source: str = "export"  # "export" | "official" (the model maker's ONNX, for the denoiser)
-    calibration_prompts: int = QuantRecipe.prompts  # FP8/FP4 calibration images
-    calibration_steps: int | None = None  # None: the model's default steps
 
 
 _LOW_PRECISION = {"FP8": Precision.FP8, "FP4E2M1": Precision.FP4}  # build-log type -> precision
@@ -77,7 +62,7 @@ class TensorRTBackend:
     def request(self, spec: ModelSpec, name: str, precision: Precision, capability: tuple[int, int],
                 source: WeightSource) -> EngineRequest:
         o = self.options
-        ranges = ShapeRanges.for_spec(spec, min_size=o.min_size, max_size=o.max_size, max_batch=o.max_batch)
+        ranges = ShapeRanges.for_spec(spec, o.width, o.height, o.min_size, o.max_size, o.max_batch)
         precision = Precision.parse(precision)
         recipe = None if precision.is_16bit else QuantRecipe(precision, prompts=o.calibration_prompts,
                                                              steps=o.calibration_steps)
@@ -121,6 +106,5 @@ class TensorRTBackend:
                                 weight_streaming_budget=self.options.weight_streaming_budget,
                                 name=f"{spec.id} {name} engine",
                                 batch_inputs=frozenset(t.name for t in io.inputs if t.dims[:1] == ("batch",)))
-        key = component_key(spec, name, precision, self.name, req.policy)
         label = runs_as(precision, built.report.precision_counts()) if name == spec.denoiser else None
-        return LoadedComponent(key, engine, engine.nbytes, req.dtype, label)
+        return LoadedComponent(engine, engine.nbytes, req.dtype, label)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ...device_policy import LIGHT_PARTS, DevicePolicy
+from ..contract import CALIBRATION_PROMPTS
 from ...families import family_of
 from ...quant import quantizable_linears
 from ...loading import WeightSource, load_component
@@ -63,7 +64,7 @@ def calibration_prompts(path: Path = PROMPTS_FILE) -> list[str]:
 @dataclass(frozen=True)
 class QuantRecipe:
     precision: Precision
-    prompts: int = 32  # calibration images (one prompt each, in file order)
+    prompts: int = CALIBRATION_PROMPTS  # calibration images (one prompt each, in file order)
     steps: int | None = None  # denoising steps per image; None: the model's default
     width: int | None = None  # calibration size; None: the model's default
     height: int | None = None
