@@ -10,12 +10,11 @@ import itertools
 import logging
 import queue
 import threading
-import time
 import traceback
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -23,10 +22,11 @@ from . import memory_plan
 from .backends import BackendChoice, TensorRTStatus, choose_backend, tensorrt_status
 from .backends.contract import ComponentBackend, TensorRTOptions, TorchOptions
 from .backends.torch_backend import TorchBackend
-from .components import ComponentKey, LoadedComponent, component_key, estimate_bytes
+from .components import ComponentKey, component_key, estimate_bytes
 from .device_policy import LIGHT_PARTS, DevicePolicy
 from .engine_cache import DEFAULT_CACHE_DIR, EngineCache
 from .families import family_of
+from .job_parts import JobParts
 from .gpu import DeviceInfo, parse_memory, probe_device, resolve_device, system_memory
 from .loading import HubOptions, WeightSource, check_access
 from .precision import Backend, Precision, precision_support
@@ -264,7 +264,7 @@ class PipelineManager:
             torch.cuda.reset_peak_memory_stats(self.device)
         out = family_of(spec).generate(spec, parts, req, ctx)
         peak = torch.cuda.max_memory_allocated(self.device) if self.info.is_cuda else None
-        backend = self._backend(choice.backend)
+        backend = self.backend(choice.backend)
         warnings = out.warnings + ((choice.reason,) if choice.backend is Backend.TORCH and req.backend == "tensorrt" else ())
         return GenerationResult(
             request=req, model_id=spec.id, images=out.images, seeds=tuple(req.seed + i for i in range(req.num_images)),
@@ -277,7 +277,7 @@ class PipelineManager:
     def working_bytes(self, spec: ModelSpec, req: GenerationRequest) -> int:
         return memory_plan.working_bytes(spec, req, self.policy, self.config.min_working_bytes)
 
-    def _component_bytes(self, spec: ModelSpec, name: str, precision: Precision, backend: Backend) -> int:
+    def component_bytes(self, spec: ModelSpec, name: str, precision: Precision, backend: Backend) -> int:
         if name in LIGHT_PARTS:
             return 0
         key = component_key(spec, name, precision, backend.value, self.policy)
@@ -285,7 +285,7 @@ class PipelineManager:
         return entry.component.nbytes if entry else estimate_bytes(spec, name, precision, self.policy)
 
     def stage_bytes(self, spec: ModelSpec, precision: Precision, backend: Backend) -> list[tuple[tuple[str, ...], int]]:
-        return [(stage, sum(self._component_bytes(spec, n, precision, backend) for n in stage))
+        return [(stage, sum(self.component_bytes(spec, n, precision, backend) for n in stage))
                 for stage in family_of(spec).stages]
 
     def stage_needs(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
@@ -293,7 +293,7 @@ class PipelineManager:
         """Per stage, the most memory it holds at once: its weights plus working memory, or a load's peak."""
         stages = family_of(spec).stages
         names = {n for stage in stages for n in stage}
-        weights = {n: self._component_bytes(spec, n, precision, backend) for n in names}
+        weights = {n: self.component_bytes(spec, n, precision, backend) for n in names}
         peaks = {n: self._load_peak(spec, n, precision, backend, source) for n in names if n not in LIGHT_PARTS}
         return memory_plan.stage_needs(stages, weights, peaks, working)
 
@@ -301,7 +301,7 @@ class PipelineManager:
         key = component_key(spec, name, precision, backend.value, self.policy)
         if key in self.residency.entries:
             return 0  # already loaded (or parked): no load peak
-        return self._backend(backend).load_peak_bytes(spec, name, precision, self.device, self.policy, source)
+        return self.backend(backend).load_peak_bytes(spec, name, precision, self.device, self.policy, source)
 
     def check_fits(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
                    source: WeightSource = WeightSource()) -> None:
@@ -323,7 +323,7 @@ class PipelineManager:
 
     # ------------------------------------------------------------------ backends, status, unloading
 
-    def _backend(self, kind: Backend) -> ComponentBackend:
+    def backend(self, kind: Backend) -> ComponentBackend:
         if kind not in self._backends:
             from .backends.tensorrt.backend import TensorRTBackend  # heavy, optional: only when chosen
 
@@ -359,57 +359,6 @@ class PipelineManager:
             return resolve_spec(self._running.request.model).id if self._running else None
         except UnknownModelError:
             return None
-
-
-class JobParts:
-    """One job's view of its model's components: loads through the residency on first `get`."""
-
-    def __init__(self, manager: PipelineManager, spec: ModelSpec, precision: Precision, backend: Backend,
-                 source: WeightSource, ctx: RunContext, working_bytes: int):
-        self.m, self.spec, self.precision, self.backend_kind = manager, spec, precision, backend
-        self.source, self.ctx, self.working = source, ctx, working_bytes
-        self.stages = family_of(spec).stages
-        self.finished: set[ComponentKey] = set()
-        self.load_ms = 0.0
-        self.runs_as: str | None = None
-        self._dtypes: dict[str, torch.dtype | None] = {}
-
-    def key(self, name: str) -> ComponentKey:
-        # Tokenizers and schedulers are the same object for every backend.
-        backend = "any" if name in LIGHT_PARTS else self.backend_kind.value
-        return component_key(self.spec, name, self.precision, backend, self.m.policy)
-
-    def get(self, name: str) -> Any:
-        index = next(i for i, stage in enumerate(self.stages) if name in stage)
-        protect = {self.key(n) for n in self.stages[index]}
-        later = {self.key(n) for stage in self.stages[index + 1:] for n in stage}
-        backend = self.m._backend(Backend.TORCH if name in LIGHT_PARTS else self.backend_kind)
-        component = self.m.residency.acquire(
-            self.key(name), self.m._component_bytes(self.spec, name, self.precision, self.backend_kind),
-            lambda: self._load(name), working_bytes=self.working, protect=protect, finished=self.finished, later=later,
-            load_peak_bytes=backend.load_peak_bytes(self.spec, name, self.precision, self.m.device, self.m.policy,
-                                                    self.source))
-        self._dtypes[name] = component.dtype
-        if name == self.spec.denoiser:
-            self.runs_as = component.runs_as
-        return component.obj
-
-    def _load(self, name: str) -> LoadedComponent:
-        started = time.perf_counter()
-        if name not in LIGHT_PARTS:
-            self.ctx.report("load", 0, 1, f"loading {self.spec.id} {name} ({self.precision.value})")
-        backend = self.m._backend(Backend.TORCH if name in LIGHT_PARTS else self.backend_kind)
-        component = backend.load(self.spec, name, self.precision, self.m.device, self.m.policy, self.source, self.ctx)
-        self.load_ms += (time.perf_counter() - started) * 1000
-        return component
-
-    def dtype(self, name: str) -> torch.dtype:
-        if self._dtypes.get(name) is not None:
-            return self._dtypes[name]
-        return self.m.policy.component_dtype(self.spec, name, self.precision)
-
-    def done_with(self, *names: str) -> None:
-        self.finished |= {self.key(n) for n in names}
 
 
 def default_budget(info: DeviceInfo) -> int:
