@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Mapping
 import torch
 from torch import nn
 
-from ..graphs import GraphIO
+from ..graphs import GraphIO, token_ids_io, vae_decoder_io
 from ..registry import Family
 
 if TYPE_CHECKING:
@@ -36,10 +36,21 @@ class ModelFamily:
     quantized_compute: torch.dtype
     # Components that overflow in fp16: bf16, else fp32.
     fp16_overflows: tuple[str, ...]
-    graph_io: Callable[["ModelSpec", str], GraphIO]  # each adapter's inputs and outputs, for export
+    # Text encoder -> (token ids per prompt, None for the model's prompt limit; its outputs), for export.
+    text_io: Mapping[str, tuple[int | None, tuple[str, ...]]]
+    denoiser_io: Callable[["ModelSpec"], GraphIO]  # the denoiser's inputs and outputs, as `generate` calls it
     generate: Callable[["ModelSpec", "Parts", "GenerationRequest", "RunContext"], "FamilyOutput"]
     guidance_batch: bool = False  # classifier-free guidance runs the denoiser on 2x the images
     negative_prompt: bool = False  # the loop takes a negative prompt (models may still turn it off)
+
+    def graph_io(self, spec: "ModelSpec", name: str) -> GraphIO:
+        """Component `name`'s engine inputs and outputs (what TensorRT exports and profiles)."""
+        if name in self.text_io:
+            length, outputs = self.text_io[name]
+            return token_ids_io(length or spec.max_prompt_tokens, *outputs)
+        if name == "vae":
+            return vae_decoder_io(spec.components["vae"].config)
+        return self.denoiser_io(spec)
 
     @property
     def stages(self) -> tuple[tuple[str, ...], ...]:

@@ -115,15 +115,9 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     return FamilyOutput(decoded_to_images(decoded), timings, tuple(warnings))
 
 
-def graph_io(spec: ModelSpec, name: str) -> GraphIO:
-    """The inputs and outputs of each engine, as `generate` calls it."""
+def denoiser_io(spec: ModelSpec) -> GraphIO:
+    """The transformer's inputs and outputs, as `generate` calls it."""
     tokens = spec.max_prompt_tokens
-    if name == "text_encoder":
-        return graphs.token_ids_io(CLIP_TOKENS, "pooled")
-    if name == "text_encoder_2":
-        return graphs.token_ids_io(tokens, "hidden")
-    if name == "vae":
-        return graphs.vae_decoder_io(spec.components["vae"].config)
     cfg = spec.components["transformer"].config
     inputs = [TensorSpec("hidden_states", ("batch", "img_tokens", cfg["in_channels"]), "compute"),
               TensorSpec("encoder_hidden_states", ("batch", tokens, cfg["joint_attention_dim"]), "compute"),
@@ -151,6 +145,7 @@ FLUX = ModelFamily(
     quantized_compute=torch.bfloat16,
     # T5 overflows in fp16 (NaN embeddings: diffusers #8604, candle #2480).
     fp16_overflows=("text_encoder_2",),
-    graph_io=graph_io,
+    text_io={"text_encoder": (CLIP_TOKENS, ("pooled",)), "text_encoder_2": (None, ("hidden",))},
+    denoiser_io=denoiser_io,
     generate=generate,
 )

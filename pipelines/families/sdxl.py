@@ -101,15 +101,9 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     return FamilyOutput(decoded_to_images(decoded), timings, tuple(warnings))
 
 
-def graph_io(spec: ModelSpec, name: str) -> GraphIO:
-    """The inputs and outputs of each engine, as `generate` calls it."""
+def denoiser_io(spec: ModelSpec) -> GraphIO:
+    """The UNet's inputs and outputs, as `generate` calls it."""
     tokens = spec.max_prompt_tokens
-    if name == "text_encoder":
-        return graphs.token_ids_io(tokens, "hidden")
-    if name == "text_encoder_2":
-        return graphs.token_ids_io(tokens, "hidden", "pooled")
-    if name == "vae":
-        return graphs.vae_decoder_io(spec.components["vae"].config)
     cfg = spec.components["unet"].config
     time_dims = 6 * cfg["addition_time_embed_dim"]
     return GraphIO((TensorSpec("sample", ("batch", cfg["in_channels"], "lat_h", "lat_w"), "compute"),
@@ -135,7 +129,8 @@ SDXL = ModelFamily(
               "unet": graphs.SdxlDenoiser, "vae": graphs.VaeDecoder},
     quantized_compute=torch.float16,
     fp16_overflows=(),
-    graph_io=graph_io,
+    text_io={"text_encoder": (None, ("hidden",)), "text_encoder_2": (None, ("hidden", "pooled"))},
+    denoiser_io=denoiser_io,
     generate=generate,
     guidance_batch=True,
     negative_prompt=True,
