@@ -11,6 +11,7 @@ import time
 
 from ...config import engine_cache_dir
 from ...engine_cache import EngineCache
+from ...families import family_of
 from ...gpu import GiB
 from ...loading import HubOptions, ModelAccessError, WeightSource
 from ...precision import Precision
@@ -24,8 +25,8 @@ from .trt_api import BuildFailed, BuildRefused, TensorRTUnavailable, import_trt
 
 
 def default_components(spec: ModelSpec) -> list[str]:
-    """What text-to-image runs: both text encoders, the denoiser, the VAE decoder (vae_encoder only on request)."""
-    return ["text_encoder", "text_encoder_2", spec.denoiser, "vae"]
+    """What text-to-image runs: the family's graph components (vae_encoder only on request)."""
+    return list(family_of(spec).adapters)
 
 
 def run_build(args: argparse.Namespace) -> int:
