@@ -64,7 +64,7 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
     prefix = family.value
     choice, note = service.default_choice(family)
     spec = choice.spec if choice else None
-    sdxl = FAMILIES[family].negative_prompt
+    sdxl = FAMILIES[family].negative_prompt  # SDXL's layout: a family whose loop takes a negative prompt
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
