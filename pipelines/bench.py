@@ -18,11 +18,11 @@ from datetime import datetime, timezone
 
 import torch
 
-from .commands import chosen_model, hub_options, request_from_args
-from .components import compute_dtype
+from .backends.contract import TorchOptions
+from .commands import chosen_model, request_from_args
+from .config import manager_config
 from .gpu import GiB
-from .manager import ManagerConfig, PipelineManager
-from .precision import Precision
+from .manager import PipelineManager
 from .registry import resolve_spec
 
 
@@ -69,18 +69,14 @@ def _measure(manager: PipelineManager, args: argparse.Namespace, model: str, pre
 def run_bench(args: argparse.Namespace) -> int:
     model = chosen_model(args)
     spec = resolve_spec(model)
-    config = ManagerConfig(device=args.device, backend=args.backend, memory_budget=args.memory_budget,
-                           compile=args.compile, random_weights=args.random_weights, hub=hub_options(args))
-    manager = PipelineManager(config)
-    baseline = None if args.no_baseline else PipelineManager(
-        ManagerConfig(device=args.device, backend="torch", memory_budget=args.memory_budget, compile=False,
-                      random_weights=args.random_weights, hub=hub_options(args)))
+    manager = PipelineManager(manager_config(args))
+    baseline = None if args.no_baseline else PipelineManager(manager_config(args, backend="torch", torch=TorchOptions()))
     rows: list[BenchRow] = []
     baselines: dict[str, BenchRow] = {}
     try:
         for precision in args.precision:
             # The baseline runs in the 16-bit type this precision computes in (bf16 for Flux FP8/FP4, fp16 for SDXL).
-            base = "bf16" if compute_dtype(spec, Precision(precision), **manager.dtype_policy) == torch.bfloat16 else "fp16"
+            base = manager.policy.reference_precision(spec, precision).value
             if baseline is not None and base not in baselines:
                 baselines[base] = _measure(baseline, args, model, base, f"baseline: diffusers eager {base}")
                 print(f"measured {baselines[base]}", flush=True)  # partial results survive a time limit

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
+from .config import add_engine_cache_arg, add_hub_args, add_runtime_args
 from .errors import user_message
 from .precision import Precision
 
@@ -12,15 +14,7 @@ log = logging.getLogger("prism.cli")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "tensorrt"],
-                   help="auto picks TensorRT where it is installed and runs on this GPU, else PyTorch")
-    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (GPU; slow first run)")
-    p.add_argument("--random-weights", action="store_true",
-                   help="build Hub models' exact architectures with random weights (benchmarks; no download)")
-    p.add_argument("--memory-budget", default=None, help="e.g. 40GB or 0.6 (fraction of device memory)")
-    p.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub (like HF_HUB_OFFLINE=1)")
-    p.add_argument("--hf-token", default=None, help="Hugging Face token (default: HF_TOKEN or `hf auth login`)")
+    add_runtime_args(p)
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -79,14 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--calibration-steps", type=int, default=None, help="FP8/FP4: steps per image (default: the model's)")
     build.add_argument("--weight-streaming", action="store_true",
                        help="build engines that can stream weights from host memory (low-memory GPUs)")
-    build.add_argument("--offline", action="store_true")
-    build.add_argument("--hf-token", default=None)
+    add_hub_args(build)
+    add_engine_cache_arg(build)
     build.add_argument("-v", "--verbose", action="store_true")
 
     cache = sub.add_parser("cache", help="list, clear or prune the engine cache")
     cache.add_argument("action", choices=["list", "clear", "prune"])
     cache.add_argument("--max-size", default=None, help="with prune: e.g. 50GB")
-    cache.add_argument("--dir", default=None, help="engine cache folder (default: PRISM_ENGINE_CACHE or engine_cache/)")
+    add_engine_cache_arg(cache)
+    cache.add_argument("--dir", dest="engine_cache", type=Path, default=None, help=argparse.SUPPRESS)  # older name
     cache.add_argument("-v", "--verbose", action="store_true")
 
     doctor = sub.add_parser("doctor", help="check what works on this machine (GPU, TensorRT, every precision) in ~2 min")

@@ -4,24 +4,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .config import engine_cache_dir, hub_options, manager_config
 from .engine_cache import EngineCache
 from .gpu import GiB, parse_memory
-from .loading import HubOptions, default_model, is_available_locally
-from .manager import ManagerConfig, PipelineManager
+from .loading import default_model, is_available_locally
+from .manager import PipelineManager
 from .pngmeta import SAMPLER_NAMES, save_png
 from .registry import HUB_MODELS, demo_specs, resolve_spec
 from .request import GenerationRequest
 from .run_context import Progress
 
 
-def hub_options(args: argparse.Namespace) -> HubOptions:
-    return HubOptions(token=args.hf_token, offline=True if args.offline else None)
-
-
 def manager_from_args(args: argparse.Namespace) -> PipelineManager:
-    return PipelineManager(ManagerConfig(device=args.device, backend=args.backend, memory_budget=args.memory_budget,
-                                         compile=args.compile, random_weights=args.random_weights,
-                                         hub=hub_options(args)))
+    return PipelineManager(manager_config(args))
 
 
 def chosen_model(args: argparse.Namespace) -> str:
@@ -74,7 +69,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    cache = EngineCache(Path(args.dir) if args.dir else None)
+    cache = EngineCache(engine_cache_dir(args))
     if args.action == "list":
         entries = cache.entries()
         if not entries:

@@ -14,11 +14,10 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
-import torch
 from PIL import Image
 
 from . import imagemetrics
-from .components import compute_dtype, dtype_policy
+from .device_policy import DevicePolicy
 from .errors import user_message
 from .precision import Backend, Capability, Precision
 from .registry import ModelSpec, resolve_spec
@@ -106,7 +105,7 @@ def _timings_dict(result: GenerationResult) -> dict[str, Any]:
 
 def reference_precision(spec: ModelSpec, capability: Capability | None) -> Precision:
     """The 16-bit precision FP8/FP4 compute in for this model here (Flux: bf16; SDXL: fp16 on a GPU, bf16 on a CPU)."""
-    return Precision.BF16 if compute_dtype(spec, Precision.FP8, **dtype_policy(capability)) == torch.bfloat16 else Precision.FP16
+    return DevicePolicy.for_device(capability).reference_precision(spec)
 
 
 def plan_precisions(selected: Iterable[str | Precision], spec: ModelSpec, capability: Capability | None) -> list[Precision]:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .backends import tensorrt_status
+from .backends.contract import TorchOptions
 from .cpu_math import measure_cpu_math
 from .errors import user_message
 from .gpu import probe_device, resolve_device
@@ -121,17 +122,19 @@ class _Runner:
     def __init__(self, device: str, cache_dir: Path, compile_torch: bool):
         from .manager import ManagerConfig
 
-        self.base = ManagerConfig(device=device, compile=compile_torch, engine_cache_dir=cache_dir, max_queue=1)
+        self.base = ManagerConfig(device=device, engine_cache_dir=cache_dir, max_queue=1,
+                                  torch=TorchOptions(compile=compile_torch))
         self.managers: dict[tuple[str, bool], object] = {}
 
     def render(self, backend: Backend, precision: Precision, compile_torch: bool | None = None):
         from .manager import PipelineManager
         from .request import GenerationRequest
 
-        compiled = self.base.compile if compile_torch is None else compile_torch
+        compiled = self.base.torch.compile if compile_torch is None else compile_torch
         key = (backend.value, compiled)
         if key not in self.managers:
-            self.managers[key] = PipelineManager(replace(self.base, backend=backend.value, compile=compiled))
+            self.managers[key] = PipelineManager(replace(self.base, backend=backend.value,
+                                                         torch=replace(self.base.torch, compile=compiled)))
         request = GenerationRequest(PROMPT, DEMO_MODEL, precision, seed=SEED, steps=STEPS, backend=backend.value)
         return self.managers[key].generate(request)
 

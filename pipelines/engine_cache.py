@@ -26,11 +26,7 @@ from .registry import REPO_ROOT
 
 FORMAT_VERSION = 1  # bump when the manifest or artifact layout changes: old entries are then rebuilt
 DEFAULT_CACHE_DIR = REPO_ROOT / "engine_cache"
-ENV_VAR = "PRISM_ENGINE_CACHE"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(ENV_VAR) or DEFAULT_CACHE_DIR).expanduser()
+ENV_VAR = "PRISM_ENGINE_CACHE"  # read once, by pipelines.config, as the --engine-cache default
 
 
 @dataclass(frozen=True)
@@ -99,8 +95,8 @@ class EngineCache:
     ARTIFACT_SUFFIX = ".engine"
     MANIFEST_SUFFIX = ".json"
 
-    def __init__(self, root: Path | None = None):
-        self.root = Path(root) if root else default_cache_dir()
+    def __init__(self, root: Path = DEFAULT_CACHE_DIR):
+        self.root = Path(root).expanduser()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._verified: dict[Path, tuple[int, float]] = {}  # checksum checked once per process per file version

@@ -18,6 +18,7 @@ def require_packages(feature: str, packages: dict[str, str], install: str) -> No
 
 def user_message(exc: BaseException, fallback: bool = True) -> str | None:
     """The message for errors a user can act on; for anything else a generic line (or None if not `fallback`)."""
+    from .config import FlagError
     from .loading import ModelAccessError
     from .manager import InternalError, QueueFullError
     from .registry import UnknownModelError
@@ -26,7 +27,8 @@ def user_message(exc: BaseException, fallback: bool = True) -> str | None:
     from .run_context import JobCancelled
     from .sampling import NumericsError
 
-    known = (MissingPackageError, RequestError, UnknownModelError, ModelAccessError, InsufficientMemoryError, NumericsError,
+    known = (FlagError, MissingPackageError, RequestError, UnknownModelError, ModelAccessError, InsufficientMemoryError,
+             NumericsError,
              QueueFullError, JobCancelled, InternalError)
     if isinstance(exc, known):
         return str(exc)

@@ -6,8 +6,42 @@ which backend is running.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+CLIP_TOKENS = 77
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dims: tuple[int | str, ...]  # an int is fixed; a string names a dimension resolved from the shape ranges
+    kind: str  # "ids" (int64 token ids) | "compute" (the component's dtype) | "float32"
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """What a graph module takes and returns, as the family loop calls it (the export's inputs and outputs)."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[str, ...]
+
+
+def token_ids_io(length: int, *outputs: str) -> GraphIO:
+    """A text encoder: one prompt's token ids per call."""
+    return GraphIO((TensorSpec("input_ids", (1, length), "ids"),), outputs)
+
+
+def vae_decoder_io(vae_config) -> GraphIO:
+    return GraphIO((TensorSpec("latents", ("batch", vae_config.get("latent_channels", 4), "lat_h", "lat_w"), "compute"),),
+                   ("image",))
+
+
+def vae_encoder_io(vae_config) -> GraphIO:
+    return GraphIO((TensorSpec("image", ("batch", vae_config.get("in_channels", 3), "img_h", "img_w"), "compute"),),
+                   ("mean", "std"))
 
 
 class ClipPooled(nn.Module):
@@ -108,8 +142,3 @@ class VaeEncoder(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.vae.encode(image, return_dict=False)[0]
         return dist.mean, dist.std
-
-
-FLUX_ADAPTERS = {"text_encoder": ClipPooled, "text_encoder_2": T5Hidden, "transformer": FluxDenoiser, "vae": VaeDecoder}
-SDXL_ADAPTERS = {"text_encoder": ClipPenultimate, "text_encoder_2": ClipPenultimateAndProjection,
-                 "unet": SdxlDenoiser, "vae": VaeDecoder}

@@ -185,7 +185,7 @@ def default_model(family: Family | None = None, hub: HubOptions = HubOptions()) 
     """
     from .registry import HUB_MODELS, demo_specs
 
-    families = [family] if family else [Family.FLUX, Family.SDXL]
+    families = [family] if family else list(Family)
     for fam in families:
         for spec in HUB_MODELS:
             if spec.family is fam and is_available_locally(spec, hub):

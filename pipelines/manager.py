@@ -10,26 +10,29 @@ import itertools
 import logging
 import queue
 import threading
-import time
 import traceback
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
+from . import memory_plan
 from .backends import BackendChoice, TensorRTStatus, choose_backend, tensorrt_status
-from .backends.torch_backend import TorchBackend, TorchOptions
-from .components import (FAMILY_MODULES, LIGHT_PARTS, ComponentKey, LoadedComponent, activation_bytes,
-                         component_dtype, component_key, dtype_policy, estimate_bytes, stages)
-from .engine_cache import EngineCache
+from .backends.contract import ComponentBackend, TensorRTOptions, TorchOptions
+from .backends.torch_backend import TorchBackend
+from .components import ComponentKey, component_key, estimate_bytes
+from .device_policy import LIGHT_PARTS, DevicePolicy
+from .engine_cache import DEFAULT_CACHE_DIR, EngineCache
+from .families import family_of
+from .job_parts import JobParts
 from .gpu import DeviceInfo, parse_memory, probe_device, resolve_device, system_memory
 from .loading import HubOptions, WeightSource, check_access
 from .precision import Backend, Precision, precision_support
 from .registry import ModelSpec, UnknownModelError, resolve_spec
 from .request import GenerationRequest, GenerationResult, RequestError, resolve_request
-from .residency import InsufficientMemoryError, Residency, human_bytes
+from .residency import InsufficientMemoryError, Residency
 from .run_context import JobCancelled, Progress, RunContext
 
 log = logging.getLogger("prism.manager")
@@ -39,17 +42,24 @@ class QueueFullError(RuntimeError):
     """The queue is at its limit; the caller should try again shortly."""
 
 
+class ModelInUseError(RequestError):
+    """An unload asked for the model the running job uses."""
+
+
 @dataclass(frozen=True)
 class ManagerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     backend: str = "auto"  # auto | torch | tensorrt
     memory_budget: str | None = None  # "40GB", "512MB" or a fraction of device memory; None: most of it
-    compile: bool = False  # torch.compile the denoiser (GPU only)
     random_weights: bool = False  # Hub models get their architecture with random weights (benchmarks)
     hub: HubOptions = HubOptions()
     max_queue: int = 4  # waiting jobs; one more is refused at once
-    engine_cache_dir: Path | None = None
+    # Built engines and compiled kernels (its torch-inductor/ folder); pipelines.config sets it from the
+    # flags, where PRISM_ENGINE_CACHE is read as the default.
+    engine_cache_dir: Path = DEFAULT_CACHE_DIR
     min_working_bytes: int = 512 * 2**20  # kept free beyond the weights even for tiny images
+    torch: TorchOptions = TorchOptions()  # compile; the manager fills in staging and the compile cache
+    tensorrt: TensorRTOptions = TensorRTOptions()  # CUDA graphs, weight streaming, engine size ranges
 
 
 class JobState(str, Enum):
@@ -129,19 +139,20 @@ class ManagerStatus:
 
 class PipelineManager:
     def __init__(self, config: ManagerConfig = ManagerConfig(), *, device_info: DeviceInfo | None = None,
-                 backends: dict[Backend, Any] | None = None):
+                 backends: dict[Backend, ComponentBackend] | None = None):
         self.config = config
         self.device = device_info.device if device_info else resolve_device(config.device)
         self.info = device_info or probe_device(self.device)
+        self.policy = DevicePolicy.for_info(self.info)  # what decides each component's dtype here
         budget = (parse_memory(config.memory_budget, self.info.total_bytes) if config.memory_budget
                   else default_budget(self.info))
         _, host_free = system_memory()
         self.residency = Residency(budget, self.device, can_park=self.info.is_cuda and not self.info.unified,
                                    park_budget_bytes=int(host_free * 0.5))
         self.engine_cache = EngineCache(config.engine_cache_dir)
-        self._backends: dict[Backend, Any] = dict(backends or {})
-        self._backends.setdefault(Backend.TORCH, TorchBackend(TorchOptions(
-            compile=config.compile, stage_on_host=self.info.is_cuda and not self.info.unified,
+        self._backends: dict[Backend, ComponentBackend] = dict(backends or {})
+        self._backends.setdefault(Backend.TORCH, TorchBackend(replace(
+            config.torch, stage_on_host=self.info.is_cuda and not self.info.unified,
             compile_cache_dir=self.engine_cache.root / "torch-inductor")))
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._waiting: list[Job] = []
@@ -229,7 +240,7 @@ class PipelineManager:
         resolved = resolve_request(req, spec, self.info.capability, choice.backend)
         source = WeightSource(random_weights=self.config.random_weights and spec.local_dir is None, hub=self.config.hub)
         check_access(spec, source)
-        working = self._working_bytes(spec, resolved)
+        working = self.working_bytes(spec, resolved)
         self.check_fits(spec, precision, choice.backend, working, source)
         ctx = RunContext(torch.device(self.device), on_progress=job.report, cancel=job.cancel_event)
         try:
@@ -251,9 +262,9 @@ class PipelineManager:
         parts = JobParts(self, spec, Precision.parse(req.precision), choice.backend, source, ctx, working)
         if self.info.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        out = FAMILY_MODULES[spec.family].generate(spec, parts, req, ctx)
+        out = family_of(spec).generate(spec, parts, req, ctx)
         peak = torch.cuda.max_memory_allocated(self.device) if self.info.is_cuda else None
-        backend = self._backend(choice.backend)
+        backend = self.backend(choice.backend)
         warnings = out.warnings + ((choice.reason,) if choice.backend is Backend.TORCH and req.backend == "tensorrt" else ())
         return GenerationResult(
             request=req, model_id=spec.id, images=out.images, seeds=tuple(req.seed + i for i in range(req.num_images)),
@@ -261,83 +272,62 @@ class PipelineManager:
             backend=backend.describe(), runs_as=parts.runs_as or Precision.parse(req.precision).label,
             device=self.info.name, warnings=warnings)
 
-    # ------------------------------------------------------------------ memory planning
+    # ------------------------------------------------------------------ memory planning (pipelines.memory_plan)
 
-    def _working_bytes(self, spec: ModelSpec, req: GenerationRequest) -> int:
-        vae_dtype = component_dtype(spec, "vae", req.precision, **self.dtype_policy)
-        return self.config.min_working_bytes + activation_bytes(spec, req.width, req.height, req.num_images,
-                                                                torch.empty((), dtype=vae_dtype).element_size())
+    def working_bytes(self, spec: ModelSpec, req: GenerationRequest) -> int:
+        return memory_plan.working_bytes(spec, req, self.policy, self.config.min_working_bytes)
 
-    def _component_bytes(self, spec: ModelSpec, name: str, precision: Precision, backend: Backend) -> int:
+    def component_bytes(self, spec: ModelSpec, name: str, precision: Precision, backend: Backend) -> int:
         if name in LIGHT_PARTS:
             return 0
-        key = component_key(spec, name, precision, backend.value, **self.dtype_policy)
+        key = component_key(spec, name, precision, backend.value, self.policy)
         entry = self.residency.entries.get(key)
-        return entry.component.nbytes if entry else estimate_bytes(spec, name, precision, **self.dtype_policy)
+        return entry.component.nbytes if entry else estimate_bytes(spec, name, precision, self.policy)
 
     def stage_bytes(self, spec: ModelSpec, precision: Precision, backend: Backend) -> list[tuple[tuple[str, ...], int]]:
-        return [(stage, sum(self._component_bytes(spec, n, precision, backend) for n in stage)) for stage in stages(spec)]
+        return [(stage, sum(self.component_bytes(spec, n, precision, backend) for n in stage))
+                for stage in family_of(spec).stages]
 
     def stage_needs(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
                     source: WeightSource = WeightSource()) -> list[tuple[tuple[str, ...], int]]:
         """Per stage, the most memory it holds at once: its weights plus working memory, or a load's peak."""
-        out = []
-        for stage, weights in self.stage_bytes(spec, precision, backend):
-            peaks = [weights - self._component_bytes(spec, n, precision, backend) + self._load_peak(spec, n, precision, backend, source)
-                     for n in stage if n not in LIGHT_PARTS]
-            out.append((stage, max([weights + working, *peaks])))
-        return out
+        stages = family_of(spec).stages
+        names = {n for stage in stages for n in stage}
+        weights = {n: self.component_bytes(spec, n, precision, backend) for n in names}
+        peaks = {n: self._load_peak(spec, n, precision, backend, source) for n in names if n not in LIGHT_PARTS}
+        return memory_plan.stage_needs(stages, weights, peaks, working)
 
     def _load_peak(self, spec: ModelSpec, name: str, precision: Precision, backend: Backend, source: WeightSource) -> int:
-        key = component_key(spec, name, precision, backend.value, **self.dtype_policy)
+        key = component_key(spec, name, precision, backend.value, self.policy)
         if key in self.residency.entries:
             return 0  # already loaded (or parked): no load peak
-        peak = getattr(self._backend(backend), "load_peak_bytes", None)
-        if peak is None:
-            return estimate_bytes(spec, name, precision, **self.dtype_policy)
-        return peak(spec, name, precision, self._bf16_ok, self.device, source)
+        return self.backend(backend).load_peak_bytes(spec, name, precision, self.device, self.policy, source)
 
     def check_fits(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
                    source: WeightSource = WeightSource()) -> None:
         """Raise InsufficientMemoryError (needed, free, and a smaller precision that fits) before loading anything."""
-        stage, need = max(self.stage_needs(spec, precision, backend, working, source), key=lambda s: s[1])
-        if need <= self.residency.budget_bytes:
-            return
-        free = max(self.residency.budget_bytes - self.residency.used_bytes(), 0)
-        raise InsufficientMemoryError(
-            f"{spec.id} at {precision.value} needs {human_bytes(need)} at once "
-            f"({' + '.join(n for n in stage if n not in LIGHT_PARTS)} and {human_bytes(working)} of working memory); "
-            f"the memory budget is {human_bytes(self.residency.budget_bytes)} and {human_bytes(free)} of it is free now. "
-            f"{self._smaller_precision_hint(spec, precision, backend, working, source)}")
+        budget = self.residency.budget_bytes
+        problem = memory_plan.refusal(spec, precision, self.stage_needs(spec, precision, backend, working, source),
+                                      working, budget, self.residency.used_bytes())
+        if problem:
+            raise InsufficientMemoryError(f"{problem} {self._smaller_precision_hint(spec, precision, backend, working, source)}")
 
     def _smaller_precision_hint(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
                                 source: WeightSource = WeightSource()) -> str:
-        order = [Precision.BF16, Precision.FP8, Precision.FP4]
-        smaller = order[order.index(precision) + 1:] if precision in order else order[1:]
-        for candidate in smaller:
+        def need_of(candidate: Precision) -> int | None:
             if not precision_support(candidate, self.info.capability, backend).runnable:
-                continue
-            need = max(n for _, n in self.stage_needs(spec, candidate, backend, working, source))
-            if need <= self.residency.budget_bytes:
-                return f"{candidate.value} would fit (needs {human_bytes(need)}): choose it, or a smaller image size."
-        return "No smaller precision fits either: raise --memory-budget, free memory, or choose a smaller model or image."
+                return None
+            return max(n for _, n in self.stage_needs(spec, candidate, backend, working, source))
 
-    @property
-    def _bf16_ok(self) -> bool:
-        return dtype_policy(self.info.capability)["cuda_bf16"]
-
-    @property
-    def dtype_policy(self) -> dict[str, bool]:
-        """What decides each component's dtype on this device (see components.compute_dtype)."""
-        return {"cuda_bf16": self._bf16_ok, "cpu": not self.info.is_cuda}
+        return memory_plan.smaller_precision_hint(precision, self.residency.budget_bytes, need_of)
 
     # ------------------------------------------------------------------ backends, status, unloading
 
-    def _backend(self, kind: Backend) -> Any:
+    def backend(self, kind: Backend) -> ComponentBackend:
         if kind not in self._backends:
             from .backends.tensorrt.backend import TensorRTBackend  # heavy, optional: only when chosen
 
-            self._backends[kind] = TensorRTBackend(self.engine_cache)
+            self._backends[kind] = TensorRTBackend(self.engine_cache, self.config.tensorrt)
         return self._backends[kind]
 
     def status(self) -> ManagerStatus:
@@ -346,72 +336,29 @@ class PipelineManager:
         trt = tensorrt_status(self.info.capability)
         choice = choose_backend(self.config.backend if self.config.backend != "tensorrt" else "auto",
                                 self.info.capability, Precision.BF16)
-        resident = tuple(ResidentInfo(r.component.key, r.component.nbytes, r.parked) for r in self.residency.resident())
-        return ManagerStatus(self.info, self.residency.budget_bytes, self.residency.used_bytes(),
-                             self.residency.parked_bytes(), resident, queued, running, trt, choice.reason,
-                             self.engine_cache.root, self.engine_cache.total_bytes(),
-                             tuple(str(e) for e in self.residency.events[-20:]))
+        snap = self.residency.snapshot()
+        resident = tuple(ResidentInfo(r.key, r.component.nbytes, r.parked) for r in snap.resident)
+        return ManagerStatus(self.info, self.residency.budget_bytes, snap.used_bytes, snap.parked_bytes, resident,
+                             queued, running, trt, choice.reason, self.engine_cache.root,
+                             self.engine_cache.total_bytes(), tuple(str(e) for e in snap.events))
 
-    def unload(self, model: str | None = None) -> int:
-        """Unload one model (or all); returns bytes released. Waits for the running job's memory lock."""
-        if model is None:
-            freed = self.residency.used_bytes() + self.residency.parked_bytes()
-            self.residency.evict_all("unloaded by the user")
-            return freed
-        return self.residency.drop_model(model)
+    def unload(self, model: str | None = None, *, spare_running: bool = False) -> int:
+        """Unload one model (or all); returns bytes released. With `spare_running`, refuse (ModelInUseError)
+        when the running job uses it: checked and done under the lock the worker takes to start a job, so
+        no job can start on the model in between."""
+        with self._lock:
+            if spare_running and self._running is not None and model in (None, self._running_model()):
+                raise ModelInUseError(f"A job is running on {self._running_model()}; unload it when the job has finished.")
+            if model is None:
+                return self.residency.evict_all("unloaded by the user")
+            return self.residency.drop_model(model)
 
-
-class JobParts:
-    """One job's view of its model's components: loads through the residency on first `get`."""
-
-    def __init__(self, manager: PipelineManager, spec: ModelSpec, precision: Precision, backend: Backend,
-                 source: WeightSource, ctx: RunContext, working_bytes: int):
-        self.m, self.spec, self.precision, self.backend_kind = manager, spec, precision, backend
-        self.source, self.ctx, self.working = source, ctx, working_bytes
-        self.stages = stages(spec)
-        self.finished: set[ComponentKey] = set()
-        self.load_ms = 0.0
-        self.runs_as: str | None = None
-        self._dtypes: dict[str, torch.dtype | None] = {}
-
-    def key(self, name: str) -> ComponentKey:
-        # Tokenizers and schedulers are the same object for every backend.
-        backend = "any" if name in LIGHT_PARTS else self.backend_kind.value
-        return component_key(self.spec, name, self.precision, backend, **self.m.dtype_policy)
-
-    def get(self, name: str) -> Any:
-        index = next(i for i, stage in enumerate(self.stages) if name in stage)
-        protect = {self.key(n) for n in self.stages[index]}
-        later = {self.key(n) for stage in self.stages[index + 1:] for n in stage}
-        backend = self.m._backend(Backend.TORCH if name in LIGHT_PARTS else self.backend_kind)
-        component = self.m.residency.acquire(
-            self.key(name), self.m._component_bytes(self.spec, name, self.precision, self.backend_kind),
-            lambda: self._load(name), working_bytes=self.working, protect=protect, finished=self.finished, later=later,
-            load_peak_bytes=backend.load_peak_bytes(self.spec, name, self.precision, self.m._bf16_ok, self.m.device,
-                                                    self.source))
-        self._dtypes[name] = component.dtype
-        if name == self.spec.denoiser:
-            self.runs_as = component.runs_as
-        return component.obj
-
-    def _load(self, name: str) -> LoadedComponent:
-        started = time.perf_counter()
-        if name not in LIGHT_PARTS:
-            self.ctx.report("load", 0, 1, f"loading {self.spec.id} {name} ({self.precision.value})")
-        backend = self.m._backend(Backend.TORCH if name in LIGHT_PARTS else self.backend_kind)
-        component = backend.load(self.spec, name, self.precision, self.m.device, self.m.info.capability, self.source,
-                                  self.ctx)
-        component.key = self.key(name)
-        self.load_ms += (time.perf_counter() - started) * 1000
-        return component
-
-    def dtype(self, name: str) -> torch.dtype:
-        if self._dtypes.get(name) is not None:
-            return self._dtypes[name]
-        return component_dtype(self.spec, name, self.precision, **self.m.dtype_policy)
-
-    def done_with(self, *names: str) -> None:
-        self.finished |= {self.key(n) for n in names}
+    def _running_model(self) -> str | None:
+        """The model id the running job uses (residency keys name models by id)."""
+        try:
+            return resolve_spec(self._running.request.model).id if self._running else None
+        except UnknownModelError:
+            return None
 
 
 def default_budget(info: DeviceInfo) -> int:

@@ -164,13 +164,26 @@ def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
+def quantizable(name: str, in_features: int, out_features: int, keep_16bit: Iterable[str]) -> bool:
+    """The one rule for which Linear layers FP8/FP4 replace: all but those under a kept top-level module
+    (`name` is the layer's path in the model) and those whose sides are not multiples of 16, which
+    neither the FP8 GEMM nor FP4 blocks take."""
+    return name.split(".")[0] not in set(keep_16bit) and in_features % 16 == 0 and out_features % 16 == 0
+
+
+def quantizable_linears(model: nn.Module, keep_16bit: Iterable[str]) -> list[str]:
+    """Names (relative to `model`) of the Linear layers FP8/FP4 replace."""
+    keep = tuple(keep_16bit)
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and quantizable(name, m.in_features, m.out_features, keep)]
+
+
 def quantize_linears(model: nn.Module, precision: Precision, keep_16bit: Iterable[str],
                      compute_dtype: torch.dtype, native_fp4: bool = False,
                      device: torch.device | str | None = None) -> QuantReport:
     """Replace the model's nn.Linear layers in place with FP8 / NVFP4 ones.
 
-    `keep_16bit` names top-level submodules (e.g. "x_embedder") whose layers stay 16-bit. Layers whose
-    dimensions are not multiples of 16 also stay 16-bit: neither the FP8 GEMM nor FP4 blocks take them.
+    `keep_16bit` names top-level submodules (e.g. "x_embedder") whose layers stay 16-bit (`quantizable`).
     With `device`, a model staged elsewhere (host RAM) moves there one layer at a time as it is converted,
     so the device never holds the whole 16-bit model: Flux FP8 loads on a GPU too small for Flux in bf16.
     """
@@ -178,13 +191,13 @@ def quantize_linears(model: nn.Module, precision: Precision, keep_16bit: Iterabl
     before = module_bytes(model)
     if precision.is_16bit:
         return QuantReport(precision, 0, (), before, before)
-    keep = set(keep_16bit)
+    targets = set(quantizable_linears(model, keep_16bit))
     kept: list[str] = []
     count = 0
     for name, linear in list(model.named_modules()):
         if not isinstance(linear, nn.Linear):
             continue
-        if name.split(".")[0] in keep or linear.in_features % 16 or linear.out_features % 16:
+        if name not in targets:
             kept.append(name)
             continue
         if device is not None:

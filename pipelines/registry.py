@@ -20,6 +20,11 @@ class Family(str, Enum):
     FLUX = "flux"
     SDXL = "sdxl"
 
+    @property
+    def label(self) -> str:
+        """The name people know the family by (its tab in the app)."""
+        return {"flux": "Flux.1", "sdxl": "SDXL"}[self.value]
+
 
 # model_index.json `_class_name` -> family; how a local Hugging Face-layout folder says what it is.
 PIPELINE_CLASS_FAMILY = {
@@ -86,7 +91,14 @@ class ModelSpec:
 
     @property
     def denoiser(self) -> str:
-        return "transformer" if self.family is Family.FLUX else "unet"
+        from .families import family_of  # the family modules import this one
+
+        return family_of(self).denoiser
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel along each side."""
+        return 2 ** (len(self.components["vae"].config["block_out_channels"]) - 1)
 
 
 # --------------------------------------------------------------------------- architectures

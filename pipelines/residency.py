@@ -25,7 +25,6 @@ import torch
 from .components import ComponentKey, LoadedComponent
 
 log = logging.getLogger("prism.residency")
-GB = 1e9
 
 
 def human_bytes(n: float) -> str:
@@ -41,6 +40,7 @@ class InsufficientMemoryError(RuntimeError):
 
 @dataclass
 class Resident:
+    key: ComponentKey
     component: LoadedComponent
     last_used: float
     parked: bool = False  # in host RAM, not on the device
@@ -57,32 +57,56 @@ class ResidencyEvent:
         return f"{self.action} {self.key} ({human_bytes(self.nbytes)}){': ' + self.reason if self.reason else ''}"
 
 
+@dataclass(frozen=True)
+class ResidencySnapshot:
+    """One consistent view for status displays, taken under the lock."""
+
+    used_bytes: int
+    parked_bytes: int
+    resident: tuple[Resident, ...]  # most recently used first
+    events: tuple[ResidencyEvent, ...]  # the latest last
+
+
 @dataclass
 class Residency:
+    """Every read and change of `entries` happens under one lock; a load runs outside it, so status calls
+    never wait for a TensorRT build or a checkpoint load."""
+
     budget_bytes: int
     device: str
     can_park: bool = False  # discrete GPU with host RAM to spare
     park_budget_bytes: int = 0
     entries: dict[ComponentKey, Resident] = field(default_factory=dict)
     events: list[ResidencyEvent] = field(default_factory=list)
+    listeners: list[Callable[[ResidencyEvent], None]] = field(default_factory=list)  # told of every event
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
     # ------------------------------------------------------------------ accounting
 
     def used_bytes(self) -> int:
-        return sum(r.component.nbytes for r in self.entries.values() if not r.parked)
+        with self._lock:
+            return sum(r.component.nbytes for r in self.entries.values() if not r.parked)
 
     def parked_bytes(self) -> int:
-        return sum(r.component.nbytes for r in self.entries.values() if r.parked)
+        with self._lock:
+            return sum(r.component.nbytes for r in self.entries.values() if r.parked)
 
     def resident(self) -> list[Resident]:
-        return sorted(self.entries.values(), key=lambda r: -r.last_used)
+        with self._lock:
+            return sorted(self.entries.values(), key=lambda r: -r.last_used)
+
+    def snapshot(self, events: int = 20) -> ResidencySnapshot:
+        with self._lock:
+            return ResidencySnapshot(self.used_bytes(), self.parked_bytes(), tuple(self.resident()),
+                                     tuple(self.events[-events:]))
 
     def _record(self, action: str, key: ComponentKey, nbytes: int, reason: str = "") -> None:
         event = ResidencyEvent(action, key, nbytes, reason)
         self.events.append(event)
         del self.events[:-200]
         log.info("%s", event)
+        for listener in self.listeners:
+            listener(event)
 
     # ------------------------------------------------------------------ the one entry point
 
@@ -108,8 +132,9 @@ class Residency:
                 entry.parked, entry.last_used = False, time.monotonic()
                 self._record("restore", key, need)
                 return entry.component
-            component = load()
-            self.entries[key] = Resident(component, time.monotonic())
+        component = load()  # outside the lock: a build can take minutes
+        with self._lock:
+            self.entries[key] = Resident(key, component, time.monotonic())
             self._record("load", key, component.nbytes)
             if self.used_bytes() + working_bytes > self.budget_bytes:  # the estimate was low: settle up now
                 try:
@@ -125,6 +150,11 @@ class Residency:
         def tier(key: ComponentKey) -> int:
             return 0 if key in finished else (2 if key in later else 1)
 
+        with self._lock:
+            self._make_room(nbytes, protect, tier, reason)
+
+    def _make_room(self, nbytes: int, protect: set[ComponentKey], tier: Callable[[ComponentKey], int],
+                   reason: str) -> None:
         while self.used_bytes() + nbytes > self.budget_bytes:
             victims = [(tier(k), r.last_used, k) for k, r in self.entries.items()
                        if not r.parked and k not in protect and r.component.nbytes > 0]
@@ -157,20 +187,22 @@ class Residency:
             if release:
                 release_device_memory(self.device)
 
-    def evict_all(self, reason: str = "", keep: set[ComponentKey] = frozenset()) -> None:
-        for key in [k for k in self.entries if k not in keep]:
-            self.evict(key, reason, release=False, park=False)
-            self.entries.pop(key, None)  # a component parked earlier is dropped from host RAM too
-        release_device_memory(self.device)  # one collection for the lot (each is ~0.5 s in a big process)
+    def evict_all(self, reason: str = "", keep: set[ComponentKey] = frozenset()) -> int:
+        """Unload everything but `keep` (device and host); returns bytes released."""
+        return self._drop(lambda k: k not in keep, reason)
 
     def drop_model(self, model: str) -> int:
         """Unload every component of `model` (device and host); returns bytes released."""
-        keys = [k for k in self.entries if k.model == model]
-        freed = sum(self.entries[k].component.nbytes for k in keys)
-        for k in keys:
-            self.evict(k, "unloaded by the user", release=False, park=False)
-            self.entries.pop(k, None)
-        release_device_memory(self.device)
+        return self._drop(lambda k: k.model == model, "unloaded by the user")
+
+    def _drop(self, which: Callable[[ComponentKey], bool], reason: str) -> int:
+        with self._lock:
+            keys = [k for k in self.entries if which(k)]
+            freed = sum(self.entries[k].component.nbytes for k in keys)
+            for key in keys:
+                self.evict(key, reason, release=False, park=False)
+                self.entries.pop(key, None)  # a component parked earlier is dropped from host RAM too
+        release_device_memory(self.device)  # one collection for the lot (each is ~0.5 s in a big process)
         return freed
 
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from pipelines.components import estimate_bytes
+from pipelines.families import family_of
 from pipelines.loading import load_component
 from pipelines.precision import Precision
 from pipelines.quant import (FP4_VALUES, Fp8Linear, Nvfp4WeightOnlyLinear, module_bytes, nvfp4_dequantize,
@@ -117,8 +118,7 @@ def test_memory_estimates_match_what_loading_holds(tiny_flux):
     spec = resolve_spec(str(tiny_flux))
     for precision in ("bf16", "fp8", "fp4"):
         module = load_component(spec, "transformer", dtype=torch.bfloat16, device="cpu")
-        quantize_linears(module, precision, ("x_embedder", "context_embedder", "time_text_embed", "norm_out",
-                                             "proj_out"), torch.bfloat16)
+        quantize_linears(module, precision, family_of(spec).keep_16bit, torch.bfloat16)
         estimate = estimate_bytes(spec, "transformer", precision)
         assert abs(estimate - module_bytes(module)) / module_bytes(module) < 0.05, precision
 
@@ -135,13 +135,27 @@ def test_full_size_estimates_are_the_published_sizes():
 
 
 def test_component_dtypes_avoid_known_overflows():
-    from pipelines.components import component_dtype
+    from pipelines.device_policy import DevicePolicy
 
+    component_dtype = DevicePolicy().component_dtype
     sdxl, flux = resolve_spec("sdxl-base-1.0"), resolve_spec("flux.1-dev")
     assert component_dtype(sdxl, "vae", "fp16") == torch.float32  # SDXL VAE -> NaN / black images in fp16
     assert component_dtype(sdxl, "vae", "bf16") == torch.bfloat16
     assert component_dtype(sdxl, "unet", "fp8") == torch.float16  # FP8 computes in the family's 16-bit type
     assert component_dtype(flux, "transformer", "fp4") == torch.bfloat16
     assert component_dtype(flux, "text_encoder_2", "fp16") == torch.bfloat16  # T5 overflows in fp16
-    assert component_dtype(flux, "text_encoder_2", "fp16", cuda_bf16=False) == torch.float32
+    assert DevicePolicy.for_target((7, 5)).component_dtype(flux, "text_encoder_2", "fp16") == torch.float32
     assert component_dtype(flux, "tokenizer", "fp8") is None
+
+
+def test_device_policy_computes_as_the_device_or_the_build_target_does():
+    from pipelines.device_policy import DevicePolicy
+
+    sdxl, flux = resolve_spec("sdxl-base-1.0"), resolve_spec("flux.1-dev")
+    cpu, ampere, turing = DevicePolicy.for_device(None), DevicePolicy.for_device((8, 6)), DevicePolicy.for_device((7, 5))
+    assert cpu.compute_dtype(sdxl, "fp8") == torch.bfloat16  # fp16 convolutions are ~10x slower on a CPU
+    assert ampere.compute_dtype(sdxl, "fp8") == torch.float16 and ampere.compute_dtype(flux, "fp8") == torch.bfloat16
+    assert turing.compute_dtype(flux, "fp4") == torch.float16 and turing.reference_precision(flux) is Precision.FP16
+    # An engine exported on a CPU computes as the GPU it is built for, not as the CPU.
+    assert DevicePolicy.for_target(None).compute_dtype(sdxl, "fp8") == torch.float16
+    assert cpu.reference_precision(sdxl) is Precision.BF16 and ampere.reference_precision(sdxl) is Precision.FP16

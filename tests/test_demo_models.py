@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.demo.scenes import held_out_captions, render_batch, sample_scene
+from pipelines.demo.scenes import held_out_captions, sample_scene
 from pipelines.demo.scorer import adherence
 from pipelines.loading import HubOptions, default_model
 from pipelines.registry import DEMO_MODELS_DIR, Family, resolve_spec
@@ -64,12 +64,12 @@ def test_noise_does_not_pass_the_same_bar():
 
 
 def test_training_renderer_matches_the_reference_renderer():
-    from pipelines.demo.train import _scene_arrays, render_arrays
+    from pipelines.demo.train import _scene_arrays, render_arrays, scene_arrays
 
     arrays = _scene_arrays(seed=3, index=7, size=24)
     rng = np.random.default_rng([3, 7])
     scenes = [sample_scene(rng) for _ in range(24)]
-    expected = render_batch(scenes, 64)
+    expected = render_arrays({k: torch.from_numpy(v) for k, v in scene_arrays(scenes).items()}, 64)
     got = render_arrays({k: torch.from_numpy(v) for k, v in arrays.items()}, 64)
     assert torch.allclose(got, expected, atol=1e-5)
     assert arrays["ids_clip"].shape == (24, 77) and arrays["ids_t5"].shape == (24, 32)

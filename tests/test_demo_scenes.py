@@ -15,7 +15,7 @@ from PIL import Image, ImageFilter
 
 from pipelines.demo.scenes import (
     COLOURS, GRID, KINDS, MAX_OFFSET, POSITIONS, SIZE_JITTER, SIZES, Scene, Shape, Split, caption,
-    held_out_captions, parse_caption, render, render_batch, sample_scene, split_of,
+    held_out_captions, parse_caption, render, sample_scene, split_of,
 )
 from pipelines.demo.scorer import ATTRIBUTES, adherence, score
 
@@ -160,9 +160,11 @@ def test_split_holds_out_about_five_percent_and_ignores_shape_order():
 # --- rendering ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size", [64, 128])
-def test_render_and_render_batch_draw_the_same_picture(size):
+def test_render_and_the_training_renderer_draw_the_same_picture(size):
+    from pipelines.demo.train import render_arrays, scene_arrays
+
     scenes = _scenes(30, seed=3)
-    batch = render_batch(scenes, size)
+    batch = render_arrays({k: torch.from_numpy(v) for k, v in scene_arrays(scenes).items()}, size)
     assert batch.shape == (30, 3, size, size) and batch.dtype == torch.float32
     assert batch.min() >= -1.0 and batch.max() <= 1.0
     reference = torch.stack([torch.from_numpy(np.array(render(s, size))).permute(2, 0, 1) for s in scenes])

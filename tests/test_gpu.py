@@ -40,9 +40,10 @@ def test_fp4_weight_only_on_the_gpu_matches_the_cpu():
 
 @pytest.mark.parametrize("compile_", [False, True])
 def test_tiny_flux_generates_on_the_gpu_at_every_precision(tiny_flux, compile_):
+    from pipelines.backends.contract import TorchOptions
     from pipelines.manager import ManagerConfig, PipelineManager
 
-    manager = PipelineManager(ManagerConfig(device="cuda", compile=compile_))
+    manager = PipelineManager(ManagerConfig(device="cuda", torch=TorchOptions(compile=compile_)))
     try:
         cc = torch.cuda.get_device_capability()
         # Compiling costs ~30 s a precision: the compiled pass checks the FP8 layers inside compiled blocks.

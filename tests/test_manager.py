@@ -19,7 +19,7 @@ from pipelines.run_context import JobCancelled
 def need_bytes(manager, model: str, precision: str) -> int:
     """What the manager itself says one job needs at once (largest stage + working memory)."""
     spec = resolve_spec(model)
-    working = manager._working_bytes(spec, GenerationRequest(prompt="", model=model, width=32, height=32,
+    working = manager.working_bytes(spec, GenerationRequest(prompt="", model=model, width=32, height=32,
                                                              num_images=1, precision=precision))
     return max(n for _, n in manager.stage_needs(spec, Precision(precision), Backend.TORCH, working))
 
@@ -57,14 +57,12 @@ def test_second_model_evicts_the_first_in_the_stated_order_and_stays_in_budget(m
     assert budget < total_bytes(probe, flux, "bf16") + need_bytes(probe, sdxl, "bf16")
     m = manager_with_budget(budget)
     seen_over_budget = []
-    original = m.residency._record
 
-    def record(action, key, nbytes, reason=""):
+    def record(event):
         if m.residency.used_bytes() > m.residency.budget_bytes:
-            seen_over_budget.append((action, str(key), m.residency.used_bytes()))
-        original(action, key, nbytes, reason)
+            seen_over_budget.append((event.action, str(event.key), m.residency.used_bytes()))
 
-    m.residency._record = record
+    m.residency.listeners.append(record)
     m.generate(small(flux))
     assert {k.model for k in m.residency.entries} == {"tiny-flux"}
     m.generate(small(sdxl))

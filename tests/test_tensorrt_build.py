@@ -22,7 +22,7 @@ from pipelines.backends.tensorrt.artifacts import ArtifactBuilder, EngineRequest
 from pipelines.backends.tensorrt.build import LOG_SUFFIX, matmul_modules, parse_layers
 from pipelines.backends.tensorrt.quantize import QuantRecipe
 from pipelines.backends.tensorrt.trt_api import BuildFailed, BuildRefused, BuildSettings, build_serialized, import_trt, make_logger
-from pipelines.components import FAMILY_MODULES
+from pipelines.families import family_of
 from pipelines.engine_cache import EngineCache
 from pipelines.loading import load_component
 from pipelines.precision import Precision
@@ -78,7 +78,7 @@ def test_quantized_layers_run_quantized_and_anchors_stay_16_bit(specs, trt_cache
     prefix = spec.denoiser + "."
     assert {prefix + layer for layer in amax} <= set(matmuls)
     assert all(matmuls[prefix + layer] == expected for layer in amax), matmuls
-    keep = FAMILY_MODULES[spec.family].KEEP_16BIT
+    keep = family_of(spec).keep_16bit
     anchors = {m: p for m, p in matmuls.items() if m.split(".")[1] in keep}
     assert anchors and set(anchors.values()) == {SIXTEEN[req.dtype]}, anchors
     others = {m: p for m, p in matmuls.items() if m[len(prefix):] not in amax}

@@ -109,12 +109,11 @@ def test_a_damaged_onnx_data_file_is_rebuilt_not_trusted(sdxl, tmp_path):
     assert builder.onnx(req) == path and data.read_bytes() == good
 
 
-def test_build_command_builds_every_component_and_says_where(tiny_sdxl, trt_cache, monkeypatch, capsys):
+def test_build_command_builds_every_component_and_says_where(tiny_sdxl, trt_cache, capsys):
     from pipelines.cli import main
 
-    monkeypatch.setenv("PRISM_ENGINE_CACHE", str(trt_cache.root))
     args = ["build", "--model", str(tiny_sdxl), "--target", "sm120", "--min-size", "32", "--max-size", "128",
-            "--max-batch", "2"]
+            "--max-batch", "2", "--engine-cache", str(trt_cache.root)]
     assert main([*args, "--precision", "fp16"]) == 0
     out = capsys.readouterr().out
     for component in ("text_encoder", "text_encoder_2", "unet", "vae"):

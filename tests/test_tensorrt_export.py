@@ -27,7 +27,7 @@ import onnx
 from pipelines.backends.tensorrt import export, qdq
 from pipelines.backends.tensorrt.artifacts import ArtifactBuilder, EngineRequest
 from pipelines.backends.tensorrt.quantize import QuantRecipe, apply_quantization
-from pipelines.components import FAMILY_MODULES
+from pipelines.families import family_of
 from pipelines.loading import load_component
 from pipelines.precision import Precision
 from conftest import TINY_COMPONENTS
@@ -101,7 +101,7 @@ def test_fp8_graph_matches_its_torch_reference(specs, trt_cache):
     prefix = spec.denoiser + "."
     for layer in amax:  # every calibrated layer is stored in FP8
         assert f"{prefix}{layer}.weight_fp8" in names and f"{prefix}{layer}.weight" not in names
-    keep = FAMILY_MODULES[spec.family].KEEP_16BIT
+    keep = family_of(spec).keep_16bit
     anchors = [n for n in names if n.endswith(".weight") and n.split(".")[1] in keep]
     assert anchors and not any(n.endswith(".weight_fp8") and n.split(".")[1] in keep for n in names)
 

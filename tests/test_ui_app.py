@@ -6,7 +6,6 @@ Screenshots of each tab go to test-artifacts/ (git-ignored) for a person to look
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import threading
@@ -36,24 +35,18 @@ def free_port() -> int:
 def app(tmp_path_factory, tiny_flux, tiny_sdxl, tiny_flux_schnell):
     from ui.launch import LaunchOptions, start
 
-    from pipelines.engine_cache import ENV_VAR
+    from pipelines.loading import HubOptions
+    from pipelines.manager import ManagerConfig
 
     flux, sdxl, schnell = tiny_flux, tiny_sdxl, tiny_flux_schnell  # schnell's default guidance is 0
     # The test clears the engine cache: it must be a scratch one, not the repository's engine_cache/.
-    previous_cache = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = str(tmp_path_factory.mktemp("engine-cache"))
     # max_queue=1: one job running and one waiting fill the manager, so "busy" is reachable with three requests.
     # flux.1-schnell is not downloaded here and offline mode is on: asking for it must give the offline message.
+    config = ManagerConfig(device="cpu", max_queue=1, hub=HubOptions(offline=True),
+                           engine_cache_dir=tmp_path_factory.mktemp("engine-cache"))
     opts = LaunchOptions(port=free_port(), models=(str(flux), str(schnell), str(sdxl), "flux.1-schnell"),
-                         device="cpu", max_queue=1, offline=True,
-                         output_dir=tmp_path_factory.mktemp("outputs"))
-    try:
-        demo, service = start(opts, block=False)
-    finally:  # the manager has read it; later tests get the environment they expect
-        if previous_cache is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = previous_cache
+                         manager=config, output_dir=tmp_path_factory.mktemp("outputs"))
+    demo, service = start(opts, block=False)
     assert service.manager.engine_cache.root != REPO / "engine_cache"
     yield f"http://127.0.0.1:{opts.port}/", service
     demo.close()

@@ -17,10 +17,9 @@ def create_demo(service: PrismService, title: str = "Prism") -> gr.Blocks:
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown(f"# {title}\nFlux.1 and SDXL at 16-bit, FP8 and FP4 on {service.manager.info.name}.")
         with gr.Tabs():
-            with gr.Tab("Flux.1", id="flux"):
-                build_generate_tab(service, Family.FLUX)
-            with gr.Tab("SDXL", id="sdxl"):
-                build_generate_tab(service, Family.SDXL)
+            for family in Family:
+                with gr.Tab(family.label, id=family.value):
+                    build_generate_tab(service, family)
             with gr.Tab("Compare", id="compare"):
                 build_compare_tab(service)
             with gr.Tab("System", id="system") as system:

@@ -19,7 +19,7 @@ COLUMNS = ((SIXTEEN_BIT, "16-bit"), (Precision.FP8.value, "FP8"), (Precision.FP4
 
 def build_compare_tab(service: PrismService) -> None:
     choices = service.choices()
-    first = service.default_choice(Family.FLUX)[0] or service.default_choice(Family.SDXL)[0]
+    first = next((c for c in (service.default_choice(f)[0] for f in Family) if c), None)
     spec = first.spec if first else None
 
     with gr.Row(equal_height=False):

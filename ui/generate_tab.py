@@ -8,6 +8,7 @@ import time
 import gradio as gr
 
 from pipelines.errors import user_message
+from pipelines.families import FAMILIES
 from pipelines.registry import Family, ModelSpec
 
 from .formatting import fmt_ms, precision_info, precision_label, result_details, result_markdown
@@ -63,7 +64,7 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
     prefix = family.value
     choice, note = service.default_choice(family)
     spec = choice.spec if choice else None
-    sdxl = family is Family.SDXL
+    sdxl = FAMILIES[family].negative_prompt  # SDXL's layout: a family whose loop takes a negative prompt
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from pipelines.config import add_runtime_args, manager_config
+
 log = logging.getLogger("prism.app")
 
 DEFAULT_HOST = "127.0.0.1"  # this machine only; --host 0.0.0.0 opens it to the network
@@ -30,14 +32,8 @@ class LaunchOptions:
     port: int = DEFAULT_PORT
     share: bool = False
     auth: tuple[tuple[str, str], ...] = ()
-    memory_budget: str | None = None
-    backend: str = "auto"
     models: tuple[str, ...] = ()
-    device: str = "auto"
-    offline: bool = False
-    max_queue: int = 4
-    compile: bool = False
-    random_weights: bool = False
+    manager: Any = None  # pipelines.manager.ManagerConfig from the runtime flags (pipelines.config); None: defaults
     verbose: bool = False
     output_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # passed to gr.Blocks.launch (tests)
@@ -53,21 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD",
                    help="require this login (repeatable)")
     p.add_argument("--auth-file", default=None, metavar="FILE", help="logins, one USER:PASSWORD per line")
-    p.add_argument("--memory-budget", default=None, help="memory Prism may use, e.g. 40GB or 0.6 of the device")
-    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "torch"],
-                   help="auto picks TensorRT where it is installed and runs on this GPU, else PyTorch")
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
                    help="models to offer: registry ids (flux.1-dev, flux.1-schnell, sdxl-base-1.0, sdxl-turbo, "
                         "demo-flux, demo-sdxl) or local folders in the Hugging Face layout (default: all known)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub")
     p.add_argument("--max-queue", type=int, default=4, help="jobs that may wait for the GPU (default 4)")
-    p.add_argument("--compile", action="store_true",
-                   help="PyTorch backend: torch.compile the denoiser (GPU; the first image per precision and size "
-                        "takes minutes, later ones are up to 1.7x faster)")
-    p.add_argument("--random-weights", action="store_true",
-                   help="Hub models get their exact architecture with random weights (try the app on a GPU without "
-                        "downloading; pictures are noise)")
+    add_runtime_args(p)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -105,10 +91,12 @@ def options_from_args(argv: Sequence[str] | None = None) -> LaunchOptions:
         raise LaunchError(f"--port must be between 1 and 65535; got {args.port}.")
     if args.max_queue < 0:
         raise LaunchError("--max-queue must be 0 or more.")
+    try:
+        manager = manager_config(args, max_queue=args.max_queue)
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
     return LaunchOptions(host=args.host, port=args.port, share=args.share, auth=tuple(logins),
-                         memory_budget=args.memory_budget, backend=args.backend, models=tuple(args.models or ()),
-                         device=args.device, offline=args.offline, max_queue=args.max_queue, compile=args.compile,
-                         random_weights=args.random_weights, verbose=args.verbose)
+                         models=tuple(args.models or ()), manager=manager, verbose=args.verbose)
 
 
 def lan_address() -> str | None:
@@ -166,19 +154,16 @@ def start(opts: LaunchOptions, *, block: bool = True):
     """Build the manager, the service and the UI, and serve. Returns (demo, service) when `block` is False."""
     # Before gradio is imported: no telemetry or version check calls to api.gradio.app.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from pipelines.loading import HubOptions
     from pipelines.manager import ManagerConfig, PipelineManager
 
     from .blocks import create_demo
     from .service import PrismService, offered_models
 
-    hub = HubOptions(offline=True if opts.offline else None)
+    config = opts.manager or ManagerConfig()
     models = offered_models(opts.models)  # before the manager: a bad --models answers at once
-    manager = PipelineManager(ManagerConfig(device=opts.device, backend=opts.backend,
-                                            memory_budget=opts.memory_budget, hub=hub, max_queue=opts.max_queue,
-                                            compile=opts.compile, random_weights=opts.random_weights))
+    manager = PipelineManager(config)
     try:
-        service = PrismService(manager, models, output_dir=opts.output_dir, hub=hub)
+        service = PrismService(manager, models, output_dir=opts.output_dir, hub=config.hub)
         demo = create_demo(service)
         _, _, share_url = demo.launch(
             server_name=opts.host, server_port=opts.port, share=opts.share, auth=list(opts.auth) or None,

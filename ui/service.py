@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 from pipelines.backends import choose_backend
 from pipelines.compare import Comparison, run_comparison
 from pipelines.loading import HubOptions, ModelAccessError, default_model, is_available_locally
+from pipelines.manager import ModelInUseError
 from pipelines.pngmeta import SAMPLER_NAMES, save_png
 from pipelines.precision import Backend, Precision, PrecisionSupport, precision_support
 from pipelines.registry import HUB_MODELS, Family, ModelSpec, UnknownModelError, demo_specs, read_local_spec
@@ -346,10 +347,11 @@ class PrismService:
 
     def unload(self, model: str | None) -> int:
         """Bytes released. Refused for the model a job is running on: its components are in use."""
-        running = self.running_name()
-        if running is not None and model in (None, "", running):
-            raise RequestError(f"A job is running on {running}; unload it when the job has finished.")
-        return self.manager.unload(model or None)
+        try:
+            return self.manager.unload(model or None, spare_running=True)
+        except ModelInUseError:
+            raise RequestError(f"A job is running on {self.running_name() or model}; "
+                               "unload it when the job has finished.") from None
 
     def clear_engine_cache(self) -> tuple[int, int]:
         """(artifacts removed, bytes freed). Refused while jobs run: a build may be writing into the cache."""

@@ -1,8 +1,8 @@
 """Execution backends for heavy components, and the choice between them.
 
-Only this package knows TensorRT or torch.compile details. Every backend offers
-`load(spec, name, precision, device, capability, source, ctx) -> LoadedComponent`, whose engine takes
-the same keyword arguments as the module in `pipelines.graphs` it stands for.
+Only this package knows TensorRT or torch.compile details. Every backend keeps the contract in
+`contract.py` (`ComponentBackend`): `load` returns an engine that takes the same keyword arguments as
+the module in `pipelines.graphs` it stands for.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ class TensorRTStatus:
     flavour: str | None  # "tensorrt" (full) | "tensorrt-rtx" | None
     version: str | None
     can_run: bool  # engines execute on this machine's GPU
-    can_build: bool  # engines can be built here (TensorRT-RTX builds ahead of time without a GPU)
     reason: str
 
 
@@ -29,26 +28,26 @@ def tensorrt_status(capability: tuple[int, int] | None) -> TensorRTStatus:
 
             version = trt.__version__
         except Exception as exc:  # a broken install (e.g. the PyPI download stub) must not stop the app
-            return TensorRTStatus(None, None, False, False, f"TensorRT is installed but does not import ({exc}).")
+            return TensorRTStatus(None, None, False, f"TensorRT is installed but does not import ({exc}).")
         if capability is None:
-            return TensorRTStatus("tensorrt", version, False, False, "TensorRT needs an NVIDIA GPU to build and run engines.")
-        return TensorRTStatus("tensorrt", version, True, True, f"TensorRT {version} found.")
+            return TensorRTStatus("tensorrt", version, False, "TensorRT needs an NVIDIA GPU to build and run engines.")
+        return TensorRTStatus("tensorrt", version, True, f"TensorRT {version} found.")
     if importlib.util.find_spec("tensorrt_rtx") is not None:
         try:
             import tensorrt_rtx as trt
 
             version = trt.__version__
         except Exception as exc:
-            return TensorRTStatus(None, None, False, False, f"TensorRT-RTX is installed but does not import ({exc}).")
+            return TensorRTStatus(None, None, False, f"TensorRT-RTX is installed but does not import ({exc}).")
         if capability is None:
-            return TensorRTStatus("tensorrt-rtx", version, False, True,
+            return TensorRTStatus("tensorrt-rtx", version, False,
                                   f"TensorRT-RTX {version} builds engines ahead of time here, but running them needs a GPU.")
         if capability == (9, 0) or capability < (7, 5):
-            return TensorRTStatus("tensorrt-rtx", version, False, True,
+            return TensorRTStatus("tensorrt-rtx", version, False,
                                   f"TensorRT-RTX {version} does not run on compute capability {capability[0]}.{capability[1]} "
                                   "(it targets RTX and Blackwell GPUs); engines can still be built for other GPUs.")
-        return TensorRTStatus("tensorrt-rtx", version, True, True, f"TensorRT-RTX {version} found.")
-    return TensorRTStatus(None, None, False, False,
+        return TensorRTStatus("tensorrt-rtx", version, True, f"TensorRT-RTX {version} found.")
+    return TensorRTStatus(None, None, False,
                           "TensorRT is not installed (NVIDIA's PyTorch container ships it; pip offers tensorrt-rtx-cu13).")
 
 

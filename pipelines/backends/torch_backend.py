@@ -2,7 +2,7 @@
 
 Optimisations, in order, each with its off switch and reason:
 1. 16-bit weights (bf16 for Flux, fp16 for SDXL), the FP8/FP4 Linear swap on the denoiser only.
-2. torch.compile of the denoiser, scoped per family (`COMPILE_WHOLE_DENOISER` in flux.py / sdxl.py):
+2. torch.compile of the denoiser, scoped per family (`compile_whole_denoiser` in pipelines/families/):
    Flux compiles its repeated blocks only (diffusers `compile_repeated_blocks`, PR #11705: the
    whole-model speed at a fraction of the compile time; H100: 183 -> 132 ms/step bf16); SDXL compiles
    the whole UNet, because its blocks-only compile left the launch-bound ResNet/conv part eager and gained
@@ -11,30 +11,18 @@ Optimisations, in order, each with its off switch and reason:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ..components import (ADAPTERS, FAMILY_MODULES, LoadedComponent, component_dtype, component_key, dtype_policy,
-                          estimate_bytes, largest_linear_bytes)
+from ..components import LoadedComponent, estimate_bytes, largest_linear_bytes
+from ..device_policy import DevicePolicy
+from ..families import family_of
 from ..loading import WeightSource, load_component
 from ..precision import Backend, Precision, SupportLevel, precision_support
 from ..quant import module_bytes, quantize_linears
 from ..registry import ModelSpec
 from ..run_context import RunContext
-
-
-@dataclass(frozen=True)
-class TorchOptions:
-    compile: bool = False  # torch.compile of the denoiser, scoped per family (GPU only)
-    compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
-    # Quantize checkpoints while moving them from host RAM, one layer at a time (discrete GPUs only: on
-    # unified memory the host copy is device memory too, so staging saves nothing).
-    stage_on_host: bool = False
-    # Inductor's compiled kernels and graphs are kept here (under engine_cache/), so a restart reuses them
-    # instead of compiling for minutes again; None leaves torch's default (a temp folder).
-    compile_cache_dir: Path | None = None
+from .contract import TorchOptions
 
 
 class TorchBackend:
@@ -42,6 +30,10 @@ class TorchBackend:
 
     def __init__(self, options: TorchOptions = TorchOptions()):
         self.options = options
+        if options.compile and options.compile_cache_dir is not None:
+            # Inductor reads its cache folder from this variable only (and writes it back itself), so it is
+            # set once, here, when the manager builds its backend; a folder the user set is left alone.
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(options.compile_cache_dir))
 
     def describe(self) -> str:
         return "PyTorch" + (" + torch.compile" if self.options.compile else " (eager)")
@@ -50,27 +42,25 @@ class TorchBackend:
         return (self.options.stage_on_host and device.startswith("cuda") and name == spec.denoiser
                 and not Precision.parse(precision).is_16bit and not source.random_weights)
 
-    def load_peak_bytes(self, spec: ModelSpec, name: str, precision: Precision, bf16_ok: bool = True,
-                        device: str = "cpu", source: WeightSource = WeightSource()) -> int:
+    def load_peak_bytes(self, spec: ModelSpec, name: str, precision: Precision, device: str, policy: DevicePolicy,
+                        source: WeightSource = WeightSource()) -> int:
         """Device memory at the height of loading. A quantized denoiser is converted from 16-bit weights:
         staged in host RAM it costs its final size plus one 16-bit layer; built in place, its 16-bit size."""
-        cpu = not device.startswith("cuda")
-        final = estimate_bytes(spec, name, precision, bf16_ok, cpu)
+        final = estimate_bytes(spec, name, precision, policy)
         if name != spec.denoiser or Precision.parse(precision).is_16bit:
             return final
         if self._staged(spec, name, precision, device, source):
             return final + largest_linear_bytes(spec, name)
-        return estimate_bytes(spec, name, Precision.BF16 if bf16_ok else Precision.FP16, bf16_ok, cpu)
+        return estimate_bytes(spec, name, policy.sixteen_bit, policy)
 
-    def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, capability: tuple[int, int] | None,
+    def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, policy: DevicePolicy,
              source: WeightSource, ctx: RunContext | None = None) -> LoadedComponent:
-        policy = dtype_policy(capability)
-        dtype = component_dtype(spec, name, precision, **policy)
-        key = component_key(spec, name, precision, self.name, **policy)
+        capability = policy.capability
+        dtype = policy.component_dtype(spec, name, precision)
         staged = self._staged(spec, name, precision, device, source)
         obj = load_component(spec, name, dtype=dtype or torch.float32, device="cpu" if staged else device, source=source)
         if dtype is None:  # tokenizer or scheduler
-            return LoadedComponent(key, obj, 0, None)
+            return LoadedComponent(obj, 0, None)
 
         runs_as = None
         if name == spec.denoiser:
@@ -79,20 +69,17 @@ class TorchBackend:
             report = _quantize(obj, spec, precision, dtype, native_fp4, device if staged else None)
             runs_as = support.runs_as if report.native_fp4 == native_fp4 else "FP4 weights, 16-bit compute"
             if self.options.compile and device.startswith("cuda"):
-                if self.options.compile_cache_dir is not None:
-                    # Read by inductor whenever it resolves its cache folder, so setting it here is enough.
-                    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.options.compile_cache_dir))
                 if ctx is not None:
                     ctx.report("build", 0, 1, "torch.compile: the first image at a new size compiles for a few "
                                               "minutes (cached in engine_cache/ for next time)")
                 compile_denoiser(obj, spec, self.options.compile_mode)
-        engine = ADAPTERS[spec.family][name](obj).eval()
-        return LoadedComponent(key, engine, module_bytes(obj), dtype, runs_as)
+        engine = family_of(spec).adapters[name](obj).eval()
+        return LoadedComponent(engine, module_bytes(obj), dtype, runs_as)
 
 
 def compile_denoiser(module: torch.nn.Module, spec: ModelSpec, mode: str | None) -> None:
     """Mark the denoiser for torch.compile in place (compilation itself happens on the first call)."""
-    if FAMILY_MODULES[spec.family].COMPILE_WHOLE_DENOISER:
+    if family_of(spec).compile_whole_denoiser:
         module.compile(mode=mode)  # graph breaks allowed: diffusers' UNet has a few data-dependent branches
     else:
         module.compile_repeated_blocks(fullgraph=True, mode=mode)
@@ -100,7 +87,7 @@ def compile_denoiser(module: torch.nn.Module, spec: ModelSpec, mode: str | None)
 
 def _quantize(module: torch.nn.Module, spec: ModelSpec, precision: Precision, dtype: torch.dtype, native_fp4: bool,
               device: str | None):
-    keep = FAMILY_MODULES[spec.family].KEEP_16BIT
+    keep = family_of(spec).keep_16bit
     if native_fp4 and native_fp4_available():
         return quantize_linears(module, precision, keep, dtype, native_fp4=True, device=device)
     # Without torchao's NVFP4 kernels the honest fallback is FP4 weights with 16-bit compute.

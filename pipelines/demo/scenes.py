@@ -11,8 +11,8 @@ the image side, so a shape never leaves its cell and two shapes never touch:
 largest half-extent + offset = 0.1325 + 0.015 leaves 0.019 of the image side to every cell border.
 
 Geometry has one definition, `POLYGONS` plus the circle: `render` draws those polygons with PIL,
-`render_batch` rasterises the same outlines from signed distances (`shape_distance`) in torch, and
-the scorer synthesises its templates from `shape_distance` in numpy.
+training (`train.render_arrays`) rasterises the same outlines from signed distances (`shape_distance`)
+in torch, and the scorer synthesises its templates from `shape_distance` in numpy.
 """
 
 from __future__ import annotations
@@ -306,7 +306,7 @@ def shape_distance(kind: str, x: Array, y: Array) -> Array:
     """Signed distance to a shape's outline in shape-local units (negative inside); x, y broadcast.
 
     Takes numpy arrays or torch tensors (the functions used exist under the same names in both), so
-    `render_batch` on a GPU and the numpy scorer share this one definition.
+    the training renderer on a GPU and the numpy scorer share this one definition.
     """
     xp = torch if isinstance(x, torch.Tensor) else np
     if kind == "circle":
@@ -323,34 +323,3 @@ def shape_distance(kind: str, x: Array, y: Array) -> Array:
             inside = inside ^ (((ay <= y) != (by <= y)) & (x < ax + (y - ay) * (ex / ey)))
     distance = xp.sqrt(nearest_sq)
     return xp.where(inside, -distance, distance)
-
-
-def render_batch(scenes: Sequence[Scene], size: int, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Vectorised renderer: (N, 3, size, size) float32 in [-1, 1], matching `render` up to anti-aliasing.
-
-    Coverage is 0.5 minus the signed distance in pixels, clamped to [0, 1]: a one-pixel-wide ramp
-    that approximates box-filtered coverage without supersampling. Shapes are drawn slot by slot
-    (first shapes of every scene, then second shapes) and kind by kind within a slot, so the work
-    is a handful of batched tensor ops however large the batch.
-    """
-    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32, device=device) / 127.5 - 1.0
-    colour_index = {name: i for i, name in enumerate(COLOURS)}
-    backgrounds = torch.tensor([colour_index[s.background] for s in scenes], device=device)
-    images = palette[backgrounds][:, :, None, None].repeat(1, 1, size, size)
-    pixel_centres = (torch.arange(size, dtype=torch.float32, device=device) + 0.5) / size
-    for slot in range(MAX_SHAPES):
-        for kind in KINDS:
-            members = [(i, s.shapes[slot]) for i, s in enumerate(scenes)
-                       if len(s.shapes) > slot and s.shapes[slot].kind == kind]
-            if not members:
-                continue
-            rows = torch.tensor([i for i, _ in members], device=device)
-            cx, cy, extent = torch.tensor([(*shape.centre, shape.extent) for _, shape in members],
-                                          dtype=torch.float32, device=device).unbind(1)
-            x = (pixel_centres[None, None, :] - cx[:, None, None]) / extent[:, None, None]
-            y = (pixel_centres[None, :, None] - cy[:, None, None]) / extent[:, None, None]
-            pixels_per_unit = (extent * size)[:, None, None]
-            alpha = (0.5 - shape_distance(kind, x, y) * pixels_per_unit).clamp(0.0, 1.0)[:, None]
-            colours = palette[torch.tensor([colour_index[shape.colour] for _, shape in members], device=device)]
-            images[rows] = images[rows] * (1.0 - alpha) + colours[:, :, None, None] * alpha
-    return images

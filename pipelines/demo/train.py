@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..flux import image_ids, pack
+from ..families.flux import image_ids, pack
 from ..sampling import decoded_to_images
 from .architectures import IMAGE_SIZE, T5_TOKENS, FluxParts, SdxlParts, clip_tokenizer, new_flux, new_sdxl, t5_tokenizer
 from .scenes import COLOURS, KINDS, MAX_SHAPES, caption, held_out_captions, parse_caption, render, sample_scene, shape_distance
@@ -83,15 +83,10 @@ def _init_worker() -> None:
     _WORKER_TOKENIZERS = (clip_tokenizer(), t5_tokenizer())
 
 
-def _scene_arrays(seed: int, index: int, size: int) -> dict[str, np.ndarray]:
-    """Batch `index` as compact arrays (cheap to send between processes) plus both token id arrays."""
-    if _WORKER_TOKENIZERS is None:
-        _init_worker()
-    clip_tok, t5_tok = _WORKER_TOKENIZERS
-    rng = np.random.default_rng([seed, index])
-    scenes = [sample_scene(rng) for _ in range(size)]
+def scene_arrays(scenes: list) -> dict[str, np.ndarray]:
+    """The scenes as compact arrays (cheap to send between processes), what `render_arrays` draws."""
     out = {"background": np.array([_COLOUR_INDEX[s.background] for s in scenes], np.int64)}
-    shape = (size, MAX_SHAPES)
+    shape = (len(scenes), MAX_SHAPES)
     out |= {"present": np.zeros(shape, bool), "kind": np.zeros(shape, np.int64), "colour": np.zeros(shape, np.int64),
             "geometry": np.zeros(shape + (3,), np.float32)}
     for i, scene in enumerate(scenes):
@@ -100,6 +95,17 @@ def _scene_arrays(seed: int, index: int, size: int) -> dict[str, np.ndarray]:
             out["kind"][i, slot] = KINDS.index(shape_.kind)
             out["colour"][i, slot] = _COLOUR_INDEX[shape_.colour]
             out["geometry"][i, slot] = (*shape_.centre, shape_.extent)
+    return out
+
+
+def _scene_arrays(seed: int, index: int, size: int) -> dict[str, np.ndarray]:
+    """Batch `index` as compact arrays plus both token id arrays."""
+    if _WORKER_TOKENIZERS is None:
+        _init_worker()
+    clip_tok, t5_tok = _WORKER_TOKENIZERS
+    rng = np.random.default_rng([seed, index])
+    scenes = [sample_scene(rng) for _ in range(size)]
+    out = scene_arrays(scenes)
     captions = [caption(s) for s in scenes]
     out["ids_clip"] = clip_tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
     out["ids_t5"] = t5_tok(captions, padding="max_length", max_length=T5_TOKENS, truncation=True,
@@ -111,8 +117,10 @@ _COLOUR_INDEX = {name: i for i, name in enumerate(COLOURS)}
 
 
 def render_arrays(arrays: dict[str, torch.Tensor], size: int) -> torch.Tensor:
-    """`render_batch` from `_scene_arrays` tensors: every kind is computed for the whole batch and masked,
-    so there is no per-scene Python and no host synchronisation."""
+    """The training renderer: (N, 3, size, size) float32 in [-1, 1] from `scene_arrays` tensors, matching
+    `scenes.render` up to anti-aliasing. Coverage is 0.5 minus the signed distance in pixels, clamped to
+    [0, 1]: a one-pixel ramp that approximates box-filtered coverage without supersampling. Every kind is
+    computed for the whole batch and masked, so there is no per-scene Python and no host synchronisation."""
     device = arrays["background"].device
     palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32, device=device) / 127.5 - 1.0
     images = palette[arrays["background"]][:, :, None, None].repeat(1, 1, size, size)

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ...components import compute_dtype, component_dtype
+from ...device_policy import DevicePolicy
 from ...engine_cache import EngineCache, EngineKey
 from ...errors import require_packages
 from ...loading import WeightSource, load_component
@@ -54,8 +54,9 @@ class EngineRequest:
     graph_dtype: torch.dtype | None = None  # None: the dtype the pipeline runs this component in at `precision`
 
     @property
-    def bf16_ok(self) -> bool:
-        return self.target >= (8, 0)
+    def policy(self) -> DevicePolicy:
+        """Dtypes as the target GPU computes them."""
+        return DevicePolicy.for_target(self.target)
 
     @property
     def quantized(self) -> bool:
@@ -66,9 +67,9 @@ class EngineRequest:
         if self.graph_dtype is not None:
             return self.graph_dtype
         if self.component == self.spec.denoiser:
-            return compute_dtype(self.spec, self.precision, self.bf16_ok)
+            return self.policy.compute_dtype(self.spec, self.precision)
         weights = export.component_io(self.spec, self.component).weights
-        return component_dtype(self.spec, weights, self.precision, self.bf16_ok)
+        return self.policy.component_dtype(self.spec, weights, self.precision)
 
     @property
     def quant_recipe(self) -> QuantRecipe | None:

@@ -6,33 +6,20 @@ artifacts (same defaults, so the app finds them).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ...components import ADAPTERS, LIGHT_PARTS, LoadedComponent, component_key, estimate_bytes
+from ...components import LoadedComponent, estimate_bytes
+from ...device_policy import LIGHT_PARTS, DevicePolicy
+from ...families import family_of
 from ...engine_cache import EngineCache
 from ...loading import WeightSource
 from ...precision import Backend, Precision
 from ...registry import ModelSpec
 from ...run_context import RunContext
+from ..contract import TensorRTOptions
 from .artifacts import ArtifactBuilder, EngineRequest
 from .export import ShapeRanges, component_io
 from .quantize import QuantRecipe
 from .runtime import DeviceMemoryPool, TensorRTEngine
 from .trt_api import TensorRTUnavailable, Trt, import_trt
-
-
-@dataclass(frozen=True)
-class TensorRTOptions:
-    """How engines are built when the app needs one; `python -m pipelines build` has the same defaults."""
-
-    min_size: int | None = None  # None: the model's size limits (engines accept any valid size)
-    max_size: int | None = None
-    max_batch: int = 1  # larger batches run in chunks of this size
-    cuda_graphs: bool = True  # denoiser only: the one engine called many times with the same shapes
-    weight_streaming_budget: int | None = None  # bytes of weights kept on the GPU; None: all of them
-    onnx_source: str = "export"  # "export" | "official" (the model maker's ONNX, for the denoiser)
-    calibration_prompts: int = QuantRecipe.prompts  # FP8/FP4 calibration images
-    calibration_steps: int | None = None  # None: the model's default steps
 
 
 _LOW_PRECISION = {"FP8": Precision.FP8, "FP4E2M1": Precision.FP4}  # build-log type -> precision
@@ -75,7 +62,7 @@ class TensorRTBackend:
     def request(self, spec: ModelSpec, name: str, precision: Precision, capability: tuple[int, int],
                 source: WeightSource) -> EngineRequest:
         o = self.options
-        ranges = ShapeRanges.for_spec(spec, min_size=o.min_size, max_size=o.max_size, max_batch=o.max_batch)
+        ranges = ShapeRanges.for_spec(spec, o.width, o.height, o.min_size, o.max_size, o.max_batch)
         precision = Precision.parse(precision)
         recipe = None if precision.is_16bit else QuantRecipe(precision, prompts=o.calibration_prompts,
                                                              steps=o.calibration_steps)
@@ -83,29 +70,27 @@ class TensorRTBackend:
                              onnx_source=o.onnx_source if name == spec.denoiser else "export",
                              weight_streaming=o.weight_streaming_budget is not None)
 
-    def load_peak_bytes(self, spec: ModelSpec, name: str, precision: Precision, bf16_ok: bool = True,
-                        device: str = "cpu", source: WeightSource = WeightSource()) -> int:
+    def load_peak_bytes(self, spec: ModelSpec, name: str, precision: Precision, device: str, policy: DevicePolicy,
+                        source: WeightSource = WeightSource()) -> int:
         """Device memory at the height of loading: the engine when it is built; otherwise the build's peak,
         which is the 16-bit torch module being exported (plus, for FP8/FP4, the whole pipeline that
         calibrates it: encoders, denoiser and VAE at once)."""
         if name in LIGHT_PARTS:
             return 0
         precision = Precision.parse(precision)
-        if device.startswith("cuda"):
-            import torch
-
-            capability = tuple(torch.cuda.get_device_capability(device))
+        if device.startswith("cuda") and policy.capability is not None:
             found = self.cache.lookup(ArtifactBuilder(self.cache, trt=self.trt).engine_key(
-                self.request(spec, name, precision, capability, source)))
+                self.request(spec, name, precision, policy.capability, source)))
             if found:
                 return found.stat().st_size
-        sixteen = Precision.BF16 if bf16_ok else Precision.FP16
+        build = DevicePolicy.for_target(policy.capability)  # the export runs as the engine will
         if name != spec.denoiser or precision.is_16bit:
-            return estimate_bytes(spec, name, precision, bf16_ok)
-        return sum(estimate_bytes(spec, part, sixteen, bf16_ok) for part in ADAPTERS[spec.family])
+            return estimate_bytes(spec, name, precision, build)
+        return sum(estimate_bytes(spec, part, build.sixteen_bit, build) for part in family_of(spec).adapters)
 
-    def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, capability: tuple[int, int] | None,
+    def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, policy: DevicePolicy,
              source: WeightSource, ctx: RunContext | None = None) -> LoadedComponent:
+        capability = policy.capability
         if name in LIGHT_PARTS:
             raise ValueError(f"{name} is not a TensorRT component; tokenizers and schedulers come from the torch backend.")
         if capability is None:
@@ -121,6 +106,5 @@ class TensorRTBackend:
                                 weight_streaming_budget=self.options.weight_streaming_budget,
                                 name=f"{spec.id} {name} engine",
                                 batch_inputs=frozenset(t.name for t in io.inputs if t.dims[:1] == ("batch",)))
-        key = component_key(spec, name, precision, self.name, req.bf16_ok)
         label = runs_as(precision, built.report.precision_counts()) if name == spec.denoiser else None
-        return LoadedComponent(key, engine, engine.nbytes, req.dtype, label)
+        return LoadedComponent(engine, engine.nbytes, req.dtype, label)

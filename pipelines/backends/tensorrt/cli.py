@@ -9,21 +9,24 @@ import argparse
 import sys
 import time
 
+from ...config import engine_cache_dir
 from ...engine_cache import EngineCache
+from ...families import family_of
 from ...gpu import GiB
 from ...loading import HubOptions, ModelAccessError, WeightSource
 from ...precision import Precision
 from ...registry import ModelSpec, UnknownModelError, resolve_spec
-from .artifacts import ArtifactBuilder, EngineRequest
+from ..contract import CALIBRATION_PROMPTS, TensorRTOptions
+from .artifacts import ArtifactBuilder
+from .backend import TensorRTBackend
 from .build import LAYERS_SUFFIX, LOG_SUFFIX, parse_target, target_name
-from .export import DATA_SUFFIX, ShapeRanges, onnx_size
-from .quantize import QuantRecipe
+from .export import DATA_SUFFIX, onnx_size
 from .trt_api import BuildFailed, BuildRefused, TensorRTUnavailable, import_trt
 
 
 def default_components(spec: ModelSpec) -> list[str]:
-    """What text-to-image runs: both text encoders, the denoiser, the VAE decoder (vae_encoder only on request)."""
-    return ["text_encoder", "text_encoder_2", spec.denoiser, "vae"]
+    """What text-to-image runs: the family's graph components (vae_encoder only on request)."""
+    return list(family_of(spec).adapters)
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -41,21 +44,22 @@ def _run(args: argparse.Namespace) -> int:
     precision = Precision.parse(args.precision)
     trt = import_trt()
     target = parse_target(args.target)
-    ranges = ShapeRanges.for_spec(spec, args.width, args.height, args.min_size, args.max_size, args.max_batch)
     source = WeightSource(random_weights=bool(args.random_weights) and spec.local_dir is None,
                           hub=HubOptions(token=args.hf_token, offline=True if args.offline else None))
-    onnx_source = getattr(args, "onnx_source", None) or "export"
-    recipe = None
-    if not precision.is_16bit:
-        recipe = QuantRecipe(precision, prompts=getattr(args, "calibration_prompts", None) or QuantRecipe.prompts,
-                             steps=getattr(args, "calibration_steps", None))
-    requests = [EngineRequest(spec, name, precision, ranges, target, source, recipe=recipe,
-                              onnx_source=onnx_source if name == spec.denoiser else "export",
-                              weight_streaming=bool(getattr(args, "weight_streaming", False)))
+    options = TensorRTOptions(
+        width=args.width, height=args.height, min_size=args.min_size, max_size=args.max_size,
+        max_batch=args.max_batch, onnx_source=getattr(args, "onnx_source", None) or "export",
+        calibration_prompts=getattr(args, "calibration_prompts", None) or CALIBRATION_PROMPTS,
+        calibration_steps=getattr(args, "calibration_steps", None),
+        # Built streamable; how much of the weights stays on the GPU is chosen when the engine runs.
+        weight_streaming_budget=0 if getattr(args, "weight_streaming", False) else None)
+    cache = EngineCache(engine_cache_dir(args))
+    backend = TensorRTBackend(cache, options, trt=trt)  # the same requests the app makes, so it finds them
+    requests = [backend.request(spec, name, precision, target, source)
                 for name in (args.components or default_components(spec))]
+    ranges = requests[0].ranges
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cache = EngineCache()
     builder = ArtifactBuilder(cache, device, trt, report=lambda done, total, message: print(f"  {message}", flush=True))
     for req in requests:  # refuse before any export or calibration starts
         builder.check(req)

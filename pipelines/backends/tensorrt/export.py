@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from ... import graphs
-from ...components import ADAPTERS
+from ...families import family_of
+from ...graphs import TensorSpec
 from ...registry import ModelSpec
 from . import qdq
 
@@ -42,16 +43,8 @@ log = logging.getLogger("prism.tensorrt.export")
 
 OPSET = 20  # the TorchScript exporter's newest; the quantized graphs move to 23 when lowered (qdq.QDQ_OPSET)
 EXPORT_VERSION = 2  # part of every ONNX artifact's key: bump when the exported graphs change
-CLIP_TOKENS = 77
 DATA_SUFFIX = ".data"
 EXTERNAL_THRESHOLD = 1024  # tensors at least this many bytes go to the data file
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dims: tuple[int | str, ...]  # an int is fixed; a string names a dimension resolved from the shape ranges
-    kind: str  # "ids" (int64 token ids) | "compute" (the component's dtype) | "float32"
 
 
 @dataclass(frozen=True)
@@ -72,53 +65,20 @@ EXPORTERS: dict[type[nn.Module], str] = {
 EXTRA_COMPONENTS = {"vae_encoder": ("vae", graphs.VaeEncoder)}  # built only when asked for (img2img)
 
 
-def vae_scale(spec: ModelSpec) -> int:
-    return 2 ** (len(spec.components["vae"].config["block_out_channels"]) - 1)
-
-
 def component_io(spec: ModelSpec, name: str) -> ComponentIO:
-    """The inputs and outputs of component `name`'s graph module, as the Flux/SDXL loops call it."""
+    """The inputs and outputs of component `name`'s graph module, as the family loop calls it."""
+    family = family_of(spec)
     if name in EXTRA_COMPONENTS:
         weights, adapter = EXTRA_COMPONENTS[name]
-    elif name in ADAPTERS[spec.family]:
-        weights, adapter = name, ADAPTERS[spec.family][name]
+        io = graphs.vae_encoder_io(spec.components[weights].config)
+    elif name in family.adapters:
+        weights, adapter = name, family.adapters[name]
+        io = family.graph_io(spec, name)
     else:
-        known = ", ".join([*ADAPTERS[spec.family], *EXTRA_COMPONENTS])
+        known = ", ".join([*family.adapters, *EXTRA_COMPONENTS])
         raise ValueError(f"{spec.id} has no exportable component {name!r}; choose from {known}.")
-    cfg = spec.components[weights].config
-    tokens = spec.max_prompt_tokens
-    ids = lambda length: (TensorSpec("input_ids", (1, length), "ids"),)  # noqa: E731 - one prompt per call
-    io: dict[type[nn.Module], tuple[tuple[TensorSpec, ...], tuple[str, ...]]] = {
-        graphs.ClipPooled: (ids(CLIP_TOKENS), ("pooled",)),
-        graphs.T5Hidden: (ids(tokens), ("hidden",)),
-        graphs.ClipPenultimate: (ids(tokens), ("hidden",)),
-        graphs.ClipPenultimateAndProjection: (ids(tokens), ("hidden", "pooled")),
-        graphs.VaeDecoder: ((TensorSpec("latents", ("batch", cfg.get("latent_channels", 4), "lat_h", "lat_w"), "compute"),),
-                            ("image",)),
-        graphs.VaeEncoder: ((TensorSpec("image", ("batch", cfg.get("in_channels", 3), "img_h", "img_w"), "compute"),),
-                            ("mean", "std")),
-    }
-    if adapter is graphs.FluxDenoiser:
-        inputs = [TensorSpec("hidden_states", ("batch", "img_tokens", cfg["in_channels"]), "compute"),
-                  TensorSpec("encoder_hidden_states", ("batch", tokens, cfg["joint_attention_dim"]), "compute"),
-                  TensorSpec("pooled_projections", ("batch", cfg["pooled_projection_dim"]), "compute"),
-                  TensorSpec("timestep", ("batch",), "compute"),
-                  TensorSpec("img_ids", ("img_tokens", 3), "compute"),
-                  TensorSpec("txt_ids", (tokens, 3), "compute")]
-        if cfg.get("guidance_embeds", False):
-            inputs.append(TensorSpec("guidance", ("batch",), "float32"))
-        io[adapter] = (tuple(inputs), ("velocity",))
-    if adapter is graphs.SdxlDenoiser:
-        time_dims = 6 * cfg["addition_time_embed_dim"]
-        inputs = (TensorSpec("sample", ("batch", cfg["in_channels"], "lat_h", "lat_w"), "compute"),
-                  TensorSpec("timestep", (), "float32"),  # scheduler.timesteps[i]: a 0-d float32 tensor
-                  TensorSpec("encoder_hidden_states", ("batch", tokens, cfg["cross_attention_dim"]), "compute"),
-                  TensorSpec("text_embeds", ("batch", cfg["projection_class_embeddings_input_dim"] - time_dims), "compute"),
-                  TensorSpec("time_ids", ("batch", 6), "compute"))
-        io[adapter] = (inputs, ("noise",))
-    inputs, outputs = io[adapter]
-    return ComponentIO(weights, adapter, inputs, outputs, EXPORTERS[adapter],
-                       guidance_batch=adapter is graphs.SdxlDenoiser)
+    return ComponentIO(weights, adapter, io.inputs, io.outputs, EXPORTERS[adapter],
+                       guidance_batch=family.guidance_batch and name == spec.denoiser)
 
 
 # --------------------------------------------------------------------------- shape ranges
@@ -173,7 +133,7 @@ class ShapeRanges:
 
 
 def dimension_ranges(spec: ModelSpec, io: ComponentIO, ranges: ShapeRanges) -> dict[str, Range]:
-    scale = vae_scale(spec)
+    scale = spec.vae_scale_factor
     factor = 2 if io.guidance_batch else 1
     lo, opt, hi = ranges.batch
     lat_h = tuple(v // scale for v in ranges.height)

@@ -3,12 +3,12 @@
 A recipe (FP8 or NVFP4, calibration prompts/steps/size, algorithm) has an id that goes into every
 EngineKey built from it, so changing any part of it builds new artifacts.
 
-Calibration runs the project's own Flux/SDXL loop (`pipelines.flux.generate` / `pipelines.sdxl.generate`)
+Calibration runs the project's own Flux/SDXL loop (`pipelines.families.flux.generate` / `pipelines.families.sdxl.generate`)
 on our prompt set (`calibration_prompts.txt`), with ModelOpt's calibrators on the inputs of every
 quantized Linear layer. The result is one activation range (amax) per layer: small, cached, and
 reused for every target GPU. Weights need no calibration: their scales come from the weights.
 
-Which layers: every Linear of the denoiser except the family's 16-bit anchors (`KEEP_16BIT`:
+Which layers: every Linear of the denoiser except the family's 16-bit anchors (`keep_16bit`:
 embedders and the final projection, as the TensorRT demo and ModelOpt's diffusion recipes keep them)
 and layers whose sizes are not multiples of 16 (FP8 GEMMs and FP4 blocks need them), the same rule
 as the torch backend (`pipelines.quant.quantize_linears`).
@@ -31,8 +31,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ...components import ADAPTERS, FAMILY_MODULES, LIGHT_PARTS, component_dtype, compute_dtype, dtype_policy
+from ...device_policy import LIGHT_PARTS, DevicePolicy
 from ...errors import MissingPackageError
+from ..contract import CALIBRATION_PROMPTS
+from ...families import family_of
+from ...quant import quantizable_linears
 from ...loading import WeightSource, load_component
 from ...precision import Backend, Precision
 from ...registry import ModelSpec
@@ -62,7 +65,7 @@ def calibration_prompts(path: Path = PROMPTS_FILE) -> list[str]:
 @dataclass(frozen=True)
 class QuantRecipe:
     precision: Precision
-    prompts: int = 32  # calibration images (one prompt each, in file order)
+    prompts: int = CALIBRATION_PROMPTS  # calibration images (one prompt each, in file order)
     steps: int | None = None  # denoising steps per image; None: the model's default
     width: int | None = None  # calibration size; None: the model's default
     height: int | None = None
@@ -93,19 +96,11 @@ class QuantRecipe:
     def recipe_id(self, spec: ModelSpec) -> str:
         """Readable, and unique for everything that changes the result (a digest covers the rest)."""
         r = self.resolved(spec)
-        keep = FAMILY_MODULES[spec.family].KEEP_16BIT
+        keep = family_of(spec).keep_16bit
         full = {**asdict(r), "precision": r.precision.value, "keep_16bit": list(keep), "version": RECIPE_VERSION,
                 "format": _FORMATS[r.precision][1], "prompts_sha256": hashlib.sha256(PROMPTS_FILE.read_bytes()).hexdigest()}
         digest = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:8]
         return f"{r.fmt}-{r.algorithm}-cal{r.prompts}x{r.steps}-{r.width}x{r.height}-{digest}"
-
-
-def quantizable_linears(model: nn.Module, keep_16bit: tuple[str, ...]) -> list[str]:
-    """Names (relative to `model`) of the Linear layers a recipe quantizes."""
-    keep = set(keep_16bit)
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.split(".")[0] not in keep
-            and m.in_features % 16 == 0 and m.out_features % 16 == 0]
 
 
 def apply_quantization(model: nn.Module, fmt: str, amax: dict[str, float]) -> int:
@@ -123,20 +118,20 @@ class _CalibrationParts:
     """The `Parts` the family loop reads: 16-bit encoders and VAE on the device, and the denoiser being calibrated."""
 
     def __init__(self, spec: ModelSpec, precision: Precision, device: str, source: WeightSource, denoiser: nn.Module,
-                 bf16_ok: bool):
+                 policy: DevicePolicy):
         self.spec, self.precision, self.device, self.source = spec, precision, device, source
-        self.bf16_ok = bf16_ok
+        self.policy = policy
         self._loaded: dict[str, Any] = {spec.denoiser: denoiser}
 
     def get(self, name: str) -> Any:
         if name not in self._loaded:
-            dtype = component_dtype(self.spec, name, self.precision, self.bf16_ok)
+            dtype = self.policy.component_dtype(self.spec, name, self.precision)
             obj = load_component(self.spec, name, dtype=dtype or torch.float32, device=self.device, source=self.source)
-            self._loaded[name] = obj if name in LIGHT_PARTS else ADAPTERS[self.spec.family][name](obj).eval()
+            self._loaded[name] = obj if name in LIGHT_PARTS else family_of(self.spec).adapters[name](obj).eval()
         return self._loaded[name]
 
     def dtype(self, name: str) -> torch.dtype:
-        return component_dtype(self.spec, name, self.precision, self.bf16_ok)
+        return self.policy.component_dtype(self.spec, name, self.precision)
 
     def done_with(self, *names: str) -> None:
         """Kept: the encoders serve every calibration prompt."""
@@ -153,13 +148,15 @@ def calibrate(spec: ModelSpec, recipe: QuantRecipe, source: WeightSource, device
                                   "import here. Install with: pip install -r requirements-tensorrt.txt") from exc
 
     recipe = recipe.resolved(spec)
-    bf16_ok = dtype_policy(capability)["cuda_bf16"]
-    dtype = compute_dtype(spec, recipe.precision, bf16_ok)
+    # Calibrated as the engine will compute: a GPU's dtypes (a bf16 one when exporting on a CPU).
+    policy = DevicePolicy.for_target(capability)
+    family = family_of(spec)
+    dtype = policy.compute_dtype(spec, recipe.precision)
     started = time.monotonic()
     denoiser = load_component(spec, spec.denoiser, dtype=dtype, device=device, source=source)
-    graph = ADAPTERS[spec.family][spec.denoiser](denoiser).eval()
+    graph = family.adapters[spec.denoiser](denoiser).eval()
     prefix = next(name for name, child in graph.named_children() if child is denoiser) + "."
-    targets = quantizable_linears(denoiser, FAMILY_MODULES[spec.family].KEEP_16BIT)
+    targets = quantizable_linears(denoiser, family.keep_16bit)
     input_cfg = ({"num_bits": (4, 3), "axis": None} if recipe.fmt == qdq.FMT_FP8 else
                  {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}})
     # Only the inputs of the chosen layers: weight ranges come from the weights themselves.
@@ -169,14 +166,13 @@ def calibrate(spec: ModelSpec, recipe: QuantRecipe, source: WeightSource, device
     prompts = calibration_prompts()
     if recipe.prompts > len(prompts):
         raise ValueError(f"The recipe asks for {recipe.prompts} calibration prompts; {PROMPTS_FILE.name} has {len(prompts)}.")
-    run_precision = Precision.BF16 if dtype == torch.bfloat16 else Precision.FP16
+    run_precision = policy.reference_precision(spec, recipe.precision)
     run_ctx = RunContext(torch.device(device))
-    family = FAMILY_MODULES[spec.family]
 
     non_finite = []
 
     def forward_loop(model: nn.Module) -> None:
-        parts = _CalibrationParts(spec, recipe.precision, device, source, model, bf16_ok)
+        parts = _CalibrationParts(spec, recipe.precision, device, source, model, policy)
         for i, prompt in enumerate(prompts[:recipe.prompts]):
             request = resolve_request(GenerationRequest(
                 prompt=prompt, model=spec.id, precision=run_precision, width=recipe.width, height=recipe.height,

@@ -10,24 +10,17 @@ import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from .registry import ModelSpec
-from .request import GenerationRequest
-from .run_context import Parts, RunContext, Stopwatch
-from .sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noise, stage_timings, tokenize,
+from .. import graphs
+from ..graphs import GraphIO, TensorSpec
+from ..registry import Family, ModelSpec
+from ..request import GenerationRequest
+from ..run_context import Parts, RunContext, Stopwatch
+from ..sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noise, stage_timings, tokenize,
                        truncation_warning)
+from .family import ModelFamily
 
-# Top-level transformer modules kept in 16 bits at FP8/FP4: the embedders and the final projection,
-# the layers the TensorRT demo and ModelOpt's Flux recipe also leave unquantized.
-KEEP_16BIT = ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-# torch.compile scope on a GPU: Flux's time is in its 57 repeated blocks, so compiling those alone
-# (one graph per block kind) gives the whole-model speed in a fraction of the compile time.
-COMPILE_WHOLE_DENOISER = False
-CLIP_TOKENS = 77
-
-
-def vae_scale_factor(spec: ModelSpec) -> int:
-    return 2 ** (len(spec.components["vae"].config["block_out_channels"]) - 1)
+CLIP_TOKENS = graphs.CLIP_TOKENS
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -73,7 +66,7 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
 
     # 2. Noise, schedule and conditioning.
     dtype = parts.dtype("transformer")
-    scale = vae_scale_factor(spec)
+    scale = spec.vae_scale_factor
     h, w = 2 * (req.height // (scale * 2)), 2 * (req.width // (scale * 2))
     channels = spec.components["transformer"].config["in_channels"] // 4
     noise, _ = seeded_noise(seeds, (channels, h, w), device, dtype)
@@ -120,3 +113,39 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
 
     timings = stage_timings(clock, t_start, t_text, step_marks, t_vae, t_end)
     return FamilyOutput(decoded_to_images(decoded), timings, tuple(warnings))
+
+
+def denoiser_io(spec: ModelSpec) -> GraphIO:
+    """The transformer's inputs and outputs, as `generate` calls it."""
+    tokens = spec.max_prompt_tokens
+    cfg = spec.components["transformer"].config
+    inputs = [TensorSpec("hidden_states", ("batch", "img_tokens", cfg["in_channels"]), "compute"),
+              TensorSpec("encoder_hidden_states", ("batch", tokens, cfg["joint_attention_dim"]), "compute"),
+              TensorSpec("pooled_projections", ("batch", cfg["pooled_projection_dim"]), "compute"),
+              TensorSpec("timestep", ("batch",), "compute"),
+              TensorSpec("img_ids", ("img_tokens", 3), "compute"),
+              TensorSpec("txt_ids", (tokens, 3), "compute")]
+    if cfg.get("guidance_embeds", False):
+        inputs.append(TensorSpec("guidance", ("batch",), "float32"))
+    return GraphIO(tuple(inputs), ("velocity",))
+
+
+FLUX = ModelFamily(
+    kind=Family.FLUX,
+    denoiser="transformer",
+    text_encoders=TEXT_ENCODERS,
+    # The embedders and the final projection stay 16-bit at FP8/FP4: the layers the TensorRT demo and
+    # ModelOpt's Flux recipe also leave unquantized.
+    keep_16bit=("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out"),
+    # Flux's time is in its 57 repeated blocks, so compiling those alone (one graph per block kind)
+    # gives the whole-model speed in a fraction of the compile time.
+    compile_whole_denoiser=False,
+    adapters={"text_encoder": graphs.ClipPooled, "text_encoder_2": graphs.T5Hidden,
+              "transformer": graphs.FluxDenoiser, "vae": graphs.VaeDecoder},
+    quantized_compute=torch.bfloat16,
+    # T5 overflows in fp16 (NaN embeddings: diffusers #8604, candle #2480).
+    fp16_overflows=("text_encoder_2",),
+    text_io={"text_encoder": (CLIP_TOKENS, ("pooled",)), "text_encoder_2": (None, ("hidden",))},
+    denoiser_io=denoiser_io,
+    generate=generate,
+)

@@ -9,24 +9,16 @@ import inspect
 
 import torch
 
-from .registry import ModelSpec
-from .request import GenerationRequest
-from .run_context import Parts, RunContext, Stopwatch
-from .sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noise, stage_timings, tokenize,
+from .. import graphs
+from ..graphs import GraphIO, TensorSpec
+from ..registry import Family, ModelSpec
+from ..request import GenerationRequest
+from ..run_context import Parts, RunContext, Stopwatch
+from ..sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noise, stage_timings, tokenize,
                        truncation_warning)
+from .family import ModelFamily
 
-# Top-level UNet modules kept in 16 bits at FP8/FP4: the timestep and size embeddings (convolutions are
-# never quantized by the PyTorch backend).
-KEEP_16BIT = ("time_embedding", "add_embedding", "conv_in", "conv_out")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-# torch.compile scope on a GPU. SDXL's UNet is launch-bound in its ResNet blocks and convolutions, which
-# regional compilation (its transformer blocks only) leaves eager. H200, fp16 1024x1024: 59.8 ms/step eager,
-# 60.8 blocks only, 43.4 whole UNet (BENCHMARKS.md), so the whole UNet is compiled.
-COMPILE_WHOLE_DENOISER = True
-
-
-def vae_scale_factor(spec: ModelSpec) -> int:
-    return 2 ** (len(spec.components["vae"].config["block_out_channels"]) - 1)
 
 
 def _encode(parts: Parts, prompt: str, max_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -62,7 +54,7 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
 
     # 2. Noise, schedule and conditioning.
     dtype = parts.dtype("unet")
-    scale = vae_scale_factor(spec)
+    scale = spec.vae_scale_factor
     channels = spec.components["unet"].config["in_channels"]
     noise, generators = seeded_noise(seeds, (channels, req.height // scale, req.width // scale), device, dtype)
     scheduler = type(parts.get("scheduler")).from_config(parts.get("scheduler").config)  # fresh state per job
@@ -107,3 +99,39 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
 
     timings = stage_timings(clock, t_start, t_text, step_marks, t_vae, t_end)
     return FamilyOutput(decoded_to_images(decoded), timings, tuple(warnings))
+
+
+def denoiser_io(spec: ModelSpec) -> GraphIO:
+    """The UNet's inputs and outputs, as `generate` calls it."""
+    tokens = spec.max_prompt_tokens
+    cfg = spec.components["unet"].config
+    time_dims = 6 * cfg["addition_time_embed_dim"]
+    return GraphIO((TensorSpec("sample", ("batch", cfg["in_channels"], "lat_h", "lat_w"), "compute"),
+                    TensorSpec("timestep", (), "float32"),  # scheduler.timesteps[i]: a 0-d float32 tensor
+                    TensorSpec("encoder_hidden_states", ("batch", tokens, cfg["cross_attention_dim"]), "compute"),
+                    TensorSpec("text_embeds", ("batch", cfg["projection_class_embeddings_input_dim"] - time_dims),
+                               "compute"),
+                    TensorSpec("time_ids", ("batch", 6), "compute")), ("noise",))
+
+
+SDXL = ModelFamily(
+    kind=Family.SDXL,
+    denoiser="unet",
+    text_encoders=TEXT_ENCODERS,
+    # The timestep and size embeddings stay 16-bit at FP8/FP4 (convolutions are never quantized by the
+    # PyTorch backend).
+    keep_16bit=("time_embedding", "add_embedding", "conv_in", "conv_out"),
+    # SDXL's UNet is launch-bound in its ResNet blocks and convolutions, which regional compilation (its
+    # transformer blocks only) leaves eager. H200, fp16 1024x1024: 59.8 ms/step eager, 60.8 blocks only,
+    # 43.4 whole UNet (BENCHMARKS.md), so the whole UNet is compiled.
+    compile_whole_denoiser=True,
+    adapters={"text_encoder": graphs.ClipPenultimate, "text_encoder_2": graphs.ClipPenultimateAndProjection,
+              "unet": graphs.SdxlDenoiser, "vae": graphs.VaeDecoder},
+    quantized_compute=torch.float16,
+    fp16_overflows=(),
+    text_io={"text_encoder": (None, ("hidden",)), "text_encoder_2": (None, ("hidden", "pooled"))},
+    denoiser_io=denoiser_io,
+    generate=generate,
+    guidance_batch=True,
+    negative_prompt=True,
+)

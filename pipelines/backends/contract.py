@@ -1,0 +1,63 @@
+"""What every backend offers (`ComponentBackend`) and the options each is built with.
+
+The manager talks to backends only through this contract: every method takes the same device facts
+(a `DevicePolicy`), and the manager alone names what it loaded (`ComponentKey`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..components import LoadedComponent
+    from ..device_policy import DevicePolicy
+    from ..loading import WeightSource
+    from ..precision import Precision
+    from ..registry import ModelSpec
+    from ..run_context import RunContext
+
+CALIBRATION_PROMPTS = 32  # FP8/FP4 calibration images (one prompt each)
+
+
+class ComponentBackend(Protocol):
+    name: str  # precision.Backend value
+
+    def describe(self) -> str:
+        """What runs, for results and the System tab (e.g. "PyTorch + torch.compile")."""
+
+    def load(self, spec: "ModelSpec", name: str, precision: "Precision", device: str, policy: "DevicePolicy",
+             source: "WeightSource", ctx: "RunContext | None" = None) -> "LoadedComponent":
+        """Component `name` on `device`: an engine taking the keyword arguments of its `pipelines.graphs` module."""
+
+    def load_peak_bytes(self, spec: "ModelSpec", name: str, precision: "Precision", device: str,
+                        policy: "DevicePolicy", source: "WeightSource") -> int:
+        """Device memory at the height of `load` (before loading anything)."""
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    compile: bool = False  # torch.compile of the denoiser, scoped per family (GPU only)
+    compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
+    # Quantize checkpoints while moving them from host RAM, one layer at a time (discrete GPUs only: on
+    # unified memory the host copy is device memory too, so staging saves nothing).
+    stage_on_host: bool = False
+    # Inductor's compiled kernels and graphs are kept here (under engine_cache/), so a restart reuses them
+    # instead of compiling for minutes again; None leaves torch's default (a temp folder).
+    compile_cache_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """How engines are built when the app needs one; `python -m pipelines build` has the same defaults."""
+
+    width: int | None = None  # a static size when given without a range (python -m pipelines build)
+    height: int | None = None
+    min_size: int | None = None  # None: the model's size limits (engines accept any valid size)
+    max_size: int | None = None
+    max_batch: int = 1  # larger batches run in chunks of this size
+    cuda_graphs: bool = True  # denoiser only: the one engine called many times with the same shapes
+    weight_streaming_budget: int | None = None  # bytes of weights kept on the GPU; None: all of them
+    onnx_source: str = "export"  # "export" | "official" (the model maker's ONNX, for the denoiser)
+    calibration_prompts: int = CALIBRATION_PROMPTS
+    calibration_steps: int | None = None  # None: the model's default steps

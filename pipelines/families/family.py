@@ -1,0 +1,58 @@
+"""What every part of Prism may ask about a model family, as one frozen value per family.
+
+The manager, the backends, the memory estimates and the TensorRT export read these fields instead of
+asking which family a model is, so a new family is one module that builds a `ModelFamily`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..graphs import GraphIO, token_ids_io, vae_decoder_io
+from ..registry import Family
+
+if TYPE_CHECKING:
+    from ..registry import ModelSpec
+    from ..request import GenerationRequest
+    from ..run_context import Parts, RunContext
+    from ..sampling import FamilyOutput
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    kind: Family
+    denoiser: str  # the component FP8/FP4 quantize and torch.compile compiles
+    text_encoders: tuple[str, ...]  # dropped once the prompt is encoded
+    # Top-level denoiser modules whose Linear layers stay 16-bit at FP8/FP4 (the quality anchors).
+    keep_16bit: tuple[str, ...]
+    compile_whole_denoiser: bool  # torch.compile scope on a GPU: the whole denoiser, else its repeated blocks
+    # Component -> the nn.Module (pipelines.graphs) both backends run: the torch backend wraps the
+    # diffusers/transformers module in it, TensorRT exports it.
+    adapters: Mapping[str, type[nn.Module]]
+    # The 16-bit type FP8/FP4 compute in on a GPU that runs bf16 (fp16 where bf16 is missing).
+    quantized_compute: torch.dtype
+    # Components that overflow in fp16: bf16, else fp32.
+    fp16_overflows: tuple[str, ...]
+    # Text encoder -> (token ids per prompt, None for the model's prompt limit; its outputs), for export.
+    text_io: Mapping[str, tuple[int | None, tuple[str, ...]]]
+    denoiser_io: Callable[["ModelSpec"], GraphIO]  # the denoiser's inputs and outputs, as `generate` calls it
+    generate: Callable[["ModelSpec", "Parts", "GenerationRequest", "RunContext"], "FamilyOutput"]
+    guidance_batch: bool = False  # classifier-free guidance runs the denoiser on 2x the images
+    negative_prompt: bool = False  # the loop takes a negative prompt (models may still turn it off)
+
+    def graph_io(self, spec: "ModelSpec", name: str) -> GraphIO:
+        """Component `name`'s engine inputs and outputs (what TensorRT exports and profiles)."""
+        if name in self.text_io:
+            length, outputs = self.text_io[name]
+            return token_ids_io(length or spec.max_prompt_tokens, *outputs)
+        if name == "vae":
+            return vae_decoder_io(spec.components["vae"].config)
+        return self.denoiser_io(spec)
+
+    @property
+    def stages(self) -> tuple[tuple[str, ...], ...]:
+        """The components each stage needs resident at once, in order."""
+        return (("tokenizer", "tokenizer_2", *self.text_encoders), ("scheduler", self.denoiser), ("vae",))

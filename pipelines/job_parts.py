@@ -1,0 +1,70 @@
+"""One job's view of its model's components (the `Parts` a family loop reads): each `get` loads through
+the manager's residency on first use, under the key the manager builds."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .components import ComponentKey, LoadedComponent, component_key
+from .device_policy import LIGHT_PARTS
+from .families import family_of
+from .loading import WeightSource
+from .precision import Backend, Precision
+from .registry import ModelSpec
+from .run_context import RunContext
+
+if TYPE_CHECKING:
+    from .manager import PipelineManager
+
+
+class JobParts:
+    """One job's view of its model's components: loads through the residency on first `get`."""
+
+    def __init__(self, manager: "PipelineManager", spec: ModelSpec, precision: Precision, backend: Backend,
+                 source: WeightSource, ctx: RunContext, working_bytes: int):
+        self.m, self.spec, self.precision, self.backend_kind = manager, spec, precision, backend
+        self.source, self.ctx, self.working = source, ctx, working_bytes
+        self.stages = family_of(spec).stages
+        self.finished: set[ComponentKey] = set()
+        self.load_ms = 0.0
+        self.runs_as: str | None = None
+        self._dtypes: dict[str, torch.dtype | None] = {}
+
+    def key(self, name: str) -> ComponentKey:
+        # Tokenizers and schedulers are the same object for every backend.
+        backend = "any" if name in LIGHT_PARTS else self.backend_kind.value
+        return component_key(self.spec, name, self.precision, backend, self.m.policy)
+
+    def get(self, name: str) -> Any:
+        index = next(i for i, stage in enumerate(self.stages) if name in stage)
+        protect = {self.key(n) for n in self.stages[index]}
+        later = {self.key(n) for stage in self.stages[index + 1:] for n in stage}
+        backend = self.m.backend(Backend.TORCH if name in LIGHT_PARTS else self.backend_kind)
+        component = self.m.residency.acquire(
+            self.key(name), self.m.component_bytes(self.spec, name, self.precision, self.backend_kind),
+            lambda: self._load(name), working_bytes=self.working, protect=protect, finished=self.finished, later=later,
+            load_peak_bytes=backend.load_peak_bytes(self.spec, name, self.precision, self.m.device, self.m.policy,
+                                                    self.source))
+        self._dtypes[name] = component.dtype
+        if name == self.spec.denoiser:
+            self.runs_as = component.runs_as
+        return component.obj
+
+    def _load(self, name: str) -> LoadedComponent:
+        started = time.perf_counter()
+        if name not in LIGHT_PARTS:
+            self.ctx.report("load", 0, 1, f"loading {self.spec.id} {name} ({self.precision.value})")
+        backend = self.m.backend(Backend.TORCH if name in LIGHT_PARTS else self.backend_kind)
+        component = backend.load(self.spec, name, self.precision, self.m.device, self.m.policy, self.source, self.ctx)
+        self.load_ms += (time.perf_counter() - started) * 1000
+        return component
+
+    def dtype(self, name: str) -> torch.dtype:
+        if self._dtypes.get(name) is not None:
+            return self._dtypes[name]
+        return self.m.policy.component_dtype(self.spec, name, self.precision)
+
+    def done_with(self, *names: str) -> None:
+        self.finished |= {self.key(n) for n in names}
