@@ -40,6 +40,8 @@ class LaunchOptions:
     random_weights: bool = False
     verbose: bool = False
     output_dir: Path | None = None
+    api_key: str | None = None  # the HTTP API's Bearer key (--api-key or PRISM_API_KEY)
+    allow_origins: tuple[str, ...] = ()  # web origins whose pages may call the HTTP API
     extra: dict[str, Any] = field(default_factory=dict)  # passed to gr.Blocks.launch (tests)
 
 
@@ -68,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true",
                    help="Hub models get their exact architecture with random weights (try the app on a GPU without "
                         "downloading; pictures are noise)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require this Bearer key on the OpenAI-compatible API (/v1/...) and /metrics; or set "
+                        "PRISM_API_KEY, which other users of this machine cannot read from the process list. "
+                        "With --auth and no key, the API is closed")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. https://tools.example.com) call the API from a browser "
+                        "(repeatable; by default every other origin is refused)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -105,10 +114,26 @@ def options_from_args(argv: Sequence[str] | None = None) -> LaunchOptions:
         raise LaunchError(f"--port must be between 1 and 65535; got {args.port}.")
     if args.max_queue < 0:
         raise LaunchError("--max-queue must be 0 or more.")
+    api_key, origins = api_settings(args)
     return LaunchOptions(host=args.host, port=args.port, share=args.share, auth=tuple(logins),
                          memory_budget=args.memory_budget, backend=args.backend, models=tuple(args.models or ()),
                          device=args.device, offline=args.offline, max_queue=args.max_queue, compile=args.compile,
-                         random_weights=args.random_weights, verbose=args.verbose)
+                         random_weights=args.random_weights, verbose=args.verbose, api_key=api_key,
+                         allow_origins=origins)
+
+
+def api_settings(args: argparse.Namespace) -> tuple[str | None, tuple[str, ...]]:
+    """The HTTP API's key (the flag, else PRISM_API_KEY read now) and its allowed origins, checked."""
+    from .api_access import parse_origin
+
+    key = args.api_key if args.api_key is not None else os.environ.get("PRISM_API_KEY") or None
+    if key is not None and not key.strip():
+        raise LaunchError("--api-key must not be empty; leave it out to run the API without a key.")
+    try:
+        origins = tuple(dict.fromkeys(parse_origin(o) for o in args.allow_origin))
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
+    return key, origins
 
 
 def lan_address() -> str | None:
@@ -169,6 +194,8 @@ def start(opts: LaunchOptions, *, block: bool = True):
     from pipelines.loading import HubOptions
     from pipelines.manager import ManagerConfig, PipelineManager
 
+    from .api import mount_api
+    from .api_access import ApiAccess
     from .blocks import create_demo
     from .service import PrismService, offered_models
 
@@ -180,15 +207,18 @@ def start(opts: LaunchOptions, *, block: bool = True):
     try:
         service = PrismService(manager, models, output_dir=opts.output_dir, hub=hub)
         demo = create_demo(service)
-        _, _, share_url = demo.launch(
+        app, _, share_url = demo.launch(
             server_name=opts.host, server_port=opts.port, share=opts.share, auth=list(opts.auth) or None,
             auth_message="Prism: log in to use this GPU." if opts.auth else None, prevent_thread_lock=True,
             quiet=True, show_error=False, ssr_mode=False, allowed_paths=[str(service.output_dir)],
             footer_links=["api", "settings"], **opts.extra)
+        # The HTTP API (OpenAI-compatible images, /health, /metrics) on the same server: ui/api.py.
+        api = ApiAccess(opts.api_key, login_required=bool(opts.auth), allowed_origins=opts.allow_origins)
+        mount_api(app, service, api)
     except BaseException:
         manager.close()
         raise
-    for line in startup_lines(opts, opts.port, share_url):
+    for line in startup_lines(opts, opts.port, share_url) + [api.describe()]:
         print(line, flush=True)
     if not block:
         return demo, service
