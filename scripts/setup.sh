@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up Prism's virtual environment in .venv (idempotent). With --test, also the test tools.
+# Set up Prism's virtual environment in .venv (idempotent). With --test, also the test tools; with
+# --tensorrt, the TensorRT backend's optional tools.
 #
 # The venv sees the system's packages, so inside NVIDIA's PyTorch container (DGX Spark) the container's
 # own torch and TensorRT are used untouched; torch is installed only where none is importable.
@@ -18,11 +19,19 @@ if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q "torch==2.13.0"
 fi
 $PY -m pip install -q -r requirements.txt
-if [ "${1:-}" = "--test" ]; then
-  $PY -m pip install -q -r requirements-test.txt
-  if ! command -v chromium >/dev/null 2>&1; then
-    # The browser tests drive Debian's chromium (Playwright's own browser download is not reachable here).
-    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null
-  fi
-fi
+for option in "$@"; do
+  case "$option" in
+    --tensorrt)  # the TensorRT backend's optional tools (modelopt, onnxruntime)
+      $PY -m pip install -q -r requirements-tensorrt.txt ;;
+    --test)
+      $PY -m pip install -q -r requirements-test.txt
+      if ! command -v chromium >/dev/null 2>&1; then
+        # The browser tests drive Debian's chromium (Playwright's own browser download is not reachable here).
+        if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+        $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null
+      fi ;;
+    *)
+      echo "setup.sh: unknown option $option (use --test and/or --tensorrt)" >&2
+      exit 2 ;;
+  esac
+done
