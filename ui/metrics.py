@@ -87,7 +87,7 @@ class _LiveValues:
         yield _gauge("prism_parked_bytes", "Evicted model weights kept in host RAM for a quick return.",
                      status.parked_bytes)
         info, memory = manager.info, self.service.memory()
-        kind = "unified" if info.unified else "gpu" if info.is_cuda else "system"
+        kind = ("unified" if info.unified else "gpu") if info.is_cuda else "system"
         used = GaugeMetricFamily("prism_device_memory_used_bytes", "Memory in use on the device, by every process "
                                  "(kind: gpu, unified or, without a GPU, system RAM).", labels=["kind"])
         used.add_metric([kind], memory.used_bytes)
