@@ -6,6 +6,7 @@ import base64
 import io
 import os
 import socket
+import time
 
 import httpx
 import openai
@@ -234,6 +235,20 @@ def test_a_full_queue_is_429_with_retry_after(app, client):
             client.images.generate(model="demo-flux", prompt="x", size="32x32")
     assert waiting.result(timeout=60).images[0].size == (32, 32)
     assert decode(client.images.generate(model="demo-flux", prompt=PROMPT, size="32x32").data[0]).size == (32, 32)
+
+
+def test_a_client_that_goes_away_cancels_its_waiting_job(app):
+    url, service = app
+    cancelled = ("prism_jobs_total", (("model", "demo-flux"), ("outcome", "cancelled"), ("reason", "cancelled")))
+    before = metric_samples(httpx.get(url + "/metrics").text).get(cancelled, 0)
+    with worker_held(service.manager, service.choice("demo-flux").model):
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up while its job waits behind the held one
+            httpx.post(url + "/v1/images/generations", json={"prompt": "x", "size": "32x32"},
+                       timeout=httpx.Timeout(30, read=2))
+    deadline = time.monotonic() + 60
+    while metric_samples(httpx.get(url + "/metrics").text).get(cancelled, 0) == before:
+        assert time.monotonic() < deadline, "the abandoned job was not cancelled"
+        time.sleep(0.2)
 
 
 # --------------------------------------------------------------------------- other web origins
