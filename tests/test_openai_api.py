@@ -184,6 +184,11 @@ BAD_REQUESTS = [  # (JSON body, status, param, words the message must hold)
     ({"prompt": "x", "precision": "fp3"}, 400, None, "fp3"),
     ({"prompt": "x", "negative_prompt": "blue"}, 400, None, "does not use a negative prompt"),
     ({"prompt": "x", "negative_prompt": 7, "model": "demo-sdxl"}, 400, "negative_prompt", "must be text"),
+    ({"prompt": "x", "n": 2.5}, 400, None, "must be a whole number"),
+    ({"prompt": "x", "n": True}, 400, None, "must be a whole number"),
+    ({"prompt": "x", "size": 64}, 400, "size", "WIDTHxHEIGHT"),
+    ({"prompt": "x", "seed": "abc"}, 400, None, "seed must be a whole number"),
+    ({"prompt": "x", "precision": 5}, 400, None, "Unknown precision 5"),
     ({"prompt": "x", "stream": True}, 400, "stream", "stream=False only"),
     ({"prompt": "x", "output_format": "jpeg"}, 400, "output_format", "output_format='png' only"),
 ]
