@@ -1,10 +1,13 @@
-"""Who may call Prism's HTTP API (/v1/..., /metrics, /health): an optional Bearer key, and which other web
-origins a browser may call it from.
+"""Who may call Prism's HTTP API (/v1/..., /metrics, /health): an optional Bearer key, and which web pages
+a browser may call it from.
 
 The check is a plain ASGI wrapper placed outside Gradio's own middleware. It has to be: Gradio answers CORS
 preflights itself, and on a LAN address it approves every origin, so a page on the internet could make a
-visitor's browser drive this GPU. Here a cross-origin request to the API is refused (preflight or not)
-unless its origin was named with --allow-origin. Standard library only, so `app.py` can check
+visitor's browser drive this GPU. Prism serves no page that calls its API, so every request a browser marks
+with an Origin comes from some other page, and is refused (preflight or not) unless that origin was named
+with --allow-origin. Not trusting an Origin that merely matches the Host header also defeats DNS
+rebinding, where a hostile name is pointed at this machine to look same-origin. Clients that are not
+browsers (curl, OpenAI's libraries) send no Origin. Standard library only, so `app.py` can check
 --allow-origin before anything heavy is imported.
 """
 from __future__ import annotations
@@ -87,24 +90,6 @@ class ApiAccess:
         return None
 
 
-def same_origin(origin: str, host: str | None) -> bool:
-    """Whether `origin` names the address the request was sent to (the Host header)."""
-    if not host:
-        return False
-    parts = urlsplit(origin)
-    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
-        return False  # "null" (sandboxed frames, file: pages) and anything odd is another origin
-    try:
-        origin_port = parts.port
-        target = urlsplit(f"{parts.scheme}://{host}")
-        target_port = target.port
-    except ValueError:
-        return False
-    return (target.hostname is not None
-            and _canonical(parts.scheme, parts.hostname, origin_port) == _canonical(parts.scheme, target.hostname,
-                                                                                      target_port))
-
-
 class ApiAccessMiddleware:
     """Wraps the whole app; acts on API paths only and passes everything else (the Gradio UI) through."""
 
@@ -117,17 +102,17 @@ class ApiAccessMiddleware:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         origin = headers.get("origin")
-        cross = origin is not None and not same_origin(origin, headers.get("host"))
         cors: dict[str, str] = {}
-        if cross:
+        if origin is not None:
             try:
-                allowed = parse_origin(origin) in self.access.allowed_origins
-            except ValueError:
-                allowed = False
-            if not allowed:
-                await _respond(send, ApiError(
-                    403, f"Cross-origin requests from {origin} are refused. If that page should use this API, "
-                         f"start Prism with --allow-origin {origin}.", code="origin_not_allowed"))
+                canonical = parse_origin(origin)
+            except ValueError:  # "null" (sandboxed frames, file: pages) or garbage: never allowed
+                canonical = None
+            if canonical not in self.access.allowed_origins:
+                how = (f"If that page should use this API, start Prism with --allow-origin {canonical}." if canonical
+                       else "Only pages at an http(s) origin named with --allow-origin may use it.")
+                await _respond(send, ApiError(403, f"Requests from web pages at {origin[:200]} are refused. {how}",
+                                              code="origin_not_allowed"))
                 return
             cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
             if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
