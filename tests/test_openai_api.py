@@ -81,6 +81,18 @@ def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def metrics_once(url: str, ready, headers: dict | None = None) -> dict[tuple[str, tuple], float]:
+    """/metrics once `ready(samples)` holds: the worker counts a job just after its caller has the result."""
+    deadline = time.monotonic() + 30
+    while True:
+        response = httpx.get(url + "/metrics", headers=headers)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        samples = metric_samples(response.text)
+        if ready(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.1)
+
+
 # --------------------------------------------------------------------------- generations with the official client
 
 def test_client_generates_pngs_of_the_asked_size_with_prism_metadata(client):
@@ -157,6 +169,8 @@ def test_edits_checks_its_inputs_then_says_image_to_image_is_missing(client, app
     assert_openai_error(httpx.post(url, files={"prompt": (None, PROMPT)}), 400, "image")
     assert_openai_error(httpx.post(url, files={"image": ("in.png", png(), "image/png")}), 400, "prompt")
     assert_openai_error(httpx.post(url, json={"prompt": PROMPT}), 400, "image")
+    broken = httpx.post(url, content=b"--x\r\nnot a part", headers={"content-type": "multipart/form-data"})
+    assert "Missing boundary" in assert_openai_error(broken, 400, "image")
 
 
 # --------------------------------------------------------------------------- bad requests
@@ -314,13 +328,11 @@ def test_health_and_metrics_after_jobs_from_the_api_and_the_ui(app, client):
                timeout=60)
     service.manager.engine_cache.get_or_build(_engine_key(), lambda path: path.write_bytes(b"plan"))
 
-    response = httpx.get(url + "/metrics")
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    samples = metric_samples(response.text)
     sdxl = (("model", "demo-sdxl"),)
+    failed = ("prism_jobs_total", (("model", "flux.1-schnell"), ("outcome", "failed"), ("reason", "model_unavailable")))
+    samples = metrics_once(url, lambda samples: failed in samples)
     assert samples[("prism_jobs_total", sdxl + (("outcome", "done"), ("reason", "none")))] >= 2
-    assert samples[("prism_jobs_total", (("model", "flux.1-schnell"), ("outcome", "failed"),
-                                         ("reason", "model_unavailable")))] >= 1
+    assert samples[failed] >= 1
     assert samples[("prism_step_seconds_count", sdxl)] >= 3 + 2  # every step of both jobs
     assert samples[("prism_job_seconds_count", sdxl)] >= 2 and samples[("prism_job_seconds_sum", sdxl)] > 0
     assert samples[("prism_queue_length", ())] == 0 and samples[("prism_worker_alive", ())] == 1
@@ -356,11 +368,11 @@ def test_api_key_is_required_when_set(keyed_app):
     assert httpx.get(url + "/health").status_code == 200  # health needs no key (container HEALTHCHECK)
     client = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0, timeout=120)
     assert decode(client.images.generate(prompt=PROMPT, size="32x32").data[0]).size == (32, 32)
-    metrics = httpx.get(url + "/metrics", headers={"Authorization": "Bearer s3cret"})
-    samples = metric_samples(metrics.text)
+    done = ("prism_jobs_total", (("model", "demo-flux"), ("outcome", "done"), ("reason", "none")))
+    samples = metrics_once(url, lambda samples: done in samples, headers={"Authorization": "Bearer s3cret"})
     # Each app counts its own jobs: this one's registry has none of the other app's models.
     assert not any(labels and dict(labels).get("model") == "demo-sdxl" for _, labels in samples)
-    assert samples[("prism_jobs_total", (("model", "demo-flux"), ("outcome", "done"), ("reason", "none")))] == 1
+    assert samples[done] == 1
 
 
 def test_with_a_login_and_no_key_the_api_is_closed_and_health_follows_the_worker(tmp_path_factory):

@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable, Mapping
 
 import anyio
 from PIL import Image
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -183,13 +184,19 @@ class OpenAIImages:
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(400, "Image edits are sent as multipart/form-data, with the image as a file field.",
                            param="image")
-        async with request.form(max_part_size=4 * 2**20) as form:
+        try:
+            form = await request.form(max_part_size=4 * 2**20)
+        except HTTPException as exc:  # Starlette's answer to a malformed multipart body
+            raise ApiError(400, f"The multipart body could not be read: {exc.detail}", param="image") from None
+        try:
             uploads = [v for key in ("image", "image[]") for v in form.getlist(key)]
             if not uploads:
                 raise ApiError(400, "image is required: the picture to edit, as a file field.", param="image")
             images = tuple([await _read_image(upload, "image") for upload in uploads])
             mask = await _read_image(form["mask"], "mask") if "mask" in form else None
             fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]", "mask")}
+        finally:
+            await form.close()
         if mask is not None and mask.size != images[0].size:
             raise ApiError(400, f"mask is {mask.size[0]}x{mask.size[1]} but the image is "
                                 f"{images[0].size[0]}x{images[0].size[1]}; they must be the same size.", param="mask")
