@@ -347,6 +347,20 @@ def _engine_key():
     return EngineKey("demo-flux", "test", "transformer", "fp8", "none", "64x64", "1", "sm90", "tensorrt", "10")
 
 
+def test_health_is_not_ready_when_the_default_model_cannot_run(cpu_manager, tmp_path):
+    from pipelines.loading import HubOptions
+    from ui.health import readiness
+    from ui.service import PrismService, offered_models
+
+    offline_empty = HubOptions(offline=True, cache_dir=str(tmp_path))  # nothing downloaded, no network
+    hub_only = PrismService(cpu_manager, offered_models(["flux.1-schnell"]), output_dir=tmp_path, hub=offline_empty)
+    ready = readiness(hub_only)
+    assert not ready.ready and ready.model == "flux.1-schnell" and "offline mode is on" in ready.reason
+    nothing = readiness(PrismService(cpu_manager, [], output_dir=tmp_path))
+    assert not nothing.ready and "--models" in nothing.reason
+    assert readiness(PrismService(cpu_manager, offered_models(["demo-sdxl"]), output_dir=tmp_path)).ready
+
+
 @pytest.fixture(scope="module")
 def keyed_app(tmp_path_factory):
     """A login on the web UI and an API key: the API takes the key, the UI the login."""

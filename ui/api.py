@@ -2,8 +2,9 @@
 `GET /health` and `GET /metrics`, behind the access rules of api_access.py.
 
 It is installed on the FastAPI app that Gradio's `launch()` builds and serves, rather than mounting Gradio
-inside an app of ours, because `launch()` is what opens `--share` links and enforces `--auth` logins; a
-server of our own would have to re-create both.
+inside an app of ours, because `launch()` is what opens `--share` links (and serves the `--auth` login page
+and Gradio's queue as the UI tests know them); a server of our own would have to re-create the tunnel.
+Gradio's login does not cover these routes: api_access.py decides who may call them.
 """
 from __future__ import annotations
 
