@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "With --auth and no key, the API is closed")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. https://tools.example.com) call the API from a browser "
-                        "(repeatable; by default every other origin is refused)")
+                        "(repeatable; by default requests from web pages are refused)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
