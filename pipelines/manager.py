@@ -159,6 +159,8 @@ class PipelineManager:
         self._running: Job | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        # Called on the worker thread with each finished job (the HTTP API's metrics count the UI's jobs too).
+        self.job_observers: list[Callable[[Job], None]] = []
         self._worker = threading.Thread(target=self._work, name=f"prism-worker-{self.device}", daemon=True)
         self._worker.start()
 
@@ -192,6 +194,10 @@ class PipelineManager:
         self._queue.put(None)
         self._worker.join(timeout=10)
 
+    @property
+    def worker_alive(self) -> bool:
+        return self._worker.is_alive()
+
     # ------------------------------------------------------------------ the worker
 
     def _work(self) -> None:
@@ -220,6 +226,11 @@ class PipelineManager:
             finally:
                 with self._lock:
                     self._running = None
+                for observe in self.job_observers:
+                    try:
+                        observe(job)
+                    except Exception:  # an observer must never stop the worker
+                        log.exception("job observer failed")
                 self._notify_waiting()
 
     def _notify_waiting(self) -> None:

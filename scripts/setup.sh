@@ -19,15 +19,24 @@ if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q "torch==2.13.0"
 fi
 $PY -m pip install -q -r requirements.txt
-if [ "${1:-}" = "--tensorrt" ] || $PY -c "import tensorrt" 2>/dev/null || $PY -c "import tensorrt_rtx" 2>/dev/null; then
-  # Build tools only: the container's own torch and TensorRT stay as they are (nothing here pins either).
+if $PY -c "import tensorrt" 2>/dev/null || $PY -c "import tensorrt_rtx" 2>/dev/null; then
+  # Where TensorRT is there (NVIDIA's container), what building engines needs comes too; nothing in it
+  # pins torch or TensorRT, so the container's own stay as they are.
   $PY -m pip install -q -r requirements-tensorrt.txt
 fi
-if [ "${1:-}" = "--test" ]; then
-  $PY -m pip install -q -r requirements-test.txt
-  if ! command -v chromium >/dev/null 2>&1; then
-    # The browser tests drive Debian's chromium (Playwright's own browser download is not reachable here).
-    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null
-  fi
-fi
+for option in "$@"; do
+  case "$option" in
+    --tensorrt)  # the TensorRT build tools, also where TensorRT does not import yet
+      $PY -m pip install -q -r requirements-tensorrt.txt ;;
+    --test)
+      $PY -m pip install -q -r requirements-test.txt
+      if ! command -v chromium >/dev/null 2>&1; then
+        # The browser tests drive Debian's chromium (Playwright's own browser download is not reachable here).
+        if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+        $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null
+      fi ;;
+    *)
+      echo "setup.sh: unknown option $option (use --test and/or --tensorrt)" >&2
+      exit 2 ;;
+  esac
+done

@@ -36,6 +36,8 @@ class LaunchOptions:
     manager: Any = None  # pipelines.manager.ManagerConfig from the runtime flags (pipelines.config); None: defaults
     verbose: bool = False
     output_dir: Path | None = None
+    api_key: str | None = None  # the HTTP API's Bearer key (--api-key or PRISM_API_KEY)
+    allow_origins: tuple[str, ...] = ()  # web origins whose pages may call the HTTP API
     extra: dict[str, Any] = field(default_factory=dict)  # passed to gr.Blocks.launch (tests)
 
 
@@ -53,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models to offer: registry ids (flux.1-dev, flux.1-schnell, sdxl-base-1.0, sdxl-turbo, "
                         "demo-flux, demo-sdxl) or local folders in the Hugging Face layout (default: all known)")
     p.add_argument("--max-queue", type=int, default=4, help="jobs that may wait for the GPU (default 4)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require this Bearer key on the OpenAI-compatible API (/v1/...) and /metrics; or set "
+                        "PRISM_API_KEY, which other users of this machine cannot read from the process list. "
+                        "With --auth and no key, the API is closed")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. https://tools.example.com) call the API from a browser "
+                        "(repeatable; by default requests from web pages are refused)")
     add_runtime_args(p)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -95,8 +104,24 @@ def options_from_args(argv: Sequence[str] | None = None) -> LaunchOptions:
         manager = manager_config(args, max_queue=args.max_queue)
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
+    api_key, origins = api_settings(args)
     return LaunchOptions(host=args.host, port=args.port, share=args.share, auth=tuple(logins),
-                         models=tuple(args.models or ()), manager=manager, verbose=args.verbose)
+                         models=tuple(args.models or ()), manager=manager, verbose=args.verbose, api_key=api_key,
+                         allow_origins=origins)
+
+
+def api_settings(args: argparse.Namespace) -> tuple[str | None, tuple[str, ...]]:
+    """The HTTP API's key (the flag, else PRISM_API_KEY read now) and its allowed origins, checked."""
+    from .api_access import parse_origin
+
+    key = args.api_key if args.api_key is not None else os.environ.get("PRISM_API_KEY") or None
+    if key is not None and not key.strip():
+        raise LaunchError("--api-key must not be empty; leave it out to run the API without a key.")
+    try:
+        origins = tuple(dict.fromkeys(parse_origin(o) for o in args.allow_origin))
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
+    return key, origins
 
 
 def lan_address() -> str | None:
@@ -156,6 +181,8 @@ def start(opts: LaunchOptions, *, block: bool = True):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from pipelines.manager import ManagerConfig, PipelineManager
 
+    from .api import mount_api
+    from .api_access import ApiAccess
     from .blocks import create_demo
     from .service import PrismService, offered_models
 
@@ -165,15 +192,18 @@ def start(opts: LaunchOptions, *, block: bool = True):
     try:
         service = PrismService(manager, models, output_dir=opts.output_dir, hub=config.hub)
         demo = create_demo(service)
-        _, _, share_url = demo.launch(
+        app, _, share_url = demo.launch(
             server_name=opts.host, server_port=opts.port, share=opts.share, auth=list(opts.auth) or None,
             auth_message="Prism: log in to use this GPU." if opts.auth else None, prevent_thread_lock=True,
             quiet=True, show_error=False, ssr_mode=False, allowed_paths=[str(service.output_dir)],
             footer_links=["api", "settings"], **opts.extra)
+        # The HTTP API (OpenAI-compatible images, /health, /metrics) on the same server: ui/api.py.
+        api = ApiAccess(opts.api_key, login_required=bool(opts.auth), allowed_origins=opts.allow_origins)
+        mount_api(app, service, api)
     except BaseException:
         manager.close()
         raise
-    for line in startup_lines(opts, opts.port, share_url):
+    for line in startup_lines(opts, opts.port, share_url) + [api.describe()]:
         print(line, flush=True)
     if not block:
         return demo, service

@@ -20,7 +20,7 @@ from pipelines.backends import choose_backend
 from pipelines.compare import Comparison, run_comparison
 from pipelines.loading import HubOptions, ModelAccessError, default_model, is_available_locally
 from pipelines.manager import ModelInUseError
-from pipelines.pngmeta import SAMPLER_NAMES, save_png
+from pipelines.pngmeta import SAMPLER_NAMES, png_bytes, save_png
 from pipelines.precision import Backend, Precision, PrecisionSupport, precision_support
 from pipelines.registry import HUB_MODELS, Family, ModelSpec, UnknownModelError, demo_specs, read_local_spec
 from pipelines.request import GenerationRequest, GenerationResult, RequestError, resolve_request
@@ -197,6 +197,15 @@ class PrismService:
         first = min(offered, key=lambda c: c.spec.gated)
         return first, self.model_note(first)
 
+    def default_model(self) -> ModelChoice | None:
+        """The model for a request that names none (the HTTP API), and the one /health vouches for: the Flux
+        tab's preselection, else the SDXL tab's."""
+        for family in Family:
+            choice, _ = self.default_choice(family)
+            if choice is not None:
+                return choice
+        return None
+
     def model_note(self, choice: ModelChoice) -> str:
         spec = choice.spec
         if spec.local_dir is not None:
@@ -304,16 +313,26 @@ class PrismService:
                 return c
         raise RequestError(f"Model {request.model!r} is not offered here.")
 
-    def save_result(self, result: GenerationResult, folder: Path | None = None) -> list[Path]:
-        """PNG files with the A1111 `parameters` and Prism JSON chunks, one per image."""
-        folder = folder or self._new_batch_dir()
+    def _png_naming(self, result: GenerationResult) -> tuple[str, str, str]:
+        """(offered model name, precision, A1111 sampler name) for a result's PNGs."""
         choice = self.choice_for(result.request)
         scheduler = choice.spec.components.get("scheduler")
         sampler = SAMPLER_NAMES.get(scheduler.class_name if scheduler else "", "Euler")
         precision = Precision.parse(result.request.precision).value
         # The offered name, not the request's model string: that may be a folder path.
-        return [save_png(folder / f"{choice.name}-{seed}-{precision}.png", image, result.settings(), seed, sampler)
+        return choice.name, precision, sampler
+
+    def save_result(self, result: GenerationResult, folder: Path | None = None) -> list[Path]:
+        """PNG files with the A1111 `parameters` and Prism JSON chunks, one per image."""
+        folder = folder or self._new_batch_dir()
+        name, precision, sampler = self._png_naming(result)
+        return [save_png(folder / f"{name}-{seed}-{precision}.png", image, result.settings(), seed, sampler)
                 for image, seed in zip(result.images, result.seeds)]
+
+    def result_pngs(self, result: GenerationResult) -> list[bytes]:
+        """The same PNGs as `save_result`, as bytes (for the HTTP API), one per image."""
+        _, _, sampler = self._png_naming(result)
+        return [png_bytes(image, result.settings(), seed, sampler) for image, seed in zip(result.images, result.seeds)]
 
     def save_comparison(self, comparison: Comparison) -> dict[Precision, Path]:
         folder = self._new_batch_dir()
