@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import socket
 import time
 
@@ -31,20 +30,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp_path_factory, **options):
-    from pipelines.engine_cache import ENV_VAR
+def launch(tmp_path_factory, offline: bool = False, max_queue: int = 4, **options):
+    from pipelines.loading import HubOptions
+    from pipelines.manager import ManagerConfig
 
-    # A scratch engine cache (the metrics test writes into it), read once when the manager starts.
-    previous = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = str(tmp_path_factory.mktemp("engine-cache"))
-    try:
-        opts = LaunchOptions(port=free_port(), device="cpu", output_dir=tmp_path_factory.mktemp("outputs"), **options)
-        demo, service = start(opts, block=False)
-    finally:
-        if previous is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = previous
+    # A scratch engine cache (the metrics test writes into it).
+    config = ManagerConfig(device="cpu", max_queue=max_queue, hub=HubOptions(offline=True if offline else None),
+                           engine_cache_dir=tmp_path_factory.mktemp("engine-cache"))
+    opts = LaunchOptions(port=free_port(), manager=config, output_dir=tmp_path_factory.mktemp("outputs"), **options)
+    demo, service = start(opts, block=False)
     return demo, service, f"http://127.0.0.1:{opts.port}"
 
 
