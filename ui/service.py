@@ -229,7 +229,7 @@ class PrismService:
             return Backend.TENSORRT if configured == "tensorrt" else Backend.TORCH
 
     def support(self, precision: Precision) -> PrecisionSupport:
-        return precision_support(precision, self.capability, self.backend_for(precision))
+        return self.manager.policy.support(precision, self.backend_for(precision))
 
     def default_precision(self) -> Precision:
         return next((p for p in PRECISION_ORDER if self.support(p).runnable), Precision.FP16)
@@ -379,7 +379,9 @@ class PrismService:
             raise RequestError("Jobs are running or queued; clear the engine cache when they have finished.")
         cache = self.manager.engine_cache
         before = cache.total_bytes()
-        return cache.clear(), before
+        removed = cache.clear()
+        self.manager.forget_tensorrt_failures()  # rebuilt engines get another try
+        return removed, before
 
 
 def _blank_none(value: Any) -> Any:
