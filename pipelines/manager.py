@@ -47,7 +47,7 @@ class ManagerConfig:
     compile: bool = False  # torch.compile the denoiser (GPU only)
     random_weights: bool = False  # Hub models get their architecture with random weights (benchmarks)
     hub: HubOptions = HubOptions()
-    max_queue: int = 4  # waiting jobs; one more is refused at once
+    max_queue: int = 4  # waiting jobs; one more is refused at once (0: none wait, one job runs at a time)
     engine_cache_dir: Path | None = None
     min_working_bytes: int = 512 * 2**20  # kept free beyond the weights even for tiny images
 
@@ -156,7 +156,10 @@ class PipelineManager:
     def submit(self, request: GenerationRequest, on_progress: Callable[[Progress], None] | None = None) -> Job:
         """Queue a job, or raise QueueFullError at once when `max_queue` jobs are already waiting."""
         with self._lock:
-            if len(self._waiting) >= self.config.max_queue:
+            if self.config.max_queue == 0 and (self._waiting or self._running):  # no waiting line: one job at a time
+                raise QueueFullError("The server is busy with another job and keeps no waiting line "
+                                     "(--max-queue 0). Try again in a moment.")
+            if self.config.max_queue and len(self._waiting) >= self.config.max_queue:
                 raise QueueFullError(f"The server is busy: {len(self._waiting)} jobs are already waiting. "
                                      "Try again in a moment.")
             job = Job(next(self._ids), request, on_progress)

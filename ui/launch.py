@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "demo-flux, demo-sdxl) or local folders in the Hugging Face layout (default: all known)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub")
-    p.add_argument("--max-queue", type=int, default=4, help="jobs that may wait for the GPU (default 4)")
+    p.add_argument("--max-queue", type=int, default=4, help="jobs that may wait for the GPU (default 4; 0: no waiting line, one job at a time)")
     p.add_argument("--compile", action="store_true",
                    help="PyTorch backend: torch.compile the denoiser (GPU; the first image per precision and size "
                         "takes minutes, later ones are up to 1.7x faster)")
