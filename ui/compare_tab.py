@@ -8,10 +8,11 @@ import gradio as gr
 from pipelines.compare import CHOICES, SIXTEEN_BIT, Comparison
 from pipelines.precision import Precision
 from pipelines.registry import Family
-from pipelines.request import GenerationRequest
+from pipelines.request import GenerationRequest, RequestError
 
 from .formatting import comparison_markdown, compare_figures, fmt_ms, precision_info
 from .generate_tab import GPU_CONCURRENCY_ID, session_of, error_status, run_once, run_with_errors, size_info
+from .inputs import NumberSlider, Prompt, WholeNumber, WholeSlider
 from .service import PrismService
 
 COLUMNS = ((SIXTEEN_BIT, "16-bit"), (Precision.FP8.value, "FP8"), (Precision.FP4.value, "FP4"))
@@ -26,22 +27,22 @@ def build_compare_tab(service: PrismService) -> None:
         with gr.Column(scale=3):
             model = gr.Dropdown([(f"{c.name} ({c.family.value.upper()})", c.name) for c in choices],
                                 value=first.name if first else None, label="Model", elem_id="compare-model")
-            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="What to draw", elem_id="compare-prompt")
+            prompt = Prompt(label="Prompt", lines=2, placeholder="What to draw", elem_id="compare-prompt")
             with gr.Row():
-                seed = gr.Number(-1, label="Seed", precision=0, info="-1: random; one seed for every precision",
+                seed = WholeNumber(-1, precision=0, label="Seed", info="-1: random; one seed for every precision",
                                  elem_id="compare-seed")
                 precisions = gr.CheckboxGroup([(label, value) for value, label in COLUMNS], value=list(CHOICES),
                                               label="Precisions", elem_id="compare-precisions")
             with gr.Accordion("Size, steps and guidance", open=False):
                 with gr.Row():
-                    width = gr.Number(spec.default_width if spec else None, label="Width", precision=0,
+                    width = WholeNumber(spec.default_width if spec else None, precision=0, label="Width",
                                       info=size_info(spec) if spec else None, elem_id="compare-width")
-                    height = gr.Number(spec.default_height if spec else None, label="Height", precision=0,
+                    height = WholeNumber(spec.default_height if spec else None, precision=0, label="Height",
                                        info=size_info(spec) if spec else None, elem_id="compare-height")
                 with gr.Row():
-                    steps = gr.Slider(1, spec.max_steps if spec else 100, spec.default_steps if spec else 28, step=1,
-                                      label="Steps", elem_id="compare-steps")
-                    guidance = gr.Slider(0, spec.max_guidance if spec else 30,
+                    steps = WholeSlider(1, spec.max_steps if spec else 100, spec.default_steps if spec else 28,
+                                      step=1, precision=0, label="Steps", elem_id="compare-steps")
+                    guidance = NumberSlider(0, spec.max_guidance if spec else 30,
                                          spec.default_guidance if spec else 3.5, step=0.1, label="Guidance",
                                          elem_id="compare-guidance")
             with gr.Row():
@@ -56,7 +57,7 @@ def build_compare_tab(service: PrismService) -> None:
                         "warm work (text encoders, denoising, VAE); first-use loading and engine builds are shown "
                         "apart.")
 
-    status = gr.Markdown("", elem_id="compare-status")
+    status = gr.Markdown("", label="Status", elem_id="compare-status")
     images, heatmaps, figures = [], [], []
     with gr.Row(equal_height=False):
         for value, label in COLUMNS:
@@ -65,12 +66,12 @@ def build_compare_tab(service: PrismService) -> None:
                 # One display height for every column, so the images line up whatever their size.
                 images.append(gr.Image(label=label, type="filepath", format="png", interactive=False, height=360,
                                        elem_id=f"compare-image-{key}", buttons=["download", "fullscreen"]))
-                figures.append(gr.Markdown("", elem_id=f"compare-figures-{key}"))
+                figures.append(gr.Markdown("", label=f"{label} figures", elem_id=f"compare-figures-{key}"))
                 heatmaps.append(gr.Image(label=f"{label}: difference from 16-bit", type="pil", format="png",
                                          interactive=False, height=360, elem_id=f"compare-heatmap-{key}"))
     used_seed = gr.Number(None, label="Seed used", precision=0, interactive=False, visible="hidden",
                           elem_id="compare-seed-used")  # for the API; the summary shows it to people
-    summary = gr.Markdown("", elem_id="compare-summary")
+    summary = gr.Markdown("", label="Summary", elem_id="compare-summary")
     with gr.Accordion("Figures (JSON)", open=False):
         details = gr.JSON(label="Comparison", elem_id="compare-details")
 
@@ -86,14 +87,16 @@ def build_compare_tab(service: PrismService) -> None:
     outputs = [*images, *heatmaps, *figures, used_seed, summary, details, status]
 
     @run_with_errors(len(outputs))
-    def compare(model_name, prompt_text, seed_value, selected, w, h, n_steps, g, request: gr.Request = None,
-                progress=gr.Progress()):
-        choice = service.choice(model_name)
-        job_request = GenerationRequest(prompt=prompt_text or "", model=choice.model,
-                                        seed=None if seed_value in (None, -1) else seed_value,
-                                        width=w, height=h, steps=n_steps, guidance=g)
+    def compare(model, prompt, seed=-1, precisions=CHOICES, width=None, height=None, steps=None, guidance=None,
+                request: gr.Request = None, progress=gr.Progress()):
+        choice = service.choice(model)
+        if not precisions:
+            raise RequestError(f"Select at least one precision to compare ({', '.join(label for _, label in COLUMNS)}).")
+        job_request = GenerationRequest(prompt=prompt or "", model=choice.model,
+                                        seed=None if seed in (None, -1) else seed,
+                                        width=width, height=height, steps=steps, guidance=guidance)
         started = time.perf_counter()
-        task = service.start_compare(job_request, list(selected or []), session=session_of(request))
+        task = service.start_compare(job_request, list(precisions), session=session_of(request))
         try:
             for text, fraction in task.views():  # to the progress bar only (see generate_tab)
                 progress(fraction, desc=text)

@@ -1,26 +1,29 @@
-"""The Flux.1 and SDXL tabs: one builder, the family decides the few differences (negative prompt)."""
+"""The Flux.1 and SDXL tabs: one builder, the family decides the few differences (negative prompt).
+
+Layout: what to type and the Generate / Stop buttons with the status line right under them come first, so
+they stay in view at 1280x720; the settings follow; the results sit in the right-hand column.
+"""
 from __future__ import annotations
 
 import functools
-import logging
 import time
 
 import gradio as gr
 
-from pipelines.errors import user_message
 from pipelines.registry import Family, ModelSpec
 
+from .errors import ui_error
+from .examples import empty_prompt_hint, example_prompts
 from .formatting import fmt_ms, precision_info, precision_label, result_details, result_markdown
+from .inputs import NumberSlider, Prompt, WholeNumber, WholeSlider
 from .service import PRECISION_ORDER, ModelChoice, PrismService
-
-log = logging.getLogger("prism.ui")
 
 GPU_CONCURRENCY_ID = "prism-gpu"  # every event that submits jobs shares one Gradio concurrency limit
 
 
 def size_info(spec: ModelSpec) -> str:
     s = spec.size
-    return f"multiple of {s.multiple_of}, {s.min_side} to {s.max_side}"
+    return f"multiple of {s.multiple_of}, {s.min_side} to {s.max_side}; blank: {spec.default_width}"
 
 
 def precision_dropdown(service: PrismService, elem_id: str) -> tuple[gr.Dropdown, gr.Markdown]:
@@ -37,9 +40,10 @@ def error_status(message: str) -> str:
     return f"⚠ **{message}**"
 
 
-def run_with_errors(n_outputs: int):
+def run_with_errors(n_outputs: int, cleared: tuple = ()):
     """For a generator handler whose last output is its status line: an error is shown as one readable
-    message there and in a toast, never as a stack trace; through the API it arrives as the error text."""
+    message there and in a toast, never as a stack trace; through the API it arrives as the error text.
+    The other outputs get `cleared` (so a previous result is not taken for this run's), or stay as they are."""
 
     def decorate(fn):
         @functools.wraps(fn)  # Gradio reads the signature (its gr.Progress and gr.Request parameters) through this
@@ -47,11 +51,9 @@ def run_with_errors(n_outputs: int):
             try:
                 yield from fn(*args, **kwargs)
             except Exception as exc:
-                message = exc.message if isinstance(exc, gr.Error) else user_message(exc)
-                if not isinstance(exc, gr.Error) and user_message(exc, fallback=False) is None:
-                    log.exception("request failed")  # unexpected: the log gets the traceback, the user a sentence
-                yield (*(gr.skip(),) * (n_outputs - 1), error_status(message))
-                raise gr.Error(message, title="Could not run", print_exception=False) from None
+                error = ui_error(exc, fn.__name__)
+                yield (*(cleared or (gr.skip(),) * (n_outputs - 1)), error_status(error.message))
+                raise error from None
 
         return wrapper
 
@@ -66,48 +68,56 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
     sdxl = family is Family.SDXL
 
     with gr.Row(equal_height=False):
-        with gr.Column(scale=2):
+        with gr.Column(scale=2, min_width=360):
             model = gr.Dropdown([c.name for c in service.choices(family)], value=choice.name if choice else None,
                                 label="Model", elem_id=f"{prefix}-model")
-            model_note = gr.Markdown(note, elem_id=f"{prefix}-model-note")
-            prompt = gr.Textbox(label="Prompt", lines=3, placeholder="What to draw", elem_id=f"{prefix}-prompt")
+            model_note = gr.Markdown(note, elem_id=f"{prefix}-model-note", elem_classes=["prism-note"])
+            prompt = Prompt(label="Prompt", lines=2, max_lines=6, placeholder="What to draw",
+                            elem_id=f"{prefix}-prompt")
+            examples = gr.Dataset(components=[prompt], label="Examples (click to use)",
+                                  samples=[[p] for p in example_prompts(spec)], elem_id=f"{prefix}-examples",
+                                  samples_per_page=6)
             negative = None
             if sdxl:
-                negative = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{prefix}-negative",
-                                      interactive=bool(spec and spec.supports_negative_prompt),
-                                      placeholder=_negative_placeholder(spec))
-            with gr.Row():
-                width = gr.Number(spec.default_width if spec else None, label="Width", precision=0,
-                                  info=size_info(spec) if spec else None, elem_id=f"{prefix}-width")
-                height = gr.Number(spec.default_height if spec else None, label="Height", precision=0,
-                                   info=size_info(spec) if spec else None, elem_id=f"{prefix}-height")
-            steps = gr.Slider(1, spec.max_steps if spec else 100, spec.default_steps if spec else 28, step=1,
-                              label="Steps", elem_id=f"{prefix}-steps")
-            guidance = gr.Slider(0, spec.max_guidance if spec else 30, spec.default_guidance if spec else 3.5,
-                                 step=0.1, label="Guidance", elem_id=f"{prefix}-guidance")
-            with gr.Row():
-                with gr.Column(min_width=160):
-                    seed = gr.Number(-1, label="Seed", precision=0, info="-1: random (the seed used is reported)",
-                                     elem_id=f"{prefix}-seed")
-                    reuse = gr.Button("Reuse last seed", size="sm", elem_id=f"{prefix}-reuse-seed")
-                num_images = gr.Slider(1, spec.max_images if spec else 8, 1, step=1, label="Number of images",
-                                       elem_id=f"{prefix}-num-images")
-            precision, _ = precision_dropdown(service, f"{prefix}-precision")
+                negative = Prompt("", label="Negative prompt", lines=1, max_lines=4, elem_id=f"{prefix}-negative",
+                                  interactive=bool(spec and spec.supports_negative_prompt),
+                                  placeholder=_negative_placeholder(spec))
             with gr.Row():
                 button = gr.Button("Generate", variant="primary", elem_id=f"{prefix}-generate", scale=3)
                 stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop", scale=1)
+            status = gr.Markdown("", label="Status", elem_id=f"{prefix}-status", elem_classes=["prism-status"])
+            with gr.Row():
+                width = WholeNumber(spec.default_width if spec else None, precision=0, label="Width",
+                                    info=size_info(spec) if spec else None, elem_id=f"{prefix}-width")
+                height = WholeNumber(spec.default_height if spec else None, precision=0, label="Height",
+                                     info=size_info(spec) if spec else None, elem_id=f"{prefix}-height")
+            steps = WholeSlider(1, spec.max_steps if spec else 100, spec.default_steps if spec else 28,
+                                step=1, precision=0, label="Steps", elem_id=f"{prefix}-steps")
+            guidance = NumberSlider(0, spec.max_guidance if spec else 30, spec.default_guidance if spec else 3.5,
+                                    step=0.1, label="Guidance", elem_id=f"{prefix}-guidance")
+            with gr.Row():
+                with gr.Column(min_width=160):
+                    seed = WholeNumber(-1, precision=0, label="Seed", info="-1: random (the seed used is reported)",
+                                       elem_id=f"{prefix}-seed")
+                    reuse = gr.Button("Reuse last seed", size="sm", elem_id=f"{prefix}-reuse-seed")
+                num_images = WholeSlider(1, spec.max_images if spec else 8, 1, step=1, precision=0,
+                                         label="Number of images",
+                                         elem_id=f"{prefix}-num-images")
+            precision, _ = precision_dropdown(service, f"{prefix}-precision")
         with gr.Column(scale=3):
-            status = gr.Markdown("", elem_id=f"{prefix}-status")
+            # contain, not cover: the whole picture is always visible; small ones are scaled up with
+            # nearest-neighbour for display only (see PRISM_CSS); the PNG files keep their real size.
             gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id=f"{prefix}-gallery",
+                                 elem_classes=["prism-images"], object_fit="contain", height=440,
                                  buttons=["download", "fullscreen"], interactive=False)
             # For the API (the summary shows seeds to people): Gradio draws an empty Number as 0, which would mislead.
             used_seed = gr.Number(None, label="Seed used", precision=0, interactive=False, visible="hidden",
                                   elem_id=f"{prefix}-seed-used")
-            summary = gr.Markdown("", elem_id=f"{prefix}-summary")
+            summary = gr.Markdown("", label="Summary", elem_id=f"{prefix}-summary")
             files = gr.File(label="PNG files (with generation settings in their metadata)", file_count="multiple",
                             interactive=False, elem_id=f"{prefix}-files")
             with gr.Accordion("Details (JSON)", open=False):
-                details = gr.JSON(label="Settings, timings and memory", elem_id=f"{prefix}-details")
+                details = gr.JSON(label="Details", elem_id=f"{prefix}-details")
 
     def on_model(name: str):
         c: ModelChoice = service.choice(name, family)
@@ -116,7 +126,7 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
                    gr.update(value=s.default_height, info=size_info(s)),
                    gr.update(maximum=s.max_steps, value=s.default_steps),
                    gr.update(maximum=s.max_guidance, value=s.default_guidance),
-                   gr.update(maximum=s.max_images, value=1)]
+                   gr.update(maximum=s.max_images, value=1), gr.update(samples=[[p] for p in example_prompts(s)])]
         if sdxl:
             negative_update = dict(interactive=s.supports_negative_prompt, placeholder=_negative_placeholder(s))
             if not s.supports_negative_prompt:
@@ -125,12 +135,17 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
         return updates
 
     model.input(run_once(on_model), model,
-                 [model_note, width, height, steps, guidance, num_images] + ([negative] if sdxl else []),
-                 api_visibility="undocumented", concurrency_limit=None, show_progress="hidden")
+                [model_note, width, height, steps, guidance, num_images, examples] + ([negative] if sdxl else []),
+                api_visibility="undocumented", concurrency_limit=None, show_progress="hidden")
+    examples.click(lambda sample: sample[0], examples, prompt, api_visibility="private", concurrency_limit=None,
+                   show_progress="hidden")
 
     outputs = [gallery, files, used_seed, summary, details, status]
+    cleared = (None, None, None, "", None)  # after an error no earlier result stays on show as if it were new
 
     def run(session: str | None, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p, progress):
+        if not (prompt_text or "").strip():
+            raise gr.Error(empty_prompt_hint(service.choice(model_name, family).spec), print_exception=False)
         request = service.build_request(family, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p)
         name = service.choice_for(request).name
         started = time.perf_counter()
@@ -152,23 +167,26 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
 
     # Two explicit signatures (rather than *args) so the API lists every parameter by name.
     if sdxl:
-        @run_with_errors(len(outputs))
-        def generate(model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p,
-                     request: gr.Request = None, progress=gr.Progress()):
-            yield from run(session_of(request), model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p,
-                           progress)
+        @run_with_errors(len(outputs), cleared)
+        def generate_sdxl(model, prompt, negative_prompt="", width=None, height=None, steps=None, guidance=None,
+                          seed=-1, num_images=1, precision=None, request: gr.Request = None, progress=gr.Progress()):
+            yield from run(session_of(request), model, prompt, negative_prompt, width, height, steps, guidance, seed,
+                           num_images, precision, progress)
+        generate = generate_sdxl
     else:
-        @run_with_errors(len(outputs))
-        def generate(model_name, prompt_text, w, h, n_steps, g, s, n, p,
-                     request: gr.Request = None, progress=gr.Progress()):
-            yield from run(session_of(request), model_name, prompt_text, "", w, h, n_steps, g, s, n, p, progress)
+        @run_with_errors(len(outputs), cleared)
+        def generate_flux(model, prompt, width=None, height=None, steps=None, guidance=None, seed=-1, num_images=1,
+                          precision=None, request: gr.Request = None, progress=gr.Progress()):
+            yield from run(session_of(request), model, prompt, "", width, height, steps, guidance, seed, num_images,
+                           precision, progress)
+        generate = generate_flux
 
     inputs = [model, prompt] + ([negative] if sdxl else []) + [width, height, steps, guidance, seed, num_images,
                                                                 precision]
     # The last run's status line goes at once, in the browser, so a stale "Done" or error never describes this run.
     event = button.click(None, None, status, js="() => ''", queue=False).then(
         generate, inputs, outputs, api_name=f"generate_{prefix}", concurrency_id=GPU_CONCURRENCY_ID,
-        show_progress_on=[gallery])
+        show_progress_on=[gallery, status])
 
     reuse.click(lambda last: -1 if last is None else last, used_seed, seed, api_visibility="private",
                 concurrency_limit=None, show_progress="hidden")
@@ -193,7 +211,7 @@ def run_once(fn):
         try:
             return fn(*args)
         except Exception as exc:
-            raise gr.Error(user_message(exc), print_exception=False) from None
+            raise ui_error(exc, fn.__name__) from None
 
     return wrapper
 

@@ -169,7 +169,7 @@ def start(opts: LaunchOptions, *, block: bool = True):
     from pipelines.loading import HubOptions
     from pipelines.manager import ManagerConfig, PipelineManager
 
-    from .blocks import create_demo
+    from .blocks import PRISM_CSS, create_demo
     from .service import PrismService, offered_models
 
     hub = HubOptions(offline=True if opts.offline else None)
@@ -184,7 +184,7 @@ def start(opts: LaunchOptions, *, block: bool = True):
             server_name=opts.host, server_port=opts.port, share=opts.share, auth=list(opts.auth) or None,
             auth_message="Prism: log in to use this GPU." if opts.auth else None, prevent_thread_lock=True,
             quiet=True, show_error=False, ssr_mode=False, allowed_paths=[str(service.output_dir)],
-            footer_links=["api", "settings"], **opts.extra)
+            footer_links=["api", "settings"], css=PRISM_CSS, **opts.extra)
     except BaseException:
         manager.close()
         raise

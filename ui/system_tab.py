@@ -7,6 +7,9 @@ import gradio as gr
 
 from .formatting import fmt_bytes
 from .generate_tab import run_once
+from .inputs import FreeChoice
+from pipelines.request import RequestError
+
 from .service import PrismService
 
 RESIDENT_HEADERS = ["Model", "Component", "Form", "Backend", "Memory", "Where"]
@@ -95,17 +98,19 @@ def build_system_tab(service: PrismService) -> tuple[Any, list[Any]]:
     """Widgets and events; returns (refresh handler, its outputs) so the app can refresh when the tab opens."""
     with gr.Row():
         refresh = gr.Button("Refresh", elem_id="system-refresh", scale=0)
-    overview = gr.Markdown("", elem_id="system-overview")
+    overview = gr.Markdown("", label="Overview", elem_id="system-overview")
     resident = gr.Dataframe(headers=RESIDENT_HEADERS, label="Resident components", interactive=False,
                             elem_id="system-resident", column_count=len(RESIDENT_HEADERS))
     with gr.Row():
-        to_unload = gr.Dropdown([], value=None, label="Model to unload", elem_id="system-unload-model", scale=2)
+        # Typed `str` in the API (the resident models change as jobs run); unknown names are refused by `unload_model`.
+        to_unload = FreeChoice([], value=None, label="Model to unload", elem_id="system-unload-model", scale=2,
+                                allow_custom_value=True)
         unload = gr.Button("Unload model", elem_id="system-unload", scale=1)
         unload_all = gr.Button("Unload all models", elem_id="system-unload-all", scale=1)
     cache = gr.Dataframe(headers=CACHE_HEADERS, label="Engine cache", interactive=False, elem_id="system-cache",
                          column_count=len(CACHE_HEADERS))
     clear = gr.Button("Clear engine cache", variant="stop", elem_id="system-clear-cache")
-    message = gr.Markdown("", elem_id="system-message")
+    message = gr.Markdown("", label="Message", elem_id="system-message")
     with gr.Accordion("Status (JSON)", open=False):
         raw = gr.JSON(label="System status", elem_id="system-json")
 
@@ -120,9 +125,13 @@ def build_system_tab(service: PrismService) -> tuple[Any, list[Any]]:
     def status() -> tuple:
         return view()
 
-    def unload_model(name: str | None) -> tuple:
+    def unload_model(model: str | None) -> tuple:
+        name = model
         if not name:
             return view("Choose a resident model to unload.")
+        resident = list(system_snapshot(service)["resident_models"])
+        if name not in resident:
+            raise RequestError(f"{name} is not loaded; loaded now: {', '.join(resident) or 'none'}.")
         freed = service.unload(name)
         return view(f"Unloaded {name}: {fmt_bytes(freed)} released.")
 
