@@ -181,6 +181,11 @@ class PipelineManager:
             return self._waiting.index(job) + (1 if self._running else 0)
 
     def close(self) -> None:
+        """Cancel the waiting and running jobs (a running one stops at its next step) and stop the worker."""
+        with self._lock:
+            jobs = [*self._waiting, *([self._running] if self._running else [])]
+        for job in jobs:
+            job.cancel()
         self._queue.put(None)
         self._worker.join(timeout=10)
 

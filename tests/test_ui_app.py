@@ -343,3 +343,38 @@ def test_browser_system_tab(page, app):
     _screenshot(page, "ui-system.png")
     page.click("#system-unload")  # the first resident model is preselected
     expect(page.locator("#system-message")).to_contain_text(re.compile(r"Unloaded \S+: [\d.]+ MiB released"))
+
+
+def test_api_parameters_and_outputs_have_real_names_types_and_defaults(client):
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    params = {p["parameter_name"]: p for p in api["/generate_sdxl"]["parameters"]}
+    assert list(params) == ["model", "prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed",
+                            "num_images", "precision"]
+    assert {n: params[n]["python_type"]["type"] for n in ("width", "height", "steps", "seed", "num_images")} == \
+        dict.fromkeys(("width", "height", "steps", "seed", "num_images"), "int")
+    assert params["guidance"]["python_type"]["type"] == "float"
+    assert not params["prompt"]["parameter_has_default"]
+    assert all(params[n]["parameter_has_default"] for n in params if n != "prompt")
+    assert [r["label"] for r in api["/generate_sdxl"]["returns"]] == [
+        "Images", "PNG files (with generation settings in their metadata)", "Seed used", "Summary", "Details", "Status"]
+    assert api["/unload_model"]["parameters"][0]["python_type"]["type"] == "str"
+    assert not any(r["label"].startswith("value_") for ep in api.values() for r in ep["returns"])
+
+
+def test_api_sdxl_without_a_negative_prompt_by_keyword(client):
+    gallery, files, seed, summary, details, status = client.predict(
+        model="tiny-sdxl", prompt="a blue square", width=40, height=32, steps=1, seed=7, api_name="/generate_sdxl")
+    assert seed == 7 and details["negative_prompt"] == "" and Image.open(gallery[0]["image"]).size == (40, 32)
+
+
+def test_api_fractions_and_text_in_whole_number_fields_are_refused_not_rounded(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=r"Seed must be a whole number; got 1\.5\."):
+        client.predict(model="tiny-flux", prompt="a red circle", width=32, height=32, steps=1, seed=1.5,
+                       api_name="/generate_flux")
+    with pytest.raises(AppError, match=r"Steps must be a whole number; got 2\.5\."):
+        client.predict(model="tiny-flux", prompt="a red circle", width=32, height=32, steps=2.5,
+                       api_name="/generate_flux")
+    with pytest.raises(AppError, match=r"Unknown model|not loaded"):
+        client.predict(model="nothing-loaded", api_name="/unload_model")

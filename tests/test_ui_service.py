@@ -131,3 +131,26 @@ def test_progress_reads_as_a_sentence():
     assert text == "Building engine (1/4): transformer fp4" and fraction == 0.25
     assert progress_text(Progress("load", 0, 1, "loading x"), 0) == ("Loading x", None)
     assert fmt_bytes(3 * 2**30) == "3.00 GiB" and fmt_bytes(None) == "n/a"
+
+
+def test_an_unwritable_output_folder_is_one_sentence_without_the_server_path(service, tmp_path):
+    from ui.errors import OutputError, ui_error
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    broken = PrismService(service.manager, service.models, output_dir=blocked / "outputs")
+    req = service.build_request(Family.FLUX, "tiny-flux", "a cat", None, 32, 32, 1, 3.5, 9, 1, "bf16")
+    result = service.start_generate(req).result(timeout=120)
+    with pytest.raises(OutputError) as err:
+        broken.save_result(result)
+    message = ui_error(err.value, "generate_flux").message
+    assert "could not be saved on the server" in message and str(tmp_path) not in message
+
+
+def test_unexpected_failures_name_no_exception_class():
+    from pipelines.manager import InternalError
+    from ui.errors import UNEXPECTED, ui_error
+
+    assert ui_error(InternalError("Generation failed unexpectedly (TypeError: TextEncodeInput)"), "x").message == UNEXPECTED
+    assert ui_error(KeyError("/srv/secret/path"), "x").message == UNEXPECTED
+    assert ui_error(RequestError("steps must be between 1 and 50"), "x").message == "steps must be between 1 and 50"

@@ -31,12 +31,15 @@ class PrismBlocks(gr.Blocks):
     and what it takes (never Gradio's `{"error": null}` or a traceback in the log)."""
 
     def validate_inputs(self, block_fn: Any, inputs: list[Any]) -> None:
-        if len(inputs) < len(block_fn.inputs):
+        if len(inputs) != len(block_fn.inputs):
             names = parameter_names(block_fn)
             raise gr.Error(f"This call sent {len(inputs)} value{'s' if len(inputs) != 1 else ''}; "
-                           f"it takes {len(names)}: {', '.join(names)}.", print_exception=False)
+                           f"it takes at most {len(names)}: {', '.join(names)}.", print_exception=False)
 
     async def preprocess_data(self, block_fn: Any, inputs: list[Any], *args: Any, **kwargs: Any) -> Any:
+        # Values left off the end take their widgets' initial values, as gradio_client does for its callers, so
+        # a plain HTTP call may name just a model and a prompt.
+        inputs = [*inputs, *(getattr(b, "value", None) for b in block_fn.inputs[len(inputs):])]
         try:
             return await super().preprocess_data(block_fn, inputs, *args, **kwargs)
         except gr.Error as exc:

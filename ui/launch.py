@@ -5,9 +5,11 @@ The arguments are checked before anything heavy is imported, so a refused `--sha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -169,7 +171,10 @@ def start(opts: LaunchOptions, *, block: bool = True):
     from pipelines.loading import HubOptions
     from pipelines.manager import ManagerConfig, PipelineManager
 
+    from starlette.middleware import Middleware
+
     from .blocks import PRISM_CSS, create_demo
+    from .login_throttle import LoginThrottle
     from .service import PrismService, offered_models
 
     hub = HubOptions(offline=True if opts.offline else None)
@@ -184,7 +189,8 @@ def start(opts: LaunchOptions, *, block: bool = True):
             server_name=opts.host, server_port=opts.port, share=opts.share, auth=list(opts.auth) or None,
             auth_message="Prism: log in to use this GPU." if opts.auth else None, prevent_thread_lock=True,
             quiet=True, show_error=False, ssr_mode=False, allowed_paths=[str(service.output_dir)],
-            footer_links=["api", "settings"], css=PRISM_CSS, **opts.extra)
+            footer_links=["api", "settings"], css=PRISM_CSS, max_file_size=upload_cap_bytes(models),
+            app_kwargs={"middleware": [Middleware(LoginThrottle)]} if opts.auth else None, **opts.extra)
     except BaseException:
         manager.close()
         raise
@@ -197,7 +203,32 @@ def start(opts: LaunchOptions, *, block: bool = True):
     finally:
         demo.close()
         service.close()
+        remove_gradio_copies(demo)
     return demo, service
+
+
+def remove_gradio_copies(demo: Any) -> None:
+    """Delete the copies of our results that Gradio cached to serve them (its shutdown hook does not always
+    run), and the folders that held only them; other apps' files in Gradio's temporary folder stay."""
+    for files in demo.temp_file_sets:
+        for name in list(files):
+            path = Path(name)
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not empty: something else lives there
+                path.parent.rmdir()
+
+
+def upload_cap_bytes(models: Sequence[Any]) -> int:
+    """The largest upload accepted: the largest image any offered model takes, as an uncompressed 8-bit RGBA
+    PNG (the worst case for a real picture), plus 1 MiB for metadata. Anything bigger cannot be a valid input."""
+    side = max((c.spec.size.max_side for c in models), default=2048)
+    return side * side * 4 + 2**20
+
+
+def _stop_like_ctrl_c(signum: int, frame: Any) -> None:
+    # SIGTERM (docker stop, systemd, kill) takes Ctrl-C's path: the server closes, running jobs are
+    # cancelled at their next step, and temporary folders are removed, instead of dying on the spot.
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -210,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from pipelines.errors import user_message
 
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     try:
         start(opts)
     except KeyboardInterrupt:

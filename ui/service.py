@@ -25,6 +25,7 @@ from pipelines.registry import HUB_MODELS, Family, ModelSpec, UnknownModelError,
 from pipelines.request import GenerationRequest, GenerationResult, RequestError, resolve_request
 from pipelines.gpu import system_memory
 
+from .errors import OutputError
 from .formatting import progress_text
 
 log = logging.getLogger("prism.ui")
@@ -304,7 +305,17 @@ class PrismService:
         raise RequestError(f"Model {request.model!r} is not offered here.")
 
     def save_result(self, result: GenerationResult, folder: Path | None = None) -> list[Path]:
-        """PNG files with the A1111 `parameters` and Prism JSON chunks, one per image."""
+        """PNG files with the A1111 `parameters` and Prism JSON chunks, one per image. Raises OutputError
+        (whose message names no server path; the log line does) when they cannot be written."""
+        try:
+            return self._save_result(result, folder)
+        except OSError as exc:
+            log.warning("cannot write results to %s: %s", self.output_dir, exc)
+            reason = exc.strerror or "write failed"
+            raise OutputError(f"The images were made but could not be saved on the server ({reason.lower()}); "
+                              "tell whoever runs it to check the output folder.") from None
+
+    def _save_result(self, result: GenerationResult, folder: Path | None = None) -> list[Path]:
         folder = folder or self._new_batch_dir()
         choice = self.choice_for(result.request)
         scheduler = choice.spec.components.get("scheduler")
@@ -315,7 +326,12 @@ class PrismService:
                 for image, seed in zip(result.images, result.seeds)]
 
     def save_comparison(self, comparison: Comparison) -> dict[Precision, Path]:
-        folder = self._new_batch_dir()
+        try:
+            folder = self._new_batch_dir()
+        except OSError as exc:
+            log.warning("cannot write results to %s: %s", self.output_dir, exc)
+            raise OutputError("The images were made but could not be saved on the server; tell whoever runs it "
+                              "to check the output folder.") from None
         return {e.precision: self.save_result(e.result, folder)[0] for e in comparison.entries if e.result is not None}
 
     # ------------------------------------------------------------------ system
