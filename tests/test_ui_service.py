@@ -118,9 +118,9 @@ def test_precision_choices_tell_what_runs_on_this_gpu():
         labels = {p: precision_label(service.support(p)) for p in Precision}
     finally:
         manager.close()
-    assert labels[Precision.BF16] == "BF16 (native)"
+    assert labels[Precision.BF16] == "BF16"
     assert labels[Precision.FP8] == "FP8 (not available here)"
-    assert labels[Precision.FP4] == "FP4 (FP4 weights, 16-bit compute)"
+    assert labels[Precision.FP4] == "FP4 weights, 16-bit compute"
     assert "8.9" in service.support(Precision.FP8).reason
 
 
@@ -154,3 +154,32 @@ def test_unexpected_failures_name_no_exception_class():
     assert ui_error(InternalError("Generation failed unexpectedly (TypeError: TextEncodeInput)"), "x").message == UNEXPECTED
     assert ui_error(KeyError("/srv/secret/path"), "x").message == UNEXPECTED
     assert ui_error(RequestError("steps must be between 1 and 50"), "x").message == "steps must be between 1 and 50"
+
+
+def test_labels_say_each_fact_once():
+    from ui.errors import ui_error
+    from ui.formatting import short_dtype
+    from ui.system_tab import resident_rows, system_markdown
+
+    cpu = PipelineManager(ManagerConfig(device="cpu"))
+    try:
+        service = PrismService(cpu, [])
+        labels = {p: precision_label(service.support(p)) for p in Precision}
+    finally:
+        cpu.close()
+    assert labels[Precision.FP8] == "FP8 (CPU emulation)" and labels[Precision.BF16] == "BF16"
+    assert labels[Precision.FP4].count("FP4") == 1
+    assert short_dtype("bfloat16") == "bf16" and short_dtype("float16") == "fp16"
+    snap = {"device": {"device": "cpu", "name": "CPU", "compute_capability": "-", "unified_memory": False},
+            "resident": [{"model": "m", "component": "vae", "form": "bfloat16", "backend": "torch", "bytes": 2**20,
+                          "parked": False}]}
+    assert resident_rows(snap) == [["m", "vae", "bf16", "torch", "1.0 MiB", "system RAM"]]
+    note = "TensorRT is not installed."
+    text = system_markdown({**snap, "memory": {"used_bytes": 1, "total_bytes": 2, "kind": "system RAM"},
+                            "budget_bytes": 1, "resident_bytes": 0, "parked_bytes": 0, "resident_models": {},
+                            "jobs": {"running": None, "queued": 0},
+                            "backend": {"in_use": f"PyTorch. {note}", "tensorrt": note, "configured": "auto"},
+                            "engine_cache": {"entries": [], "total_bytes": 0, "dir": "/x"}})
+    assert text.count(note) == 1
+    assert ui_error(RequestError("start it with `--models` naming one"), "x").message == \
+        "start it with '--models' naming one"

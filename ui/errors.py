@@ -3,6 +3,7 @@ class names, no server paths), one line in the log for refused input, a tracebac
 from __future__ import annotations
 
 import logging
+import re
 
 import gradio as gr
 
@@ -32,8 +33,14 @@ def ui_error(exc: BaseException, where: str) -> gr.Error:
         if message is None:
             log.exception("%s failed", where)  # a bug: the log gets the traceback, the user a sentence
             return gr.Error(UNEXPECTED, title="Could not run", print_exception=False)
+    message = plain(message)
     log.warning("%s refused: %s", where, one_line(message))
     return gr.Error(message, title="Could not run", print_exception=False)
+
+
+def plain(message: str) -> str:
+    """Toasts show text as it is: Markdown code marks (`--models`) become quotes."""
+    return re.sub(r"`([^`]*)`", r"'\1'", message)
 
 
 def one_line(text: str) -> str:

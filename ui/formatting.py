@@ -11,6 +11,14 @@ from pipelines.request import GenerationResult
 from pipelines.run_context import Progress
 
 MiB, GiB = 2**20, 2**30
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float8_e4m3fn": "fp8"}  # one name per dtype
+
+
+def short_dtype(text: str) -> str:
+    """The names the precision choices use (bf16), for the torch dtype names components report (bfloat16)."""
+    for long, short in DTYPE_NAMES.items():
+        text = text.replace(long, short)
+    return text
 
 
 def fmt_bytes(n: int | None) -> str:
@@ -31,9 +39,9 @@ def precision_label(support: PrecisionSupport) -> str:
     """A dropdown label: the precision and, unless native, what really runs (or that it cannot)."""
     p = support.precision
     if support.level is SupportLevel.NATIVE:
-        return f"{p.label} (native)"
-    if support.level is SupportLevel.EMULATED:
-        return f"{p.label} ({support.runs_as})"
+        return p.label  # the line under the dropdown says where and how it runs
+    if support.level is SupportLevel.EMULATED:  # "FP8 (CPU emulation)", not "FP8 (FP8 (CPU emulation))"
+        return support.runs_as if support.runs_as.startswith(p.label) else f"{p.label} ({support.runs_as})"
     return f"{p.label} (not available here)"
 
 

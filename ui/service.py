@@ -186,7 +186,7 @@ class PrismService:
         (ungated first)."""
         offered = self.choices(family)
         if not offered:
-            return None, f"No {family.value.upper()} model is offered; start the app with `--models` naming one."
+            return None, f"No {family.value.upper()} model is offered; start the app with --models naming one."
         try:
             model_id, note = default_model(family, self.hub)
         except ModelAccessError:

@@ -5,7 +5,7 @@ from typing import Any
 
 import gradio as gr
 
-from .formatting import fmt_bytes
+from .formatting import fmt_bytes, short_dtype
 from .generate_tab import run_once
 from .inputs import FreeChoice
 from pipelines.request import RequestError
@@ -68,7 +68,9 @@ def system_markdown(snap: dict[str, Any]) -> str:
         f"**Jobs:** {'running ' + running['model'] + ' ' + running['precision'] if running else 'none running'}"
         f" · {snap['jobs']['queued']} waiting",
         "### Backend",
-        f"**In use:** {b['in_use']}", f"**TensorRT:** {b['tensorrt']}", f"**Requested:** `--backend {b['configured']}`",
+        f"**In use:** {b['in_use']}",
+        *([] if b["tensorrt"] in b["in_use"] else [f"**TensorRT:** {b['tensorrt']}"]),  # said once, not twice
+        f"**Requested:** `--backend {b['configured']}`",
         "### Resident models", resident,
         "### Engine cache",
         f"{len(snap['engine_cache']['entries'])} engine(s), {fmt_bytes(snap['engine_cache']['total_bytes'])} in "
@@ -78,8 +80,10 @@ def system_markdown(snap: dict[str, Any]) -> str:
 
 
 def resident_rows(snap: dict[str, Any]) -> list[list[str]]:
-    return [[r["model"], r["component"], r["form"], r["backend"], fmt_bytes(r["bytes"]),
-             "host RAM (parked)" if r["parked"] else "device"] for r in snap["resident"]]
+    on_gpu = snap["device"]["device"] != "cpu"
+    here = "GPU memory" if on_gpu else "system RAM"
+    return [[r["model"], r["component"], short_dtype(r["form"]), r["backend"], fmt_bytes(r["bytes"]),
+             "host RAM (parked)" if r["parked"] else here] for r in snap["resident"]]
 
 
 def cache_rows(snap: dict[str, Any]) -> list[list[str]]:
