@@ -112,9 +112,9 @@ def test_hostile_requests_get_one_line_answers_and_logins_are_throttled(tmp_path
         assert event == "error" and "10,000,000 characters long; the limit is 4,000 characters" in data
         # 14: text where a number goes, a fraction for a whole number, a lone surrogate, too few values.
         event, data = _call(url, "generate_flux", ["demo-flux", "a red circle", "abc"], cookies)
-        assert event == "error" and "Width must be a whole number; got 'abc'." in data
+        assert event == "error" and "width must be a whole number; got 'abc'." in data
         event, data = _call(url, "generate_flux", ["demo-flux", "a red circle", 64, 64, 20, 0, 1.5], cookies)
-        assert event == "error" and "Seed must be a whole number; got 1.5." in data
+        assert event == "error" and "seed must be a whole number; got 1.5." in data
         surrogate = b'{"data": ["demo-flux", "a \\ud800 circle", 64, 64, 1]}'
         event, data = _call(url, "generate_flux", surrogate, cookies)
         assert event == "error" and "invalid character at position 3" in data

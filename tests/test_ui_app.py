@@ -370,11 +370,65 @@ def test_api_sdxl_without_a_negative_prompt_by_keyword(client):
 def test_api_fractions_and_text_in_whole_number_fields_are_refused_not_rounded(client):
     from gradio_client.exceptions import AppError
 
-    with pytest.raises(AppError, match=r"Seed must be a whole number; got 1\.5\."):
+    with pytest.raises(AppError, match=r"seed must be a whole number; got 1\.5\."):
         client.predict(model="tiny-flux", prompt="a red circle", width=32, height=32, steps=1, seed=1.5,
                        api_name="/generate_flux")
-    with pytest.raises(AppError, match=r"Steps must be a whole number; got 2\.5\."):
+    with pytest.raises(AppError, match=r"steps must be a whole number; got 2\.5\."):
         client.predict(model="tiny-flux", prompt="a red circle", width=32, height=32, steps=2.5,
                        api_name="/generate_flux")
     with pytest.raises(AppError, match=r"Unknown model|not loaded"):
         client.predict(model="nothing-loaded", api_name="/unload_model")
+
+
+def test_browser_controls_and_status_stay_in_view_at_1280x720(page):
+    page.set_viewport_size({"width": 1280, "height": 720})
+    try:
+        for tab, prefix in (("Flux.1", "flux"), ("SDXL", "sdxl")):
+            _open_tab(page, tab)
+            page.evaluate("window.scrollTo(0, 0)")
+            for part in ("generate", "stop", "status"):
+                box = page.locator(f"#{prefix}-{part}").bounding_box()
+                assert box is not None and box["y"] + min(box["height"], 40) <= 720, (prefix, part, box)
+        page.screenshot(path=str(ARTIFACTS / "ui-sdxl-1280x720.png"))
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def test_browser_results_are_whole_and_sharp_and_examples_fill_the_prompt(page):
+    from playwright.sync_api import expect
+
+    _open_tab(page, "Flux.1")
+    page.locator("#flux-examples button").first.click()  # tiny-flux is no demo model: the Flux examples
+    expect(page.locator("#flux-prompt textarea")).to_have_value(re.compile("red fox"))
+    _fill_size(page, "flux", 32, 128, steps=1)  # tall and small: cropping or blurring would show
+    page.fill("#flux-seed input", "3")
+    page.click("#flux-generate")
+    expect(page.locator("#flux-status")).to_contain_text("Done: 1 image")
+    img = page.locator("#flux-gallery img").first
+    assert _image_size(page, "#flux-gallery img") == (32, 128)  # the file keeps its size
+    style = img.evaluate("el => [getComputedStyle(el).objectFit, getComputedStyle(el).imageRendering]")
+    assert style == ["contain", "pixelated"]
+    shown, box = img.bounding_box(), page.locator("#flux-gallery").bounding_box()
+    assert shown["height"] > 128 * 2  # enlarged for display
+    assert box["y"] <= shown["y"] and shown["y"] + shown["height"] <= box["y"] + box["height"] + 1  # not cut off
+    _screenshot(page, "ui-flux-tall.png")
+
+
+def test_browser_errors_clear_the_previous_result_and_empty_prompts_get_a_hint(page):
+    from playwright.sync_api import expect
+
+    _open_tab(page, "Flux.1")
+    page.fill("#flux-prompt textarea", "a red circle")
+    _fill_size(page, "flux", 32, 32, steps=1)
+    page.click("#flux-generate")
+    expect(page.locator("#flux-status")).to_contain_text("Done: 1 image")
+    expect(page.locator("#flux-gallery img")).to_have_count(1)
+    page.fill("#flux-steps input[type=number]", "2.5")  # the slider's number box takes a fraction
+    page.click("#flux-generate")
+    expect(page.locator("#flux-status")).to_contain_text("steps must be a whole number; got 2.5.")
+    expect(page.locator("#flux-gallery img")).to_have_count(0)  # the last picture is not taken for this run's
+    expect(page.locator("#flux-summary")).to_have_text("")
+    page.fill("#flux-steps input[type=number]", "1")
+    page.fill("#flux-prompt textarea", "  ")
+    page.click("#flux-generate")
+    expect(page.locator("#flux-status")).to_contain_text("Type a prompt first")

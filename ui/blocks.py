@@ -22,6 +22,10 @@ log = logging.getLogger("prism.ui")
 # image is a crisp picture, not a blurred or cropped one. Display only: the files keep their pixels.
 PRISM_CSS = """
 .prism-images img, .prism-compare img { image-rendering: pixelated; }
+/* Gradio draws each result in a square cell as wide as its column, taller than the box for two or fewer:
+   cells fill the box's height instead, so the whole picture is always in view. */
+.prism-images .grid-wrap .grid-container { height: 100%; }
+.prism-images .grid-wrap .thumbnail-item { aspect-ratio: auto; }
 .prism-status p { margin: 0.2em 0; }
 """
 

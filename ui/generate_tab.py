@@ -74,9 +74,6 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
             model_note = gr.Markdown(note, elem_id=f"{prefix}-model-note", elem_classes=["prism-note"])
             prompt = Prompt(label="Prompt", lines=2, max_lines=6, placeholder="What to draw",
                             elem_id=f"{prefix}-prompt")
-            examples = gr.Dataset(components=[prompt], label="Examples (click to use)",
-                                  samples=[[p] for p in example_prompts(spec)], elem_id=f"{prefix}-examples",
-                                  samples_per_page=6)
             negative = None
             if sdxl:
                 negative = Prompt("", label="Negative prompt", lines=1, max_lines=4, elem_id=f"{prefix}-negative",
@@ -86,6 +83,9 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
                 button = gr.Button("Generate", variant="primary", elem_id=f"{prefix}-generate", scale=3)
                 stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop", scale=1)
             status = gr.Markdown("", label="Status", elem_id=f"{prefix}-status", elem_classes=["prism-status"])
+            examples = gr.Dataset(components=[prompt], label="Examples (click to use)",
+                                  samples=[[p] for p in example_prompts(spec)], elem_id=f"{prefix}-examples",
+                                  samples_per_page=6)
             with gr.Row():
                 width = WholeNumber(spec.default_width if spec else None, precision=0, label="Width",
                                     info=size_info(spec) if spec else None, elem_id=f"{prefix}-width")
@@ -108,7 +108,7 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
             # contain, not cover: the whole picture is always visible; small ones are scaled up with
             # nearest-neighbour for display only (see PRISM_CSS); the PNG files keep their real size.
             gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id=f"{prefix}-gallery",
-                                 elem_classes=["prism-images"], object_fit="contain", height=440,
+                                 elem_classes=["prism-images"], object_fit="contain", height=440, rows=1,
                                  buttons=["download", "fullscreen"], interactive=False)
             # For the API (the summary shows seeds to people): Gradio draws an empty Number as 0, which would mislead.
             used_seed = gr.Number(None, label="Seed used", precision=0, interactive=False, visible="hidden",

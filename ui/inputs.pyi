@@ -52,13 +52,12 @@ def finite_number(label: str | None, payload: Any) -> float | None:
 from gradio.events import Dependency
 
 class WholeNumber(gr.Number):
-    """A number box for whole numbers (sizes, seeds); give it precision=0 so the API types it `integer`.
-    (No __init__ of its own: Gradio reads the constructor's signature to publish the initial value.)"""
+    """A number box for whole numbers (sizes, seeds); give it precision=0 so the API types it `integer`."""
 
     is_template = True  # drawn by the parent's front-end component
 
-    def preprocess(self, payload: Any) -> int | None:
-        return whole_number(self.label, payload)
+    def preprocess(self, payload: Any) -> Any:
+        return as_sent(payload)
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
@@ -69,10 +68,10 @@ class WholeNumber(gr.Number):
 class WholeSlider(gr.Slider):
     """A slider for whole numbers (steps, images); give it step=1, precision=0."""
 
-    is_template = True  # drawn by the parent's front-end component
+    is_template = True
 
-    def preprocess(self, payload: Any) -> int | None:
-        return whole_number(self.label, payload)
+    def preprocess(self, payload: Any) -> Any:
+        return as_sent(payload)
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
@@ -83,10 +82,10 @@ class WholeSlider(gr.Slider):
 class NumberSlider(gr.Slider):
     """A slider for a real number (guidance)."""
 
-    is_template = True  # drawn by the parent's front-end component
+    is_template = True
 
-    def preprocess(self, payload: Any) -> float | None:
-        return finite_number(self.label, payload)
+    def preprocess(self, payload: Any) -> Any:
+        return as_sent(payload)
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
@@ -97,12 +96,12 @@ class NumberSlider(gr.Slider):
 class Prompt(gr.Textbox):
     """A text box whose API value must be text (a number or list is refused, not turned into its repr)."""
 
-    is_template = True  # drawn by the parent's front-end component
+    is_template = True
 
     def preprocess(self, payload: Any) -> str | None:
         if payload is None or isinstance(payload, str):
             return payload
-        raise _refuse(self.label, "text", payload)
+        raise gr.Error(f"{self.label or 'This field'} must be text.", print_exception=False)
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
@@ -112,7 +111,7 @@ class FreeChoice(gr.Dropdown):
     """A dropdown whose choices change while the app runs (resident models): typed `str` in the API, since an
     empty `Literal[]` there would say nothing can be sent. The handler checks the name."""
 
-    is_template = True  # drawn by the parent's front-end component
+    is_template = True
 
     def api_info(self) -> dict[str, Any]:
         return {"type": "string"}
