@@ -325,6 +325,14 @@ def test_browser_compare_tab(page):
     assert _image_size(page, "#compare-heatmap-fp4 img") == (32, 32)
     assert page.locator("#compare-image-fp8 img").count() == 0
     expect(page.locator("#compare-figures-fp8")).to_contain_text("Not selected")
+    # the before/after slider holds the 16-bit and FP4 images; the heat maps have a visible scale
+    expect(page.locator("#compare-slider img")).to_have_count(2)
+    expect(page.locator("#compare-slider")).to_contain_text("Before / after: BF16 | FP4")
+    expect(page.locator("#compare-legend")).to_contain_text("0 (black) to 64/255 or more (pale yellow)")
+    assert _image_size(page, "#compare-legend img") == (256, 16)
+    shown = page.locator("#compare-image-fp4 img").bounding_box()
+    assert shown["width"] > 32 * 4  # enlarged for display, not a 32 px stamp in a big box
+    expect(page.locator("#compare-16bit-note")).to_contain_text("is BF16")  # what will run, for this model here
     _screenshot(page, "ui-compare.png")
 
 

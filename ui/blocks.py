@@ -26,6 +26,7 @@ PRISM_CSS = """
    cells fill the box's height instead, so the whole picture is always in view. */
 .prism-images .grid-wrap .grid-container { height: 100%; }
 .prism-images .grid-wrap .thumbnail-item { aspect-ratio: auto; }
+.prism-compare img { width: 100%; height: 100%; object-fit: contain; }
 .prism-status p { margin: 0.2em 0; }
 """
 
