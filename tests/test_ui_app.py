@@ -440,3 +440,24 @@ def test_browser_errors_clear_the_previous_result_and_empty_prompts_get_a_hint(p
     page.fill("#flux-prompt textarea", "  ")
     page.click("#flux-generate")
     expect(page.locator("#flux-status")).to_contain_text("Type a prompt first")
+
+
+def test_browser_a_second_user_sees_their_place_in_the_queue(page, app):
+    from playwright.sync_api import expect
+
+    from conftest import worker_held
+
+    service = app[1]
+    other = page.context.browser.new_context(viewport={"width": 1280, "height": 720})
+    second = other.new_page()
+    try:
+        second.goto(app[0], timeout=60_000)
+        second.fill("#flux-prompt textarea", "a red circle")
+        _fill_size(second, "flux", 32, 32, steps=1)
+        with worker_held(service.manager, service.choice("tiny-flux").model):
+            second.click("#flux-generate")
+            expect(second.locator("#flux-gallery")).to_contain_text("Queued: 1 job ahead of yours")
+            second.screenshot(path=str(ARTIFACTS / "ui-flux-queued.png"))
+        expect(second.locator("#flux-status")).to_contain_text("Done: 1 image")
+    finally:
+        other.close()

@@ -103,8 +103,8 @@ def test_stop_cancels_the_sessions_job_and_a_running_model_stays_loaded(service)
         with pytest.raises(RequestError, match="A job is running"):
             service.unload(None)
         assert service.unload("tiny-sdxl") >= 0
-        assert not service.cancel_session("browser-2")
-        assert service.cancel_session("browser-1")
+        assert service.cancel_session("browser-2") is None
+        assert service.cancel_session("browser-1") == "queue"  # waiting behind the held job
     with pytest.raises(Exception, match="cancelled"):
         task.result(timeout=60)
 
@@ -125,11 +125,21 @@ def test_precision_choices_tell_what_runs_on_this_gpu():
 
 
 def test_progress_reads_as_a_sentence():
-    assert progress_text(Progress("queue", 0, 1), 2) == ("Queued: 2 jobs ahead of yours", None)
+    assert progress_text(Progress("queue", 0, 1), 2) == ("Queued: 2 jobs ahead of yours", 0.0)
     assert progress_text(Progress("denoise", 3, 4), 0, "FP8 (2/3)") == ("FP8 (2/3): Denoising: step 3/4", 0.75)
     text, fraction = progress_text(Progress("build", 1, 4, "transformer fp4"), 0)
+    assert progress_text(Progress("build", 0, 1), 0)[1] == 0.0
     assert text == "Building engine (1/4): transformer fp4" and fraction == 0.25
-    assert progress_text(Progress("load", 0, 1, "loading x"), 0) == ("Loading x", None)
+    assert progress_text(Progress("load", 0, 1, "loading x"), 0) == ("Loading x", 0.0)
+    assert progress_text(Progress("vae", 0, 1, "decoding"), 0) == ("Decoding the image (VAE)", 1.0)  # bar stays
+    assert progress_text(Progress("text", 0, 1), 0) == ("Encoding the prompt", 0.0)
+
+
+def test_stop_says_what_it_did():
+    from ui.generate_tab import stop_message
+
+    assert stop_message(None) == "Nothing to stop." and stop_message("denoise") == "Stopped."
+    assert "will finish loading first" in stop_message("load") and "will finish loading first" in stop_message("build")
     assert fmt_bytes(3 * 2**30) == "3.00 GiB" and fmt_bytes(None) == "n/a"
 
 

@@ -14,7 +14,8 @@ from pipelines.registry import Family
 from pipelines.request import GenerationRequest, RequestError
 
 from .formatting import comparison_markdown, compare_figures, fmt_ms, precision_info
-from .generate_tab import GPU_CONCURRENCY_ID, session_of, error_status, run_once, run_with_errors, size_info
+from .generate_tab import (GPU_CONCURRENCY_ID, error_status, run_once, run_with_errors, session_of, size_info,
+                           stop_message)
 from .inputs import NumberSlider, Prompt, WholeNumber, WholeSlider
 from .service import PrismService
 
@@ -170,7 +171,7 @@ def build_compare_tab(service: PrismService) -> None:
                show_progress="hidden")
 
     def stop_job(request: gr.Request = None):
-        return error_status("Stopped." if service.cancel_session(session_of(request)) else "Nothing to stop.")
+        return error_status(stop_message(service.cancel_session(session_of(request))))
 
     stop.click(stop_job, None, status, cancels=[event], api_visibility="private", concurrency_limit=None,
                show_progress="hidden")

@@ -49,22 +49,26 @@ def precision_info(support: PrecisionSupport) -> str:
     return f"**{support.precision.label}:** {support.reason}"
 
 
-def progress_text(progress: Progress | None, ahead: int, label: str = "") -> tuple[str, float | None]:
-    """(what is happening, fraction done or None) for a job's latest progress report."""
+def progress_text(progress: Progress | None, ahead: int, label: str = "") -> tuple[str, float]:
+    """(what is happening, fraction done) for a job's latest progress report. The fraction is never None:
+    the browser shows a progress text only beside a bar, so waiting and loading get an empty bar (0.0)."""
     prefix = f"{label}: " if label else ""
     if ahead > 0:
-        return f"{prefix}Queued: {ahead} job{'s' if ahead != 1 else ''} ahead of yours", None
+        return f"{prefix}Queued: {ahead} job{'s' if ahead != 1 else ''} ahead of yours", 0.0
     if progress is None or progress.stage == "queue":
-        return f"{prefix}Starting", None
+        return f"{prefix}Starting", 0.0
     if progress.stage == "denoise":
         return f"{prefix}Denoising: step {progress.done}/{progress.total}", progress.fraction
     if progress.stage == "build":
         counts = f" ({progress.done}/{progress.total})" if progress.total > 1 else ""
         return f"{prefix}Building engine{counts}: {progress.message or 'first use of this size and precision'}", \
-            (progress.fraction if progress.total > 1 else None)
-    text = progress.message or {"text": "Encoding the prompt", "vae": "Decoding", "load": "Loading"}.get(
-        progress.stage, progress.stage)
-    fraction = progress.fraction if progress.total > 1 else None  # "1 of 1" says nothing about progress
+            (progress.fraction if progress.total > 1 else 0.0)
+    if progress.stage == "vae":  # after the last step: a full bar, so the bar does not vanish while decoding
+        return f"{prefix}Decoding the image (VAE)", 1.0
+    if progress.stage == "text":
+        return f"{prefix}Encoding the prompt", 0.0
+    text = progress.message or {"load": "Loading"}.get(progress.stage, progress.stage)
+    fraction = progress.fraction if progress.total > 1 else 0.0  # "1 of 1" says nothing about progress
     return prefix + text[:1].upper() + text[1:], fraction
 
 

@@ -192,11 +192,20 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
                 concurrency_limit=None, show_progress="hidden")
 
     def stop_job(request: gr.Request = None):
-        stopped = service.cancel_session(session_of(request))
-        return error_status("Stopped." if stopped else "Nothing to stop.")
+        return error_status(stop_message(service.cancel_session(session_of(request))))
 
     stop.click(stop_job, None, status, cancels=[event], api_visibility="private", concurrency_limit=None,
                show_progress="hidden")
+
+
+def stop_message(stage: str | None) -> str:
+    """What Stop did, given the stage the job was in (None: nothing was running)."""
+    if stage is None:
+        return "Nothing to stop."
+    if stage in ("load", "build"):  # a load or engine build runs to its end; the job stops right after it
+        return ("Stopping: the model is still loading and will finish loading first (it stays loaded for the next "
+                "job); then the job stops.")
+    return "Stopped."
 
 
 def session_of(request: gr.Request | None) -> str | None:

@@ -112,13 +112,13 @@ class Task:
     def finished(self) -> bool:
         return self._finished.is_set()
 
-    def view(self) -> tuple[str, float | None]:
+    def view(self) -> tuple[str, float]:
         job = self.job
         if job is None:
             return progress_text(None, 0, self.label)
         return progress_text(job.progress, self._manager.queue_position(job), self.label)
 
-    def views(self, poll_s: float = 0.2) -> Iterator[tuple[str, float | None]]:
+    def views(self, poll_s: float = 0.2) -> Iterator[tuple[str, float]]:
         """Each change of (text, fraction) until the work is finished."""
         last = None
         while not self._finished.is_set():
@@ -266,14 +266,16 @@ class PrismService:
                 self._sessions[session] = task
         return task
 
-    def cancel_session(self, session: str | None) -> bool:
-        """Cancel the session's unfinished task; True if there was one."""
+    def cancel_session(self, session: str | None) -> str | None:
+        """Cancel the session's unfinished task; the stage its job was in ("queue" before it has one), or None
+        when there was nothing to cancel."""
         with self._sessions_lock:
             task = self._sessions.get(session) if session else None
         if task is None or task.finished:
-            return False
+            return None
+        progress = task.job.progress if task.job is not None else None
         task.cancel()
-        return True
+        return progress.stage if progress is not None else "queue"
 
     def start_compare(self, request: GenerationRequest, precisions: Sequence[str], session: str | None = None) -> Task:
         def work(task: Task) -> Comparison:
