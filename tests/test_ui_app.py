@@ -461,3 +461,34 @@ def test_browser_a_second_user_sees_their_place_in_the_queue(page, app):
         expect(second.locator("#flux-status")).to_contain_text("Done: 1 image")
     finally:
         other.close()
+
+
+def test_browser_history_keeps_every_result_and_puts_settings_back(page):
+    from playwright.sync_api import expect
+
+    _open_tab(page, "SDXL")
+    thumbs = page.locator("#sdxl-history img")
+    before = thumbs.count()
+    page.fill("#sdxl-prompt textarea", "a green star")
+    page.fill("#sdxl-negative textarea", "")
+    _fill_size(page, "sdxl", 48, 32, steps=2)
+    page.fill("#sdxl-seed input", "11")
+    page.click("#sdxl-generate")
+    expect(page.locator("#sdxl-status")).to_contain_text("Done: 1 image")
+    page.fill("#sdxl-prompt textarea", "a purple circle")
+    _fill_size(page, "sdxl", 32, 40, steps=1)
+    page.fill("#sdxl-seed input", "12")
+    page.click("#sdxl-generate")
+    expect(page.locator("#sdxl-status")).to_contain_text("Done: 1 image")
+    expect(thumbs).to_have_count(before + 2)  # both runs are kept, newest first
+    thumbs.nth(1).click()  # the earlier run
+    expect(page.locator("#sdxl-history-picked")).to_contain_text("seed 11, 48x32, 2 steps")
+    page.click("#sdxl-history-settings")
+    expect(page.locator("#sdxl-prompt textarea")).to_have_value("a green star")
+    expect(page.locator("#sdxl-width input")).to_have_value("48")
+    expect(page.locator("#sdxl-steps input[type=number]")).to_have_value("2")
+    expect(page.locator("#sdxl-seed input")).to_have_value("11")
+    page.fill("#sdxl-seed input", "-1")
+    page.click("#sdxl-history-seed")
+    expect(page.locator("#sdxl-seed input")).to_have_value("11")
+    _screenshot(page, "ui-sdxl-history.png")

@@ -193,3 +193,21 @@ def test_labels_say_each_fact_once():
     assert text.count(note) == 1
     assert ui_error(RequestError("start it with `--models` naming one"), "x").message == \
         "start it with '--models' naming one"
+
+
+def test_outputs_folder_is_capped_by_size_and_keeps_foreign_folders(tmp_path):
+    from ui.history import HistoryItem, add_results, prune_outputs
+
+    for i in range(4):
+        batch = tmp_path / f"2026120{i}-120000-0000000{i}"
+        batch.mkdir()
+        (batch / "a.png").write_bytes(b"x" * 1000)
+    (tmp_path / "my-photos").mkdir()
+    (tmp_path / "my-photos" / "p.png").write_bytes(b"y" * 5000)
+    removed = prune_outputs(tmp_path, max_bytes=2500)
+    assert [p.name for p in removed] == ["20261200-120000-00000000", "20261201-120000-00000001"]
+    assert (tmp_path / "my-photos" / "p.png").exists()
+    history = add_results([], ["/o/1.png", "/o/2.png"], {"seeds": [5, 6], "prompt": "a cat", "timings": {}})
+    assert [h.seed for h in history] == [6, 5] and history[0].settings == {"seeds": [5, 6], "prompt": "a cat"}
+    assert add_results(history, None, None) == history
+    assert isinstance(history[0], HistoryItem) and history[0].image_for_input == "/o/2.png"

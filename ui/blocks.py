@@ -21,7 +21,7 @@ log = logging.getLogger("prism.ui")
 # Results are shown whole (contain) and small ones are enlarged with nearest-neighbour, so a 32x128 demo
 # image is a crisp picture, not a blurred or cropped one. Display only: the files keep their pixels.
 PRISM_CSS = """
-.prism-images img, .prism-compare img { image-rendering: pixelated; }
+.prism-images img, .prism-compare img, .prism-history img { image-rendering: pixelated; }
 /* Gradio draws each result in a square cell as wide as its column, taller than the box for two or fewer:
    cells fill the box's height instead, so the whole picture is always in view. */
 .prism-images .grid-wrap .grid-container { height: 100%; }

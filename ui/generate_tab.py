@@ -14,6 +14,7 @@ from pipelines.registry import Family, ModelSpec
 
 from .errors import ui_error
 from .examples import empty_prompt_hint, example_prompts
+from .history import add_results, gallery_value
 from .formatting import fmt_ms, precision_info, precision_label, result_details, result_markdown
 from .inputs import NumberSlider, Prompt, WholeNumber, WholeSlider
 from .service import PRECISION_ORDER, ModelChoice, PrismService
@@ -118,6 +119,17 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
                             interactive=False, elem_id=f"{prefix}-files")
             with gr.Accordion("Details (JSON)", open=False):
                 details = gr.JSON(label="Details", elem_id=f"{prefix}-details")
+    with gr.Accordion("History of this session (click an image, then reuse its settings or seed)", open=True):
+        history_gallery = gr.Gallery(label="History", columns=8, height=200, object_fit="contain", format="png",
+                                     elem_id=f"{prefix}-history", elem_classes=["prism-history"],
+                                     buttons=["download", "fullscreen"], interactive=False)
+        with gr.Row():
+            reuse_settings = gr.Button("Reuse settings", size="sm", elem_id=f"{prefix}-history-settings")
+            reuse_history_seed = gr.Button("Reuse seed", size="sm", elem_id=f"{prefix}-history-seed")
+            picked_note = gr.Markdown("Nothing picked yet.", elem_id=f"{prefix}-history-picked")
+    history = gr.State([])  # HistoryItems, newest first (one list per browser session)
+    # The picked HistoryItem; an image-to-image input reads its `image_for_input` ("use as input").
+    picked = gr.State(None)
 
     def on_model(name: str):
         c: ModelChoice = service.choice(name, family)
@@ -190,6 +202,35 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
 
     reuse.click(lambda last: -1 if last is None else last, used_seed, seed, api_visibility="private",
                 concurrency_limit=None, show_progress="hidden")
+
+    def remember(past, new_files, new_details):
+        items = add_results(past, new_files, new_details)
+        return items, gallery_value(items)
+
+    def pick(past, evt: gr.SelectData):
+        item = past[evt.index] if past and 0 <= evt.index < len(past) else None
+        return item, (f"Picked: seed {item.seed}, {item.settings.get('width')}x{item.settings.get('height')}, "
+                      f"{item.settings.get('steps')} steps" if item else "Nothing picked yet.")
+
+    def settings_of(item):
+        if item is None:
+            raise gr.Error("Click an image in the history first.", print_exception=False)
+        s = item.settings
+        values = [s.get("model"), s.get("prompt", "")] + ([s.get("negative_prompt", "")] if sdxl else []) + \
+            [s.get("width"), s.get("height"), s.get("steps"), s.get("guidance"), item.seed, s.get("num_images", 1),
+             s.get("precision")]
+        return values
+
+    def seed_of(item):
+        if item is None:
+            raise gr.Error("Click an image in the history first.", print_exception=False)
+        return item.seed
+
+    quiet = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
+    event.success(remember, [history, files, details], [history, history_gallery], **quiet)
+    history_gallery.select(pick, history, [picked, picked_note], **quiet)
+    reuse_settings.click(settings_of, picked, inputs, **quiet)
+    reuse_history_seed.click(seed_of, picked, seed, **quiet)
 
     def stop_job(request: gr.Request = None):
         return error_status(stop_message(service.cancel_session(session_of(request))))

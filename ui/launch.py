@@ -41,7 +41,8 @@ class LaunchOptions:
     compile: bool = False
     random_weights: bool = False
     verbose: bool = False
-    output_dir: Path | None = None
+    output_dir: Path | None = None  # None: a temporary folder, removed at exit
+    outputs_max_bytes: int = 2 * 1000**3
     extra: dict[str, Any] = field(default_factory=dict)  # passed to gr.Blocks.launch (tests)
 
 
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true",
                    help="Hub models get their exact architecture with random weights (try the app on a GPU without "
                         "downloading; pictures are noise)")
+    p.add_argument("--output-dir", default=None, metavar="FOLDER",
+                   help="keep every result here as PNGs with their settings (default: a temporary folder, removed "
+                        "at exit)")
+    p.add_argument("--outputs-max-size", default="2GB", metavar="SIZE",
+                   help="size cap of the output folder, e.g. 2GB or 500MB; the oldest results are deleted beyond it")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -108,9 +114,29 @@ def options_from_args(argv: Sequence[str] | None = None) -> LaunchOptions:
     if args.max_queue < 0:
         raise LaunchError("--max-queue must be 0 or more.")
     return LaunchOptions(host=args.host, port=args.port, share=args.share, auth=tuple(logins),
+                         output_dir=Path(args.output_dir).expanduser() if args.output_dir else None,
+                         outputs_max_bytes=parse_size("--outputs-max-size", args.outputs_max_size),
                          memory_budget=args.memory_budget, backend=args.backend, models=tuple(args.models or ()),
                          device=args.device, offline=args.offline, max_queue=args.max_queue, compile=args.compile,
                          random_weights=args.random_weights, verbose=args.verbose)
+
+
+SIZE_UNITS = {"TB": 1000**4, "GB": 1000**3, "MB": 1000**2, "TIB": 1024**4, "GIB": 1024**3, "MIB": 1024**2}
+
+
+def parse_size(flag: str, text: str) -> int:
+    """'2GB', '500MB', '1.5GiB' -> bytes (a size on disk; no fractions of anything)."""
+    raw = text.strip().upper().replace(" ", "")
+    for unit, size in SIZE_UNITS.items():
+        if raw.endswith(unit):
+            try:
+                value = float(raw[:-len(unit)])
+            except ValueError:
+                break
+            if value > 0:
+                return int(value * size)
+            break
+    raise LaunchError(f"{flag}: write a size such as 2GB or 500MB; got {text!r}.")
 
 
 def lan_address() -> str | None:
@@ -183,7 +209,8 @@ def start(opts: LaunchOptions, *, block: bool = True):
                                             memory_budget=opts.memory_budget, hub=hub, max_queue=opts.max_queue,
                                             compile=opts.compile, random_weights=opts.random_weights))
     try:
-        service = PrismService(manager, models, output_dir=opts.output_dir, hub=hub)
+        service = PrismService(manager, models, output_dir=opts.output_dir, hub=hub,
+                               outputs_max_bytes=opts.outputs_max_bytes)
         demo = create_demo(service)
         _, _, share_url = demo.launch(
             server_name=opts.host, server_port=opts.port, share=opts.share, auth=list(opts.auth) or None,

@@ -27,11 +27,11 @@ from pipelines.gpu import system_memory
 
 from .errors import OutputError
 from .formatting import progress_text
+from .history import DEFAULT_OUTPUTS_MAX_BYTES, prune_outputs
 
 log = logging.getLogger("prism.ui")
 
 PRECISION_ORDER = (Precision.BF16, Precision.FP16, Precision.FP8, Precision.FP4)
-KEEP_OUTPUT_BATCHES = 64  # PNG folders kept in the output dir; older ones are deleted as new ones come
 
 
 @dataclass(frozen=True)
@@ -145,10 +145,11 @@ class PrismService:
     """What the UI may do: list models and their defaults, generate, compare, report and unload."""
 
     def __init__(self, manager: Any, models: Sequence[ModelChoice] | None = None, output_dir: Path | None = None,
-                 hub: HubOptions = HubOptions()):
+                 hub: HubOptions = HubOptions(), outputs_max_bytes: int = DEFAULT_OUTPUTS_MAX_BYTES):
         self.manager = manager
         self.models = tuple(models) if models is not None else offered_models()
         self.hub = hub
+        self.outputs_max_bytes = outputs_max_bytes  # the outputs folder's size cap; oldest batches go first
         self._own_output_dir = output_dir is None  # a temporary folder of ours, removed by `close`
         self.output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="prism-outputs-"))
         self._by_name = {c.name: c for c in self.models}
@@ -292,9 +293,7 @@ class PrismService:
     def _new_batch_dir(self) -> Path:
         with self._save_lock:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            batches = sorted((p for p in self.output_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-            for old in batches[:max(0, len(batches) - KEEP_OUTPUT_BATCHES + 1)]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_outputs(self.output_dir, self.outputs_max_bytes)
             folder = self.output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
             folder.mkdir()
             return folder
