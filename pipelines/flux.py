@@ -15,6 +15,7 @@ from .request import GenerationRequest
 from .run_context import Parts, RunContext, Stopwatch
 from .sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noise, stage_timings, tokenize,
                        truncation_warning)
+from .schedulers import make_scheduler
 
 # Top-level transformer modules kept in 16 bits at FP8/FP4: the embedders and the final projection,
 # the layers the TensorRT demo and ModelOpt's Flux recipe also leave unquantized.
@@ -78,7 +79,7 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     channels = spec.components["transformer"].config["in_channels"] // 4
     noise, _ = seeded_noise(seeds, (channels, h, w), device, dtype)
     latents = pack(noise)
-    scheduler = type(parts.get("scheduler")).from_config(parts.get("scheduler").config)  # fresh state per job
+    scheduler = make_scheduler(parts.get("scheduler"), spec.family, req.sampler)  # fresh state per job
     cfg = scheduler.config
     mu = calculate_shift(latents.shape[1], cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                          cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))

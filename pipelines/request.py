@@ -13,6 +13,7 @@ from PIL import Image
 
 from .precision import Backend, Capability, Precision, precision_support
 from .registry import ModelSpec
+from .schedulers import find_sampler
 
 MAX_SEED = 2**32 - 1  # A1111 / ComfyUI convention; seeds round-trip through their UIs
 # Prompt caps, checked before any work: T5 reads at most 512 tokens (about 2,000 characters of English), so
@@ -39,6 +40,7 @@ class GenerationRequest:
     seed: int | None = None  # None or -1: a random seed, reported back
     num_images: int = 1
     backend: str = "auto"  # auto | torch | tensorrt
+    sampler: str = ""  # a name from pipelines.schedulers ("DPM++ 2M Karras"); empty: the model's own scheduler
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -125,6 +127,15 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
         raise RequestError(f"A negative prompt only acts when guidance is above 1 (it is {guidance:g}); "
                            "raise guidance or clear the negative prompt.")
 
+    sampler = (req.sampler or "").strip() if isinstance(req.sampler, str) or req.sampler is None else req.sampler
+    if not isinstance(sampler, str):
+        raise RequestError(f"sampler must be a name; got {sampler!r}.")
+    if sampler:
+        try:
+            find_sampler(spec.family, sampler)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+
     support = precision_support(precision, capability, backend)
     if not support.runnable:
         raise RequestError(f"{precision.value} cannot run here: {support.reason}")
@@ -138,7 +149,7 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
             raise RequestError(f"seed must be between 0 and {MAX_SEED - num_images + 1} (or -1 for random); got {seed}.")
 
     return replace(req, precision=precision, negative_prompt=negative, width=width, height=height,
-                   steps=steps, guidance=guidance, seed=seed, num_images=num_images)
+                   steps=steps, guidance=guidance, seed=seed, num_images=num_images, sampler=sampler)
 
 
 def check_prompt(name: str, text: Any) -> None:

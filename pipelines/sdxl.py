@@ -14,6 +14,7 @@ from .request import GenerationRequest
 from .run_context import Parts, RunContext, Stopwatch
 from .sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noise, stage_timings, tokenize,
                        truncation_warning)
+from .schedulers import make_scheduler
 
 # Top-level UNet modules kept in 16 bits at FP8/FP4: the timestep and size embeddings (convolutions are
 # never quantized by the PyTorch backend).
@@ -65,7 +66,7 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     scale = vae_scale_factor(spec)
     channels = spec.components["unet"].config["in_channels"]
     noise, generators = seeded_noise(seeds, (channels, req.height // scale, req.width // scale), device, dtype)
-    scheduler = type(parts.get("scheduler")).from_config(parts.get("scheduler").config)  # fresh state per job
+    scheduler = make_scheduler(parts.get("scheduler"), spec.family, req.sampler)  # fresh state per job
     scheduler.set_timesteps(req.steps, device=device)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)

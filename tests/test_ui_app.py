@@ -357,7 +357,7 @@ def test_api_parameters_and_outputs_have_real_names_types_and_defaults(client):
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     params = {p["parameter_name"]: p for p in api["/generate_sdxl"]["parameters"]}
     assert list(params) == ["model", "prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed",
-                            "num_images", "precision"]
+                            "num_images", "precision", "sampler"]
     assert {n: params[n]["python_type"]["type"] for n in ("width", "height", "steps", "seed", "num_images")} == \
         dict.fromkeys(("width", "height", "steps", "seed", "num_images"), "int")
     assert params["guidance"]["python_type"]["type"] == "float"
@@ -492,3 +492,11 @@ def test_browser_history_keeps_every_result_and_puts_settings_back(page):
     page.click("#sdxl-history-seed")
     expect(page.locator("#sdxl-seed input")).to_have_value("11")
     _screenshot(page, "ui-sdxl-history.png")
+
+
+def test_api_sampler_choice_is_recorded_in_the_png(client):
+    gallery, files, seed, summary, details, status = client.predict(
+        model="tiny-sdxl", prompt="a blue square", width=32, height=32, steps=2, seed=5, sampler="DPM++ 2M Karras",
+        api_name="/generate_sdxl")
+    assert details["sampler"] == "DPM++ 2M Karras"
+    assert "Sampler: DPM++ 2M Karras" in _png_settings(files[0])["parameters"]

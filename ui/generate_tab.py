@@ -11,6 +11,7 @@ import time
 import gradio as gr
 
 from pipelines.registry import Family, ModelSpec
+from pipelines.schedulers import recorded_name, sampler_names
 
 from .errors import ui_error
 from .examples import empty_prompt_hint, example_prompts
@@ -104,7 +105,11 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
                 num_images = WholeSlider(1, spec.max_images if spec else 8, 1, step=1, precision=0,
                                          label="Number of images",
                                          elem_id=f"{prefix}-num-images")
-            precision, _ = precision_dropdown(service, f"{prefix}-precision")
+            with gr.Row():
+                with gr.Column(min_width=200):
+                    precision, _ = precision_dropdown(service, f"{prefix}-precision")
+                sampler = gr.Dropdown(sampler_choices(spec, family), value="", label="Sampler",
+                                      info="recorded in each PNG as A1111 does", elem_id=f"{prefix}-sampler")
         with gr.Column(scale=3):
             # contain, not cover: the whole picture is always visible; small ones are scaled up with
             # nearest-neighbour for display only (see PRISM_CSS); the PNG files keep their real size.
@@ -138,7 +143,8 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
                    gr.update(value=s.default_height, info=size_info(s)),
                    gr.update(maximum=s.max_steps, value=s.default_steps),
                    gr.update(maximum=s.max_guidance, value=s.default_guidance),
-                   gr.update(maximum=s.max_images, value=1), gr.update(samples=[[p] for p in example_prompts(s)])]
+                   gr.update(maximum=s.max_images, value=1), gr.update(samples=[[p] for p in example_prompts(s)]),
+                   gr.update(choices=sampler_choices(s, family), value="")]
         if sdxl:
             negative_update = dict(interactive=s.supports_negative_prompt, placeholder=_negative_placeholder(s))
             if not s.supports_negative_prompt:
@@ -147,7 +153,7 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
         return updates
 
     model.input(run_once(on_model), model,
-                [model_note, width, height, steps, guidance, num_images, examples] + ([negative] if sdxl else []),
+                [model_note, width, height, steps, guidance, num_images, examples, sampler] + ([negative] if sdxl else []),
                 api_visibility="undocumented", concurrency_limit=None, show_progress="hidden")
     examples.click(lambda sample: sample[0], examples, prompt, api_visibility="private", concurrency_limit=None,
                    show_progress="hidden")
@@ -155,10 +161,12 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
     outputs = [gallery, files, used_seed, summary, details, status]
     cleared = (None, None, None, "", None)  # after an error no earlier result stays on show as if it were new
 
-    def run(session: str | None, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p, progress):
+    def run(session: str | None, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p, sampler_name,
+            progress):
         if not (prompt_text or "").strip():
             raise gr.Error(empty_prompt_hint(service.choice(model_name, family).spec), print_exception=False)
-        request = service.build_request(family, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p)
+        request = service.build_request(family, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p,
+                                        sampler_name)
         name = service.choice_for(request).name
         started = time.perf_counter()
         task = service.start_generate(request, session=session)
@@ -181,20 +189,21 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
     if sdxl:
         @run_with_errors(len(outputs), cleared)
         def generate_sdxl(model, prompt, negative_prompt="", width=None, height=None, steps=None, guidance=None,
-                          seed=-1, num_images=1, precision=None, request: gr.Request = None, progress=gr.Progress()):
+                          seed=-1, num_images=1, precision=None, sampler="", request: gr.Request = None,
+                          progress=gr.Progress()):
             yield from run(session_of(request), model, prompt, negative_prompt, width, height, steps, guidance, seed,
-                           num_images, precision, progress)
+                           num_images, precision, sampler, progress)
         generate = generate_sdxl
     else:
         @run_with_errors(len(outputs), cleared)
         def generate_flux(model, prompt, width=None, height=None, steps=None, guidance=None, seed=-1, num_images=1,
-                          precision=None, request: gr.Request = None, progress=gr.Progress()):
+                          precision=None, sampler="", request: gr.Request = None, progress=gr.Progress()):
             yield from run(session_of(request), model, prompt, "", width, height, steps, guidance, seed, num_images,
-                           precision, progress)
+                           precision, sampler, progress)
         generate = generate_flux
 
     inputs = [model, prompt] + ([negative] if sdxl else []) + [width, height, steps, guidance, seed, num_images,
-                                                                precision]
+                                                                precision, sampler]
     # The last run's status line goes at once, in the browser, so a stale "Done" or error never describes this run.
     event = button.click(None, None, status, js="() => ''", queue=False).then(
         generate, inputs, outputs, api_name=f"generate_{prefix}", concurrency_id=GPU_CONCURRENCY_ID,
@@ -218,7 +227,7 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
         s = item.settings
         values = [s.get("model"), s.get("prompt", "")] + ([s.get("negative_prompt", "")] if sdxl else []) + \
             [s.get("width"), s.get("height"), s.get("steps"), s.get("guidance"), item.seed, s.get("num_images", 1),
-             s.get("precision")]
+             s.get("precision"), s.get("sampler", "")]
         return values
 
     def seed_of(item):
@@ -247,6 +256,13 @@ def stop_message(stage: str | None) -> str:
         return ("Stopping: the model is still loading and will finish loading first (it stays loaded for the next "
                 "job); then the job stops.")
     return "Stopped."
+
+
+def sampler_choices(spec: ModelSpec | None, family: Family) -> list[tuple[str, str]]:
+    """The model's own scheduler first (by its A1111 name), then every sampler of the family."""
+    own = spec.components.get("scheduler") if spec else None
+    default = recorded_name("", own.class_name if own else "")
+    return [(f"Model default ({default})", "")] + [(name, name) for name in sampler_names(family)]
 
 
 def session_of(request: gr.Request | None) -> str | None:

@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator, Sequence
 from pipelines.backends import choose_backend
 from pipelines.compare import Comparison, run_comparison
 from pipelines.loading import HubOptions, ModelAccessError, default_model, is_available_locally
-from pipelines.pngmeta import SAMPLER_NAMES, save_png
+from pipelines.pngmeta import save_png
+from pipelines.schedulers import recorded_name
 from pipelines.precision import Backend, Precision, PrecisionSupport, precision_support
 from pipelines.registry import HUB_MODELS, Family, ModelSpec, UnknownModelError, demo_specs, read_local_spec
 from pipelines.request import GenerationRequest, GenerationResult, RequestError, resolve_request
@@ -230,7 +231,7 @@ class PrismService:
 
     def build_request(self, family: Family | None, model: str, prompt: str, negative_prompt: str | None,
                       width: Any, height: Any, steps: Any, guidance: Any, seed: Any, num_images: Any,
-                      precision: str) -> GenerationRequest:
+                      precision: str, sampler: str | None = "") -> GenerationRequest:
         """A request from widget values (None or -1 seed: random; empty size/steps/guidance: the model's default)."""
         choice = self.choice(model, family)
         seed = None if seed in (None, "", -1, -1.0) else seed
@@ -238,7 +239,7 @@ class PrismService:
             prompt=prompt or "", model=choice.model, precision=precision or self.default_precision().value,
             negative_prompt=negative_prompt or "", width=_blank_none(width), height=_blank_none(height),
             steps=_blank_none(steps), guidance=_blank_none(guidance), seed=seed,
-            num_images=1 if num_images in (None, "") else num_images)
+            num_images=1 if num_images in (None, "") else num_images, sampler=sampler or "")
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
         """Validate now (the manager validates again) so a bad field is reported without queueing."""
@@ -320,7 +321,7 @@ class PrismService:
         folder = folder or self._new_batch_dir()
         choice = self.choice_for(result.request)
         scheduler = choice.spec.components.get("scheduler")
-        sampler = SAMPLER_NAMES.get(scheduler.class_name if scheduler else "", "Euler")
+        sampler = recorded_name(result.request.sampler, scheduler.class_name if scheduler else "")
         precision = Precision.parse(result.request.precision).value
         # The offered name, not the request's model string: that may be a folder path.
         return [save_png(folder / f"{choice.name}-{seed}-{precision}.png", image, result.settings(), seed, sampler)
