@@ -53,7 +53,7 @@ class ManagerConfig:
     memory_budget: str | None = None  # "40GB", "512MB" or a fraction of device memory; None: most of it
     random_weights: bool = False  # Hub models get their architecture with random weights (benchmarks)
     hub: HubOptions = HubOptions()
-    max_queue: int = 4  # waiting jobs; one more is refused at once
+    max_queue: int = 4  # waiting jobs; one more is refused at once (0: none wait, one job runs at a time)
     # Built engines and compiled kernels (its torch-inductor/ folder); pipelines.config sets it from the
     # flags, where PRISM_ENGINE_CACHE is read as the default.
     engine_cache_dir: Path = DEFAULT_CACHE_DIR
@@ -174,7 +174,10 @@ class PipelineManager:
     def submit(self, request: GenerationRequest, on_progress: Callable[[Progress], None] | None = None) -> Job:
         """Queue a job, or raise QueueFullError at once when `max_queue` jobs are already waiting."""
         with self._lock:
-            if len(self._waiting) >= self.config.max_queue:
+            if self.config.max_queue == 0 and (self._waiting or self._running):  # no waiting line: one job at a time
+                raise QueueFullError("The server is busy with another job and keeps no waiting line "
+                                     "(--max-queue 0). Try again in a moment.")
+            if self.config.max_queue and len(self._waiting) >= self.config.max_queue:
                 raise QueueFullError(f"The server is busy: {len(self._waiting)} jobs are already waiting. "
                                      "Try again in a moment.")
             job = Job(next(self._ids), request, on_progress)
@@ -196,6 +199,11 @@ class PipelineManager:
             return self._waiting.index(job) + (1 if self._running else 0)
 
     def close(self) -> None:
+        """Cancel the waiting and running jobs (a running one stops at its next step) and stop the worker."""
+        with self._lock:
+            jobs = [*self._waiting, *([self._running] if self._running else [])]
+        for job in jobs:
+            job.cancel()
         self._queue.put(None)
         self._worker.join(timeout=10)
 
