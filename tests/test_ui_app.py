@@ -35,6 +35,7 @@ def free_port() -> int:
 def app(tmp_path_factory, tiny_flux, tiny_sdxl, tiny_flux_schnell):
     from ui.launch import LaunchOptions, start
 
+    from pipelines.cpu_math import FAST_CPU
     from pipelines.loading import HubOptions
     from pipelines.manager import ManagerConfig
 
@@ -42,7 +43,8 @@ def app(tmp_path_factory, tiny_flux, tiny_sdxl, tiny_flux_schnell):
     # The test clears the engine cache: it must be a scratch one, not the repository's engine_cache/.
     # max_queue=1: one job running and one waiting fill the manager, so "busy" is reachable with three requests.
     # flux.1-schnell is not downloaded here and offline mode is on: asking for it must give the offline message.
-    config = ManagerConfig(device="cpu", max_queue=1, hub=HubOptions(offline=True),
+    # Fast 16-bit math assumed, so labels do not depend on the CPU (tests/test_cpu_dtype.py covers the others).
+    config = ManagerConfig(device="cpu", max_queue=1, hub=HubOptions(offline=True), cpu_math=FAST_CPU,
                            engine_cache_dir=tmp_path_factory.mktemp("engine-cache"))
     opts = LaunchOptions(port=free_port(), models=(str(flux), str(schnell), str(sdxl), "flux.1-schnell"),
                          manager=config, output_dir=tmp_path_factory.mktemp("outputs"))
