@@ -11,9 +11,10 @@ def user_message(exc: BaseException, fallback: bool = True) -> str | None:
     from .residency import InsufficientMemoryError
     from .run_context import JobCancelled
     from .sampling import NumericsError
+    from .serving import RayMissingError
 
     known = (RequestError, UnknownModelError, ModelAccessError, InsufficientMemoryError, NumericsError,
-             QueueFullError, JobCancelled, InternalError)
+             QueueFullError, JobCancelled, InternalError, RayMissingError)
     if isinstance(exc, known):
         return str(exc)
     if not fallback:

@@ -38,6 +38,7 @@ class LaunchOptions:
     max_queue: int = 4
     compile: bool = False
     random_weights: bool = False
+    ray: str | None = None  # None: single process; "": the Ray cluster on this machine (or a new one); else its address
     verbose: bool = False
     output_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # passed to gr.Blocks.launch (tests)
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true",
                    help="Hub models get their exact architecture with random weights (try the app on a GPU without "
                         "downloading; pictures are noise)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="serve on a Ray cluster, one replica per GPU (pip install -r requirements-ray.txt): "
+                        "ADDRESS joins a cluster (HOST:6379); without it, the one `ray start` made here, else a new one")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -105,10 +109,12 @@ def options_from_args(argv: Sequence[str] | None = None) -> LaunchOptions:
         raise LaunchError(f"--port must be between 1 and 65535; got {args.port}.")
     if args.max_queue < 0:
         raise LaunchError("--max-queue must be 0 or more.")
+    if args.ray is not None and args.max_queue < 1:
+        raise LaunchError("--ray needs --max-queue 1 or more (Ray Serve's queue cannot be empty).")
     return LaunchOptions(host=args.host, port=args.port, share=args.share, auth=tuple(logins),
                          memory_budget=args.memory_budget, backend=args.backend, models=tuple(args.models or ()),
                          device=args.device, offline=args.offline, max_queue=args.max_queue, compile=args.compile,
-                         random_weights=args.random_weights, verbose=args.verbose)
+                         random_weights=args.random_weights, ray=args.ray, verbose=args.verbose)
 
 
 def lan_address() -> str | None:
@@ -174,9 +180,14 @@ def start(opts: LaunchOptions, *, block: bool = True):
 
     hub = HubOptions(offline=True if opts.offline else None)
     models = offered_models(opts.models)  # before the manager: a bad --models answers at once
-    manager = PipelineManager(ManagerConfig(device=opts.device, backend=opts.backend,
-                                            memory_budget=opts.memory_budget, hub=hub, max_queue=opts.max_queue,
-                                            compile=opts.compile, random_weights=opts.random_weights))
+    config = ManagerConfig(device=opts.device, backend=opts.backend, memory_budget=opts.memory_budget, hub=hub,
+                           max_queue=opts.max_queue, compile=opts.compile, random_weights=opts.random_weights)
+    if opts.ray is not None:  # Ray is imported only here: single-process mode runs without it
+        from pipelines.serving.client import RayManager, ServingConfig
+
+        manager = RayManager(config, ServingConfig(address=opts.ray or None, log_to_driver=opts.verbose))
+    else:
+        manager = PipelineManager(config)
     try:
         service = PrismService(manager, models, output_dir=opts.output_dir, hub=hub)
         demo = create_demo(service)
