@@ -14,7 +14,11 @@ import types
 
 import numpy as np
 import pytest
-import ray
+
+# Loopback only: with this, Ray's own services bind and talk on 127.0.0.1 instead of this machine's network
+# address. Read by Ray when it is imported, and inherited by the cluster's processes started from here.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+import ray  # noqa: E402
 
 from pipelines.manager import ManagerConfig, PipelineManager, QueueFullError
 from pipelines.registry import REPO_ROOT
@@ -72,7 +76,7 @@ def running_on_replica(job) -> str:
 def test_two_replicas_report_their_devices(cluster):
     rows = live_replicas(cluster)
     assert len(rows) == 2 and len({r["replica"] for r in rows}) == 2 and len({r["pid"] for r in rows}) == 2
-    assert all(r["device"] == "CPU" and r["node"] == "127.0.0.1" or r["node"] for r in rows)
+    assert all(r["device"] == "CPU" and r["node"] == "127.0.0.1" and r["health"] == "ok" for r in rows)
     assert cluster.info.device == "cluster" and cluster.info.name.startswith("2 Ray Serve replica(s)")
     assert cluster.status().deployment.startswith("healthy")
 
@@ -99,6 +103,30 @@ def test_concurrent_jobs_spread_over_both_replicas(cluster):
     assert all(r.images[0].size == (64, 64) for r in results)
 
 
+def test_a_job_goes_to_the_replica_that_holds_its_model(cluster):
+    first = cluster.submit(quick(seed=20, model="demo-sdxl"))
+    first.result(timeout=180)
+    holder = first.replica
+    wait_until(lambda: any(r["replica"] == holder and "demo-sdxl" in r["resident_models"] for r in live_replicas(cluster)),
+               what="the replica to report demo-sdxl")
+    time.sleep(3)  # Serve polls routing stats every second and passes them to the router
+    for seed in (21, 22, 23):  # one idle replica holds demo-sdxl, the other does not: always the holder
+        job = cluster.submit(quick(seed=seed, model="demo-sdxl"))
+        job.result(timeout=180)
+        assert job.replica == holder
+
+
+def test_the_ui_generates_and_compares_through_the_cluster(cluster):
+    from pipelines.registry import Family
+    from ui.service import PrismService
+
+    service = PrismService(cluster)
+    request = service.build_request(Family.FLUX, "demo-flux", "a red circle", None, 64, 64, 2, None, 5, 1, "bf16")
+    assert service.start_generate(request).result(timeout=180).images[0].size == (64, 64)
+    comparison = service.start_compare(request, ["16-bit", "fp8"]).result(timeout=300)
+    assert [e.error for e in comparison.entries] == [None, None] and comparison.entries[1].psnr_db is not None
+
+
 def test_router_prefers_a_replica_holding_the_model():
     def replica(rid: str, resident: list[str]):
         return types.SimpleNamespace(replica_id=types.SimpleNamespace(unique_id=rid), routing_stats={"resident": resident})
@@ -106,7 +134,8 @@ def test_router_prefers_a_replica_holding_the_model():
     a, b, c = replica("a", ["demo-flux@bf16"]), replica("b", ["demo-sdxl@bf16"]), replica("c", [])
 
     def ranks(tag: str = "", **kwargs):
-        pending = types.SimpleNamespace(kwargs=kwargs, metadata=types.SimpleNamespace(multiplexed_model_id=tag))
+        pending = types.SimpleNamespace(kwargs=kwargs, metadata=types.SimpleNamespace(multiplexed_model_id=tag),
+                                        routing_context=types.SimpleNamespace(should_backoff=False))
         import asyncio
 
         return asyncio.run(ModelAffinityRouter.choose_replicas(None, [a, b, c], pending))

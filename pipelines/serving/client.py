@@ -254,19 +254,23 @@ class RayManager:
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
+        last: ReplicaEvent | None = None
         try:
+            # Read to the stream's end, not just to the result: then the replica has finished the call and
+            # counts as free, so a job submitted right after this one can go to it (model affinity).
             for event in job._response:
                 self._started(job, event)
                 if event.progress is not None:
                     job.report(event.progress)
-                elif event.error is not None:
-                    cancelled = isinstance(event.error, JobCancelled)
-                    job._finish(JobState.CANCELLED if cancelled else JobState.FAILED, error=event.error)
-                    return
-                elif event.result is not None:
-                    job._finish(JobState.DONE, result=result_from_wire(event.result))
-                    return
-            job._finish(JobState.FAILED, error=InternalError("The replica ended the job without a result; see its log."))
+                else:
+                    last = event
+            if last is not None and last.result is not None:
+                job._finish(JobState.DONE, result=result_from_wire(last.result))
+            elif last is not None and last.error is not None:
+                cancelled = isinstance(last.error, JobCancelled)
+                job._finish(JobState.CANCELLED if cancelled else JobState.FAILED, error=last.error)
+            else:
+                job._finish(JobState.FAILED, error=InternalError("The replica ended the job without a result; see its log."))
         except RequestCancelledError:
             job._finish(JobState.CANCELLED, error=JobCancelled("The job was cancelled."))
         except BackPressureError:

@@ -49,7 +49,7 @@ class PrismReplica:
     def __init__(self, config: ManagerConfig, board: Any = None):
         self.manager = PipelineManager(config)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.node = ray.util.get_node_ip_address()
+        self.node = _node_address()
         self._board = board
         self._stop = threading.Event()
         if board is not None:
@@ -124,6 +124,12 @@ class PrismReplica:
     def __del__(self) -> None:  # Serve calls this when it stops the replica
         self._stop.set()
         self.manager.close()
+
+
+def _node_address() -> str:
+    """The address this replica's machine has in the cluster (what `ray start --node-ip-address` set)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    return next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), ray.util.get_node_ip_address())
 
 
 def _settle(job: Any) -> tuple[GenerationResult | None, BaseException | None]:

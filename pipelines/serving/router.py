@@ -21,6 +21,9 @@ class ModelAffinityRouter(FIFOMixin, RequestRouter):
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
         if pending_request is None:
             return [candidate_replicas]
+        # Every rank is offered at once, so when none has room Serve should back off before asking again
+        # (without this its routing loop spins on the CPU while all replicas are busy).
+        pending_request.routing_context.should_backoff = True
         target = pending_request.kwargs.get("replica")
         if target:
             return [[r for r in candidate_replicas if r.replica_id.unique_id == target]]
