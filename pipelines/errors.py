@@ -11,10 +11,10 @@ def user_message(exc: BaseException, fallback: bool = True) -> str | None:
     from .residency import InsufficientMemoryError
     from .run_context import JobCancelled
     from .sampling import NumericsError
-    from .serving import RayMissingError
+    from .serving import ServingError
 
     known = (RequestError, UnknownModelError, ModelAccessError, InsufficientMemoryError, NumericsError,
-             QueueFullError, JobCancelled, InternalError, RayMissingError)
+             QueueFullError, JobCancelled, InternalError, ServingError)
     if isinstance(exc, known):
         return str(exc)
     if not fallback:

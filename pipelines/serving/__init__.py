@@ -7,7 +7,11 @@ from __future__ import annotations
 INSTALL_HINT = "Ray Serve is not installed: run `pip install -r requirements-ray.txt` (or pip install \"ray[serve]\")."
 
 
-class RayMissingError(RuntimeError):
+class ServingError(RuntimeError):
+    """Serving on Ray could not start (Ray missing, cluster unreachable); the message says what to do."""
+
+
+class RayMissingError(ServingError):
     """`--ray` was asked for but Ray Serve cannot be imported here."""
 
 

@@ -25,7 +25,7 @@ from ..precision import Precision
 from ..registry import REPO_ROOT, resolve_spec
 from ..request import GenerationRequest, GenerationResult
 from ..run_context import JobCancelled, Progress
-from . import require_ray
+from . import ServingError, require_ray
 from .messages import ReplicaEvent, ReplicaStatus, affinity_tag, result_from_wire
 
 log = logging.getLogger("prism.serving")
@@ -164,8 +164,15 @@ class RayManager:
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             # Workers import `pipelines` from this checkout: every machine needs it at the same path (README).
-            ray.init(address=serving.address, namespace="prism", log_to_driver=serving.log_to_driver,
-                     job_config=ray.job_config.JobConfig(code_search_path=[str(REPO_ROOT)]))
+            try:
+                ray.init(address=serving.address, namespace="prism", log_to_driver=serving.log_to_driver,
+                         job_config=ray.job_config.JobConfig(code_search_path=[str(REPO_ROOT)]))
+            except (ConnectionError, RuntimeError) as exc:  # ConnectionError is an OSError: not "port taken"
+                raise ServingError(
+                    f"Cannot join the Ray cluster at {serving.address or 'this machine'} ({str(exc).splitlines()[0]}). Check that "
+                    "`ray status` works on its head machine, that its port (6379) is open to this machine, and, as "
+                    "Ray requires tokens by default, that RAY_AUTH_MODE=token is set here with the head's "
+                    "~/.ray/auth_token copied to this machine.") from None
         self._waiting: list[RayJob] = []
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
