@@ -194,6 +194,17 @@ def test_system_tab_lists_replicas_and_unload_frees_them(cluster):
     wait_until(lambda: cluster.status().used_bytes == 0, what="both replicas empty")
 
 
+def test_serving_bench_and_status_lines(cluster):
+    from pipelines.serving.commands import run_serving_bench, status_lines
+
+    bench = run_serving_bench(cluster, quick(), requests=MAX_QUEUE)
+    assert bench.images == MAX_QUEUE and sum(bench.jobs_per_replica.values()) == MAX_QUEUE
+    assert bench.replicas == 2 and bench.images_per_minute > 0 and bench.size == "64x64" and bench.devices == ["CPU"]
+    lines = status_lines(cluster.status())
+    assert lines[0].startswith("deployment: healthy") and len(lines) == 3
+    assert all("127.0.0.1" in ln and ln.endswith(", ok") for ln in lines[1:])
+
+
 def test_killed_replica_fails_its_job_and_serve_restarts_it(cluster):
     job = cluster.submit(long_job())
     victim = running_on_replica(job)
@@ -211,7 +222,7 @@ def test_killed_replica_fails_its_job_and_serve_restarts_it(cluster):
     assert all(j.result(timeout=180).images for j in jobs) and {j.replica for j in jobs} == fresh
 
 
-def test_missing_ray_names_the_requirements_file(monkeypatch):
+def test_missing_ray_names_the_requirements_file(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(RayMissingError, match="pip install -r requirements-ray.txt"):
         require_ray()
@@ -220,6 +231,8 @@ def test_missing_ray_names_the_requirements_file(monkeypatch):
     from pipelines.cli import main
 
     assert main(["serve", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "error: Ray Serve is not installed: run `pip install -r requirements-ray.txt`" in err and "Traceback" not in err
 
 
 def test_ray_flags_are_checked_before_anything_starts(capsys):

@@ -13,14 +13,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, replace
-from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
-from ..backends import tensorrt_status
+from ..backends import TensorRTStatus, tensorrt_status
 from ..engine_cache import EngineCache
 from ..gpu import DeviceInfo
-from ..manager import InternalError, ManagerConfig, ManagerStatus, QueueFullError
+from ..manager import InternalError, JobState, ManagerConfig, ManagerStatus, QueueFullError, ResidentInfo
 from ..precision import Precision
 from ..registry import REPO_ROOT, resolve_spec
 from ..request import GenerationRequest, GenerationResult
@@ -47,14 +46,6 @@ class ServingConfig:
     app_name: str = "prism"
     log_to_driver: bool = False  # replicas' logs in this terminal (they are always in Ray's log folder)
     start_timeout_s: float = 600.0  # replicas import torch and probe their GPU before they report
-
-
-class JobState(str, Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
 
 
 class RayJob:
@@ -110,10 +101,10 @@ class ClusterStatus:
     budget_bytes: int
     used_bytes: int
     parked_bytes: int
-    resident: tuple
+    resident: tuple[ResidentInfo, ...]
     queued: int
     running: GenerationRequest | None
-    tensorrt: Any
+    tensorrt: TensorRTStatus
     backend_note: str
     engine_cache_dir: Path
     engine_cache_bytes: int
