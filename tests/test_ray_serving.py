@@ -24,7 +24,7 @@ from pipelines.manager import ManagerConfig, PipelineManager, QueueFullError
 from pipelines.registry import REPO_ROOT
 from pipelines.request import GenerationRequest, RequestError
 from pipelines.run_context import JobCancelled
-from pipelines.serving import INSTALL_HINT, RayMissingError, require_ray
+from pipelines.serving import INSTALL_HINT, RayMissingError, ServingError, require_ray
 from pipelines.serving.client import RayManager, ReplicaDiedError, ServingConfig
 from pipelines.serving.router import ModelAffinityRouter
 
@@ -203,6 +203,14 @@ def test_serving_bench_and_status_lines(cluster):
     lines = status_lines(cluster.status())
     assert lines[0].startswith("deployment: healthy") and len(lines) == 3
     assert all("127.0.0.1" in ln and ln.endswith(", ok") for ln in lines[1:])
+
+
+def test_more_replicas_than_gpus_is_refused_and_the_app_keeps_serving(cluster):
+    with pytest.raises(ServingError, match=r"--replicas 3 asks for more GPUs than the cluster has \(2\); use --replicas 2"):
+        RayManager(ManagerConfig(), ServingConfig(replicas=3, app_name="prism-too-many"))
+    with pytest.raises(ServingError, match="--max-queue 1 or more"):
+        RayManager(ManagerConfig(max_queue=0))
+    assert cluster.generate(quick(seed=30), timeout=180).images
 
 
 def test_killed_replica_fails_its_job_and_serve_restarts_it(cluster):

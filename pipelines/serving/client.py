@@ -148,7 +148,7 @@ class RayManager:
         from ray import serve
 
         if config.max_queue < 1:
-            raise ValueError("With Ray Serve the queue must hold at least one job: use --max-queue 1 or more.")
+            raise ServingError("With Ray Serve the queue must hold at least one job: use --max-queue 1 or more.")
         self.config, self.serving = config, serving
         self.engine_cache = EngineCache(config.engine_cache_dir)
         self._ray, self._serve = ray, serve
@@ -160,7 +160,7 @@ class RayManager:
                          job_config=ray.job_config.JobConfig(code_search_path=[str(REPO_ROOT)]))
             except (ConnectionError, RuntimeError) as exc:  # ConnectionError is an OSError: not "port taken"
                 raise ServingError(
-                    f"Cannot join the Ray cluster at {serving.address or 'this machine'} ({str(exc).splitlines()[0]}). Check that "
+                    f"Cannot join the Ray cluster at {serving.address or 'this machine'} ({_first_line(exc)}). Check that "
                     "`ray status` works on its head machine, that its port (6379) is open to this machine, and, as "
                     "Ray requires tokens by default, that RAY_AUTH_MODE=token is set here with the head's "
                     "~/.ray/auth_token copied to this machine.") from None
@@ -168,8 +168,10 @@ class RayManager:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._replicas_seen: dict[str, ReplicaStatus] = {}
+        self._board: Any = None  # set by _deploy; close() removes only what was made
+        self._handle: Any = None
         try:
-            self._board, self._handle, self.replica_count = self._deploy()
+            self.replica_count = self._deploy()
             self.info = cluster_device(self._wait_for_replicas())
         except BaseException:
             self.close()
@@ -177,20 +179,20 @@ class RayManager:
 
     # ------------------------------------------------------------------ deployment
 
-    def _deploy(self) -> tuple[Any, Any, int]:
+    def _deploy(self) -> int:
         from ray.serve.config import RequestRouterConfig
 
         from .deployment import PrismReplica, StatusBoard
         from .router import ModelAffinityRouter
 
-        gpus = int(self._ray.cluster_resources().get("GPU", 0))
+        gpus = 0 if self.config.device == "cpu" else int(self._ray.cluster_resources().get("GPU", 0))
         count = self.serving.replicas or max(gpus, 1)
         if self.serving.replicas and gpus and count > gpus:
-            raise ValueError(f"--replicas {count} asks for more GPUs than the cluster has ({gpus}).")
-        board = self._ray.remote(StatusBoard).options(num_cpus=0).remote()
+            raise ServingError(f"--replicas {count} asks for more GPUs than the cluster has ({gpus}); "
+                               f"use --replicas {gpus} or fewer, or add a machine (`ray status` lists them).")
+        self._board = self._ray.remote(StatusBoard).options(num_cpus=0).remote()
         # Each replica sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES), so "auto" finds it as cuda:0.
-        replica_config = replace(self.config, device="cpu" if self.config.device == "cpu" or not gpus else "auto",
-                                 max_queue=REPLICA_QUEUE)
+        replica_config = replace(self.config, device="auto" if gpus else "cpu", max_queue=REPLICA_QUEUE)
         deployment = self._serve.deployment(PrismReplica, name="PrismReplica").options(
             num_replicas=count,
             ray_actor_options={"num_gpus": 1 if gpus else 0, "num_cpus": self.serving.cpus_per_replica},
@@ -203,8 +205,9 @@ class RayManager:
             graceful_shutdown_timeout_s=5.0,
         )
         self._serve.start(proxy_location="Disabled")  # no Serve HTTP port: the Gradio app is the API
-        handle = self._serve.run(deployment.bind(replica_config, board), name=self.serving.app_name, route_prefix=None)
-        return board, handle, count
+        app = deployment.bind(replica_config, self._board)
+        self._handle = self._serve.run(app, name=self.serving.app_name, route_prefix=None)
+        return count
 
     def _wait_for_replicas(self) -> list[ReplicaStatus]:
         deadline = time.monotonic() + self.serving.start_timeout_s
@@ -279,7 +282,7 @@ class RayManager:
         except Exception as exc:
             log.error("job %d failed on the cluster", job.id, exc_info=True)
             job._finish(JobState.FAILED, error=InternalError(
-                f"The cluster could not run the job ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+                f"The cluster could not run the job ({type(exc).__name__}: {_first_line(exc)}). "
                 "The app is still running; its log has the details."))
         finally:
             self._leave_queue(job)
@@ -353,15 +356,19 @@ class RayManager:
             jobs = list(self._waiting)
         for job in jobs:
             job.cancel()
-        try:
-            self._serve.delete(self.serving.app_name)
-        except Exception:
-            log.debug("serve.delete failed", exc_info=True)
-        board = getattr(self, "_board", None)
-        if board is not None:
-            self._ray.kill(board)
+        if self._handle is not None:
+            try:
+                self._serve.delete(self.serving.app_name)
+            except Exception:  # the controller is gone with the cluster
+                log.debug("serve.delete failed", exc_info=True)
+        if self._board is not None:
+            self._ray.kill(self._board)
         if self._owns_ray:
             self._ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    return next(iter(str(exc).splitlines()), "")
 
 
 def _affinity(request: GenerationRequest) -> str:
