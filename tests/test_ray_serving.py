@@ -44,7 +44,8 @@ def long_job(seed: int = 7) -> GenerationRequest:
 def cluster():
     ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, namespace="prism-tests",
              log_to_driver=False, job_config=ray.job_config.JobConfig(code_search_path=[str(REPO_ROOT)]))
-    manager = RayManager(ManagerConfig(max_queue=MAX_QUEUE), ServingConfig(start_timeout_s=300))
+    # Not the app's own name ("prism"): test_the_app_serves_through_ray deploys that one beside this.
+    manager = RayManager(ManagerConfig(max_queue=MAX_QUEUE), ServingConfig(app_name="prism-tests", start_timeout_s=300))
     try:
         yield manager
     finally:
@@ -211,6 +212,31 @@ def test_more_replicas_than_gpus_is_refused_and_the_app_keeps_serving(cluster):
     with pytest.raises(ServingError, match="--max-queue 1 or more"):
         RayManager(ManagerConfig(max_queue=0))
     assert cluster.generate(quick(seed=30), timeout=180).images
+
+
+def test_the_app_serves_through_ray(cluster, tmp_path):
+    """`python app.py --ray --device cpu`, in process: a CPU replica beside the fixture's (the cluster's two
+    fake GPUs are taken), the UI's service over a RayManager, the HTTP API's System status listing it."""
+    import socket
+
+    from gradio_client import Client
+    from ui.launch import LaunchOptions, start
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo, service = start(LaunchOptions(port=port, ray="", device="cpu", models=("demo-flux",), output_dir=tmp_path),
+                          block=False)
+    try:
+        assert isinstance(service.manager, RayManager) and service.manager.replica_count == 1
+        request = service.build_request(None, "demo-flux", "a red circle", None, 64, 64, 2, None, 3, 1, "bf16")
+        assert service.start_generate(request).result(timeout=180).images[0].size == (64, 64)
+        overview = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(api_name="/system_status")[0]
+        assert "### Replicas" in overview and "1 Ray Serve replica(s): CPU" in overview
+    finally:
+        demo.close()
+        service.close()  # removes the app's deployment; the fixture's keeps serving
+    assert cluster.generate(quick(seed=31), timeout=180).images
 
 
 def test_killed_replica_fails_its_job_and_serve_restarts_it(cluster):
