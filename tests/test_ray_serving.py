@@ -147,6 +147,23 @@ def test_router_prefers_a_replica_holding_the_model():
     assert ranks("demo-flux@bf16", replica="c") == [[c]]  # unload calls name their replica
 
 
+def test_errors_cross_intact_or_as_a_readable_internal_error():
+    from pipelines.manager import InternalError
+    from pipelines.serving.client import _affinity
+    from pipelines.serving.messages import portable_error
+
+    class NeedsTwoArguments(RuntimeError):
+        def __init__(self, what: str, where: str):
+            super().__init__(f"{what} at {where}")
+
+    same = RequestError("steps must be between 1 and 100")
+    assert portable_error(same) is same
+    crossed = portable_error(NeedsTwoArguments("bad thing", "step 3"))
+    assert type(crossed) is InternalError and "NeedsTwoArguments: bad thing at step 3" in str(crossed)
+    assert _affinity(quick(precision="fp8")) == "demo-flux@fp8"
+    assert _affinity(quick(model="no-such-model")) == ""  # no preference; the replica answers the RequestError
+
+
 def test_request_errors_are_the_single_process_ones(cluster, cpu_manager):
     bad = quick(steps=0)
     with pytest.raises(RequestError) as remote:
