@@ -360,6 +360,10 @@ class PrismService:
 
     def memory(self) -> MemoryView:
         info = self.manager.info
+        if info.device == "cluster":  # Ray Serve: the devices are the replicas', none is in this process
+            status = self.manager.status()
+            return MemoryView(status.memory_used_bytes, status.memory_total_bytes,
+                              f"device memory of {len(status.replicas)} Ray Serve replica(s)")
         if info.is_cuda and not info.unified:
             import torch
 

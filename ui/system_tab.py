@@ -32,6 +32,7 @@ def system_snapshot(service: PrismService) -> dict[str, Any]:
                           "shapes": k.shapes, "batch": k.batch, "target": k.target,
                           "backend": f"{k.backend} {k.backend_version}"} if k else {})})
     running = status.running
+    replicas = getattr(status, "replicas", None)  # Ray Serve mode: one row per replica (its GPU, models, health)
     return {
         "device": {"name": info.name, "device": info.device, "compute_capability": info.capability_text,
                    "unified_memory": info.unified},
@@ -48,6 +49,7 @@ def system_snapshot(service: PrismService) -> dict[str, Any]:
         "jobs": {"running": None if running is None else {"model": service.running_name() or "", "precision": str(
             getattr(running.precision, "value", running.precision))}, "queued": status.queued},
         "events": list(status.events),
+        **({"replicas": status.replica_rows(), "deployment": status.deployment} if replicas is not None else {}),
     }
 
 
@@ -76,6 +78,12 @@ def system_markdown(snap: dict[str, Any]) -> str:
         f"{len(snap['engine_cache']['entries'])} engine(s), {fmt_bytes(snap['engine_cache']['total_bytes'])} in "
         f"`{snap['engine_cache']['dir']}`",
     ]
+    if "replicas" in snap:
+        lines += ["### Replicas", f"Ray Serve deployment: {snap['deployment']}"] + [
+            f"**{r['replica']}** on {r['node']} · {r['device']} ({r['device_id']}) · "
+            f"{fmt_bytes(r['memory_used_bytes'])} of {fmt_bytes(r['memory_total_bytes'])} · models: "
+            f"{', '.join(r['resident_models']) or 'none'} · {'running ' + r['running'] if r['running'] else 'idle'}"
+            f" · {r['queued']} waiting · {r['health']}" for r in snap["replicas"]]
     return "\n\n".join(lines)
 
 
