@@ -21,7 +21,7 @@ from ..cpu_math import FAST_CPU
 from ..device_policy import DevicePolicy
 from ..engine_cache import EngineCache
 from ..gpu import DeviceInfo
-from ..manager import InternalError, JobState, ManagerConfig, ManagerStatus, QueueFullError, ResidentInfo
+from ..manager import InternalError, Job, JobState, ManagerConfig, ManagerStatus, QueueFullError, ResidentInfo
 from ..precision import Precision
 from ..registry import REPO_ROOT, resolve_spec
 from ..request import GenerationRequest, GenerationResult
@@ -50,49 +50,18 @@ class ServingConfig:
     start_timeout_s: float = 600.0  # replicas import torch and probe their GPU before they report
 
 
-class RayJob:
-    """A job sent to the cluster; the same surface as the manager's Job (result, cancel, state, done, progress)."""
+@dataclass
+class RayJob(Job):
+    """A job sent to the cluster: the manager's Job (result, state, done, progress), cancelled through Serve."""
 
-    def __init__(self, job_id: int, request: GenerationRequest, on_progress: Callable[[Progress], None] | None):
-        self.id, self.request, self.on_progress = job_id, request, on_progress
-        self.state = JobState.QUEUED
-        self.progress: Progress | None = None
-        self.replica: str | None = None  # set when a replica starts it
-        self._response: Any = None
-        self._cancelled = threading.Event()
-        self._done = threading.Event()
-        self._result: GenerationResult | None = None
-        self._error: BaseException | None = None
+    replica: str | None = None  # set when a replica starts it
+    _response: Any = None
 
     def cancel(self) -> None:
-        """Cancel through Serve: a waiting job leaves the queue, a running one stops at its next step."""
-        self._cancelled.set()
+        """A waiting job leaves Serve's queue, a running one stops at its next step."""
+        super().cancel()
         if self._response is not None:
             self._response.cancel()
-
-    def report(self, progress: Progress) -> None:
-        self.progress = progress
-        if self.on_progress is not None:
-            try:
-                self.on_progress(progress)
-            except Exception:  # a broken listener (closed browser tab) must not fail the job
-                log.debug("progress listener failed", exc_info=True)
-
-    def result(self, timeout: float | None = None) -> GenerationResult:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"Job {self.id} did not finish within {timeout} s.")
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def _finish(self, state: JobState, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
-        self.state, self._result, self._error = state, result, error
-        self._done.set()
 
 
 @dataclass(frozen=True)
@@ -241,7 +210,7 @@ class RayManager:
         job.report(Progress("queue", 0, 1, f"queued: {ahead} job(s) ahead" if ahead else "starting"))
         call = self._handle.options(method_name="generate", stream=True, multiplexed_model_id=_affinity(request))
         job._response = call.remote(request)
-        if job._cancelled.is_set():  # cancelled before the response existed
+        if job.cancel_event.is_set():  # cancelled before the response existed
             job._response.cancel()
         threading.Thread(target=self._follow, args=(job,), name=f"prism-ray-job-{job.id}", daemon=True).start()
         return job
