@@ -34,6 +34,8 @@ def _add_request_args(p: argparse.ArgumentParser, multi_precision: bool = False)
     p.add_argument("--seed", type=int, default=None, help="default: random (reported)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--sampler", default="", help="e.g. 'DPM++ 2M Karras' (SDXL) or 'Euler Karras' (Flux); "
+                                                  "default: the model's own scheduler")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ from .job_parts import JobParts
 from .cpu_math import CpuMath
 from .gpu import DeviceInfo, parse_memory, probe_device, resolve_device, system_memory
 from .loading import HubOptions, WeightSource, check_access
-from .precision import Backend, Precision, precision_support
+from .precision import Backend, Precision
 from .registry import ModelSpec, UnknownModelError, resolve_spec
 from .request import GenerationRequest, GenerationResult, RequestError, resolve_request
 from .residency import InsufficientMemoryError, Residency

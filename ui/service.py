@@ -22,7 +22,7 @@ from pipelines.loading import HubOptions, ModelAccessError, default_model, is_av
 from pipelines.manager import ModelInUseError
 from pipelines.pngmeta import png_bytes, save_png
 from pipelines.schedulers import recorded_name
-from pipelines.precision import Backend, Precision, PrecisionSupport, precision_support
+from pipelines.precision import Backend, Precision, PrecisionSupport
 from pipelines.registry import HUB_MODELS, Family, ModelSpec, UnknownModelError, demo_specs, read_local_spec
 from pipelines.request import GenerationRequest, GenerationResult, RequestError, resolve_request
 from pipelines.gpu import system_memory
