@@ -37,7 +37,9 @@ def quick(seed: int = 1, model: str = "demo-flux", **kw) -> GenerationRequest:
 
 
 def long_job(seed: int = 7) -> GenerationRequest:
-    return quick(seed, steps=100)  # ~15 s on a shared CPU core: long enough to act on while it runs
+    # 100 steps at the largest size the demo model takes, 4 images: tens of seconds even on a fast CPU core with
+    # fast bf16 (at 64x64, 1 image it took ~3 s there and could finish before the test acted on it).
+    return quick(seed, steps=100, width=128, height=128, num_images=4)
 
 
 @pytest.fixture(scope="module")
