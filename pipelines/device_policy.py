@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .families import family_of
+from .families.family import weights_of
 from .gpu import DeviceInfo
 from .precision import BF16_MIN_CC, Capability, Precision
 from .registry import ModelSpec
@@ -64,6 +65,7 @@ class DevicePolicy:
         """The dtype component `name` runs in (None for tokenizers and schedulers)."""
         if name in LIGHT_PARTS:
             return None
+        name = weights_of(name)  # the VAE encoder runs in the VAE's dtype
         dtype = self.compute_dtype(spec, precision)
         if name in family_of(spec).fp16_overflows:
             return torch.bfloat16 if self.cuda_bf16 else torch.float32

@@ -249,6 +249,9 @@ class PipelineManager:
         except (UnknownModelError, ValueError) as exc:
             raise RequestError(str(exc)) from None
         resolved = resolve_request(req, spec, self.info.capability, choice.backend)
+        if resolved.image is not None and family_of(spec).first_step(resolved.steps, resolved.strength) >= resolved.steps:
+            raise RequestError(f"strength {resolved.strength:g} with {resolved.steps} steps leaves no step to run; "
+                               "raise the strength or the steps.")
         source = WeightSource(random_weights=self.config.random_weights and spec.local_dir is None, hub=self.config.hub)
         check_access(spec, source)
         working = self.working_bytes(spec, resolved)
@@ -270,7 +273,8 @@ class PipelineManager:
 
     def _generate(self, spec: ModelSpec, req: GenerationRequest, choice: BackendChoice, source: WeightSource,
                   ctx: RunContext, working: int) -> GenerationResult:
-        parts = JobParts(self, spec, Precision.parse(req.precision), choice.backend, source, ctx, working)
+        parts = JobParts(self, spec, Precision.parse(req.precision), choice.backend, source, ctx, working,
+                         with_image=req.image is not None)
         if self.info.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         out = family_of(spec).generate(spec, parts, req, ctx)
@@ -297,12 +301,12 @@ class PipelineManager:
 
     def stage_bytes(self, spec: ModelSpec, precision: Precision, backend: Backend) -> list[tuple[tuple[str, ...], int]]:
         return [(stage, sum(self.component_bytes(spec, n, precision, backend) for n in stage))
-                for stage in family_of(spec).stages]
+                for stage in family_of(spec).stages()]
 
     def stage_needs(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
-                    source: WeightSource = WeightSource()) -> list[tuple[tuple[str, ...], int]]:
+                    source: WeightSource = WeightSource(), with_image: bool = False) -> list[tuple[tuple[str, ...], int]]:
         """Per stage, the most memory it holds at once: its weights plus working memory, or a load's peak."""
-        stages = family_of(spec).stages
+        stages = family_of(spec).stages(with_image)
         names = {n for stage in stages for n in stage}
         weights = {n: self.component_bytes(spec, n, precision, backend) for n in names}
         peaks = {n: self._load_peak(spec, n, precision, backend, source) for n in names if n not in LIGHT_PARTS}

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from .precision import Backend, Capability, Precision, precision_support
 from .registry import ModelSpec
 
+if TYPE_CHECKING:
+    from .image_input import InputImage
+
 MAX_SEED = 2**32 - 1  # A1111 / ComfyUI convention; seeds round-trip through their UIs
+DEFAULT_STRENGTH = 0.6  # diffusers' FluxImg2ImgPipeline default
 
 
 class RequestError(ValueError):
@@ -34,10 +38,20 @@ class GenerationRequest:
     seed: int | None = None  # None or -1: a random seed, reported back
     num_images: int = 1
     backend: str = "auto"  # auto | torch | tensorrt
+    # Image to image: the input (pipelines.image_input.read_image) and how much of it is repainted, from
+    # 0 (keep it) to 1 (ignore it); None: DEFAULT_STRENGTH.
+    image: "InputImage | None" = None
+    strength: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """Every setting as plain values; an input image by its SHA-256 (PNGs get shared, uploads are private)."""
+        d = asdict(replace(self, image=None))
         d["precision"] = Precision.parse(self.precision).value
+        del d["image"]
+        if self.image is None:
+            del d["strength"]
+        else:
+            d["input_image_sha256"] = self.image.sha256
         return d
 
 
@@ -49,11 +63,12 @@ class StageTimings:
     steps_ms: tuple[float, ...]
     vae_ms: float
     load_ms: float = 0.0  # loading models / building engines for this job (not part of total_ms)
+    vae_encoder_ms: float = 0.0  # image to image: encoding the input image
 
     @property
     def total_ms(self) -> float:
-        """Text encoders + denoising + VAE: the work a warm pipeline does for this request."""
-        return self.text_encoders_ms + self.denoise_ms + self.vae_ms
+        """Text encoders + (VAE encoder) + denoising + VAE: the work a warm pipeline does for this request."""
+        return self.text_encoders_ms + self.vae_encoder_ms + self.denoise_ms + self.vae_ms
 
     @property
     def denoise_ms(self) -> float:
@@ -64,7 +79,8 @@ class StageTimings:
         return self.denoise_ms / len(self.steps_ms) if self.steps_ms else 0.0
 
     def summary(self) -> str:
-        return (f"text encoders {self.text_encoders_ms:.0f} ms | {len(self.steps_ms)} steps x "
+        encoder = f"VAE encoder {self.vae_encoder_ms:.0f} ms | " if self.vae_encoder_ms else ""
+        return (f"text encoders {self.text_encoders_ms:.0f} ms | {encoder}{len(self.steps_ms)} steps x "
                 f"{self.mean_step_ms:.1f} ms = {self.denoise_ms:.0f} ms | VAE {self.vae_ms:.0f} ms | "
                 f"total {self.total_ms:.0f} ms" + (f" (+ load {self.load_ms:.0f} ms)" if self.load_ms else ""))
 
@@ -120,6 +136,17 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
         raise RequestError(f"A negative prompt only acts when guidance is above 1 (it is {guidance:g}); "
                            "raise guidance or clear the negative prompt.")
 
+    strength, image = None, None
+    if req.image is not None:
+        from .image_input import read_image  # it raises RequestError, defined here
+
+        image = read_image(req.image)
+        strength = DEFAULT_STRENGTH if req.strength is None else _as_float("strength", req.strength)
+        if not 0 < strength <= 1:
+            raise RequestError(f"strength must be above 0 and at most 1 (1 repaints the whole image); got {strength:g}.")
+    elif req.strength is not None:
+        raise RequestError("strength applies to an input image; give an image or clear strength.")
+
     support = precision_support(precision, capability, backend)
     if not support.runnable:
         raise RequestError(f"{precision.value} cannot run here: {support.reason}")
@@ -133,7 +160,8 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
             raise RequestError(f"seed must be between 0 and {MAX_SEED - num_images + 1} (or -1 for random); got {seed}.")
 
     return replace(req, precision=precision, negative_prompt=negative, width=width, height=height,
-                   steps=steps, guidance=guidance, seed=seed, num_images=num_images)
+                   steps=steps, guidance=guidance, seed=seed, num_images=num_images, image=image,
+                   strength=strength)
 
 
 def _as_int(name: str, value: Any) -> int:

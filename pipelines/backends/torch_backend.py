@@ -17,6 +17,7 @@ import torch
 from ..components import LoadedComponent, estimate_bytes, largest_linear_bytes
 from ..device_policy import DevicePolicy
 from ..families import family_of
+from ..families.family import VAE_ENCODER, weights_of
 from ..loading import WeightSource, load_component
 from ..precision import Backend, Precision, SupportLevel, precision_support
 from ..quant import module_bytes, quantize_linears
@@ -58,7 +59,10 @@ class TorchBackend:
         capability = policy.capability
         dtype = policy.component_dtype(spec, name, precision)
         staged = self._staged(spec, name, precision, device, source)
-        obj = load_component(spec, name, dtype=dtype or torch.float32, device="cpu" if staged else device, source=source)
+        obj = load_component(spec, weights_of(name), dtype=dtype or torch.float32, device="cpu" if staged else device,
+                             source=source)
+        if name == VAE_ENCODER:
+            obj.decoder = None  # the encoder alone: the decoder is the "vae" component
         if dtype is None:  # tokenizer or scheduler
             return LoadedComponent(obj, 0, None)
 
@@ -73,7 +77,7 @@ class TorchBackend:
                     ctx.report("build", 0, 1, "torch.compile: the first image at a new size compiles for a few "
                                               "minutes (cached in engine_cache/ for next time)")
                 compile_denoiser(obj, spec, self.options.compile_mode)
-        engine = family_of(spec).adapters[name](obj).eval()
+        engine = family_of(spec).adapter(name)(obj).eval()
         return LoadedComponent(engine, module_bytes(obj), dtype, runs_as)
 
 
