@@ -280,7 +280,8 @@ class PipelineManager:
         out = family_of(spec).generate(spec, parts, req, ctx)
         peak = torch.cuda.max_memory_allocated(self.device) if self.info.is_cuda else None
         backend = self.backend(choice.backend)
-        warnings = out.warnings + ((choice.reason,) if choice.backend is Backend.TORCH and req.backend == "tensorrt" else ())
+        notes = tuple(f"Input image: {note}." for note in req.image.notes) if req.image is not None else ()
+        warnings = notes + out.warnings + ((choice.reason,) if choice.backend is Backend.TORCH and req.backend == "tensorrt" else ())
         return GenerationResult(
             request=req, model_id=spec.id, images=out.images, seeds=tuple(req.seed + i for i in range(req.num_images)),
             timings=replace(out.timings, load_ms=parts.load_ms), peak_memory_bytes=peak,
