@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFilter, UnidentifiedImageError
 
 from .graphs import VAE_ENCODER
 from .request import RequestError
@@ -134,9 +134,79 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, generators: list[torch
     return mean + std * torch.cat(draws).to(mean.device)
 
 
-def encode_input(parts, image: InputImage, width: int, height: int, generators: list[torch.Generator],
-                 device: torch.device) -> torch.Tensor:
-    """The input image fitted to width x height and encoded: one latent draw per image, not yet scaled."""
-    pixels = to_tensor(fit(image.image, width, height)).to(device=device, dtype=parts.dtype(VAE_ENCODER))
+def encode_input(parts, image: Image.Image, generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
+    """The (already fitted) input image encoded: one latent draw per image, not yet scaled."""
+    pixels = to_tensor(image).to(device=device, dtype=parts.dtype(VAE_ENCODER))
     mean, std = parts.get(VAE_ENCODER)(image=pixels)
     return sample_latents(mean, std, generators)
+
+
+# --------------------------------------------------------------------------- inpainting
+
+ONLY_MASKED_PADDING = 32  # pixels of context around the mask in "only masked" mode (A1111's default)
+
+
+@dataclass(frozen=True)
+class Canvas:
+    """What a family loop works on for an input image, and how its output goes back into the input.
+
+    - image: the input at the requested size (fitted; in "only masked" mode, the region around the mask);
+    - mask: None for image to image; else "L" at the requested size, white = repaint. The latents blend
+      with it binarized at 0.5 (as diffusers' inpaint pipelines); the output is pasted over the input
+      through it blurred by `mask_blur` pixels, so pixels outside the (blurred) mask are the input's own.
+    """
+
+    image: Image.Image
+    mask: Image.Image | None = None
+    original: Image.Image | None = None  # what the output is pasted into
+    paste_mask: Image.Image | None = None  # the blurred mask, at the original's size
+    region: tuple[int, int, int, int] | None = None  # where the output goes in the original (only masked)
+
+    def paste_back(self, generated: Image.Image) -> Image.Image:
+        if self.mask is None:
+            return generated
+        base = self.original.copy()
+        left, top, right, bottom = self.region or (0, 0, base.width, base.height)
+        patch = generated if generated.size == (right - left, bottom - top) else \
+            generated.resize((right - left, bottom - top), Image.Resampling.LANCZOS)
+        base.paste(patch, (left, top), self.paste_mask.crop((left, top, right, bottom)))
+        return base
+
+
+def prepare_canvas(image: InputImage, mask: InputImage | None, width: int, height: int, mask_blur: int = 0,
+                   only_masked: bool = False) -> Canvas:
+    if mask is None:
+        return Canvas(fit(image.image, width, height))
+    grey = mask.image.convert("L")
+    blurred = grey.filter(ImageFilter.GaussianBlur(mask_blur)) if mask_blur else grey
+    if not only_masked:
+        return Canvas(fit(image.image, width, height), fit(grey, width, height), fit(image.image, width, height),
+                      fit(blurred, width, height))
+    region = mask_region(grey, width / height, ONLY_MASKED_PADDING + mask_blur)
+    crop = lambda im: im.crop(region).resize((width, height), Image.Resampling.LANCZOS)  # noqa: E731
+    return Canvas(crop(image.image), crop(grey), image.image, blurred, region)
+
+
+def mask_region(mask: Image.Image, aspect: float, padding: int) -> tuple[int, int, int, int]:
+    """The mask's bounding box grown by `padding`, then widened or heightened towards `aspect` (width / height)
+    within the image, so the region scales to the requested size with little distortion."""
+    left, top, right, bottom = mask.point(lambda v: 255 if v >= 128 else 0).getbbox()
+    left, top = max(left - padding, 0), max(top - padding, 0)
+    right, bottom = min(right + padding, mask.width), min(bottom + padding, mask.height)
+    w, h = right - left, bottom - top
+    if w / h < aspect:
+        grow = min(round(h * aspect), mask.width) - w
+        left = min(max(left - grow // 2, 0), mask.width - (w + grow))
+        right = left + w + grow
+    else:
+        grow = min(round(w / aspect), mask.height) - h
+        top = min(max(top - grow // 2, 0), mask.height - (h + grow))
+        bottom = top + h + grow
+    return left, top, right, bottom
+
+
+def latent_mask(mask: Image.Image, lat_h: int, lat_w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, lat_h, lat_w) of 0/1: the mask binarized at 0.5 and resized by nearest neighbour (diffusers' way)."""
+    values = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
+    binary = (values >= 0.5).to(torch.float32)
+    return torch.nn.functional.interpolate(binary, size=(lat_h, lat_w)).to(device=device, dtype=dtype)

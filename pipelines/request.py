@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 MAX_SEED = 2**32 - 1  # A1111 / ComfyUI convention; seeds round-trip through their UIs
 DEFAULT_STRENGTH = 0.6  # diffusers' FluxImg2ImgPipeline default
+DEFAULT_MASK_BLUR = 4  # pixels, A1111's default
+MAX_MASK_BLUR = 64
 
 
 class RequestError(ValueError):
@@ -42,16 +44,25 @@ class GenerationRequest:
     # 0 (keep it) to 1 (ignore it); None: DEFAULT_STRENGTH.
     image: "InputImage | None" = None
     strength: float | None = None
+    # Inpainting: a mask of the input's size, white = repaint; its blur in pixels for pasting the result back;
+    # and whether to repaint only the region around the mask, at the full requested resolution.
+    mask: "InputImage | None" = None
+    mask_blur: int = DEFAULT_MASK_BLUR
+    only_masked: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting as plain values; an input image by its SHA-256 (PNGs get shared, uploads are private)."""
-        d = asdict(replace(self, image=None))
+        d = asdict(replace(self, image=None, mask=None))
         d["precision"] = Precision.parse(self.precision).value
-        del d["image"]
+        del d["image"], d["mask"]
         if self.image is None:
             del d["strength"]
         else:
             d["input_image_sha256"] = self.image.sha256
+        if self.mask is None:
+            del d["mask_blur"], d["only_masked"]
+        else:
+            d["mask_sha256"] = self.mask.sha256
         return d
 
 
@@ -146,6 +157,20 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
             raise RequestError(f"strength must be above 0 and at most 1 (1 repaints the whole image); got {strength:g}.")
     elif req.strength is not None:
         raise RequestError("strength applies to an input image; give an image or clear strength.")
+    mask, mask_blur = None, _as_int("mask blur", req.mask_blur)
+    if req.mask is not None:
+        if image is None:
+            raise RequestError("A mask needs an input image to paint into; give an image or clear the mask.")
+        mask = read_image(req.mask, "mask")
+        if mask.size != image.size:
+            raise RequestError(f"The mask is {mask.size[0]}x{mask.size[1]} but the input image is "
+                               f"{image.size[0]}x{image.size[1]}; give a mask of the image's size.")
+        if mask.image.convert("L").getextrema()[1] < 128:
+            raise RequestError("The mask is empty: paint the area to repaint in white.")
+        if not 0 <= mask_blur <= MAX_MASK_BLUR:
+            raise RequestError(f"mask blur must be between 0 and {MAX_MASK_BLUR} pixels; got {mask_blur}.")
+    elif req.only_masked:
+        raise RequestError("'Only masked' needs a mask; give one or turn the option off.")
 
     support = precision_support(precision, capability, backend)
     if not support.runnable:
@@ -161,7 +186,7 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
 
     return replace(req, precision=precision, negative_prompt=negative, width=width, height=height,
                    steps=steps, guidance=guidance, seed=seed, num_images=num_images, image=image,
-                   strength=strength)
+                   strength=strength, mask=mask, mask_blur=mask_blur, only_masked=bool(req.only_masked))
 
 
 def _as_int(name: str, value: Any) -> int:

@@ -114,3 +114,86 @@ def test_strength_too_small_for_the_steps_is_refused(cpu_manager, tiny_sdxl):
 def test_strength_without_an_image_is_refused(cpu_manager, tiny_flux):
     with pytest.raises(RequestError, match="give an image or clear strength"):
         cpu_manager.generate(GenerationRequest(prompt="x", model=str(tiny_flux), strength=0.5, width=32, height=32))
+
+
+# --------------------------------------------------------------------------- inpainting
+
+def square_mask(width: int, height: int, box: tuple[int, int, int, int]) -> Image.Image:
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).rectangle(box, fill=255)
+    return mask
+
+
+@pytest.mark.parametrize("kind,strength", [("flux", 0.8), ("sdxl", 1.0), ("sdxl", 0.8)])
+def test_inpainting_matches_the_diffusers_inpaint_pipeline(kind, strength, request, cpu_manager):
+    """Inside the mask our pixels are FluxInpaintPipeline's / StableDiffusionXLInpaintPipeline's; outside it,
+    with no blur, they are the input's own (we paste the result back; diffusers returns the VAE's round trip)."""
+    from diffusers import FluxInpaintPipeline, StableDiffusionXLInpaintPipeline
+
+    folder = request.getfixturevalue(f"tiny_{kind}")
+    cls, extra = ((FluxInpaintPipeline, {"max_sequence_length": 32}) if kind == "flux"
+                  else (StableDiffusionXLInpaintPipeline, {}))
+    guidance = 3.5 if kind == "flux" else 5.0
+    source, mask = circle_on_blue(32, 48), square_mask(32, 48, (8, 16, 23, 39))
+    ours = cpu_manager.generate(GenerationRequest(prompt="a red circle", model=str(folder), precision="bf16", seed=7,
+                                                  steps=5, guidance=guidance, width=32, height=48, image=source,
+                                                  mask=mask, mask_blur=0, strength=strength))
+    pipe = cls.from_pretrained(folder, dtype=torch.bfloat16)
+    theirs = pipe("a red circle", image=source, mask_image=mask, strength=strength, num_inference_steps=5,
+                  guidance_scale=guidance, width=32, height=48, generator=[torch.Generator().manual_seed(7)],
+                  **extra).images[0]
+    inside = np.asarray(mask) > 127
+    diff = np.abs(_pixels(ours.images[0]) - _pixels(theirs))[inside]
+    assert diff.max() <= 8 and diff.mean() < 1.2, (diff.max(), diff.mean())  # rounding, as for image to image
+    assert np.array_equal(np.asarray(ours.images[0])[~inside], np.asarray(source)[~inside])
+    assert ours.settings()["mask_sha256"] and ours.settings()["mask_blur"] == 0
+
+
+def test_mask_blur_softens_the_paste_but_far_pixels_stay(cpu_manager, tiny_flux):
+    source, mask = circle_on_blue(64, 64), square_mask(64, 64, (24, 24, 39, 39))
+    result = cpu_manager.generate(GenerationRequest(prompt="x", model=str(tiny_flux), seed=2, steps=3, width=64,
+                                                    height=64, image=source, mask=mask, mask_blur=4, strength=0.9))
+    out, src = np.asarray(result.images[0]).astype(int), np.asarray(source).astype(int)
+    changed = np.abs(out - src).max(axis=2) > 0
+    assert changed[24:40, 24:40].mean() > 0.9  # the masked square was repainted
+    assert changed[20:23, 28:36].any()  # the blur reaches a few pixels past the mask's edge
+    far = np.ones((64, 64), bool)
+    far[12:52, 12:52] = False  # 3 blur radii past the edge
+    assert not changed[far].any()
+
+
+def test_only_masked_repaints_a_region_at_full_resolution(cpu_manager, tiny_sdxl):
+    source = circle_on_blue(128, 96)
+    mask = square_mask(128, 96, (100, 70, 115, 85))  # a small square near the bottom right corner
+    seen = []
+    result = cpu_manager.generate(GenerationRequest(prompt="x", model=str(tiny_sdxl), seed=2, steps=2, width=32,
+                                                    height=32, image=source, mask=mask, mask_blur=0, strength=0.9,
+                                                    only_masked=True), on_progress=seen.append)
+    out, src = np.asarray(result.images[0]).astype(int), np.asarray(source).astype(int)
+    assert result.images[0].size == (128, 96)  # the input's size: the region was pasted back
+    changed = np.abs(out - src).max(axis=2) > 0
+    assert changed[70:86, 100:116].mean() > 0.9 and changed.sum() == changed[70:86, 100:116].sum()
+
+
+def test_mask_region_keeps_the_requested_aspect():
+    from pipelines.image_input import mask_region
+
+    region = mask_region(square_mask(200, 100, (90, 40, 109, 59)), aspect=2.0, padding=10)
+    left, top, right, bottom = region
+    assert left <= 80 and right >= 120 and top <= 30 and bottom >= 70
+    assert (right - left) == 2 * (bottom - top)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(mask=Image.new("L", (16, 16), 255)), "The mask is 16x16 but the input image is 32x32; give a mask of the image's size."),
+    (dict(mask=Image.new("L", (32, 32), 0)), "The mask is empty: paint the area to repaint in white."),
+    (dict(mask_blur=500), "mask blur must be between 0 and 64 pixels; got 500."),
+    (dict(mask=None, only_masked=True), "'Only masked' needs a mask; give one or turn the option off."),
+    (dict(image=None, strength=None), "A mask needs an input image to paint into; give an image or clear the mask."),
+])
+def test_bad_masks_are_refused(cpu_manager, tiny_flux, change, message):
+    base = dict(prompt="x", model=str(tiny_flux), width=32, height=32, steps=2, image=circle_on_blue(32, 32),
+                mask=Image.new("L", (32, 32), 255), strength=0.5)
+    with pytest.raises(RequestError) as exc:
+        cpu_manager.generate(GenerationRequest(**{**base, **change}))
+    assert str(exc.value) == message

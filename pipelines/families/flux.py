@@ -1,8 +1,8 @@
-"""Flux.1 text-to-image and image-to-image: encode the prompt (CLIP-L pooled + T5), denoise packed latents with
-flow matching, decode.
+"""Flux.1 text-to-image, image-to-image and inpainting: encode the prompt (CLIP-L pooled + T5), denoise packed
+latents with flow matching, decode.
 
-The loop follows diffusers' FluxPipeline (with an input image, FluxImg2ImgPipeline) step for step
-(tests compare them image for image), but
+The loop follows diffusers' FluxPipeline (with an input image FluxImg2ImgPipeline, with a mask
+FluxInpaintPipeline) step for step (tests compare them image for image), but
 reads its components through `Parts`, so the manager can load them lazily, evict the text encoders
 once the prompt is encoded, and swap a TensorRT engine in for any component.
 """
@@ -16,7 +16,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from .. import graphs
 from ..graphs import VAE_ENCODER, GraphIO, TensorSpec
-from ..image_input import encode_input
+from ..image_input import encode_input, latent_mask, prepare_canvas
 from ..registry import Family, ModelSpec
 from ..request import GenerationRequest
 from ..run_context import Parts, RunContext, Stopwatch
@@ -91,19 +91,21 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
 
     # 3. Starting latents: noise, or the encoded input image with noise mixed in to the first step's level.
     generators = seed_generators(seeds)
+    canvas = mask = None
     t_encode = clock.mark()
     if req.image is not None:
         ctx.report("encode", 0, 1, "encoding the input image")
+        canvas = prepare_canvas(req.image, req.mask, req.width, req.height, req.mask_blur, req.only_masked)
         vae_config = spec.components["vae"].config
         with torch.inference_mode():
-            encoded = encode_input(parts, req.image, req.width, req.height, generators, device)
+            encoded = encode_input(parts, canvas.image, generators, device)
         parts.done_with(VAE_ENCODER)
-        image_latents = (encoded - vae_config.get("shift_factor", 0.0)) * vae_config["scaling_factor"]
+        image_latents = pack(((encoded - vae_config.get("shift_factor", 0.0)) * vae_config["scaling_factor"]).to(dtype))
     t_encoded = clock.mark()
-    noise = seeded_noise(generators, (channels, h, w), device, dtype)
-    if req.image is not None:
-        noise = scheduler.scale_noise(image_latents.to(dtype), timesteps[:1].repeat(n), noise)
-    latents = pack(noise)
+    noise = pack(seeded_noise(generators, (channels, h, w), device, dtype))
+    latents = noise if canvas is None else scheduler.scale_noise(image_latents, timesteps[:1].repeat(n), noise)
+    if canvas is not None and canvas.mask is not None:  # inpainting: 1 where the step's result is kept
+        mask = pack(latent_mask(canvas.mask, h, w, device, dtype).repeat(n, channels, 1, 1))
     cond = dict(
         encoder_hidden_states=text.to(dtype).repeat(n, 1, 1),
         pooled_projections=pooled.to(dtype).repeat(n, 1),
@@ -121,6 +123,10 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
             ctx.check_cancelled()
             velocity = denoiser(hidden_states=latents, timestep=(t.expand(n).to(dtype) / 1000), **cond)
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+            if mask is not None:  # outside the mask, the input image noised to the next step's level
+                kept = image_latents if i == len(timesteps) - 1 else \
+                    scheduler.scale_noise(image_latents, timesteps[i + 1:i + 2], noise)
+                latents = (1 - mask) * kept + mask * latents
             step_marks.append(clock.mark())
             clock.wait(step_marks[-1])
             ctx.report("denoise", i + 1, len(timesteps))
@@ -139,7 +145,8 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
 
     timings = replace(stage_timings(clock, t_start, t_text, step_marks, t_vae, t_end),
                       vae_encoder_ms=clock.ms(t_encode, t_encoded) if req.image is not None else 0.0)
-    return FamilyOutput(decoded_to_images(decoded), timings, tuple(warnings))
+    images = decoded_to_images(decoded)
+    return FamilyOutput(images if canvas is None else tuple(map(canvas.paste_back, images)), timings, tuple(warnings))
 
 
 def denoiser_io(spec: ModelSpec) -> GraphIO:

@@ -1,8 +1,9 @@
-"""SDXL text-to-image and image-to-image: two CLIP encoders, a UNet with text_time conditioning and
-classifier-free guidance, a VAE.
+"""SDXL text-to-image, image-to-image and inpainting: two CLIP encoders, a UNet with text_time conditioning
+and classifier-free guidance, a VAE.
 
-Follows diffusers' StableDiffusionXLPipeline (with an input image, StableDiffusionXLImg2ImgPipeline) step
-for step (tests compare them image for image)
+Follows diffusers' StableDiffusionXLPipeline (with an input image StableDiffusionXLImg2ImgPipeline, with a
+mask StableDiffusionXLInpaintPipeline on the base model's 4-channel UNet) step for step (tests compare
+them image for image)
 and reads its components through `Parts`, like the Flux loop.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from .. import graphs
 from ..graphs import VAE_ENCODER, GraphIO, TensorSpec
-from ..image_input import encode_input
+from ..image_input import encode_input, latent_mask, prepare_canvas
 from ..registry import Family, ModelSpec
 from ..request import GenerationRequest
 from ..run_context import Parts, RunContext, Stopwatch
@@ -74,19 +75,27 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
 
     # 3. Starting latents: noise, or the encoded input image with noise added to the first step's level.
     generators = seed_generators(seeds)
+    canvas = mask = None
+    lat_shape = (channels, req.height // scale, req.width // scale)
     t_encode = clock.mark()
     if req.image is not None:
         ctx.report("encode", 0, 1, "encoding the input image")
+        canvas = prepare_canvas(req.image, req.mask, req.width, req.height, req.mask_blur, req.only_masked)
         with torch.inference_mode():
-            encoded = encode_input(parts, req.image, req.width, req.height, generators, device)
+            encoded = encode_input(parts, canvas.image, generators, device)
         parts.done_with(VAE_ENCODER)
         image_latents = spec.components["vae"].config["scaling_factor"] * encoded.to(dtype)
     t_encoded = clock.mark()
-    noise = seeded_noise(generators, (channels, req.height // scale, req.width // scale), device, dtype)
-    if req.image is not None:
-        latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(n))
-    else:
+    noise = seeded_noise(generators, lat_shape, device, dtype)
+    if canvas is None or (canvas.mask is not None and req.strength == 1.0):  # inpainting at 1: pure noise
         latents = noise * scheduler.init_noise_sigma
+    else:
+        latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(n))
+    if canvas is not None and canvas.mask is not None:
+        mask = latent_mask(canvas.mask, *lat_shape[1:], device, dtype)
+        # StableDiffusionXLInpaintPipeline encodes the masked image next (a draw the 4-channel UNet never uses);
+        # drawing as much keeps an ancestral sampler's step noise the same as diffusers'.
+        seeded_noise(generators, lat_shape, device, dtype)
     time_ids = torch.tensor([[req.height, req.width, 0, 0, req.height, req.width]], dtype=dtype, device=device)
     cond = dict(encoder_hidden_states=text.to(dtype).repeat(n, 1, 1), text_embeds=pooled.to(dtype).repeat(n, 1),
                 time_ids=time_ids.repeat(n, 1))
@@ -108,6 +117,10 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + req.guidance * (eps_text - eps_uncond)
             latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+            if mask is not None:  # outside the mask, the input image noised to the next step's level
+                kept = image_latents if i == len(timesteps) - 1 else \
+                    scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
+                latents = (1 - mask) * kept + mask * latents
             step_marks.append(clock.mark())
             clock.wait(step_marks[-1])
             ctx.report("denoise", i + 1, len(timesteps))
@@ -124,7 +137,8 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
 
     timings = replace(stage_timings(clock, t_start, t_text, step_marks, t_vae, t_end),
                       vae_encoder_ms=clock.ms(t_encode, t_encoded) if req.image is not None else 0.0)
-    return FamilyOutput(decoded_to_images(decoded), timings, tuple(warnings))
+    images = decoded_to_images(decoded)
+    return FamilyOutput(images if canvas is None else tuple(map(canvas.paste_back, images)), timings, tuple(warnings))
 
 
 def denoiser_io(spec: ModelSpec) -> GraphIO:
