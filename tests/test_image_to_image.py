@@ -15,6 +15,18 @@ def _pixels(image) -> np.ndarray:
     return np.asarray(image).astype(np.float64)
 
 
+@pytest.fixture
+def diffusers_encoder_on_contiguous_input(monkeypatch):
+    """diffusers hands its VAE encoder a channels-last view of the pixels (a numpy transpose), ours a contiguous
+    tensor; the CPU bf16 convolutions round the two layouts differently (one bf16 step in the latent mean,
+    up to 10 levels of 255 after SDXL's guidance, measured). The layout is no part of the method, so the
+    reference's encoder gets a contiguous copy of the same values."""
+    from diffusers import AutoencoderKL
+
+    encode = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, return_dict=True: encode(self, x.contiguous(), return_dict))
+
+
 def circle_on_blue(width: int, height: int) -> Image.Image:
     image = Image.new("RGB", (width, height), (20, 40, 200))
     r = min(width, height) // 3
@@ -23,7 +35,7 @@ def circle_on_blue(width: int, height: int) -> Image.Image:
 
 
 @pytest.mark.parametrize("kind,strength", [("flux", 0.6), ("sdxl", 0.7)])
-def test_matches_the_diffusers_img2img_pipeline(kind, strength, request, cpu_manager):
+def test_matches_the_diffusers_img2img_pipeline(kind, strength, request, cpu_manager, diffusers_encoder_on_contiguous_input):
     """Same seed, same input, same strength: the same pixels as FluxImg2ImgPipeline / StableDiffusionXLImg2ImgPipeline."""
     from diffusers import FluxImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
@@ -38,13 +50,8 @@ def test_matches_the_diffusers_img2img_pipeline(kind, strength, request, cpu_man
     pipe = cls.from_pretrained(folder, dtype=torch.bfloat16)
     theirs = pipe("a red circle", image=source, strength=strength, num_inference_steps=5, guidance_scale=guidance,
                   width=32, height=48, generator=[torch.Generator().manual_seed(7)], **extra).images
-    # Rounding only: diffusers rounds its [0, 1] conversion in bf16, we in fp32 (one level); and inside the
-    # pipelines' __call__ the same VAE encoder on the same input tensor returns a mean one bf16 step (0.012)
-    # away from a direct call of it (measured on Flux; our encoder output equals the direct call exactly),
-    # which SDXL's guidance (5) amplifies. Measured: Flux max 3 / mean 0.43, SDXL max 6 / mean 0.84 levels;
-    # a schedule or seed-order mistake moves pixels by tens of levels.
-    diff = np.abs(_pixels(ours.images[0]) - _pixels(theirs[0]))
-    assert diff.max() <= 8 and diff.mean() < 1.2, (diff.max(), diff.mean())
+    # diffusers rounds its [0, 1] conversion in bf16, we in fp32: at most one level apart.
+    assert np.abs(_pixels(ours.images[0]) - _pixels(theirs[0])).max() <= 1
     # The strength cut the schedule: 5 x 0.6 = 3 steps (Flux), int(5 x 0.7) = 3 steps (SDXL).
     assert len(ours.timings.steps_ms) == 3 and ours.timings.vae_encoder_ms > 0
 
@@ -125,7 +132,8 @@ def square_mask(width: int, height: int, box: tuple[int, int, int, int]) -> Imag
 
 
 @pytest.mark.parametrize("kind,strength", [("flux", 0.8), ("sdxl", 1.0), ("sdxl", 0.8)])
-def test_inpainting_matches_the_diffusers_inpaint_pipeline(kind, strength, request, cpu_manager):
+def test_inpainting_matches_the_diffusers_inpaint_pipeline(kind, strength, request, cpu_manager,
+                                                          diffusers_encoder_on_contiguous_input):
     """Inside the mask our pixels are FluxInpaintPipeline's / StableDiffusionXLInpaintPipeline's; outside it,
     with no blur, they are the input's own (we paste the result back; diffusers returns the VAE's round trip)."""
     from diffusers import FluxInpaintPipeline, StableDiffusionXLInpaintPipeline
@@ -144,7 +152,7 @@ def test_inpainting_matches_the_diffusers_inpaint_pipeline(kind, strength, reque
                   **extra).images[0]
     inside = np.asarray(mask) > 127
     diff = np.abs(_pixels(ours.images[0]) - _pixels(theirs))[inside]
-    assert diff.max() <= 8 and diff.mean() < 1.2, (diff.max(), diff.mean())  # rounding, as for image to image
+    assert diff.max() <= 1  # diffusers rounds its [0, 1] conversion in bf16, we in fp32
     assert np.array_equal(np.asarray(ours.images[0])[~inside], np.asarray(source)[~inside])
     assert ours.settings()["mask_sha256"] and ours.settings()["mask_blur"] == 0
 
