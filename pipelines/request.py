@@ -13,6 +13,7 @@ from PIL import Image
 
 from .precision import Backend, Capability, Precision, precision_support
 from .registry import ModelSpec
+from .schedulers import find_sampler
 
 if TYPE_CHECKING:
     from .image_input import InputImage
@@ -21,6 +22,11 @@ MAX_SEED = 2**32 - 1  # A1111 / ComfyUI convention; seeds round-trip through the
 DEFAULT_STRENGTH = 0.6  # diffusers' FluxImg2ImgPipeline default
 DEFAULT_MASK_BLUR = 4  # pixels, A1111's default
 MAX_MASK_BLUR = 64
+# Prompt caps, checked before any work: T5 reads at most 512 tokens (about 2,000 characters of English), so
+# 4,000 characters loses nothing a model could use; the byte cap bounds what any text costs to encode and to
+# store (twice) in each PNG. Without them one 50 MB prompt held the worker for minutes and wrote a 105 MB PNG.
+MAX_PROMPT_CHARS = 4000
+MAX_PROMPT_BYTES = 12000  # UTF-8; 3 bytes per character covers CJK text at the character cap
 
 
 class RequestError(ValueError):
@@ -49,6 +55,7 @@ class GenerationRequest:
     mask: "InputImage | None" = None
     mask_blur: int = DEFAULT_MASK_BLUR
     only_masked: bool = False
+    sampler: str = ""  # a name from pipelines.schedulers ("DPM++ 2M Karras"); empty: the model's own scheduler
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting as plain values; an input image by its SHA-256 (PNGs get shared, uploads are private)."""
@@ -119,8 +126,8 @@ class GenerationResult:
 def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capability | None,
                     backend: Backend = Backend.TORCH) -> GenerationRequest:
     """Fill defaults from `spec`, check every field, pick a seed. Raises RequestError."""
-    if not isinstance(req.prompt, str):
-        raise RequestError("The prompt must be text.")
+    check_prompt("prompt", req.prompt)
+    check_prompt("negative prompt", req.negative_prompt or "")
     try:
         precision = Precision.parse(req.precision)
     except ValueError as e:
@@ -171,6 +178,14 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
             raise RequestError(f"mask blur must be between 0 and {MAX_MASK_BLUR} pixels; got {mask_blur}.")
     elif req.only_masked:
         raise RequestError("'Only masked' needs a mask; give one or turn the option off.")
+    sampler = (req.sampler or "").strip() if isinstance(req.sampler, str) or req.sampler is None else req.sampler
+    if not isinstance(sampler, str):
+        raise RequestError(f"sampler must be a name; got {sampler!r}.")
+    if sampler:
+        try:
+            find_sampler(spec.family, sampler)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
 
     support = precision_support(precision, capability, backend)
     if not support.runnable:
@@ -185,8 +200,25 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
             raise RequestError(f"seed must be between 0 and {MAX_SEED - num_images + 1} (or -1 for random); got {seed}.")
 
     return replace(req, precision=precision, negative_prompt=negative, width=width, height=height,
-                   steps=steps, guidance=guidance, seed=seed, num_images=num_images, image=image,
+                   steps=steps, guidance=guidance, seed=seed, num_images=num_images, sampler=sampler, image=image,
                    strength=strength, mask=mask, mask_blur=mask_blur, only_masked=bool(req.only_masked))
+
+
+def check_prompt(name: str, text: Any) -> None:
+    """Raise RequestError unless `text` is a string within the caps that encodes as UTF-8."""
+    if not isinstance(text, str):
+        raise RequestError(f"The {name} must be text.")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise RequestError(f"The {name} is {len(text):,} characters long; the limit is {MAX_PROMPT_CHARS:,} "
+                           f"characters ({MAX_PROMPT_BYTES:,} bytes of UTF-8). Shorten it.")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:  # a lone surrogate half, e.g. from a JSON "\ud800" escape
+        raise RequestError(f"The {name} contains an invalid character at position {exc.start + 1} (half of a "
+                           "UTF-16 surrogate pair); remove it or paste the text again.") from None
+    if size > MAX_PROMPT_BYTES:
+        raise RequestError(f"The {name} is {size:,} bytes long in UTF-8; the limit is {MAX_PROMPT_BYTES:,} bytes "
+                           f"({MAX_PROMPT_CHARS:,} characters). Shorten it.")
 
 
 def _as_int(name: str, value: Any) -> int:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..graphs import VAE_ENCODER, GraphIO, VaeEncoder, token_ids_io, vae_decoder_io, vae_encoder_io
 from ..registry import Family
+from ..schedulers import Sampler
 
 if TYPE_CHECKING:
     from ..registry import ModelSpec
@@ -48,6 +49,8 @@ class ModelFamily:
     first_step: Callable[[int, float], int]
     guidance_batch: bool = False  # classifier-free guidance runs the denoiser on 2x the images
     negative_prompt: bool = False  # the loop takes a negative prompt (models may still turn it off)
+    samplers: tuple[Sampler, ...] = ()  # what a user may pick instead of the model's own scheduler
+    example_prompts: tuple[str, ...] = ()  # shown as clickable examples for the family's real models
 
     def adapter(self, name: str) -> type[nn.Module]:
         return VaeEncoder if name == VAE_ENCODER else self.adapters[name]

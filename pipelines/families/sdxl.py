@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import replace
+from types import MappingProxyType
 
 import torch
 
@@ -22,6 +23,7 @@ from ..run_context import Parts, RunContext, Stopwatch
 from ..sampling import (FamilyOutput, check_finite, decoded_to_images, seed_generators, seeded_noise, stage_timings,
                         tokenize, truncation_warning)
 from .family import ModelFamily
+from ..schedulers import Sampler, make_scheduler
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -66,7 +68,7 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     dtype = parts.dtype("unet")
     scale = spec.vae_scale_factor
     channels = spec.components["unet"].config["in_channels"]
-    scheduler = type(parts.get("scheduler")).from_config(parts.get("scheduler").config)  # fresh state per job
+    scheduler = make_scheduler(parts.get("scheduler"), spec.family, req.sampler)  # fresh state per job
     scheduler.set_timesteps(req.steps, device=device)
     start = first_step(req.steps, req.strength) * scheduler.order if req.image is not None else 0
     if hasattr(scheduler, "set_begin_index"):
@@ -154,6 +156,23 @@ def denoiser_io(spec: ModelSpec) -> GraphIO:
                     TensorSpec("time_ids", ("batch", 6), "compute")), ("noise",))
 
 
+SAMPLERS = (
+    Sampler("Euler", "EulerDiscreteScheduler"),
+    Sampler("Euler a", "EulerAncestralDiscreteScheduler"),
+    Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", MappingProxyType({"algorithm_type": "dpmsolver++", "solver_order": 2})),
+    Sampler("DPM++ 2M Karras", "DPMSolverMultistepScheduler",
+            MappingProxyType({"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True})),
+    # diffusers' own SDE solver: A1111's "DPM++ SDE" needs torchsde's Brownian tree; this one draws its noise
+    # from the job's seeded generators, so a seed still gives the same picture.
+    Sampler("DPM++ SDE", "DPMSolverMultistepScheduler",
+            MappingProxyType({"algorithm_type": "sde-dpmsolver++", "solver_order": 2})),
+    Sampler("DDIM", "DDIMScheduler"),
+    Sampler("UniPC", "UniPCMultistepScheduler"),
+)
+EXAMPLES = ("a cozy cabin in a snowy forest at dusk, warm light in the windows, highly detailed",
+            "portrait of an old sailor with a grey beard, dramatic lighting, 85mm photo",
+            "an isometric illustration of a tiny island city, pastel colors")
+
 SDXL = ModelFamily(
     kind=Family.SDXL,
     denoiser="unet",
@@ -171,6 +190,8 @@ SDXL = ModelFamily(
     fp16_overflows=(),
     text_io={"text_encoder": (None, ("hidden",)), "text_encoder_2": (None, ("hidden", "pooled"))},
     denoiser_io=denoiser_io,
+    samplers=SAMPLERS,
+    example_prompts=EXAMPLES,
     generate=generate,
     first_step=first_step,
     guidance_batch=True,
