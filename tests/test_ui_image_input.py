@@ -88,3 +88,17 @@ def test_api_refuses_a_bad_strength_in_one_line(client, tmp_path):
         client.predict("tiny-flux", "a red circle", 32, 32, 2, 3.5, 1, 1, "bf16", "",
                        _editor(tmp_path, Image.new("RGB", (32, 32))), 1.5, 4, False, api_name="/generate_flux")
     assert "strength must be above 0 and at most 1" in str(exc.value)
+
+
+def test_api_compare_takes_an_input_image(client, tmp_path):
+    from gradio_client import handle_file
+
+    from pipelines.image_input import read_image
+
+    source = Image.new("RGB", (32, 32), (200, 30, 30))
+    source.save(tmp_path / "input.png")
+    out = client.predict("tiny-flux", "a red circle", 4, ["16-bit", "fp8"], 32, 32, 2, 3.5,
+                         handle_file(str(tmp_path / "input.png")), 0.5, api_name="/compare")
+    details = next(o for o in out if isinstance(o, dict) and "entries" in o)
+    assert details["strength"] == 0.5 and details["input_image_sha256"] == read_image(source).sha256
+    assert len(details["entries"]) == 2
