@@ -205,3 +205,18 @@ def test_bad_masks_are_refused(cpu_manager, tiny_flux, change, message):
     with pytest.raises(RequestError) as exc:
         cpu_manager.generate(GenerationRequest(**{**base, **change}))
     assert str(exc.value) == message
+
+
+@pytest.mark.parametrize("kind", ["flux", "sdxl"])
+def test_every_sampler_runs_image_to_image_and_inpainting(kind, request, cpu_manager):
+    from pipelines.registry import Family
+    from pipelines.schedulers import sampler_names
+
+    folder = request.getfixturevalue(f"tiny_{kind}")
+    source, mask = circle_on_blue(32, 32), square_mask(32, 32, (8, 8, 23, 23))
+    for sampler in sampler_names(Family.FLUX if kind == "flux" else Family.SDXL):
+        for inpaint in (None, mask):
+            result = cpu_manager.generate(GenerationRequest(prompt="x", model=str(folder), seed=1, steps=4, width=32,
+                                                            height=32, image=source, mask=inpaint, mask_blur=0,
+                                                            strength=0.5, sampler=sampler))
+            assert len(result.timings.steps_ms) == 2 and _pixels(result.images[0]).std() > 1.0, sampler
