@@ -242,7 +242,8 @@ def test_the_app_serves_through_ray(cluster, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo, service = start(LaunchOptions(port=port, ray="", device="cpu", models=("demo-flux",), output_dir=tmp_path),
+    demo, service = start(LaunchOptions(port=port, ray="", manager=ManagerConfig(device="cpu"), models=("demo-flux",),
+                                        output_dir=tmp_path),
                           block=False)
     try:
         assert isinstance(service.manager, RayManager) and service.manager.replica_count == 1
@@ -299,3 +300,20 @@ def test_ray_flags_are_checked_before_anything_starts(capsys):
     with pytest.raises(SystemExit, match="--replicas must be 1 or more"):
         main(["serve", "--replicas", "0"])
     assert INSTALL_HINT.startswith("Ray Serve is not installed")
+
+
+def test_the_cluster_offers_what_the_ui_and_api_ask_of_a_manager(cluster):
+    """ui/service.py, ui/health.py and ui/metrics.py are handed a RayManager in --ray mode: every member they use
+    on a PipelineManager must exist here too."""
+    used = ("submit", "generate", "queue_position", "status", "unload", "close", "forget_tensorrt_failures",
+            "worker_alive", "job_observers", "policy", "info", "config", "engine_cache")
+    local = PipelineManager(ManagerConfig(device="cpu"))
+    try:
+        assert all(hasattr(local, name) for name in used)  # the list names real manager members
+    finally:
+        local.close()
+    assert [name for name in used if not hasattr(cluster, name)] == []
+    from pipelines.precision import Backend
+
+    assert cluster.worker_alive and cluster.policy.support("bf16", Backend.TORCH).runnable
+    cluster.forget_tensorrt_failures()  # reaches every replica without error

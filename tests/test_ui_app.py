@@ -167,6 +167,21 @@ def test_api_system_status_unload_and_clear(client, app):
     assert not stray.exists()
 
 
+def test_api_self_check_streams_the_doctor_table_and_writes_its_report(client, monkeypatch):
+    """The System tab's Self-check is `python -m pipelines doctor` (tests/test_doctor.py covers its checks); a
+    zero budget keeps this one to the reference render and the rows known without running."""
+    import pipelines.doctor as doctor
+
+    real = doctor.run_doctor
+    monkeypatch.setattr(doctor, "run_doctor", lambda device, on_check=None: real(device, 0, on_check=on_check))
+    table, report_file = client.predict(api_name="/self_check")
+    assert "Self-check done: no failures." in table
+    assert "| torch | bf16 | verified |" in table and "| torch | fp8 | not run |" in table
+    assert "| TensorRT |" in table  # the machine's facts follow the rows
+    data = json.loads(Path(report_file["value"] if isinstance(report_file, dict) else report_file).read_text())
+    assert data["ok"] is True and data["checks"][0]["detail"].startswith("reference image")
+
+
 # --------------------------------------------------------------------------- the browser
 
 

@@ -398,6 +398,16 @@ class PrismService:
             raise RequestError(f"A job is running on {self.running_name() or model}; "
                                "unload it when the job has finished.") from None
 
+    def self_check(self, on_check: Callable[[Any], None] | None = None) -> tuple[Any, Path]:
+        """`python -m pipelines doctor` from the System tab: the report, and its JSON in the output folder (to
+        download and attach to a bug report). It renders the tiny demo model through managers of its own on
+        this machine's device, so the models this app has loaded stay loaded."""
+        from pipelines.doctor import run_doctor, write_report
+
+        device = self.manager.info.device
+        report = run_doctor("auto" if device == "cluster" else device, on_check=on_check)
+        return report, write_report(report, self.output_dir / "prism-doctor.json")
+
     def clear_engine_cache(self) -> tuple[int, int]:
         """(artifacts removed, bytes freed). Refused while jobs run: a build may be writing into the cache."""
         status = self.manager.status()

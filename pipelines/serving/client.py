@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..backends import TensorRTStatus, tensorrt_status
+from ..cpu_math import FAST_CPU
+from ..device_policy import DevicePolicy
 from ..engine_cache import EngineCache
 from ..gpu import DeviceInfo
-from ..manager import InternalError, JobState, ManagerConfig, ManagerStatus, QueueFullError, ResidentInfo
+from ..manager import InternalError, Job, JobState, ManagerConfig, ManagerStatus, QueueFullError, ResidentInfo
 from ..precision import Precision
 from ..registry import REPO_ROOT, resolve_spec
 from ..request import GenerationRequest, GenerationResult
@@ -48,49 +50,18 @@ class ServingConfig:
     start_timeout_s: float = 600.0  # replicas import torch and probe their GPU before they report
 
 
-class RayJob:
-    """A job sent to the cluster; the same surface as the manager's Job (result, cancel, state, done, progress)."""
+@dataclass
+class RayJob(Job):
+    """A job sent to the cluster: the manager's Job (result, state, done, progress), cancelled through Serve."""
 
-    def __init__(self, job_id: int, request: GenerationRequest, on_progress: Callable[[Progress], None] | None):
-        self.id, self.request, self.on_progress = job_id, request, on_progress
-        self.state = JobState.QUEUED
-        self.progress: Progress | None = None
-        self.replica: str | None = None  # set when a replica starts it
-        self._response: Any = None
-        self._cancelled = threading.Event()
-        self._done = threading.Event()
-        self._result: GenerationResult | None = None
-        self._error: BaseException | None = None
+    replica: str | None = None  # set when a replica starts it
+    _response: Any = None
 
     def cancel(self) -> None:
-        """Cancel through Serve: a waiting job leaves the queue, a running one stops at its next step."""
-        self._cancelled.set()
+        """A waiting job leaves Serve's queue, a running one stops at its next step."""
+        super().cancel()
         if self._response is not None:
             self._response.cancel()
-
-    def report(self, progress: Progress) -> None:
-        self.progress = progress
-        if self.on_progress is not None:
-            try:
-                self.on_progress(progress)
-            except Exception:  # a broken listener (closed browser tab) must not fail the job
-                log.debug("progress listener failed", exc_info=True)
-
-    def result(self, timeout: float | None = None) -> GenerationResult:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"Job {self.id} did not finish within {timeout} s.")
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def _finish(self, state: JobState, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
-        self.state, self._result, self._error = state, result, error
-        self._done.set()
 
 
 @dataclass(frozen=True)
@@ -168,11 +139,14 @@ class RayManager:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._replicas_seen: dict[str, ReplicaStatus] = {}
+        self.job_observers: list[Callable[[RayJob], None]] = []  # called with each finished job, as the manager does
         self._board: Any = None  # set by _deploy; close() removes only what was made
         self._handle: Any = None
         try:
             self.replica_count = self._deploy()
             self.info = cluster_device(self._wait_for_replicas())
+            # What each precision runs as, for the UI's labels: the slowest replica's facts.
+            self.policy = DevicePolicy.for_device(self.info.capability, self.info.cpu_math or FAST_CPU)
         except BaseException:
             self.close()
             raise
@@ -236,7 +210,7 @@ class RayManager:
         job.report(Progress("queue", 0, 1, f"queued: {ahead} job(s) ahead" if ahead else "starting"))
         call = self._handle.options(method_name="generate", stream=True, multiplexed_model_id=_affinity(request))
         job._response = call.remote(request)
-        if job._cancelled.is_set():  # cancelled before the response existed
+        if job.cancel_event.is_set():  # cancelled before the response existed
             job._response.cancel()
         threading.Thread(target=self._follow, args=(job,), name=f"prism-ray-job-{job.id}", daemon=True).start()
         return job
@@ -286,6 +260,17 @@ class RayManager:
                 "The app is still running; its log has the details."))
         finally:
             self._leave_queue(job)
+            for observe in self.job_observers:
+                try:
+                    observe(job)
+                except Exception:  # an observer (the HTTP API's metrics) must never break job handling
+                    log.exception("job observer failed")
+
+    @property
+    def worker_alive(self) -> bool:
+        """At least one replica reported recently (what /health asks of a single manager's worker)."""
+        now = time.time()
+        return any(now - s.reported_at < STALE_AFTER_S for s in self._snapshot())
 
     def _started(self, job: RayJob, event: ReplicaEvent) -> None:
         if job.replica is None:
@@ -340,15 +325,22 @@ class RayManager:
     def unload(self, model: str | None = None, timeout_s: float = 300.0) -> int:
         """Unload `model` (or every model) on every replica; returns the bytes released. A replica that is
         running a job unloads when the job ends, as one manager does."""
+        return sum(self._on_every_replica("unload", timeout_s, model))
+
+    def forget_tensorrt_failures(self, timeout_s: float = 60.0) -> None:
+        """Every replica gives its failed TensorRT engines another try (after the engine cache is cleared)."""
+        self._on_every_replica("forget_tensorrt_failures", timeout_s)
+
+    def _on_every_replica(self, method: str, timeout_s: float, *args: Any) -> list[Any]:
         from ray.serve.exceptions import BackPressureError
 
         now = time.time()
         live = [s for s in self._snapshot() if now - s.reported_at < STALE_AFTER_S]
-        calls = [self._handle.options(method_name="unload").remote(model, replica=s.replica) for s in live]
+        calls = [self._handle.options(method_name=method).remote(*args, replica=s.replica) for s in live]
         try:
-            return sum(call.result(timeout_s=timeout_s) for call in calls)
+            return [call.result(timeout_s=timeout_s) for call in calls]
         except BackPressureError:
-            raise QueueFullError("The server is busy; unload when the queue has room.") from None
+            raise QueueFullError("The server is busy; try again when the queue has room.") from None
 
     def close(self) -> None:
         """Remove the deployment (its replicas free their GPUs); leave a cluster we joined running."""
@@ -390,6 +382,8 @@ def cluster_device(statuses: list[ReplicaStatus]) -> DeviceInfo:
     label = ", ".join(f"{n} x {name}" if n > 1 else name for name, n in names.items())
     caps = [i.capability for i in infos]
     capability = None if not caps or None in caps else min(caps)
+    cpu_maths = [i.cpu_math for i in infos if i.cpu_math is not None]
     return DeviceInfo("cluster", f"{len(infos)} Ray Serve replica(s): {label}", capability,
                       sum(i.total_bytes for i in infos), sum(i.free_bytes for i in infos),
-                      unified=all(i.unified for i in infos))
+                      unified=all(i.unified for i in infos),
+                      cpu_math=min(cpu_maths, key=lambda c: (c.fast_bf16, c.fast_fp16)) if cpu_maths else None)

@@ -96,6 +96,11 @@ class PrismReplica:
         assert replica == self.replica, "the router sent an unload meant for another replica"
         return await asyncio.get_running_loop().run_in_executor(None, self.manager.unload, model)
 
+    async def forget_tensorrt_failures(self, replica: str) -> None:
+        """Give this replica's failed TensorRT engines another try (the engine cache was cleared)."""
+        assert replica == self.replica, "the router sent a call meant for another replica"
+        self.manager.forget_tensorrt_failures()
+
     # ---------------------------------------------------------------- status
 
     def status(self) -> ReplicaStatus:

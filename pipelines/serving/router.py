@@ -7,7 +7,7 @@ of the first rank that has room; this router only orders the ranks:
 With `max_ongoing_requests=1` a replica "has room" only when it is idle, so a job goes to an idle
 replica that holds its model, else to any idle replica, else it waits in Serve's queue (FIFO).
 
-Requests that name a `replica` keyword (unload) go to that replica only.
+Requests that name a `replica` keyword (unload, forget_tensorrt_failures) go to that replica only.
 """
 from __future__ import annotations
 
