@@ -24,6 +24,7 @@ from .config import manager_config
 from .gpu import GiB
 from .manager import PipelineManager
 from .registry import resolve_spec
+from .request import DEFAULT_STRENGTH
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,12 @@ class BenchRow:
     step_ms: float  # median over runs of the mean step time
     steps: int
     vae_ms: float
-    total_ms: float  # text + denoise + VAE (GPU time)
+    total_ms: float  # text + (VAE encoder) + denoise + VAE (GPU time)
     wall_ms: float  # host time from submit to result, warm (no loading)
     load_ms: float  # first-run loading/quantizing/compiling
     peak_gib: float | None
     baseline: str | None = None  # which baseline row this compares to
+    vae_encoder_ms: float = 0.0  # image to image: encoding the input image
 
 
 def _measure(manager: PipelineManager, args: argparse.Namespace, model: str, precision: str, label: str,
@@ -63,6 +65,7 @@ def _measure(manager: PipelineManager, args: argparse.Namespace, model: str, pre
                     step_ms=med([r.timings.mean_step_ms for r in results]), steps=len(first.timings.steps_ms),
                     vae_ms=med([r.timings.vae_ms for r in results]), total_ms=med([r.timings.total_ms for r in results]),
                     wall_ms=med(walls), load_ms=first.timings.load_ms,
+                    vae_encoder_ms=med([r.timings.vae_encoder_ms for r in results]),
                     peak_gib=max(peaks) / GiB if peaks else None, baseline=baseline)
 
 
@@ -110,20 +113,23 @@ def _report(args, manager: PipelineManager, model: str, rows: list[BenchRow], ba
     info = manager.info
     lines = [
         f"### {model} {rows[0].steps if rows else '?'} steps, {args.width or 'default'}x{args.height or 'default'}, "
-        f"batch {args.num_images}",
+        f"batch {args.num_images}" + (f", image to image at strength {args.strength or DEFAULT_STRENGTH:g}"
+                                      + (" with a mask" if args.mask else "") if args.image else ""),
         f"- card: {info.name} (compute capability {info.capability_text}); torch {torch.__version__}; "
         f"{platform.machine()}; date {_today()}",
         f"- command: `{_command()}`",
         f"- medians of {args.runs} run(s) after {args.warmup} warm-up; GPU times from CUDA events; "
         "`wall` is submit-to-result on the host with everything loaded; `load` is the first run's loading/quantizing.",
         "",
-        "| config | runs as | text enc ms | step ms | VAE ms | total ms | wall ms | load s | peak GiB | step speed-up vs baseline |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| config | runs as | text enc ms | VAE enc ms | step ms | VAE ms | total ms | wall ms | load s | peak GiB | "
+        "step speed-up vs baseline |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in list(baselines.values()) + rows:
         base = baselines.get(row.baseline) if row.baseline else None
         ratio = f"{base.step_ms / row.step_ms:.2f}x" if base and row.step_ms else "-"
         peak = f"{row.peak_gib:.1f}" if row.peak_gib is not None else "n/a"
-        lines.append(f"| {row.label} | {row.runs_as} | {row.text_ms:.0f} | {row.step_ms:.1f} | {row.vae_ms:.0f} | "
+        encoder = f"{row.vae_encoder_ms:.0f}" if args.image else "-"
+        lines.append(f"| {row.label} | {row.runs_as} | {row.text_ms:.0f} | {encoder} | {row.step_ms:.1f} | {row.vae_ms:.0f} | "
                      f"{row.total_ms:.0f} | {row.wall_ms:.0f} | {row.load_ms / 1000:.1f} | {peak} | {ratio} |")
     return "\n".join(lines)

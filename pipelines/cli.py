@@ -36,6 +36,14 @@ def _add_request_args(p: argparse.ArgumentParser, multi_precision: bool = False)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--sampler", default="", help="e.g. 'DPM++ 2M Karras' (SDXL) or 'Euler Karras' (Flux); "
                                                   "default: the model's own scheduler")
+    p.add_argument("--image", default=None, help="input image for image to image (fitted to the size: scaled to "
+                                                 "cover it, centre cropped)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --image: how much to repaint, above 0 up to 1 (default 0.6)")
+    p.add_argument("--mask", default=None, help="with --image: inpaint where this mask is white (same size as the image)")
+    p.add_argument("--mask-blur", type=int, default=4, help="with --mask: pixels of blur where the result is pasted back")
+    p.add_argument("--only-masked", action="store_true",
+                   help="with --mask: repaint only the region around the mask, at the full --width x --height")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ from pathlib import Path
 from .config import engine_cache_dir, hub_options, manager_config
 from .engine_cache import EngineCache
 from .gpu import GiB, parse_memory
+from .image_input import read_image
 from .loading import default_model, is_available_locally
 from .manager import PipelineManager
 from .pngmeta import save_png
@@ -29,9 +30,13 @@ def chosen_model(args: argparse.Namespace) -> str:
 
 
 def request_from_args(args: argparse.Namespace, model: str, precision: str) -> GenerationRequest:
+    """The request the flags describe; input images are read (and checked) here, once, before any model work."""
+    image = read_image(args.image) if args.image else None
+    mask = read_image(args.mask, "mask") if args.mask else None
     return GenerationRequest(prompt=args.prompt, model=model, precision=precision, negative_prompt=args.negative_prompt,
                              width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
-                             seed=args.seed, num_images=args.num_images, backend=args.backend, sampler=args.sampler)
+                             seed=args.seed, num_images=args.num_images, backend=args.backend, sampler=args.sampler, image=image,
+                             strength=args.strength, mask=mask, mask_blur=args.mask_blur, only_masked=args.only_masked)
 
 
 def print_progress(p: Progress) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .device_policy import DevicePolicy
 from .families import family_of
+from .families.family import weights_of
 from .precision import Precision
 from .quant import FP4_BLOCK, quantizable
 from .registry import ModelSpec
@@ -74,7 +75,7 @@ def estimate_bytes(spec: ModelSpec, name: str, precision: Precision, policy: Dev
     dtype = policy.component_dtype(spec, name, precision)
     if dtype is None:
         return 0
-    comp = spec.components[name]
+    comp = spec.components[weights_of(name)]  # the VAE encoder: counted as the whole VAE (an upper bound)
     params, linears = _architecture(comp.library, comp.class_name, json.dumps(dict(comp.config), sort_keys=True))
     element = torch.empty((), dtype=dtype).element_size()
     precision = Precision.parse(precision)

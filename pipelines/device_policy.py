@@ -11,6 +11,7 @@ import torch
 
 from .cpu_math import FAST_CPU, CpuMath
 from .families import family_of
+from .families.family import weights_of
 from .gpu import DeviceInfo
 from .precision import BF16_MIN_CC, Backend, Capability, Precision, PrecisionSupport, precision_support
 from .registry import ModelSpec
@@ -79,6 +80,7 @@ class DevicePolicy:
         16-bit choice, kept where the computation runs in FP32, so a picture is the same on every CPU."""
         if name in LIGHT_PARTS:
             return None
+        name = weights_of(name)  # the VAE encoder runs in the VAE's dtype
         dtype = self._sixteen_bit(spec, precision)
         if name in family_of(spec).fp16_overflows:
             return torch.bfloat16 if self.cuda_bf16 else torch.float32

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 CLIP_TOKENS = 77
+VAE_ENCODER = "vae_encoder"  # image to image: the VAE's encoder, a component of its own built from the "vae" weights
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,7 @@ class VaeDecoder(nn.Module):
 class VaeEncoder(nn.Module):
     """`vae` encoder, for img2img: an image in [-1, 1] to the latent distribution's mean and std (unscaled).
 
-    Not part of the text-to-image stages; the TensorRT backend exports it on request so the engine
-    exists when img2img lands, with the same signature the torch path will use.
+    A component of its own (`VAE_ENCODER`), in a job's stages only when the job has an input image.
     """
 
     def __init__(self, vae: nn.Module):

@@ -23,10 +23,10 @@ class JobParts:
     """One job's view of its model's components: loads through the residency on first `get`."""
 
     def __init__(self, manager: "PipelineManager", spec: ModelSpec, precision: Precision, backend: Backend,
-                 source: WeightSource, ctx: RunContext, working_bytes: int):
+                 source: WeightSource, ctx: RunContext, working_bytes: int, with_image: bool = False):
         self.m, self.spec, self.precision, self.backend_kind = manager, spec, precision, backend
         self.source, self.ctx, self.working = source, ctx, working_bytes
-        self.stages = family_of(spec).stages
+        self.stages = family_of(spec).stages(with_image)
         self.finished: set[ComponentKey] = set()
         self.load_ms = 0.0
         self.runs_as: str | None = None

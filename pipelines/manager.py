@@ -266,6 +266,9 @@ class PipelineManager:
         except (UnknownModelError, ValueError) as exc:
             raise RequestError(str(exc)) from None
         resolved = resolve_request(req, spec, self.info.capability, choice.backend)
+        if resolved.image is not None and family_of(spec).first_step(resolved.steps, resolved.strength) >= resolved.steps:
+            raise RequestError(f"strength {resolved.strength:g} with {resolved.steps} steps leaves no step to run; "
+                               "raise the strength or the steps.")
         source = WeightSource(random_weights=self.config.random_weights and spec.local_dir is None, hub=self.config.hub)
         check_access(spec, source)
         working = self.working_bytes(spec, resolved)
@@ -320,14 +323,16 @@ class PipelineManager:
 
     def _generate(self, spec: ModelSpec, req: GenerationRequest, choice: BackendChoice, source: WeightSource,
                   ctx: RunContext, working: int) -> GenerationResult:
-        parts = JobParts(self, spec, Precision.parse(req.precision), choice.backend, source, ctx, working)
+        parts = JobParts(self, spec, Precision.parse(req.precision), choice.backend, source, ctx, working,
+                         with_image=req.image is not None)
         if self.info.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         out = family_of(spec).generate(spec, parts, req, ctx)
         peak = torch.cuda.max_memory_allocated(self.device) if self.info.is_cuda else None
         backend = self.backend(choice.backend)
+        notes = tuple(f"Input image: {note}." for note in req.image.notes) if req.image is not None else ()
         forced = (choice.reason,) if choice.backend is Backend.TORCH and req.backend == "tensorrt" else ()
-        warnings = out.warnings + forced + tuple(ctx.warnings)
+        warnings = notes + out.warnings + forced + tuple(ctx.warnings)
         return GenerationResult(
             request=req, model_id=spec.id, images=out.images, seeds=tuple(req.seed + i for i in range(req.num_images)),
             timings=replace(out.timings, load_ms=parts.load_ms), peak_memory_bytes=peak,
@@ -348,12 +353,12 @@ class PipelineManager:
 
     def stage_bytes(self, spec: ModelSpec, precision: Precision, backend: Backend) -> list[tuple[tuple[str, ...], int]]:
         return [(stage, sum(self.component_bytes(spec, n, precision, backend) for n in stage))
-                for stage in family_of(spec).stages]
+                for stage in family_of(spec).stages()]
 
     def stage_needs(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
-                    source: WeightSource = WeightSource()) -> list[tuple[tuple[str, ...], int]]:
+                    source: WeightSource = WeightSource(), with_image: bool = False) -> list[tuple[tuple[str, ...], int]]:
         """Per stage, the most memory it holds at once: its weights plus working memory, or a load's peak."""
-        stages = family_of(spec).stages
+        stages = family_of(spec).stages(with_image)
         names = {n for stage in stages for n in stage}
         weights = {n: self.component_bytes(spec, n, precision, backend) for n in names}
         peaks = {n: self._load_peak(spec, n, precision, backend, source) for n in names if n not in LIGHT_PARTS}

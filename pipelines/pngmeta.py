@@ -23,7 +23,10 @@ def infotext(settings: dict[str, Any], seed: int, sampler: str = "Euler") -> str
     fields = [("Steps", settings.get("steps")), ("Sampler", sampler), ("CFG scale", settings.get("guidance")),
               ("Seed", seed), ("Size", f"{settings.get('width')}x{settings.get('height')}"),
               ("Model", settings.get("model")), ("Precision", settings.get("runs_as") or settings.get("precision")),
-              ("Backend", settings.get("backend"))]
+              ("Backend", settings.get("backend")),
+              # Image to image and inpainting, under A1111's own keys (the input's hash is in the JSON chunk).
+              ("Denoising strength", settings.get("strength")), ("Mask blur", settings.get("mask_blur")),
+              ("Inpaint area", "Only masked" if settings.get("only_masked") else None)]
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields if v is not None and v != ""))
     return "\n".join(lines)
 

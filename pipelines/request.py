@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -15,7 +15,13 @@ from .precision import Backend, Capability, Precision, precision_support
 from .registry import ModelSpec
 from .schedulers import find_sampler
 
+if TYPE_CHECKING:
+    from .image_input import InputImage
+
 MAX_SEED = 2**32 - 1  # A1111 / ComfyUI convention; seeds round-trip through their UIs
+DEFAULT_STRENGTH = 0.6  # diffusers' FluxImg2ImgPipeline default
+DEFAULT_MASK_BLUR = 4  # pixels, A1111's default
+MAX_MASK_BLUR = 64
 # Prompt caps, checked before any work: T5 reads at most 512 tokens (about 2,000 characters of English), so
 # 4,000 characters loses nothing a model could use; the byte cap bounds what any text costs to encode and to
 # store (twice) in each PNG. Without them one 50 MB prompt held the worker for minutes and wrote a 105 MB PNG.
@@ -40,11 +46,30 @@ class GenerationRequest:
     seed: int | None = None  # None or -1: a random seed, reported back
     num_images: int = 1
     backend: str = "auto"  # auto | torch | tensorrt
+    # Image to image: the input (pipelines.image_input.read_image) and how much of it is repainted, from
+    # 0 (keep it) to 1 (ignore it); None: DEFAULT_STRENGTH.
+    image: "InputImage | None" = None
+    strength: float | None = None
+    # Inpainting: a mask of the input's size, white = repaint; its blur in pixels for pasting the result back;
+    # and whether to repaint only the region around the mask, at the full requested resolution.
+    mask: "InputImage | None" = None
+    mask_blur: int = DEFAULT_MASK_BLUR
+    only_masked: bool = False
     sampler: str = ""  # a name from pipelines.schedulers ("DPM++ 2M Karras"); empty: the model's own scheduler
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """Every setting as plain values; an input image by its SHA-256 (PNGs get shared, uploads are private)."""
+        d = asdict(replace(self, image=None, mask=None))
         d["precision"] = Precision.parse(self.precision).value
+        del d["image"], d["mask"]
+        if self.image is None:
+            del d["strength"]
+        else:
+            d["input_image_sha256"] = self.image.sha256
+        if self.mask is None:
+            del d["mask_blur"], d["only_masked"]
+        else:
+            d["mask_sha256"] = self.mask.sha256
         return d
 
 
@@ -56,11 +81,12 @@ class StageTimings:
     steps_ms: tuple[float, ...]
     vae_ms: float
     load_ms: float = 0.0  # loading models / building engines for this job (not part of total_ms)
+    vae_encoder_ms: float = 0.0  # image to image: encoding the input image
 
     @property
     def total_ms(self) -> float:
-        """Text encoders + denoising + VAE: the work a warm pipeline does for this request."""
-        return self.text_encoders_ms + self.denoise_ms + self.vae_ms
+        """Text encoders + (VAE encoder) + denoising + VAE: the work a warm pipeline does for this request."""
+        return self.text_encoders_ms + self.vae_encoder_ms + self.denoise_ms + self.vae_ms
 
     @property
     def denoise_ms(self) -> float:
@@ -71,7 +97,8 @@ class StageTimings:
         return self.denoise_ms / len(self.steps_ms) if self.steps_ms else 0.0
 
     def summary(self) -> str:
-        return (f"text encoders {self.text_encoders_ms:.0f} ms | {len(self.steps_ms)} steps x "
+        encoder = f"VAE encoder {self.vae_encoder_ms:.0f} ms | " if self.vae_encoder_ms else ""
+        return (f"text encoders {self.text_encoders_ms:.0f} ms | {encoder}{len(self.steps_ms)} steps x "
                 f"{self.mean_step_ms:.1f} ms = {self.denoise_ms:.0f} ms | VAE {self.vae_ms:.0f} ms | "
                 f"total {self.total_ms:.0f} ms" + (f" (+ load {self.load_ms:.0f} ms)" if self.load_ms else ""))
 
@@ -127,6 +154,30 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
         raise RequestError(f"A negative prompt only acts when guidance is above 1 (it is {guidance:g}); "
                            "raise guidance or clear the negative prompt.")
 
+    strength, image = None, None
+    if req.image is not None:
+        from .image_input import read_image  # it raises RequestError, defined here
+
+        image = read_image(req.image)
+        strength = DEFAULT_STRENGTH if req.strength is None else _as_float("strength", req.strength)
+        if not 0 < strength <= 1:
+            raise RequestError(f"strength must be above 0 and at most 1 (1 repaints the whole image); got {strength:g}.")
+    elif req.strength is not None:
+        raise RequestError("strength applies to an input image; give an image or clear strength.")
+    mask, mask_blur = None, _as_int("mask blur", req.mask_blur)
+    if req.mask is not None:
+        if image is None:
+            raise RequestError("A mask needs an input image to paint into; give an image or clear the mask.")
+        mask = read_image(req.mask, "mask")
+        if mask.size != image.size:
+            raise RequestError(f"The mask is {mask.size[0]}x{mask.size[1]} but the input image is "
+                               f"{image.size[0]}x{image.size[1]}; give a mask of the image's size.")
+        if mask.image.convert("L").getextrema()[1] < 128:
+            raise RequestError("The mask is empty: paint the area to repaint in white.")
+        if not 0 <= mask_blur <= MAX_MASK_BLUR:
+            raise RequestError(f"mask blur must be between 0 and {MAX_MASK_BLUR} pixels; got {mask_blur}.")
+    elif req.only_masked:
+        raise RequestError("'Only masked' needs a mask; give one or turn the option off.")
     sampler = (req.sampler or "").strip() if isinstance(req.sampler, str) or req.sampler is None else req.sampler
     if not isinstance(sampler, str):
         raise RequestError(f"sampler must be a name; got {sampler!r}.")
@@ -149,7 +200,8 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
             raise RequestError(f"seed must be between 0 and {MAX_SEED - num_images + 1} (or -1 for random); got {seed}.")
 
     return replace(req, precision=precision, negative_prompt=negative, width=width, height=height,
-                   steps=steps, guidance=guidance, seed=seed, num_images=num_images, sampler=sampler)
+                   steps=steps, guidance=guidance, seed=seed, num_images=num_images, sampler=sampler, image=image,
+                   strength=strength, mask=mask, mask_blur=mask_blur, only_masked=bool(req.only_masked))
 
 
 def check_prompt(name: str, text: Any) -> None:

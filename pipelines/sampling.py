@@ -33,15 +33,19 @@ def truncation_warning(encoder: str, max_length: int) -> str:
     return f"The prompt is longer than {encoder}'s {max_length} tokens; the end was cut off."
 
 
-def seeded_noise(seeds: tuple[int, ...], shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """One latent per seed, drawn on the CPU so a seed gives the same image on any device (and alone or in a batch).
+def seed_generators(seeds: tuple[int, ...]) -> list[torch.Generator]:
+    """One CPU random stream per image, so a seed gives the same image on any device (and alone or in a batch).
 
-    Returns the generators too: ancestral schedulers draw their step noise from the same per-image streams.
+    Every draw of an image comes from its stream, in diffusers' order: the input image's latent sample
+    (image to image), the starting noise, then an ancestral scheduler's step noise.
     """
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    latents = torch.cat([torch.randn((1, *shape), generator=g, dtype=dtype) for g in generators])
-    return latents.to(device), generators
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+def seeded_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """One latent of `shape` per image, each from its own stream."""
+    return torch.cat([torch.randn((1, *shape), generator=g, dtype=dtype) for g in generators]).to(device)
 
 
 def check_finite(tensor: torch.Tensor, where: str, hint: str) -> None:

@@ -31,7 +31,7 @@ def tiny_sdxl(tmp_path_factory) -> Path:
 
 
 # Every tiny component the TensorRT tests export and build, as (family, component).
-TINY_COMPONENTS = [("flux", c) for c in ("text_encoder", "text_encoder_2", "transformer", "vae")] + \
+TINY_COMPONENTS = [("flux", c) for c in ("text_encoder", "text_encoder_2", "transformer", "vae", "vae_encoder")] + \
                   [("sdxl", c) for c in ("text_encoder", "text_encoder_2", "unet", "vae", "vae_encoder")]
 
 

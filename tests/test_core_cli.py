@@ -71,3 +71,36 @@ def test_cli_offline_hub_model_explains_what_to_do(tmp_path):
     proc = run_cli("generate", "x", "--model", "flux.1-schnell", "--device", "cpu")
     assert proc.returncode == 2
     assert "offline mode is on" in proc.stderr and "hf download black-forest-labs/FLUX.1-schnell" in proc.stderr
+
+
+def test_cli_image_to_image_and_inpainting_record_their_inputs(tiny_sdxl, tmp_path):
+    import hashlib
+
+    source, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.new("RGB", (64, 48), (20, 40, 200)).save(source)
+    mask_image = Image.new("L", (64, 48), 0)
+    mask_image.paste(255, (16, 16, 32, 32))
+    mask_image.save(mask)
+    out = tmp_path / "inpainted.png"
+    proc = run_cli("generate", "a red circle", "--model", str(tiny_sdxl), "--image", str(source), "--strength", "0.75",
+                   "--mask", str(mask), "--mask-blur", "2", "--steps", "4", "--width", "32", "--height", "32",
+                   "--seed", "5", "--device", "cpu", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    meta = read_png_metadata(out)
+    settings = meta["settings"]
+    assert settings["input_image_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert settings["mask_sha256"] == hashlib.sha256(mask.read_bytes()).hexdigest()
+    assert (settings["strength"], settings["mask_blur"], settings["only_masked"]) == (0.75, 2, False)
+    fields = parse_infotext(meta["parameters"])
+    assert fields["Denoising strength"] == "0.75" and fields["Mask blur"] == "2" and "Inpaint area" not in fields
+    assert Image.open(out).size == (32, 32)
+    assert "VAE encoder" in proc.stdout and "3 steps" in proc.stdout  # int(4 x 0.75) steps run
+
+
+def test_cli_bad_input_image_is_one_line(tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not a picture")
+    proc = run_cli("generate", "x", "--model", "demo-sdxl", "--image", str(bad), "--device", "cpu")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("error: The input image is not an image Prism can read; "
+                                                    "use a PNG, JPEG or WebP file.")

@@ -367,7 +367,9 @@ def test_api_parameters_and_outputs_have_real_names_types_and_defaults(client):
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     params = {p["parameter_name"]: p for p in api["/generate_sdxl"]["parameters"]}
     assert list(params) == ["model", "prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed",
-                            "num_images", "precision", "sampler"]
+                            "num_images", "precision", "sampler", "input_image", "strength", "mask_blur", "only_masked"]
+    assert (params["strength"]["python_type"]["type"], params["mask_blur"]["python_type"]["type"],
+            params["only_masked"]["python_type"]["type"]) == ("float", "int", "bool")
     assert {n: params[n]["python_type"]["type"] for n in ("width", "height", "steps", "seed", "num_images")} == \
         dict.fromkeys(("width", "height", "steps", "seed", "num_images"), "int")
     assert params["guidance"]["python_type"]["type"] == "float"

@@ -11,7 +11,7 @@ from pipelines.compare import CHOICES, SIXTEEN_BIT, Comparison, reference_precis
 from pipelines.imagemetrics import HEATMAP_FULL_SCALE, difference_heatmap
 from pipelines.precision import Precision
 from pipelines.registry import Family
-from pipelines.request import GenerationRequest, RequestError
+from pipelines.request import DEFAULT_STRENGTH, GenerationRequest, RequestError
 
 from .formatting import comparison_markdown, compare_figures, fmt_ms, precision_info
 from .generate_tab import (GPU_CONCURRENCY_ID, error_status, run_once, run_with_errors, session_of, size_info,
@@ -65,6 +65,12 @@ def build_compare_tab(service: PrismService) -> None:
                     guidance = NumberSlider(0, spec.max_guidance if spec else 30,
                                          spec.default_guidance if spec else 3.5, step=0.1, label="Guidance",
                                          elem_id="compare-guidance")
+            with gr.Accordion("Input image (image to image)", open=False):
+                with gr.Row():
+                    input_image = gr.Image(type="pil", label="Input image (scaled to cover the size, centre kept)",
+                                           sources=["upload", "clipboard"], height=200, elem_id="compare-input-image")
+                    strength = NumberSlider(0.05, 1, DEFAULT_STRENGTH, step=0.05, label="Strength",
+                                            info="0 keeps the input, 1 ignores it", elem_id="compare-strength")
             with gr.Row():
                 button = gr.Button("Compare", variant="primary", elem_id="compare-run", scale=3)
                 stop = gr.Button("Stop", variant="stop", elem_id="compare-stop", scale=1)
@@ -131,13 +137,14 @@ def build_compare_tab(service: PrismService) -> None:
 
     @run_with_errors(len(outputs))
     def compare(model, prompt, seed=-1, precisions=CHOICES, width=None, height=None, steps=None, guidance=None,
-                request: gr.Request = None, progress=gr.Progress()):
+                input_image=None, strength=DEFAULT_STRENGTH, request: gr.Request = None, progress=gr.Progress()):
         choice = service.choice(model)
         if not precisions:
             raise RequestError(f"Select at least one precision to compare ({', '.join(label for _, label in COLUMNS)}).")
         job_request = GenerationRequest(prompt=prompt or "", model=choice.model,
                                         seed=None if seed in (None, -1) else seed,
-                                        width=width, height=height, steps=steps, guidance=guidance)
+                                        width=width, height=height, steps=steps, guidance=guidance, image=input_image,
+                                        strength=strength if input_image is not None else None)
         started = time.perf_counter()
         task = service.start_compare(job_request, list(precisions), session=session_of(request))
         try:
@@ -165,7 +172,8 @@ def build_compare_tab(service: PrismService) -> None:
                f"{fmt_ms((time.perf_counter() - started) * 1000)}")
 
     event = button.click(None, None, status, js="() => ''", queue=False).then(  # clear the last status (see generate_tab)
-        compare, [model, prompt, seed, precisions, width, height, steps, guidance], outputs, api_name="compare",
+        compare, [model, prompt, seed, precisions, width, height, steps, guidance, input_image, strength], outputs,
+        api_name="compare",
         concurrency_id=GPU_CONCURRENCY_ID, show_progress_on=[*images, status])
     event.then(slide, [paths_state, against], slider, api_visibility="private", concurrency_limit=None,
                show_progress="hidden")

@@ -11,13 +11,16 @@ import time
 import gradio as gr
 
 from pipelines.families import FAMILIES
+from pipelines.image_input import ONLY_MASKED_PADDING
 from pipelines.registry import Family, ModelSpec
+from pipelines.request import DEFAULT_MASK_BLUR, DEFAULT_STRENGTH, MAX_MASK_BLUR
 from pipelines.schedulers import recorded_name, sampler_names
 
 from .errors import ui_error
 from .examples import empty_prompt_hint, example_prompts
 from .history import add_results, gallery_value
 from .formatting import fmt_ms, precision_info, precision_label, result_details, result_markdown
+from .input_image import image_and_mask
 from .inputs import NumberSlider, Prompt, WholeNumber, WholeSlider
 from .service import PRECISION_ORDER, ModelChoice, PrismService
 
@@ -111,6 +114,23 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
                     precision, _ = precision_dropdown(service, f"{prefix}-precision")
                 sampler = gr.Dropdown(sampler_choices(spec, family), value="", label="Sampler",
                                       info="recorded in each PNG as A1111 does", elem_id=f"{prefix}-sampler")
+            with gr.Accordion("Input image (image to image, inpainting)", open=False, elem_id=f"{prefix}-input-box"):
+                gr.Markdown("The input is scaled to cover the width x height above and its centre is kept. Paint "
+                            "over it to repaint only there (inpainting); the rest of the picture stays as it was.",
+                            elem_classes=["prism-note"])
+                input_image = gr.ImageEditor(type="pil", label="Input image (upload or paste; paint a mask)",
+                                             sources=["upload", "clipboard"], layers=False, transforms=(),
+                                             brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                                             elem_id=f"{prefix}-input-image")
+                with gr.Row():
+                    strength = NumberSlider(0.05, 1, DEFAULT_STRENGTH, step=0.05, label="Strength",
+                                            info="how much is repainted: 0 keeps the input, 1 ignores it",
+                                            elem_id=f"{prefix}-strength")
+                    mask_blur = WholeSlider(0, MAX_MASK_BLUR, DEFAULT_MASK_BLUR, step=1, precision=0,
+                                            label="Mask blur (pixels)", elem_id=f"{prefix}-mask-blur")
+                only_masked = gr.Checkbox(False, label=f"Only masked: repaint the masked region (with "
+                                                       f"{ONLY_MASKED_PADDING} px around it) at the full size",
+                                          elem_id=f"{prefix}-only-masked")
         with gr.Column(scale=3):
             # contain, not cover: the whole picture is always visible; small ones are scaled up with
             # nearest-neighbour for display only (see PRISM_CSS); the PNG files keep their real size.
@@ -132,6 +152,7 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
         with gr.Row():
             reuse_settings = gr.Button("Reuse settings", size="sm", elem_id=f"{prefix}-history-settings")
             reuse_history_seed = gr.Button("Reuse seed", size="sm", elem_id=f"{prefix}-history-seed")
+            use_as_input = gr.Button("Use as input", size="sm", elem_id=f"{prefix}-history-input")
             picked_note = gr.Markdown("Nothing picked yet.", elem_id=f"{prefix}-history-picked")
     history = gr.State([])  # HistoryItems, newest first (one list per browser session)
     # The picked HistoryItem; an image-to-image input reads its `image_for_input` ("use as input").
@@ -163,11 +184,12 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
     cleared = (None, None, None, "", None)  # after an error no earlier result stays on show as if it were new
 
     def run(session: str | None, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p, sampler_name,
-            progress):
+            editor, strength_value, blur, only, progress):
         if not (prompt_text or "").strip():
             raise gr.Error(empty_prompt_hint(service.choice(model_name, family).spec), print_exception=False)
+        image, mask = image_and_mask(editor)
         request = service.build_request(family, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p,
-                                        sampler_name)
+                                        sampler_name, image, strength_value, mask, blur, only)
         name = service.choice_for(request).name
         started = time.perf_counter()
         task = service.start_generate(request, session=session)
@@ -190,21 +212,25 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
     if sdxl:
         @run_with_errors(len(outputs), cleared)
         def generate_sdxl(model, prompt, negative_prompt="", width=None, height=None, steps=None, guidance=None,
-                          seed=-1, num_images=1, precision=None, sampler="", request: gr.Request = None,
-                          progress=gr.Progress()):
+                          seed=-1, num_images=1, precision=None, sampler="", input_image=None,
+                          strength=DEFAULT_STRENGTH, mask_blur=DEFAULT_MASK_BLUR, only_masked=False,
+                          request: gr.Request = None, progress=gr.Progress()):
             yield from run(session_of(request), model, prompt, negative_prompt, width, height, steps, guidance, seed,
-                           num_images, precision, sampler, progress)
+                           num_images, precision, sampler, input_image, strength, mask_blur, only_masked, progress)
         generate = generate_sdxl
     else:
         @run_with_errors(len(outputs), cleared)
         def generate_flux(model, prompt, width=None, height=None, steps=None, guidance=None, seed=-1, num_images=1,
-                          precision=None, sampler="", request: gr.Request = None, progress=gr.Progress()):
+                          precision=None, sampler="", input_image=None, strength=DEFAULT_STRENGTH,
+                          mask_blur=DEFAULT_MASK_BLUR, only_masked=False, request: gr.Request = None,
+                          progress=gr.Progress()):
             yield from run(session_of(request), model, prompt, "", width, height, steps, guidance, seed, num_images,
-                           precision, sampler, progress)
+                           precision, sampler, input_image, strength, mask_blur, only_masked, progress)
         generate = generate_flux
 
     inputs = [model, prompt] + ([negative] if sdxl else []) + [width, height, steps, guidance, seed, num_images,
-                                                                precision, sampler]
+                                                                precision, sampler, input_image, strength, mask_blur,
+                                                                only_masked]
     # The last run's status line goes at once, in the browser, so a stale "Done" or error never describes this run.
     event = button.click(None, None, status, js="() => ''", queue=False).then(
         generate, inputs, outputs, api_name=f"generate_{prefix}", concurrency_id=GPU_CONCURRENCY_ID,
@@ -228,8 +254,14 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
         s = item.settings
         values = [s.get("model"), s.get("prompt", "")] + ([s.get("negative_prompt", "")] if sdxl else []) + \
             [s.get("width"), s.get("height"), s.get("steps"), s.get("guidance"), item.seed, s.get("num_images", 1),
-             s.get("precision"), s.get("sampler", "")]
+             s.get("precision"), s.get("sampler", ""), gr.skip(),  # the input image is not in the PNG, only its hash
+             s.get("strength") or DEFAULT_STRENGTH, s.get("mask_blur", DEFAULT_MASK_BLUR), s.get("only_masked", False)]
         return values
+
+    def input_of(item):
+        if item is None:
+            raise gr.Error("Click an image in the history first.", print_exception=False)
+        return item.image_for_input
 
     def seed_of(item):
         if item is None:
@@ -241,6 +273,7 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
     history_gallery.select(pick, history, [picked, picked_note], **quiet)
     reuse_settings.click(settings_of, picked, inputs, **quiet)
     reuse_history_seed.click(seed_of, picked, seed, **quiet)
+    use_as_input.click(input_of, picked, input_image, **quiet)
 
     def stop_job(request: gr.Request = None):
         return error_status(stop_message(service.cancel_session(session_of(request))))

@@ -30,7 +30,7 @@ class HistoryItem:
 
     @property
     def image_for_input(self) -> str:
-        """The file an image-to-image input takes when the user picks "use as input" (to come with that issue)."""
+        """The file the input image takes when the user picks "Use as input"."""
         return self.path
 
 

@@ -24,7 +24,7 @@ from pipelines.pngmeta import png_bytes, save_png
 from pipelines.schedulers import recorded_name
 from pipelines.precision import Backend, Precision, PrecisionSupport
 from pipelines.registry import HUB_MODELS, Family, ModelSpec, UnknownModelError, demo_specs, read_local_spec
-from pipelines.request import GenerationRequest, GenerationResult, RequestError, resolve_request
+from pipelines.request import DEFAULT_MASK_BLUR, GenerationRequest, GenerationResult, RequestError, resolve_request
 from pipelines.gpu import system_memory
 
 from .errors import OutputError
@@ -241,15 +241,19 @@ class PrismService:
 
     def build_request(self, family: Family | None, model: str, prompt: str, negative_prompt: str | None,
                       width: Any, height: Any, steps: Any, guidance: Any, seed: Any, num_images: Any,
-                      precision: str, sampler: str | None = "") -> GenerationRequest:
-        """A request from widget values (None or -1 seed: random; empty size/steps/guidance: the model's default)."""
+                      precision: str, sampler: str | None = "", image: Any = None, strength: Any = None,
+                      mask: Any = None, mask_blur: Any = DEFAULT_MASK_BLUR, only_masked: bool = False) -> GenerationRequest:
+        """A request from widget values (None or -1 seed: random; empty size/steps/guidance: the model's default).
+        `image` and `mask` are decoded images or files; `resolve_request` reads and checks them."""
         choice = self.choice(model, family)
         seed = None if seed in (None, "", -1, -1.0) else seed
         return GenerationRequest(
             prompt=prompt or "", model=choice.model, precision=precision or self.default_precision().value,
             negative_prompt=negative_prompt or "", width=_blank_none(width), height=_blank_none(height),
             steps=_blank_none(steps), guidance=_blank_none(guidance), seed=seed,
-            num_images=1 if num_images in (None, "") else num_images, sampler=sampler or "")
+            num_images=1 if num_images in (None, "") else num_images, sampler=sampler or "", image=image,
+            strength=_blank_none(strength) if image is not None else None, mask=mask,
+            mask_blur=DEFAULT_MASK_BLUR if mask_blur in (None, "") else mask_blur, only_masked=bool(only_masked))
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
         """Validate now (the manager validates again) so a bad field is reported without queueing."""

@@ -19,6 +19,7 @@ import torch
 from ..components import LoadedComponent, estimate_bytes, largest_linear_bytes
 from ..device_policy import DevicePolicy
 from ..families import family_of
+from ..families.family import VAE_ENCODER, weights_of
 from ..loading import WeightSource, load_component
 from ..precision import Backend, Precision, SupportLevel
 from ..quant import module_bytes, quantize_linears
@@ -61,8 +62,10 @@ class TorchBackend:
         dtype = policy.component_dtype(spec, name, precision)
         weights = policy.weight_dtype(spec, name, precision)
         staged = self._staged(spec, name, precision, device, source)
-        obj = load_component(spec, name, dtype=weights or torch.float32, device="cpu" if staged else device,
+        obj = load_component(spec, weights_of(name), dtype=weights or torch.float32, device="cpu" if staged else device,
                              source=source)
+        if name == VAE_ENCODER:
+            obj.decoder = None  # the encoder alone: the decoder is the "vae" component
         if dtype is None:  # tokenizer or scheduler
             return LoadedComponent(obj, 0, None)
         if dtype != weights:  # a CPU without fast 16-bit math: the rounded 16-bit weights compute in FP32
@@ -74,7 +77,7 @@ class TorchBackend:
             native_fp4 = Precision.parse(precision) is Precision.FP4 and support.level is SupportLevel.NATIVE
             report = _quantize(obj, spec, precision, dtype, native_fp4, device if staged else None)
             runs_as = support.runs_as if report.native_fp4 == native_fp4 else "FP4 weights, 16-bit compute"
-        engine = family_of(spec).adapters[name](obj).eval()
+        engine = family_of(spec).adapter(name)(obj).eval()
         if name == spec.denoiser and self.options.compile:
             engine = CompiledDenoiser(engine, lambda: compile_denoiser(obj, spec, self.options.compile_mode))
         return LoadedComponent(engine, module_bytes(obj), dtype, runs_as)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Mapping
 import torch
 from torch import nn
 
-from ..graphs import GraphIO, token_ids_io, vae_decoder_io
+from ..graphs import VAE_ENCODER, GraphIO, VaeEncoder, token_ids_io, vae_decoder_io, vae_encoder_io
 from ..registry import Family
 from ..schedulers import Sampler
 
@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from ..request import GenerationRequest
     from ..run_context import Parts, RunContext
     from ..sampling import FamilyOutput
+
+def weights_of(name: str) -> str:
+    """The model component whose weights component `name` is built from."""
+    return "vae" if name == VAE_ENCODER else name
 
 
 @dataclass(frozen=True)
@@ -41,13 +45,20 @@ class ModelFamily:
     text_io: Mapping[str, tuple[int | None, tuple[str, ...]]]
     denoiser_io: Callable[["ModelSpec"], GraphIO]  # the denoiser's inputs and outputs, as `generate` calls it
     generate: Callable[["ModelSpec", "Parts", "GenerationRequest", "RunContext"], "FamilyOutput"]
+    # Image to image: the step of the schedule a strength starts at (each family rounds as its diffusers pipeline).
+    first_step: Callable[[int, float], int]
     guidance_batch: bool = False  # classifier-free guidance runs the denoiser on 2x the images
     negative_prompt: bool = False  # the loop takes a negative prompt (models may still turn it off)
     samplers: tuple[Sampler, ...] = ()  # what a user may pick instead of the model's own scheduler
     example_prompts: tuple[str, ...] = ()  # shown as clickable examples for the family's real models
 
+    def adapter(self, name: str) -> type[nn.Module]:
+        return VaeEncoder if name == VAE_ENCODER else self.adapters[name]
+
     def graph_io(self, spec: "ModelSpec", name: str) -> GraphIO:
         """Component `name`'s engine inputs and outputs (what TensorRT exports and profiles)."""
+        if name == VAE_ENCODER:
+            return vae_encoder_io(spec.components["vae"].config)
         if name in self.text_io:
             length, outputs = self.text_io[name]
             return token_ids_io(length or spec.max_prompt_tokens, *outputs)
@@ -55,7 +66,7 @@ class ModelFamily:
             return vae_decoder_io(spec.components["vae"].config)
         return self.denoiser_io(spec)
 
-    @property
-    def stages(self) -> tuple[tuple[str, ...], ...]:
-        """The components each stage needs resident at once, in order."""
-        return (("tokenizer", "tokenizer_2", *self.text_encoders), ("scheduler", self.denoiser), ("vae",))
+    def stages(self, with_image: bool = False) -> tuple[tuple[str, ...], ...]:
+        """The components each stage needs resident at once, in order; the VAE encoder only for an input image."""
+        encode = ((VAE_ENCODER,),) if with_image else ()
+        return (("tokenizer", "tokenizer_2", *self.text_encoders), *encode, ("scheduler", self.denoiser), ("vae",))

@@ -1,11 +1,14 @@
-"""Flux.1 text-to-image: encode the prompt (CLIP-L pooled + T5), denoise packed latents with flow matching, decode.
+"""Flux.1 text-to-image, image-to-image and inpainting: encode the prompt (CLIP-L pooled + T5), denoise packed
+latents with flow matching, decode.
 
-The loop follows diffusers' FluxPipeline step for step (tests compare the two image for image), but
+The loop follows diffusers' FluxPipeline (with an input image FluxImg2ImgPipeline, with a mask
+FluxInpaintPipeline) step for step (tests compare them image for image), but
 reads its components through `Parts`, so the manager can load them lazily, evict the text encoders
 once the prompt is encoded, and swap a TensorRT engine in for any component.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from types import MappingProxyType
 
 import numpy as np
@@ -13,12 +16,13 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from .. import graphs
-from ..graphs import GraphIO, TensorSpec
+from ..graphs import VAE_ENCODER, GraphIO, TensorSpec
+from ..image_input import encode_input, latent_mask, prepare_canvas
 from ..registry import Family, ModelSpec
 from ..request import GenerationRequest
 from ..run_context import Parts, RunContext, Stopwatch
-from ..sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noise, stage_timings, tokenize,
-                       truncation_warning)
+from ..sampling import (FamilyOutput, check_finite, decoded_to_images, seed_generators, seeded_noise, stage_timings,
+                        tokenize, truncation_warning)
 from .family import ModelFamily
 from ..schedulers import Sampler, make_scheduler
 
@@ -45,6 +49,11 @@ def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
+def first_step(steps: int, strength: float) -> int:
+    """Image to image starts the schedule here (FluxImg2ImgPipeline.get_timesteps' rounding)."""
+    return int(max(steps - min(steps * strength, steps), 0))
+
+
 def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunContext) -> FamilyOutput:
     device, n = ctx.device, req.num_images
     seeds = tuple(req.seed + i for i in range(n))
@@ -67,20 +76,38 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     t_text = clock.mark()
     parts.done_with(*TEXT_ENCODERS)
 
-    # 2. Noise, schedule and conditioning.
+    # 2. Schedule; an input image starts it part way, where `strength` of the noise is left.
     dtype = parts.dtype("transformer")
     scale = spec.vae_scale_factor
     h, w = 2 * (req.height // (scale * 2)), 2 * (req.width // (scale * 2))
     channels = spec.components["transformer"].config["in_channels"] // 4
-    noise, _ = seeded_noise(seeds, (channels, h, w), device, dtype)
-    latents = pack(noise)
     scheduler = make_scheduler(parts.get("scheduler"), spec.family, req.sampler)  # fresh state per job
     cfg = scheduler.config
-    mu = calculate_shift(latents.shape[1], cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+    mu = calculate_shift((h // 2) * (w // 2), cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                          cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
     sigmas = np.linspace(1.0, 1 / req.steps, req.steps)
     scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
-    scheduler.set_begin_index(0)
+    start = first_step(req.steps, req.strength) if req.image is not None else 0
+    scheduler.set_begin_index(start)
+    timesteps = scheduler.timesteps[start:]
+
+    # 3. Starting latents: noise, or the encoded input image with noise mixed in to the first step's level.
+    generators = seed_generators(seeds)
+    canvas = mask = None
+    t_encode = clock.mark()
+    if req.image is not None:
+        ctx.report("encode", 0, 1, "encoding the input image")
+        canvas = prepare_canvas(req.image, req.mask, req.width, req.height, req.mask_blur, req.only_masked)
+        vae_config = spec.components["vae"].config
+        with torch.inference_mode():
+            encoded = encode_input(parts, canvas.image, generators, device)
+        parts.done_with(VAE_ENCODER)
+        image_latents = pack(((encoded - vae_config.get("shift_factor", 0.0)) * vae_config["scaling_factor"]).to(dtype))
+    t_encoded = clock.mark()
+    noise = pack(seeded_noise(generators, (channels, h, w), device, dtype))
+    latents = noise if canvas is None else scheduler.scale_noise(image_latents, timesteps[:1].repeat(n), noise)
+    if canvas is not None and canvas.mask is not None:  # inpainting: 1 where the step's result is kept
+        mask = pack(latent_mask(canvas.mask, h, w, device, dtype).repeat(n, channels, 1, 1))
     cond = dict(
         encoder_hidden_states=text.to(dtype).repeat(n, 1, 1),
         pooled_projections=pooled.to(dtype).repeat(n, 1),
@@ -90,20 +117,24 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     if spec.components["transformer"].config.get("guidance_embeds", False):
         cond["guidance"] = torch.full([n], req.guidance, device=device, dtype=torch.float32)
 
-    # 3. Denoise.
+    # 4. Denoise.
     denoiser = parts.get("transformer")
     step_marks = [clock.mark()]
     with torch.inference_mode():
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(timesteps):
             ctx.check_cancelled()
             velocity = denoiser(hidden_states=latents, timestep=(t.expand(n).to(dtype) / 1000), **cond)
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+            if mask is not None:  # outside the mask, the input image noised to the next step's level
+                kept = image_latents if i == len(timesteps) - 1 else \
+                    scheduler.scale_noise(image_latents, timesteps[i + 1:i + 2], noise)
+                latents = (1 - mask) * kept + mask * latents
             step_marks.append(clock.mark())
             clock.wait(step_marks[-1])
-            ctx.report("denoise", i + 1, req.steps)
+            ctx.report("denoise", i + 1, len(timesteps))
     check_finite(latents, "transformer", "Try bf16, or a lower guidance.")
 
-    # 4. Decode.
+    # 5. Decode.
     ctx.report("vae", 0, 1, "decoding")
     vae = parts.get("vae")
     vae_config = spec.components["vae"].config
@@ -114,8 +145,10 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     t_end = clock.mark()
     check_finite(decoded, "VAE decoder", "Try bf16.")
 
-    timings = stage_timings(clock, t_start, t_text, step_marks, t_vae, t_end)
-    return FamilyOutput(decoded_to_images(decoded), timings, tuple(warnings))
+    timings = replace(stage_timings(clock, t_start, t_text, step_marks, t_vae, t_end),
+                      vae_encoder_ms=clock.ms(t_encode, t_encoded) if req.image is not None else 0.0)
+    images = decoded_to_images(decoded)
+    return FamilyOutput(images if canvas is None else tuple(map(canvas.paste_back, images)), timings, tuple(warnings))
 
 
 def denoiser_io(spec: ModelSpec) -> GraphIO:
@@ -163,4 +196,5 @@ FLUX = ModelFamily(
     samplers=SAMPLERS,
     example_prompts=EXAMPLES,
     generate=generate,
+    first_step=first_step,
 )

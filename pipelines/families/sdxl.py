@@ -1,22 +1,27 @@
-"""SDXL text-to-image: two CLIP encoders, a UNet with text_time conditioning and classifier-free guidance, a VAE.
+"""SDXL text-to-image, image-to-image and inpainting: two CLIP encoders, a UNet with text_time conditioning
+and classifier-free guidance, a VAE.
 
-Follows diffusers' StableDiffusionXLPipeline step for step (tests compare the two image for image)
+Follows diffusers' StableDiffusionXLPipeline (with an input image StableDiffusionXLImg2ImgPipeline, with a
+mask StableDiffusionXLInpaintPipeline on the base model's 4-channel UNet) step for step (tests compare
+them image for image)
 and reads its components through `Parts`, like the Flux loop.
 """
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from types import MappingProxyType
 
 import torch
 
 from .. import graphs
-from ..graphs import GraphIO, TensorSpec
+from ..graphs import VAE_ENCODER, GraphIO, TensorSpec
+from ..image_input import encode_input, latent_mask, prepare_canvas
 from ..registry import Family, ModelSpec
 from ..request import GenerationRequest
 from ..run_context import Parts, RunContext, Stopwatch
-from ..sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noise, stage_timings, tokenize,
-                       truncation_warning)
+from ..sampling import (FamilyOutput, check_finite, decoded_to_images, seed_generators, seeded_noise, stage_timings,
+                        tokenize, truncation_warning)
 from .family import ModelFamily
 from ..schedulers import Sampler, make_scheduler
 
@@ -29,6 +34,11 @@ def _encode(parts: Parts, prompt: str, max_length: int, device: torch.device) ->
     hidden_1 = parts.get("text_encoder")(input_ids=ids_1.to(device))
     hidden_2, pooled = parts.get("text_encoder_2")(input_ids=ids_2.to(device))
     return torch.cat([hidden_1, hidden_2.to(hidden_1.dtype)], dim=-1), pooled, cut
+
+
+def first_step(steps: int, strength: float) -> int:
+    """Image to image starts the schedule here (StableDiffusionXLImg2ImgPipeline.get_timesteps' rounding)."""
+    return max(steps - min(int(steps * strength), steps), 0)
 
 
 def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunContext) -> FamilyOutput:
@@ -54,16 +64,40 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     if cut:
         warnings.append(truncation_warning("CLIP", spec.max_prompt_tokens))
 
-    # 2. Noise, schedule and conditioning.
+    # 2. Schedule; an input image starts it part way, where `strength` of the noise is left.
     dtype = parts.dtype("unet")
     scale = spec.vae_scale_factor
     channels = spec.components["unet"].config["in_channels"]
-    noise, generators = seeded_noise(seeds, (channels, req.height // scale, req.width // scale), device, dtype)
     scheduler = make_scheduler(parts.get("scheduler"), spec.family, req.sampler)  # fresh state per job
     scheduler.set_timesteps(req.steps, device=device)
+    start = first_step(req.steps, req.strength) * scheduler.order if req.image is not None else 0
     if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
-    latents = noise * scheduler.init_noise_sigma
+        scheduler.set_begin_index(start)
+    timesteps = scheduler.timesteps[start:]
+
+    # 3. Starting latents: noise, or the encoded input image with noise added to the first step's level.
+    generators = seed_generators(seeds)
+    canvas = mask = None
+    lat_shape = (channels, req.height // scale, req.width // scale)
+    t_encode = clock.mark()
+    if req.image is not None:
+        ctx.report("encode", 0, 1, "encoding the input image")
+        canvas = prepare_canvas(req.image, req.mask, req.width, req.height, req.mask_blur, req.only_masked)
+        with torch.inference_mode():
+            encoded = encode_input(parts, canvas.image, generators, device)
+        parts.done_with(VAE_ENCODER)
+        image_latents = spec.components["vae"].config["scaling_factor"] * encoded.to(dtype)
+    t_encoded = clock.mark()
+    noise = seeded_noise(generators, lat_shape, device, dtype)
+    if canvas is None or (canvas.mask is not None and req.strength == 1.0):  # inpainting at 1: pure noise
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(n))
+    if canvas is not None and canvas.mask is not None:
+        mask = latent_mask(canvas.mask, *lat_shape[1:], device, dtype)
+        # StableDiffusionXLInpaintPipeline encodes the masked image next (a draw the 4-channel UNet never uses);
+        # drawing as much keeps an ancestral sampler's step noise the same as diffusers'.
+        seeded_noise(generators, lat_shape, device, dtype)
     time_ids = torch.tensor([[req.height, req.width, 0, 0, req.height, req.width]], dtype=dtype, device=device)
     cond = dict(encoder_hidden_states=text.to(dtype).repeat(n, 1, 1), text_embeds=pooled.to(dtype).repeat(n, 1),
                 time_ids=time_ids.repeat(n, 1))
@@ -73,11 +107,11 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
                     time_ids=time_ids.repeat(2 * n, 1))
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
-    # 3. Denoise.
+    # 4. Denoise.
     unet = parts.get("unet")
     step_marks = [clock.mark()]
     with torch.inference_mode():
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(timesteps):
             ctx.check_cancelled()
             model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
             eps = unet(sample=model_in, timestep=t, **cond)
@@ -85,12 +119,16 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + req.guidance * (eps_text - eps_uncond)
             latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+            if mask is not None:  # outside the mask, the input image noised to the next step's level
+                kept = image_latents if i == len(timesteps) - 1 else \
+                    scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
+                latents = (1 - mask) * kept + mask * latents
             step_marks.append(clock.mark())
             clock.wait(step_marks[-1])
-            ctx.report("denoise", i + 1, req.steps)
+            ctx.report("denoise", i + 1, len(timesteps))
     check_finite(latents, "UNet", "Try bf16, or a lower guidance.")
 
-    # 4. Decode (the SDXL VAE overflows in fp16; the component plan loads it in fp32 then).
+    # 5. Decode (the SDXL VAE overflows in fp16; the component plan loads it in fp32 then).
     ctx.report("vae", 0, 1, "decoding")
     vae = parts.get("vae")
     t_vae = clock.mark()
@@ -99,8 +137,10 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     t_end = clock.mark()
     check_finite(decoded, "VAE decoder", "Try bf16.")
 
-    timings = stage_timings(clock, t_start, t_text, step_marks, t_vae, t_end)
-    return FamilyOutput(decoded_to_images(decoded), timings, tuple(warnings))
+    timings = replace(stage_timings(clock, t_start, t_text, step_marks, t_vae, t_end),
+                      vae_encoder_ms=clock.ms(t_encode, t_encoded) if req.image is not None else 0.0)
+    images = decoded_to_images(decoded)
+    return FamilyOutput(images if canvas is None else tuple(map(canvas.paste_back, images)), timings, tuple(warnings))
 
 
 def denoiser_io(spec: ModelSpec) -> GraphIO:
@@ -153,6 +193,7 @@ SDXL = ModelFamily(
     samplers=SAMPLERS,
     example_prompts=EXAMPLES,
     generate=generate,
+    first_step=first_step,
     guidance_batch=True,
     negative_prompt=True,
 )

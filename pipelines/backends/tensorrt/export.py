@@ -35,6 +35,7 @@ from torch import nn
 
 from ... import graphs
 from ...families import family_of
+from ...families.family import VAE_ENCODER, weights_of
 from ...graphs import TensorSpec
 from ...registry import ModelSpec
 from . import qdq
@@ -62,22 +63,16 @@ EXPORTERS: dict[type[nn.Module], str] = {
     graphs.T5Hidden: "dynamo", graphs.FluxDenoiser: "dynamo",
     graphs.SdxlDenoiser: "torchscript", graphs.VaeDecoder: "torchscript", graphs.VaeEncoder: "torchscript",
 }
-EXTRA_COMPONENTS = {"vae_encoder": ("vae", graphs.VaeEncoder)}  # built only when asked for (img2img)
 
 
 def component_io(spec: ModelSpec, name: str) -> ComponentIO:
     """The inputs and outputs of component `name`'s graph module, as the family loop calls it."""
     family = family_of(spec)
-    if name in EXTRA_COMPONENTS:
-        weights, adapter = EXTRA_COMPONENTS[name]
-        io = graphs.vae_encoder_io(spec.components[weights].config)
-    elif name in family.adapters:
-        weights, adapter = name, family.adapters[name]
-        io = family.graph_io(spec, name)
-    else:
-        known = ", ".join([*family.adapters, *EXTRA_COMPONENTS])
+    if name not in (*family.adapters, VAE_ENCODER):
+        known = ", ".join([*family.adapters, VAE_ENCODER])
         raise ValueError(f"{spec.id} has no exportable component {name!r}; choose from {known}.")
-    return ComponentIO(weights, adapter, io.inputs, io.outputs, EXPORTERS[adapter],
+    io, adapter = family.graph_io(spec, name), family.adapter(name)
+    return ComponentIO(weights_of(name), adapter, io.inputs, io.outputs, EXPORTERS[adapter],
                        guidance_batch=family.guidance_batch and name == spec.denoiser)
 
 
