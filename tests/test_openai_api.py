@@ -9,8 +9,9 @@ import time
 
 import httpx
 import openai
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipelines.pngmeta import read_png_metadata
@@ -143,13 +144,48 @@ def png(size=(64, 64), color=(200, 30, 30)) -> bytes:
     return buffer.getvalue()
 
 
-def test_edits_checks_its_inputs_then_says_image_to_image_is_missing(client, app):
-    with pytest.raises(openai.APIStatusError) as caught:
-        client.images.edit(model="demo-flux", image=("in.png", png(), "image/png"), prompt=PROMPT, size="64x64")
-    assert caught.value.status_code == 501 and "image-to-image" in caught.value.message
-    assert caught.value.response.headers["x-should-retry"] == "false"
-    # Inputs are checked first: each bad one is a 400 naming its field.
-    with pytest.raises(openai.BadRequestError, match="image is not a readable image") as caught:
+def scene_png(background=(40, 60, 200), circle=(220, 30, 30)) -> bytes:
+    """A red circle at the top left on a blue background, 64x64: what demo-flux draws."""
+    image = Image.new("RGB", (64, 64), background)
+    ImageDraw.Draw(image).ellipse((6, 6, 26, 26), fill=circle)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def openai_mask(box=(32, 32, 64, 64)) -> bytes:
+    """OpenAI's mask convention: opaque everywhere except a transparent box, the area to edit."""
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    ImageDraw.Draw(mask).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=(0, 0, 0, 0))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decoded(response) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(response.data[0].b64_json))).convert("RGB"), dtype=int)
+
+
+def test_edits_run_image_to_image_and_inpaint_where_the_mask_is_transparent(client):
+    source = np.asarray(Image.open(io.BytesIO(scene_png())), dtype=int)
+    edited = client.images.edit(model="demo-flux", image=("in.png", scene_png(), "image/png"), size="64x64",
+                                prompt="a large red circle in the center on a yellow background",
+                                extra_body={"strength": "0.8", "seed": "3"})
+    settings = edited.model_extra["prism"]
+    assert decoded(edited).shape == (64, 64, 3) and settings["strength"] == 0.8 and "input_image_sha256" in settings
+    assert np.abs(decoded(edited) - source).mean() > 10  # the picture was repainted, not returned as sent
+    inpainted = client.images.edit(model="demo-flux", image=("in.png", scene_png(), "image/png"),
+                                   mask=("mask.png", openai_mask(), "image/png"), size="64x64",
+                                   prompt="a small red circle at the top left on a yellow background",
+                                   extra_body={"strength": "1", "mask_blur": "0", "seed": "3"})
+    pixels = decoded(inpainted)
+    assert "mask_sha256" in inpainted.model_extra["prism"]
+    assert np.abs(pixels[:32, :] - source[:32, :]).max() <= 2  # opaque in OpenAI's mask: kept
+    assert np.abs(pixels[32:, 32:] - source[32:, 32:]).mean() > 10  # transparent: repainted
+
+
+def test_edits_check_their_inputs(client, app):
+    with pytest.raises(openai.BadRequestError, match="image is not an image Prism can read") as caught:
         client.images.edit(model="demo-flux", image=("in.png", b"not a picture", "image/png"), prompt=PROMPT)
     assert caught.value.body["param"] == "image"
     with pytest.raises(openai.BadRequestError, match="mask is 32x32 but the image is 64x64"):
@@ -157,6 +193,9 @@ def test_edits_checks_its_inputs_then_says_image_to_image_is_missing(client, app
                            mask=("mask.png", png((32, 32)), "image/png"), prompt=PROMPT)
     with pytest.raises(openai.BadRequestError, match="width 40 is not a multiple of 16"):
         client.images.edit(model="demo-flux", image=("in.png", png(), "image/png"), prompt=PROMPT, size="40x40")
+    with pytest.raises(openai.BadRequestError, match="strength"):
+        client.images.edit(model="demo-flux", image=("in.png", png(), "image/png"), prompt=PROMPT,
+                           extra_body={"strength": "1.5"})
     with pytest.raises(openai.NotFoundError, match="Unknown model 'gpt-image-1'"):
         client.images.edit(model="gpt-image-1", image=("in.png", png(), "image/png"), prompt=PROMPT)
     url = app[0] + "/v1/images/edits"
@@ -165,6 +204,12 @@ def test_edits_checks_its_inputs_then_says_image_to_image_is_missing(client, app
     assert_openai_error(httpx.post(url, json={"prompt": PROMPT}), 400, "image")
     broken = httpx.post(url, content=b"--x\r\nnot a part", headers={"content-type": "multipart/form-data"})
     assert "Missing boundary" in assert_openai_error(broken, 400, "image")
+    bomb = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(bomb, format="PNG")  # over the side cap: refused from its header
+    assert_openai_error(httpx.post(url, files={"image": ("big.png", bomb.getvalue(), "image/png"),
+                                               "prompt": (None, PROMPT)}), 400, "image")
+    good = client.images.generate(model="demo-flux", prompt=PROMPT, size="64x64")  # still serving
+    assert good.data[0].b64_json
 
 
 # --------------------------------------------------------------------------- bad requests

@@ -15,7 +15,7 @@ import io
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Mapping
 
 import anyio
@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pipelines.errors import user_message
+from pipelines.image_input import InputImage, read_image
 from pipelines.loading import ModelAccessError
 from pipelines.manager import Job, QueueFullError
 from pipelines.request import GenerationRequest, GenerationResult, RequestError
@@ -52,14 +53,16 @@ SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 RETRY_AFTER_S = 5  # about one full-size image on a fast GPU; a demo image takes well under a second
 WAIT_POLL_S = 0.25  # how often a waiting request looks for its client having gone away
 MAX_UPLOAD_BYTES = 50 * 2**20  # OpenAI's own limit for an edit's image
+# Prism's own edit fields: how much of the picture is repainted, and the mask's blur where the result is pasted back.
+EDIT_FIELDS = ("strength", "mask_blur")
 
 
 @dataclass(frozen=True)
 class EditInputs:
-    """A checked `/v1/images/edits` request: what image-to-image will take when Prism has it."""
+    """A checked `/v1/images/edits` request: the picture (and mask) and the image-to-image request."""
 
-    images: tuple[Image.Image, ...]
-    mask: Image.Image | None
+    images: tuple[InputImage, ...]  # OpenAI's clients may send several; the first is edited
+    mask: InputImage | None  # white = repaint (an OpenAI mask's transparent pixels become white)
     request: GenerationRequest  # the prompt and every setting, checked as a generation request
 
 
@@ -106,9 +109,9 @@ class OpenAIImages:
         return await self.run_edit(request, inputs)
 
     async def run_edit(self, request: Request, inputs: EditInputs) -> Response:
-        """Image-to-image does not exist yet: when it does, this becomes `run` on a request carrying the images."""
-        raise ApiError(501, "Image edits need image-to-image generation, which Prism does not have yet; use "
-                            "/v1/images/generations with a prompt for now.", code="image_to_image_unavailable")
+        """Image to image on the first picture (inpainting where a mask is given), as the UI runs it."""
+        req = replace(inputs.request, image=inputs.images[0], mask=inputs.mask)
+        return JSONResponse(self.images_response(await self.run(request, req)))
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [self.model_entry(c) for c in self.service.models]})
@@ -200,7 +203,10 @@ class OpenAIImages:
         if mask is not None and mask.size != images[0].size:
             raise ApiError(400, f"mask is {mask.size[0]}x{mask.size[1]} but the image is "
                                 f"{images[0].size[0]}x{images[0].size[1]}; they must be the same size.", param="mask")
-        return EditInputs(images, mask, self.request_from_fields(fields, extra=("input_fidelity",)))
+        req = self.request_from_fields(fields, extra=("input_fidelity",) + EDIT_FIELDS)
+        # Our own fields (form values are text; resolve_request checks and converts them).
+        req = replace(req, **{k: fields[k] for k in EDIT_FIELDS if fields.get(k) not in (None, "")})
+        return EditInputs(images, mask, req)
 
     # ------------------------------------------------------------------ running
 
@@ -287,15 +293,34 @@ def _quality_steps(quality: Any, choice: ModelChoice) -> int:
     return max(1, min(spec.max_steps, round(spec.default_steps * QUALITY_STEPS[quality])))
 
 
-async def _read_image(upload: Any, field: str) -> Image.Image:
+async def _read_image(upload: Any, field: str) -> InputImage:
+    """An uploaded picture, checked and converted by the same rules as the UI's and CLI's (image_input.read_image:
+    size caps before decoding, RGB, first frame). OpenAI's masks mark the area to edit as transparent: those become
+    Prism's white (repaint) and the rest black."""
     if isinstance(upload, str) or not hasattr(upload, "read"):
         raise ApiError(400, f"{field} must be sent as a file, not a text field.", param=field)
     data = await upload.read(MAX_UPLOAD_BYTES + 1)
     if len(data) > MAX_UPLOAD_BYTES:
         raise ApiError(400, f"{field} is larger than {MAX_UPLOAD_BYTES // 2**20} MB.", param=field)
     try:
+        source: bytes | Image.Image = data
+        if field == "mask":
+            source = _openai_mask(data)
+        return read_image(source, field)
+    except RequestError as exc:
+        raise ApiError(400, str(exc), param=field) from None
+
+
+def _openai_mask(data: bytes) -> bytes | Image.Image:
+    """A mask with an alpha channel, as OpenAI's API takes it (transparent = edit here), as a white-on-black mask."""
+    try:
         image = Image.open(io.BytesIO(data))
-        image.load()
-    except Exception:  # PIL raises many kinds for a file that is not an image (or is a decompression bomb)
-        raise ApiError(400, f"{field} is not a readable image; send a PNG, JPEG or WebP file.", param=field) from None
-    return image
+        if "A" not in image.getbands():
+            return data  # already white-on-black: read_image checks it like any upload
+        read_image(data, "mask")  # the same size and format checks before the pixels are touched
+        alpha = image.convert("RGBA").getchannel("A")
+    except RequestError:
+        raise
+    except Exception:
+        return data  # read_image says what is wrong with it
+    return alpha.point(lambda a: 255 if a == 0 else 0).convert("RGB")
