@@ -34,6 +34,9 @@ def _add_request_args(p: argparse.ArgumentParser, multi_precision: bool = False)
     p.add_argument("--seed", type=int, default=None, help="default: random (reported)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_NAME[:SCALE]",
+                   help="a LoRA by file path or by name in --lora-dir, with its scale (default 1); repeatable. "
+                        "<lora:NAME:SCALE> in the prompt works too")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ from .config import engine_cache_dir, hub_options, manager_config
 from .engine_cache import EngineCache
 from .gpu import GiB, parse_memory
 from .loading import default_model, is_available_locally
+from .lora import parse_lora_arg
 from .manager import PipelineManager
 from .pngmeta import SAMPLER_NAMES, save_png
 from .registry import HUB_MODELS, demo_specs, resolve_spec
@@ -16,7 +17,7 @@ from .run_context import Progress
 
 
 def manager_from_args(args: argparse.Namespace) -> PipelineManager:
-    return PipelineManager(manager_config(args))
+    return PipelineManager(manager_config(args, lora_paths=True))  # the CLI's user owns the files it names
 
 
 def chosen_model(args: argparse.Namespace) -> str:
@@ -30,7 +31,8 @@ def chosen_model(args: argparse.Namespace) -> str:
 def request_from_args(args: argparse.Namespace, model: str, precision: str) -> GenerationRequest:
     return GenerationRequest(prompt=args.prompt, model=model, precision=precision, negative_prompt=args.negative_prompt,
                              width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
-                             seed=args.seed, num_images=args.num_images, backend=args.backend)
+                             seed=args.seed, num_images=args.num_images, backend=args.backend,
+                             loras=tuple(parse_lora_arg(text) for text in getattr(args, "lora", None) or ()))
 
 
 def print_progress(p: Progress) -> None:

@@ -29,6 +29,7 @@ from .families import family_of
 from .job_parts import JobParts
 from .gpu import DeviceInfo, parse_memory, probe_device, resolve_device, system_memory
 from .loading import HubOptions, WeightSource, check_access
+from .lora import DEFAULT_LORA_DIR, LoraLibrary, LoraSet, load_set
 from .precision import Backend, Precision, precision_support
 from .registry import ModelSpec, UnknownModelError, resolve_spec
 from .request import GenerationRequest, GenerationResult, RequestError, resolve_request
@@ -60,6 +61,10 @@ class ManagerConfig:
     min_working_bytes: int = 512 * 2**20  # kept free beyond the weights even for tiny images
     torch: TorchOptions = TorchOptions()  # compile; the manager fills in staging and the compile cache
     tensorrt: TensorRTOptions = TensorRTOptions()  # CUDA graphs, weight streaming, engine size ranges
+    lora_dir: Path = DEFAULT_LORA_DIR  # LoRAs offered by name (--lora-dir)
+    # Requests may name a LoRA by file path too (the CLI's --lora PATH); never for web requests, which would
+    # otherwise read any .safetensors file on the server.
+    lora_paths: bool = False
 
 
 class JobState(str, Enum):
@@ -127,6 +132,7 @@ class ManagerStatus:
     budget_bytes: int
     used_bytes: int
     parked_bytes: int
+    lora_host_bytes: int  # 16-bit bases kept in host RAM so LoRAs can be switched without reloading
     resident: tuple[ResidentInfo, ...]
     queued: int
     running: GenerationRequest | None
@@ -147,8 +153,10 @@ class PipelineManager:
         budget = (parse_memory(config.memory_budget, self.info.total_bytes) if config.memory_budget
                   else default_budget(self.info))
         _, host_free = system_memory()
-        self.residency = Residency(budget, self.device, can_park=self.info.is_cuda and not self.info.unified,
-                                   park_budget_bytes=int(host_free * 0.5))
+        discrete = self.info.is_cuda and not self.info.unified
+        self.residency = Residency(budget, self.device, can_park=discrete, park_budget_bytes=int(host_free * 0.5),
+                                   host_is_device=not discrete)
+        self.lora_library = LoraLibrary(config.lora_dir, allow_paths=config.lora_paths)
         self.engine_cache = EngineCache(config.engine_cache_dir)
         self._backends: dict[Backend, ComponentBackend] = dict(backends or {})
         self._backends.setdefault(Backend.TORCH, TorchBackend(replace(
@@ -249,18 +257,20 @@ class PipelineManager:
         except (UnknownModelError, ValueError) as exc:
             raise RequestError(str(exc)) from None
         resolved = resolve_request(req, spec, self.info.capability, choice.backend)
+        loras = load_set(resolved.loras, spec, self.lora_library)  # files read and checked before model work
+        resolved = replace(resolved, loras=tuple((a.file.name, a.scale) for a in loras.items))  # names, never paths
         source = WeightSource(random_weights=self.config.random_weights and spec.local_dir is None, hub=self.config.hub)
         check_access(spec, source)
         working = self.working_bytes(spec, resolved)
         self.check_fits(spec, precision, choice.backend, working, source)
         ctx = RunContext(torch.device(self.device), on_progress=job.report, cancel=job.cancel_event)
         try:
-            return self._generate(spec, resolved, choice, source, ctx, working)
+            return self._generate(spec, resolved, choice, source, ctx, working, loras)
         except torch.OutOfMemoryError:
             # One retry with nothing else resident; the estimate or another process may have been off.
             self.residency.evict_all("out of memory: retrying once with nothing else loaded")
             try:
-                return self._generate(spec, resolved, choice, source, ctx, working)
+                return self._generate(spec, resolved, choice, source, ctx, working, loras)
             except torch.OutOfMemoryError:
                 self.residency.evict_all("out of memory twice")
                 raise InsufficientMemoryError(
@@ -269,8 +279,8 @@ class PipelineManager:
                     f"{self._smaller_precision_hint(spec, precision, choice.backend, working, source)}") from None
 
     def _generate(self, spec: ModelSpec, req: GenerationRequest, choice: BackendChoice, source: WeightSource,
-                  ctx: RunContext, working: int) -> GenerationResult:
-        parts = JobParts(self, spec, Precision.parse(req.precision), choice.backend, source, ctx, working)
+                  ctx: RunContext, working: int, loras: LoraSet) -> GenerationResult:
+        parts = JobParts(self, spec, Precision.parse(req.precision), choice.backend, source, ctx, working, loras)
         if self.info.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         out = family_of(spec).generate(spec, parts, req, ctx)
@@ -281,7 +291,7 @@ class PipelineManager:
             request=req, model_id=spec.id, images=out.images, seeds=tuple(req.seed + i for i in range(req.num_images)),
             timings=replace(out.timings, load_ms=parts.load_ms), peak_memory_bytes=peak,
             backend=backend.describe(), runs_as=parts.runs_as or Precision.parse(req.precision).label,
-            device=self.info.name, warnings=warnings)
+            device=self.info.name, warnings=warnings, lora_hashes=loras.hashes())
 
     # ------------------------------------------------------------------ memory planning (pipelines.memory_plan)
 
@@ -349,7 +359,8 @@ class PipelineManager:
                                 self.info.capability, Precision.BF16)
         snap = self.residency.snapshot()
         resident = tuple(ResidentInfo(r.key, r.component.nbytes, r.parked) for r in snap.resident)
-        return ManagerStatus(self.info, self.residency.budget_bytes, snap.used_bytes, snap.parked_bytes, resident,
+        return ManagerStatus(self.info, self.residency.budget_bytes, snap.used_bytes, snap.parked_bytes,
+                             self.residency.host_bytes(), resident,
                              queued, running, trt, choice.reason, self.engine_cache.root,
                              self.engine_cache.total_bytes(), tuple(str(e) for e in snap.events))
 

@@ -42,6 +42,10 @@ class ModelFamily:
     generate: Callable[["ModelSpec", "Parts", "GenerationRequest", "RunContext"], "FamilyOutput"]
     guidance_batch: bool = False  # classifier-free guidance runs the denoiser on 2x the images
     negative_prompt: bool = False  # the loop takes a negative prompt (models may still turn it off)
+    # diffusers pipeline class whose `lora_state_dict` reads (and converts) this family's LoRA files, and the
+    # components a LoRA may change, by the key prefix diffusers gives them.
+    lora_reader: str = ""
+    lora_components: tuple[str, ...] = ()
 
     def graph_io(self, spec: "ModelSpec", name: str) -> GraphIO:
         """Component `name`'s engine inputs and outputs (what TensorRT exports and profiles)."""

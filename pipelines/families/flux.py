@@ -148,4 +148,6 @@ FLUX = ModelFamily(
     text_io={"text_encoder": (CLIP_TOKENS, ("pooled",)), "text_encoder_2": (None, ("hidden",))},
     denoiser_io=denoiser_io,
     generate=generate,
+    lora_reader="FluxPipeline",
+    lora_components=("transformer", "text_encoder"),
 )

@@ -134,4 +134,6 @@ SDXL = ModelFamily(
     generate=generate,
     guidance_batch=True,
     negative_prompt=True,
+    lora_reader="StableDiffusionXLPipeline",
+    lora_components=("unet", "text_encoder", "text_encoder_2"),
 )
