@@ -134,7 +134,8 @@ NO_LORAS = LoraSet()
 def parse_prompt(prompt: str) -> tuple[str, tuple[tuple[str, float], ...]]:
     """Split Automatic1111's `<lora:NAME:SCALE>` tags out of a prompt: (the text the encoders see, the LoRAs)."""
     found = tuple((m.group(1).strip(), _scale(m.group(1).strip(), m.group(2))) for m in PROMPT_TAG.finditer(prompt))
-    text = re.sub(r"\s{2,}", " ", PROMPT_TAG.sub("", prompt)).strip().strip(",").strip()
+    text = re.sub(r"\s+([,.;])", r"\1", re.sub(r"\s{2,}", " ", PROMPT_TAG.sub("", prompt)))
+    text = text.strip().strip(",").strip()
     return text, found
 
 
