@@ -281,3 +281,29 @@ def test_a_lora_set_is_keyed_by_digest_and_scale(lora_dir, specs):
     a, b = LoraSet((AppliedLora(ink, 0.5),)), LoraSet((AppliedLora(ink, 0.6),))
     assert a.digest("transformer") != b.digest("transformer") and a.digest("text_encoder") == ""
     assert replace(a).digest() == a.digest() and not NO_LORAS and NO_LORAS.digest() == ""
+
+
+# ---------------------------------------------------------------------- the CLI
+
+def test_cli_generate_takes_lora_paths_and_names_and_records_them(tiny_flux, lora_dir, tmp_path, specs):
+    from pipelines.pngmeta import read_png_metadata
+    from tests.test_core_cli import run_cli
+
+    out = tmp_path / "img.png"
+    proc = run_cli("generate", "a red circle", "--model", str(tiny_flux), "--steps", "2", "--seed", "4", "--device", "cpu",
+                   "--lora", str(lora_dir / "ink.safetensors") + ":0.8", "--lora", "stripes", "--lora-dir", str(lora_dir),
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    meta = read_png_metadata(out)
+    assert meta["settings"]["loras"] == [["ink", 0.8], ["stripes", 1.0]]  # names, never the private path
+    digests = {n: read_lora(lora_dir / f"{n}.safetensors", specs["flux"]).digest for n in ("ink", "stripes")}
+    fields = parse_infotext(meta["parameters"])
+    assert fields["prompt"] == "a red circle <lora:ink:0.8> <lora:stripes:1>"
+    assert fields["Lora hashes"] == f"ink: {digests['ink']}, stripes: {digests['stripes']}"
+
+    bad = run_cli("generate", "x", "--model", str(tiny_flux), "--device", "cpu", "--lora", "nope:0.5",
+                  "--lora-dir", str(lora_dir), "--out", str(tmp_path / "bad.png"))
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert bad.returncode == 2 and errors == ["error: Unknown LoRA 'nope'; available LoRAs: big-flux, garbage, ink, "
+                                              "sdxl-peft, sdxl-style, stripes, truncated."]
+    assert "Traceback" not in bad.stderr
