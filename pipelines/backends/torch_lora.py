@@ -84,6 +84,13 @@ class LoraState:
         return self.base[path]
 
 
+def fuse_into(module: nn.Module, loras, component: str) -> None:
+    """Fuse `loras` (a pipelines.lora.LoraSet) into a freshly loaded 16-bit module for good: TensorRT exports
+    and calibrates the fused weights, and the module is thrown away afterwards (nothing to unfuse)."""
+    if loras.touches(component):
+        LoraState(module).apply(loras.layers(component), loras.key(component))
+
+
 def _device(module: nn.Module) -> torch.device:
     return next(t.device for t in [*module.parameters(), *module.buffers()])
 
