@@ -5,9 +5,11 @@ set's digest (files and scales) in the EngineKey's weights revision. Why a rebui
 for FP8/FP4 the calibrated activation ranges and the weight scales depend on the fused weights, so a
 refit would need a re-calibration anyway (ModelOpt calibrates the fused model); one path for every
 precision is simple and correct. The cost is a build per new set (minutes for Flux; a set seen before
-is a cache hit). Refitting 16-bit engines (TensorRT's Refitter, which tensorrt_rtx 1.7 also exposes,
-with engines built REFIT and a map from ONNX initializers to fused weights, as NVIDIA's demo does)
-would make 16-bit switches take seconds; it is not built yet (issue 16 notes).
+is a cache hit). Refitting 16-bit engines (TensorRT's Refitter with engines built REFIT and a map from
+ONNX initializers to fused weights, as NVIDIA's demo does) would make 16-bit switches take seconds; it
+is not built: tensorrt_rtx 1.7.1 exposes `Refitter` and `BuilderFlag.REFIT`, but without a GPU a REFIT
+build fails inside Myelin (its CUDA_SUCCESS check) and no engine deserializes, so no refit code could
+be exercised on the CPU machines the tests run on (measured on this repository's CI image).
 
 A missing engine is built on first use (export, calibration for FP8/FP4, build) through the engine
 cache, with progress reported as stage "build"; `python -m pipelines build` prebuilds the same
