@@ -46,9 +46,10 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "tensorrt"],
                    help="auto picks TensorRT where it is installed and runs on this GPU, else PyTorch")
     p.add_argument("--memory-budget", default=None, help="memory Prism may use, e.g. 40GB or 0.6 of the device")
-    p.add_argument("--compile", action="store_true",
-                   help="PyTorch backend: torch.compile the denoiser (GPU; the first image per precision and size "
-                        "takes minutes, later ones are up to 1.7x faster)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="PyTorch backend: torch.compile the denoiser (default: on CUDA GPUs, off on a CPU; "
+                        "--no-compile turns it off). The first image per model, precision and size compiles once "
+                        "(seconds to minutes, kept in the engine cache); later ones run up to 1.7x faster")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="TensorRT backend: run the denoiser engine without CUDA graph replay")
     p.add_argument("--weight-streaming-budget", default=None, metavar="SIZE",

@@ -94,6 +94,7 @@ def _sha256(path: Path) -> str:
 class EngineCache:
     ARTIFACT_SUFFIX = ".engine"
     MANIFEST_SUFFIX = ".json"
+    OWN_SUBDIRS = ("torch-inductor", "timing")  # folders the backends keep here (see engine_cache/README.md)
 
     def __init__(self, root: Path = DEFAULT_CACHE_DIR):
         self.root = Path(root).expanduser()
@@ -200,6 +201,8 @@ class EngineCache:
             return []
         out = []
         for artifact in sorted(self.root.glob("*" + self.ARTIFACT_SUFFIX)):
+            if artifact.is_symlink() or not artifact.is_file():  # not written by us: a link or a folder so named
+                continue
             manifest_file = artifact.with_suffix(self.MANIFEST_SUFFIX)
             try:
                 manifest = Manifest.from_json(manifest_file.read_text())
@@ -218,16 +221,22 @@ class EngineCache:
             p.unlink(missing_ok=True)
 
     def clear(self) -> int:
-        """Remove every artifact; returns the number removed. The README stays."""
+        """Remove what this cache wrote (artifacts with their manifests and side files, its temporary files,
+        locks, timing caches and its own subfolders); returns the number of artifacts removed. Anything else
+        in the folder (the README, someone's own files or folders, links) stays: the folder may be shared."""
         entries = self.entries()
         for e in entries:
             self._delete(e.path)
-        for stray in self.root.glob(".*.tmp-*"):
-            stray.unlink(missing_ok=True)
-        for lock in self.root.glob("*.lock"):
-            lock.unlink(missing_ok=True)
-        for sub in (p for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else ():
-            shutil.rmtree(sub, ignore_errors=True)
+        if not self.root.is_dir():
+            return len(entries)
+        for pattern in (".*.tmp-*", "*.lock", "*.json.tmp", "timing-cache__*.bin"):
+            for path in self.root.glob(pattern):
+                if path.is_file() and not path.is_symlink():
+                    path.unlink(missing_ok=True)
+        for name in self.OWN_SUBDIRS:
+            sub = self.root / name
+            if sub.is_dir() and not sub.is_symlink():
+                shutil.rmtree(sub, ignore_errors=True)
         return len(entries)
 
     def prune(self, max_bytes: int) -> list[Path]:

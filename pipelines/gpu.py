@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .cpu_math import CpuMath, measure_cpu_math
+
 GiB = 1024**3
 
 
@@ -23,6 +25,7 @@ class DeviceInfo:
     total_bytes: int
     free_bytes: int
     unified: bool  # GPU and CPU share one memory: parking evicted weights in RAM frees nothing
+    cpu_math: CpuMath | None = None  # on a CPU device: which 16-bit types it computes fast (measured)
 
     @property
     def is_cuda(self) -> bool:
@@ -73,7 +76,7 @@ def _nvml_memory(index: int) -> tuple[int, int] | None:
 def probe_device(device: str) -> DeviceInfo:
     if not device.startswith("cuda"):
         total, available = system_memory()
-        return DeviceInfo("cpu", "CPU", None, total, available, unified=True)
+        return DeviceInfo("cpu", "CPU", None, total, available, unified=True, cpu_math=measure_cpu_math())
     index = torch.device(device).index or 0
     props = torch.cuda.get_device_properties(index)
     integrated = bool(getattr(props, "is_integrated", False))

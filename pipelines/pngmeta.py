@@ -14,11 +14,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-SAMPLER_NAMES = {  # scheduler class -> the name A1111 users know
-    "FlowMatchEulerDiscreteScheduler": "Euler",
-    "EulerDiscreteScheduler": "Euler",
-    "EulerAncestralDiscreteScheduler": "Euler a",
-}
+from .schedulers import CLASS_NAMES as SAMPLER_NAMES  # scheduler class -> the name A1111 users know
 
 
 def infotext(settings: dict[str, Any], seed: int, sampler: str = "Euler") -> str:

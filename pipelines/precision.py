@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .cpu_math import CpuMath
 
 
 class Precision(str, Enum):
@@ -71,21 +75,36 @@ def _cc(cc: Capability) -> str:
     return f"{cc[0]}.{cc[1]}"
 
 
-def precision_support(precision: Precision, capability: Capability | None, backend: Backend) -> PrecisionSupport:
-    """Can `precision` run on a device of `capability` (None = CPU) with `backend`, and as what?"""
+def _on_cpu(p: Precision, backend: Backend, cpu: "CpuMath | None") -> PrecisionSupport:
+    """On a CPU: 16-bit types compute natively where this CPU runs them fast, else in FP32 (`cpu` None: the
+    CPU is not measured, as on a build machine, and 16-bit math is taken to be fast)."""
+    if backend is Backend.TENSORRT:
+        return PrecisionSupport(p, SupportLevel.UNSUPPORTED, "-", "TensorRT engines need an NVIDIA GPU; use the torch backend on a CPU.")
+    sixteen = p.label if p.is_16bit else "BF16"  # FP8/FP4 emulation computes in bf16 on a CPU
+    fast = cpu is None or (cpu.fast_fp16 if sixteen == "FP16" else cpu.fast_bf16)
+    if p.is_16bit:
+        if fast:
+            return PrecisionSupport(p, SupportLevel.NATIVE, p.label, f"{p.label} runs natively on this CPU.")
+        return PrecisionSupport(p, SupportLevel.EMULATED, f"{p.label} weights, FP32 compute",
+                                f"This CPU has no fast {p.label} math, so {p.label} weights compute in FP32 (the same "
+                                f"picture, far faster here than {p.label} arithmetic).")
+    compute = "" if fast else ", FP32 compute"
+    if p is Precision.FP8:
+        return PrecisionSupport(p, SupportLevel.EMULATED, f"FP8 (CPU emulation{compute})",
+                                "No FP8 hardware on a CPU: the same FP8 arithmetic is emulated, so quality matches a GPU but it is not faster.")
+    return PrecisionSupport(p, SupportLevel.EMULATED, FP4_WEIGHTS_ONLY if fast else "FP4 weights, FP32 compute",
+                            "No FP4 hardware on a CPU: FP4 weights are expanded at each matmul (less memory, not faster).")
+
+
+def precision_support(precision: Precision, capability: Capability | None, backend: Backend,
+                      cpu: "CpuMath | None" = None) -> PrecisionSupport:
+    """Can `precision` run on a device of `capability` (None = CPU, whose measured speeds `cpu` gives) with
+    `backend`, and as what?"""
     p = Precision.parse(precision)
     native = lambda why: PrecisionSupport(p, SupportLevel.NATIVE, p.label, why)  # noqa: E731
 
     if capability is None:
-        if backend is Backend.TENSORRT:
-            return PrecisionSupport(p, SupportLevel.UNSUPPORTED, "-", "TensorRT engines need an NVIDIA GPU; use the torch backend on a CPU.")
-        if p.is_16bit:
-            return native(f"{p.label} runs on the CPU (slowly).")
-        if p is Precision.FP8:
-            return PrecisionSupport(p, SupportLevel.EMULATED, "FP8 (CPU emulation)",
-                                    "No FP8 hardware on a CPU: the same FP8 arithmetic is emulated, so quality matches a GPU but it is not faster.")
-        return PrecisionSupport(p, SupportLevel.EMULATED, FP4_WEIGHTS_ONLY,
-                                "No FP4 hardware on a CPU: FP4 weights are expanded to 16 bits at each matmul (less memory, not faster).")
+        return _on_cpu(p, backend, cpu)
 
     if p is Precision.FP16:
         return native("FP16 runs on every CUDA GPU.")

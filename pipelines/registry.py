@@ -53,8 +53,9 @@ class SizeLimits:
         for name, value in (("width", width), ("height", height)):
             if value % self.multiple_of:
                 lo = value - value % self.multiple_of
+                near = sorted({min(max(v, self.min_side), self.max_side) for v in (lo, lo + self.multiple_of)})
                 return (f"{name} {value} is not a multiple of {self.multiple_of}; "
-                        f"use {max(lo, self.min_side)} or {lo + self.multiple_of}.")
+                        f"use {' or '.join(str(v) for v in near)}.")
             if not self.min_side <= value <= self.max_side:
                 return f"{name} {value} is outside {self.min_side}..{self.max_side}; choose a size in that range."
         return None

@@ -13,8 +13,14 @@ from PIL import Image
 
 from .precision import Backend, Capability, Precision, precision_support
 from .registry import ModelSpec
+from .schedulers import find_sampler
 
 MAX_SEED = 2**32 - 1  # A1111 / ComfyUI convention; seeds round-trip through their UIs
+# Prompt caps, checked before any work: T5 reads at most 512 tokens (about 2,000 characters of English), so
+# 4,000 characters loses nothing a model could use; the byte cap bounds what any text costs to encode and to
+# store (twice) in each PNG. Without them one 50 MB prompt held the worker for minutes and wrote a 105 MB PNG.
+MAX_PROMPT_CHARS = 4000
+MAX_PROMPT_BYTES = 12000  # UTF-8; 3 bytes per character covers CJK text at the character cap
 
 
 class RequestError(ValueError):
@@ -34,6 +40,7 @@ class GenerationRequest:
     seed: int | None = None  # None or -1: a random seed, reported back
     num_images: int = 1
     backend: str = "auto"  # auto | torch | tensorrt
+    sampler: str = ""  # a name from pipelines.schedulers ("DPM++ 2M Karras"); empty: the model's own scheduler
     # (name in the loras/ folder, scale) pairs; <lora:NAME:SCALE> in the prompt adds to them (pipelines.lora).
     loras: tuple[tuple[str, float], ...] = ()
 
@@ -101,8 +108,8 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
     files exist and fit the model is `pipelines.lora.load_set`, which the manager runs next."""
     from .lora import check_loras, parse_prompt  # pipelines.lora imports this module
 
-    if not isinstance(req.prompt, str):
-        raise RequestError("The prompt must be text.")
+    check_prompt("prompt", req.prompt)
+    check_prompt("negative prompt", req.negative_prompt or "")
     prompt, tagged = parse_prompt(req.prompt)
     loras = check_loras((*(req.loras or ()), *tagged))
     try:
@@ -131,6 +138,15 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
         raise RequestError(f"A negative prompt only acts when guidance is above 1 (it is {guidance:g}); "
                            "raise guidance or clear the negative prompt.")
 
+    sampler = (req.sampler or "").strip() if isinstance(req.sampler, str) or req.sampler is None else req.sampler
+    if not isinstance(sampler, str):
+        raise RequestError(f"sampler must be a name; got {sampler!r}.")
+    if sampler:
+        try:
+            find_sampler(spec.family, sampler)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+
     support = precision_support(precision, capability, backend)
     if not support.runnable:
         raise RequestError(f"{precision.value} cannot run here: {support.reason}")
@@ -144,7 +160,24 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
             raise RequestError(f"seed must be between 0 and {MAX_SEED - num_images + 1} (or -1 for random); got {seed}.")
 
     return replace(req, prompt=prompt, precision=precision, negative_prompt=negative, width=width, height=height,
-                   steps=steps, guidance=guidance, seed=seed, num_images=num_images, loras=loras)
+                   steps=steps, guidance=guidance, seed=seed, num_images=num_images, sampler=sampler, loras=loras)
+
+
+def check_prompt(name: str, text: Any) -> None:
+    """Raise RequestError unless `text` is a string within the caps that encodes as UTF-8."""
+    if not isinstance(text, str):
+        raise RequestError(f"The {name} must be text.")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise RequestError(f"The {name} is {len(text):,} characters long; the limit is {MAX_PROMPT_CHARS:,} "
+                           f"characters ({MAX_PROMPT_BYTES:,} bytes of UTF-8). Shorten it.")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:  # a lone surrogate half, e.g. from a JSON "\ud800" escape
+        raise RequestError(f"The {name} contains an invalid character at position {exc.start + 1} (half of a "
+                           "UTF-16 surrogate pair); remove it or paste the text again.") from None
+    if size > MAX_PROMPT_BYTES:
+        raise RequestError(f"The {name} is {size:,} bytes long in UTF-8; the limit is {MAX_PROMPT_BYTES:,} bytes "
+                           f"({MAX_PROMPT_CHARS:,} characters). Shorten it.")
 
 
 def _as_int(name: str, value: Any) -> int:

@@ -204,6 +204,10 @@ class Residency:
         """Unload every component of `model` (device and host); returns bytes released."""
         return self._drop(lambda k: k.model == model, "unloaded by the user")
 
+    def drop_backend(self, model: str, backend: str, reason: str) -> int:
+        """Unload `model`'s components of one backend (e.g. its TensorRT engines after one failed)."""
+        return self._drop(lambda k: k.model == model and k.backend == backend, reason)
+
     def _drop(self, which: Callable[[ComponentKey], bool], reason: str) -> int:
         with self._lock:
             keys = [k for k in self.entries if which(k)]

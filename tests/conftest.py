@@ -77,11 +77,22 @@ def worker_held(manager, model: str):
     job.result(timeout=60)
 
 
+def fast_16bit_cpu():
+    """This machine's CPU as a device, with fast 16-bit math assumed, so dtypes, labels and pixel checks do not
+    depend on the CPU CI lands on (tests/test_cpu_dtype.py covers CPUs without it)."""
+    from dataclasses import replace
+
+    from pipelines.cpu_math import FAST_CPU
+    from pipelines.gpu import probe_device
+
+    return replace(probe_device("cpu"), cpu_math=FAST_CPU)
+
+
 @pytest.fixture(scope="session")
 def cpu_manager():
     from pipelines.manager import ManagerConfig, PipelineManager
 
-    manager = PipelineManager(ManagerConfig(device="cpu", max_queue=8))
+    manager = PipelineManager(ManagerConfig(device="cpu", max_queue=8), device_info=fast_16bit_cpu())
     yield manager
     manager.close()
 

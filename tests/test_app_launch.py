@@ -135,3 +135,19 @@ def test_auth_refuses_requests_without_credentials(tiny_flux):
             proc.kill()
             proc.wait(10)
     assert proc.returncode == 0, "".join(lines[-20:])  # Ctrl-C is a clean stop, not a crash
+
+
+def test_output_folder_and_its_size_cap_are_options(tmp_path):
+    opts = options_from_args(["--output-dir", str(tmp_path), "--outputs-max-size", "500MB"])
+    assert opts.output_dir == tmp_path and opts.outputs_max_bytes == 500 * 1000**2
+    assert options_from_args([]).outputs_max_bytes == 2 * 1000**3
+    for bad in ("lots", "0GB", "-1GB", "0.5"):
+        with pytest.raises(LaunchError, match="--outputs-max-size: write a size such as 2GB or 500MB"):
+            options_from_args([f"--outputs-max-size={bad}"])
+
+
+def test_upload_cap_fits_the_largest_input_image_of_the_offered_models():
+    from ui.service import offered_models
+
+    assert launch.upload_cap_bytes(offered_models(["demo-flux"])) == 128 * 128 * 4 + 2**20
+    assert launch.upload_cap_bytes(offered_models()) == 2048 * 2048 * 4 + 2**20

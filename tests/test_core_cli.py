@@ -51,9 +51,9 @@ def test_cli_generate_writes_pngs_with_metadata(tiny_flux, tmp_path):
     assert Image.open(paths[0]).size == (48, 32)
     meta = [read_png_metadata(p)["settings"] for p in paths]
     assert [m["seed"] for m in meta] == [21, 22] and meta[0]["precision"] == "fp8"
-    assert meta[0]["runs_as"] == "FP8 (CPU emulation)"
+    assert meta[0]["runs_as"].startswith("FP8 (CPU emulation")  # ", FP32 compute)" on a CPU without fast bf16
     assert meta[0]["model"] == "tiny-flux"  # the model's name, not the folder's path
-    assert "FP8 (CPU emulation)" in proc.stdout and "2 steps" in proc.stdout
+    assert "FP8 (CPU emulation" in proc.stdout and "2 steps" in proc.stdout
 
 
 def test_cli_errors_list_the_choices_and_exit_nonzero():

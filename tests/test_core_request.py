@@ -12,7 +12,8 @@ H100, ADA, AMPERE, TURING, SPARK = (9, 0), (8, 9), (8, 0), (7, 5), (12, 1)
 
 
 def resolve(model="flux.1-dev", capability=H100, backend=Backend.TORCH, **fields):
-    return resolve_request(GenerationRequest(prompt="a fox", model=model, **fields), resolve_spec(model), capability, backend)
+    fields.setdefault("prompt", "a fox")
+    return resolve_request(GenerationRequest(model=model, **fields), resolve_spec(model), capability, backend)
 
 
 def test_defaults_come_from_the_model_spec():
@@ -103,6 +104,7 @@ class CountingBackend:
     ({"width": 1001}, "not a multiple of 16"),
     ({"negative_prompt": "x"}, "does not use a negative prompt"),
     ({"precision": "fp8", "backend": "tensorrt"}, "TensorRT backend cannot run here"),
+    ({"prompt": "x" * 10_000_000}, "The prompt is 10,000,000 characters long; the limit is 4,000 characters"),
 ])
 def test_manager_rejects_bad_requests_before_loading_anything(fields, needle):
     manager = PipelineManager(ManagerConfig(device="cpu"), backends={Backend.TORCH: CountingBackend()})
@@ -114,3 +116,33 @@ def test_manager_rejects_bad_requests_before_loading_anything(fields, needle):
         assert CountingBackend.loads == 0
     finally:
         manager.close()
+
+
+def test_prompt_caps_are_stated_in_characters_and_bytes():
+    from pipelines.request import MAX_PROMPT_BYTES, MAX_PROMPT_CHARS
+
+    assert resolve(prompt="a" * MAX_PROMPT_CHARS).prompt == "a" * MAX_PROMPT_CHARS  # the cap itself is allowed
+    with pytest.raises(RequestError, match=r"The prompt is 4,001 characters long; the limit is 4,000 characters "
+                                           r"\(12,000 bytes of UTF-8\)\. Shorten it\."):
+        resolve(prompt="a" * (MAX_PROMPT_CHARS + 1))
+    emoji = "\U0001F98A" * (MAX_PROMPT_BYTES // 4 + 1)  # few characters, many bytes
+    with pytest.raises(RequestError, match="The prompt is 12,004 bytes long in UTF-8; the limit is 12,000 bytes"):
+        resolve(prompt=emoji)
+    with pytest.raises(RequestError, match="The negative prompt is 5,000 characters long"):
+        resolve("sdxl-base-1.0", prompt="a fox", negative_prompt="b" * 5000)
+
+
+def test_lone_surrogates_and_non_text_prompts_are_refused_with_one_line():
+    with pytest.raises(RequestError, match="invalid character at position 3 \\(half of a UTF-16 surrogate pair\\)"):
+        resolve(prompt="ab\ud800c")
+    with pytest.raises(RequestError, match="The prompt must be text"):
+        resolve(prompt=None)
+
+
+def test_size_suggestions_stay_inside_the_allowed_range():
+    with pytest.raises(RequestError, match=r"width 2 is not a multiple of 16; use 256\.$"):
+        resolve(width=2)
+    with pytest.raises(RequestError, match="width 40 is not a multiple of 16; use 256"):
+        resolve(width=40)
+    with pytest.raises(RequestError, match="width 1001 is not a multiple of 16; use 992 or 1008"):
+        resolve(width=1001)

@@ -173,3 +173,31 @@ def test_prune_removes_least_recently_used_first_and_clear_empties(tmp_path):
     assert removed == [cache.artifact_path(keys[1])]
     assert cache.lookup(keys[0]) and cache.lookup(keys[2]) and cache.lookup(keys[1]) is None
     assert cache.clear() == 2 and cache.entries() == []
+
+
+def test_clear_removes_only_what_the_cache_wrote(tmp_path):
+    cache = EngineCache(tmp_path)
+    cache.get_or_build(KEY, writer(bytes(100)))
+    (tmp_path / "torch-inductor" / "fxgraph").mkdir(parents=True)  # the PyTorch backend's own folder
+    (tmp_path / "torch-inductor" / "fxgraph" / "x.bin").write_bytes(b"k")
+    (tmp_path / "timing-cache__trt-10__sm90.bin").write_bytes(b"t")
+    foreign = tmp_path / "my-other-data"  # someone keeps their files here: not ours to delete
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    (tmp_path / "README.md").write_text("readme")
+    assert cache.clear() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "my-other-data"]
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_links_and_folders_named_like_engines_are_neither_listed_nor_break_clear(tmp_path):
+    cache = EngineCache(tmp_path)
+    cache.get_or_build(KEY, writer(bytes(100)))
+    (tmp_path / "gone.engine").symlink_to(tmp_path / "nowhere")  # dangling
+    (tmp_path / "folder.engine").mkdir()
+    (tmp_path / "folder.engine" / "keep.txt").write_text("x")
+    assert [e.path.name for e in cache.entries()] == [cache.artifact_path(KEY).name]
+    assert cache.total_bytes() > 0
+    assert cache.clear() == 1
+    assert (tmp_path / "gone.engine").is_symlink() and (tmp_path / "folder.engine" / "keep.txt").exists()
+    assert cache.entries() == []

@@ -187,6 +187,21 @@ def test_full_queue_refuses_at_once_and_reports_positions(manager_with_budget, t
     assert m.generate(small(tiny_flux, seed=5)).images  # room again
 
 
+def test_max_queue_zero_runs_one_job_and_keeps_no_waiting_line(manager_with_budget, tiny_flux):
+    backend = BlockingBackend()
+    m = manager_with_budget(10**9, backend=backend, max_queue=0)
+    try:
+        running = m.submit(small(tiny_flux))  # an idle server takes a job
+        assert backend.entered.wait(60)
+        with pytest.raises(QueueFullError, match=r"busy with another job and keeps no waiting line \(--max-queue 0\)"):
+            m.submit(small(tiny_flux, seed=2))
+        assert m.status().queued == 0
+    finally:
+        backend.release.set()
+    assert running.result(120).images
+    assert m.generate(small(tiny_flux, seed=3), timeout=120).images  # idle again: the next job is taken
+
+
 def test_cancel_stops_a_job_between_steps_and_the_next_job_runs(manager_with_budget, tiny_flux):
     m = manager_with_budget(10**9)
     steps_seen = []

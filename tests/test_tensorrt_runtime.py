@@ -290,11 +290,11 @@ def test_graph_cache_captures_once_per_shape_and_redoes_after_the_pool_moves():
 
 # --------------------------------------------------------------------------- the backend and the manager
 
-def _manager(cache: EngineCache, options: TensorRTOptions):
+def _manager(cache: EngineCache, options: TensorRTOptions, trt: Trt | None = None):
     from pipelines.manager import ManagerConfig, PipelineManager
 
     info = DeviceInfo("cpu", "fake RTX (onnxruntime)", TARGET, 16 << 30, 16 << 30, unified=True)
-    backend = TensorRTBackend(cache, options, trt=fake_trt(cache))
+    backend = TensorRTBackend(cache, options, trt=trt or fake_trt(cache))
     return PipelineManager(ManagerConfig(device="cpu", backend="tensorrt", engine_cache_dir=cache.root),
                            device_info=info, backends={Backend.TENSORRT: backend})
 

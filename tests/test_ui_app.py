@@ -318,6 +318,14 @@ def test_browser_compare_tab(page):
     assert _image_size(page, "#compare-heatmap-fp4 img") == (32, 32)
     assert page.locator("#compare-image-fp8 img").count() == 0
     expect(page.locator("#compare-figures-fp8")).to_contain_text("Not selected")
+    # the before/after slider holds the 16-bit and FP4 images; the heat maps have a visible scale
+    expect(page.locator("#compare-slider img")).to_have_count(2)
+    expect(page.locator("#compare-slider")).to_contain_text("Before / after: BF16 | FP4")
+    expect(page.locator("#compare-legend")).to_contain_text("0 (black) to 64/255 or more (pale yellow)")
+    assert _image_size(page, "#compare-legend img") == (256, 16)
+    shown = page.locator("#compare-image-fp4 img").bounding_box()
+    assert shown["width"] > 32 * 4  # enlarged for display, not a 32 px stamp in a big box
+    expect(page.locator("#compare-16bit-note")).to_contain_text("is BF16")  # what will run, for this model here
     _screenshot(page, "ui-compare.png")
 
 
@@ -336,3 +344,152 @@ def test_browser_system_tab(page, app):
     _screenshot(page, "ui-system.png")
     page.click("#system-unload")  # the first resident model is preselected
     expect(page.locator("#system-message")).to_contain_text(re.compile(r"Unloaded \S+: [\d.]+ MiB released"))
+
+
+def test_api_parameters_and_outputs_have_real_names_types_and_defaults(client):
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    params = {p["parameter_name"]: p for p in api["/generate_sdxl"]["parameters"]}
+    assert list(params) == ["model", "prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed",
+                            "num_images", "precision", "sampler"]
+    assert {n: params[n]["python_type"]["type"] for n in ("width", "height", "steps", "seed", "num_images")} == \
+        dict.fromkeys(("width", "height", "steps", "seed", "num_images"), "int")
+    assert params["guidance"]["python_type"]["type"] == "float"
+    assert not params["prompt"]["parameter_has_default"]
+    assert all(params[n]["parameter_has_default"] for n in params if n != "prompt")
+    assert [r["label"] for r in api["/generate_sdxl"]["returns"]] == [
+        "Images", "PNG files (with generation settings in their metadata)", "Seed used", "Summary", "Details", "Status"]
+    assert api["/unload_model"]["parameters"][0]["python_type"]["type"] == "str"
+    assert not any(r["label"].startswith("value_") for ep in api.values() for r in ep["returns"])
+
+
+def test_api_sdxl_without_a_negative_prompt_by_keyword(client):
+    gallery, files, seed, summary, details, status = client.predict(
+        model="tiny-sdxl", prompt="a blue square", width=40, height=32, steps=1, seed=7, api_name="/generate_sdxl")
+    assert seed == 7 and details["negative_prompt"] == "" and Image.open(gallery[0]["image"]).size == (40, 32)
+
+
+def test_api_fractions_and_text_in_whole_number_fields_are_refused_not_rounded(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=r"seed must be a whole number; got 1\.5\."):
+        client.predict(model="tiny-flux", prompt="a red circle", width=32, height=32, steps=1, seed=1.5,
+                       api_name="/generate_flux")
+    with pytest.raises(AppError, match=r"steps must be a whole number; got 2\.5\."):
+        client.predict(model="tiny-flux", prompt="a red circle", width=32, height=32, steps=2.5,
+                       api_name="/generate_flux")
+    with pytest.raises(AppError, match=r"Unknown model|not loaded"):
+        client.predict(model="nothing-loaded", api_name="/unload_model")
+
+
+def test_browser_controls_and_status_stay_in_view_at_1280x720(page):
+    page.set_viewport_size({"width": 1280, "height": 720})
+    try:
+        for tab, prefix in (("Flux.1", "flux"), ("SDXL", "sdxl")):
+            _open_tab(page, tab)
+            page.evaluate("window.scrollTo(0, 0)")
+            for part in ("generate", "stop", "status"):
+                box = page.locator(f"#{prefix}-{part}").bounding_box()
+                assert box is not None and box["y"] + min(box["height"], 40) <= 720, (prefix, part, box)
+        page.screenshot(path=str(ARTIFACTS / "ui-sdxl-1280x720.png"))
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def test_browser_results_are_whole_and_sharp_and_examples_fill_the_prompt(page):
+    from playwright.sync_api import expect
+
+    _open_tab(page, "Flux.1")
+    page.locator("#flux-examples button").first.click()  # tiny-flux is no demo model: the Flux examples
+    expect(page.locator("#flux-prompt textarea")).to_have_value(re.compile("red fox"))
+    _fill_size(page, "flux", 32, 128, steps=1)  # tall and small: cropping or blurring would show
+    page.fill("#flux-seed input", "3")
+    page.click("#flux-generate")
+    expect(page.locator("#flux-status")).to_contain_text("Done: 1 image")
+    img = page.locator("#flux-gallery img").first
+    assert _image_size(page, "#flux-gallery img") == (32, 128)  # the file keeps its size
+    style = img.evaluate("el => [getComputedStyle(el).objectFit, getComputedStyle(el).imageRendering]")
+    assert style == ["contain", "pixelated"]
+    shown, box = img.bounding_box(), page.locator("#flux-gallery").bounding_box()
+    assert shown["height"] > 128 * 2  # enlarged for display
+    assert box["y"] <= shown["y"] and shown["y"] + shown["height"] <= box["y"] + box["height"] + 1  # not cut off
+    _screenshot(page, "ui-flux-tall.png")
+
+
+def test_browser_errors_clear_the_previous_result_and_empty_prompts_get_a_hint(page):
+    from playwright.sync_api import expect
+
+    _open_tab(page, "Flux.1")
+    page.fill("#flux-prompt textarea", "a red circle")
+    _fill_size(page, "flux", 32, 32, steps=1)
+    page.click("#flux-generate")
+    expect(page.locator("#flux-status")).to_contain_text("Done: 1 image")
+    expect(page.locator("#flux-gallery img")).to_have_count(1)
+    page.fill("#flux-steps input[type=number]", "2.5")  # the slider's number box takes a fraction
+    page.click("#flux-generate")
+    expect(page.locator("#flux-status")).to_contain_text("steps must be a whole number; got 2.5.")
+    expect(page.locator("#flux-gallery img")).to_have_count(0)  # the last picture is not taken for this run's
+    expect(page.locator("#flux-summary")).to_have_text("")
+    page.fill("#flux-steps input[type=number]", "1")
+    page.fill("#flux-prompt textarea", "  ")
+    page.click("#flux-generate")
+    expect(page.locator("#flux-status")).to_contain_text("Type a prompt first")
+
+
+def test_browser_a_second_user_sees_their_place_in_the_queue(page, app):
+    from playwright.sync_api import expect
+
+    from conftest import worker_held
+
+    service = app[1]
+    other = page.context.browser.new_context(viewport={"width": 1280, "height": 720})
+    second = other.new_page()
+    try:
+        second.goto(app[0], timeout=60_000)
+        second.fill("#flux-prompt textarea", "a red circle")
+        _fill_size(second, "flux", 32, 32, steps=1)
+        with worker_held(service.manager, service.choice("tiny-flux").model):
+            second.click("#flux-generate")
+            expect(second.locator("#flux-gallery")).to_contain_text("Queued: 1 job ahead of yours")
+            second.screenshot(path=str(ARTIFACTS / "ui-flux-queued.png"))
+        expect(second.locator("#flux-status")).to_contain_text("Done: 1 image")
+    finally:
+        other.close()
+
+
+def test_browser_history_keeps_every_result_and_puts_settings_back(page):
+    from playwright.sync_api import expect
+
+    _open_tab(page, "SDXL")
+    thumbs = page.locator("#sdxl-history img")
+    before = thumbs.count()
+    page.fill("#sdxl-prompt textarea", "a green star")
+    page.fill("#sdxl-negative textarea", "")
+    _fill_size(page, "sdxl", 48, 32, steps=2)
+    page.fill("#sdxl-seed input", "11")
+    page.click("#sdxl-generate")
+    expect(page.locator("#sdxl-status")).to_contain_text("Done: 1 image")
+    page.fill("#sdxl-prompt textarea", "a purple circle")
+    _fill_size(page, "sdxl", 32, 40, steps=1)
+    page.fill("#sdxl-seed input", "12")
+    page.click("#sdxl-generate")
+    expect(page.locator("#sdxl-status")).to_contain_text("Done: 1 image")
+    expect(thumbs).to_have_count(before + 2)  # both runs are kept, newest first
+    thumbs.nth(1).click()  # the earlier run
+    expect(page.locator("#sdxl-history-picked")).to_contain_text("seed 11, 48x32, 2 steps")
+    page.click("#sdxl-history-settings")
+    expect(page.locator("#sdxl-prompt textarea")).to_have_value("a green star")
+    expect(page.locator("#sdxl-width input")).to_have_value("48")
+    expect(page.locator("#sdxl-steps input[type=number]")).to_have_value("2")
+    expect(page.locator("#sdxl-seed input")).to_have_value("11")
+    page.fill("#sdxl-seed input", "-1")
+    page.click("#sdxl-history-seed")
+    expect(page.locator("#sdxl-seed input")).to_have_value("11")
+    _screenshot(page, "ui-sdxl-history.png")
+
+
+def test_api_sampler_choice_is_recorded_in_the_png(client):
+    gallery, files, seed, summary, details, status = client.predict(
+        model="tiny-sdxl", prompt="a blue square", width=32, height=32, steps=2, seed=5, sampler="DPM++ 2M Karras",
+        api_name="/generate_sdxl")
+    assert details["sampler"] == "DPM++ 2M Karras"
+    assert "Sampler: DPM++ 2M Karras" in _png_settings(files[0])["parameters"]

@@ -103,8 +103,8 @@ def test_stop_cancels_the_sessions_job_and_a_running_model_stays_loaded(service)
         with pytest.raises(RequestError, match="A job is running"):
             service.unload(None)
         assert service.unload("tiny-sdxl") >= 0
-        assert not service.cancel_session("browser-2")
-        assert service.cancel_session("browser-1")
+        assert service.cancel_session("browser-2") is None
+        assert service.cancel_session("browser-1") == "queue"  # waiting behind the held job
     with pytest.raises(Exception, match="cancelled"):
         task.result(timeout=60)
 
@@ -118,16 +118,96 @@ def test_precision_choices_tell_what_runs_on_this_gpu():
         labels = {p: precision_label(service.support(p)) for p in Precision}
     finally:
         manager.close()
-    assert labels[Precision.BF16] == "BF16 (native)"
+    assert labels[Precision.BF16] == "BF16"
     assert labels[Precision.FP8] == "FP8 (not available here)"
-    assert labels[Precision.FP4] == "FP4 (FP4 weights, 16-bit compute)"
+    assert labels[Precision.FP4] == "FP4 weights, 16-bit compute"
     assert "8.9" in service.support(Precision.FP8).reason
 
 
 def test_progress_reads_as_a_sentence():
-    assert progress_text(Progress("queue", 0, 1), 2) == ("Queued: 2 jobs ahead of yours", None)
+    assert progress_text(Progress("queue", 0, 1), 2) == ("Queued: 2 jobs ahead of yours", 0.0)
     assert progress_text(Progress("denoise", 3, 4), 0, "FP8 (2/3)") == ("FP8 (2/3): Denoising: step 3/4", 0.75)
     text, fraction = progress_text(Progress("build", 1, 4, "transformer fp4"), 0)
+    assert progress_text(Progress("build", 0, 1), 0)[1] == 0.0
     assert text == "Building engine (1/4): transformer fp4" and fraction == 0.25
-    assert progress_text(Progress("load", 0, 1, "loading x"), 0) == ("Loading x", None)
+    assert progress_text(Progress("load", 0, 1, "loading x"), 0) == ("Loading x", 0.0)
+    assert progress_text(Progress("vae", 0, 1, "decoding"), 0) == ("Decoding the image (VAE)", 1.0)  # bar stays
+    assert progress_text(Progress("text", 0, 1), 0) == ("Encoding the prompt", 0.0)
+
+
+def test_stop_says_what_it_did():
+    from ui.generate_tab import stop_message
+
+    assert stop_message(None) == "Nothing to stop." and stop_message("denoise") == "Stopped."
+    assert "will finish loading first" in stop_message("load") and "will finish loading first" in stop_message("build")
     assert fmt_bytes(3 * 2**30) == "3.00 GiB" and fmt_bytes(None) == "n/a"
+
+
+def test_an_unwritable_output_folder_is_one_sentence_without_the_server_path(service, tmp_path):
+    from ui.errors import OutputError, ui_error
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    broken = PrismService(service.manager, service.models, output_dir=blocked / "outputs")
+    req = service.build_request(Family.FLUX, "tiny-flux", "a cat", None, 32, 32, 1, 3.5, 9, 1, "bf16")
+    result = service.start_generate(req).result(timeout=120)
+    with pytest.raises(OutputError) as err:
+        broken.save_result(result)
+    message = ui_error(err.value, "generate_flux").message
+    assert "could not be saved on the server" in message and str(tmp_path) not in message
+
+
+def test_unexpected_failures_name_no_exception_class():
+    from pipelines.manager import InternalError
+    from ui.errors import UNEXPECTED, ui_error
+
+    assert ui_error(InternalError("Generation failed unexpectedly (TypeError: TextEncodeInput)"), "x").message == UNEXPECTED
+    assert ui_error(KeyError("/srv/secret/path"), "x").message == UNEXPECTED
+    assert ui_error(RequestError("steps must be between 1 and 50"), "x").message == "steps must be between 1 and 50"
+
+
+def test_labels_say_each_fact_once():
+    from ui.errors import ui_error
+    from ui.formatting import short_dtype
+    from ui.system_tab import resident_rows, system_markdown
+
+    cpu = PipelineManager(ManagerConfig(device="cpu"))
+    try:
+        service = PrismService(cpu, [])
+        labels = {p: precision_label(service.support(p)) for p in Precision}
+    finally:
+        cpu.close()
+    assert labels[Precision.FP8] == "FP8 (CPU emulation)" and labels[Precision.BF16] == "BF16"
+    assert labels[Precision.FP4].count("FP4") == 1
+    assert short_dtype("bfloat16") == "bf16" and short_dtype("float16") == "fp16"
+    snap = {"device": {"device": "cpu", "name": "CPU", "compute_capability": "-", "unified_memory": False},
+            "resident": [{"model": "m", "component": "vae", "form": "bfloat16", "backend": "torch", "bytes": 2**20,
+                          "parked": False}]}
+    assert resident_rows(snap) == [["m", "vae", "bf16", "torch", "1.0 MiB", "system RAM"]]
+    note = "TensorRT is not installed."
+    text = system_markdown({**snap, "memory": {"used_bytes": 1, "total_bytes": 2, "kind": "system RAM"},
+                            "budget_bytes": 1, "resident_bytes": 0, "parked_bytes": 0, "resident_models": {},
+                            "jobs": {"running": None, "queued": 0},
+                            "backend": {"in_use": f"PyTorch. {note}", "tensorrt": note, "configured": "auto"},
+                            "engine_cache": {"entries": [], "total_bytes": 0, "dir": "/x"}})
+    assert text.count(note) == 1
+    assert ui_error(RequestError("start it with `--models` naming one"), "x").message == \
+        "start it with '--models' naming one"
+
+
+def test_outputs_folder_is_capped_by_size_and_keeps_foreign_folders(tmp_path):
+    from ui.history import HistoryItem, add_results, prune_outputs
+
+    for i in range(4):
+        batch = tmp_path / f"2026120{i}-120000-0000000{i}"
+        batch.mkdir()
+        (batch / "a.png").write_bytes(b"x" * 1000)
+    (tmp_path / "my-photos").mkdir()
+    (tmp_path / "my-photos" / "p.png").write_bytes(b"y" * 5000)
+    removed = prune_outputs(tmp_path, max_bytes=2500)
+    assert [p.name for p in removed] == ["20261200-120000-00000000", "20261201-120000-00000001"]
+    assert (tmp_path / "my-photos" / "p.png").exists()
+    history = add_results([], ["/o/1.png", "/o/2.png"], {"seeds": [5, 6], "prompt": "a cat", "timings": {}})
+    assert [h.seed for h in history] == [6, 5] and history[0].settings == {"seeds": [5, 6], "prompt": "a cat"}
+    assert add_results(history, None, None) == history
+    assert isinstance(history[0], HistoryItem) and history[0].image_for_input == "/o/2.png"

@@ -2,19 +2,75 @@
 loads until a request arrives."""
 from __future__ import annotations
 
+import inspect
+import logging
+from typing import Any
+
 import gradio as gr
 
 from pipelines.registry import Family
 
 from .compare_tab import build_compare_tab
+from .errors import one_line, ui_error
 from .generate_tab import build_generate_tab
 from .service import PrismService
 from .system_tab import build_system_tab
 
+log = logging.getLogger("prism.ui")
+
+# Results are shown whole (contain) and small ones are enlarged with nearest-neighbour, so a 32x128 demo
+# image is a crisp picture, not a blurred or cropped one. Display only: the files keep their pixels.
+PRISM_CSS = """
+.prism-images img, .prism-compare img, .prism-history img { image-rendering: pixelated; }
+/* Gradio draws each result in a square cell as wide as its column, taller than the box for two or fewer:
+   cells fill the box's height instead, so the whole picture is always in view. */
+.prism-images .grid-wrap .grid-container { height: 100%; }
+.prism-images .grid-wrap .thumbnail-item { aspect-ratio: auto; }
+.prism-compare img { width: 100%; height: 100%; object-fit: contain; }
+.prism-status p { margin: 0.2em 0; }
+"""
+
+
+class PrismBlocks(gr.Blocks):
+    """gr.Blocks whose refusals of malformed API calls read like Prism's own: one sentence naming the field
+    and what it takes (never Gradio's `{"error": null}` or a traceback in the log)."""
+
+    def validate_inputs(self, block_fn: Any, inputs: list[Any]) -> None:
+        if len(inputs) != len(block_fn.inputs):
+            names = parameter_names(block_fn)
+            raise gr.Error(f"This call sent {len(inputs)} value{'s' if len(inputs) != 1 else ''}; "
+                           f"it takes at most {len(names)}: {', '.join(names)}.", print_exception=False)
+
+    async def preprocess_data(self, block_fn: Any, inputs: list[Any], *args: Any, **kwargs: Any) -> Any:
+        # Values left off the end take their widgets' initial values, as gradio_client does for its callers, so
+        # a plain HTTP call may name just a model and a prompt.
+        inputs = [*inputs, *(getattr(b, "value", None) for b in block_fn.inputs[len(inputs):])]
+        try:
+            return await super().preprocess_data(block_fn, inputs, *args, **kwargs)
+        except gr.Error as exc:
+            raise ui_error(exc, block_fn.name or "request") from None
+        except Exception as exc:  # a value Gradio could not read (wrong type or shape)
+            log.warning("%s refused: unreadable input (%s)", block_fn.name, one_line(str(exc)))
+            names = parameter_names(block_fn)
+            raise gr.Error(f"A value sent is not of the type this call takes ({', '.join(names)}); the API page "
+                           "lists each parameter's type.", print_exception=False) from None
+
+
+def parameter_names(block_fn: Any) -> list[str]:
+    """The API's names for an event's inputs: its handler's parameters, else the widgets' labels."""
+    try:
+        params = [p.name for p in inspect.signature(block_fn.fn).parameters.values()
+                  if p.name not in ("request", "progress")]
+    except (TypeError, ValueError):
+        params = []
+    if len(params) == len(block_fn.inputs):
+        return params
+    return [str(getattr(b, "label", None) or type(b).__name__) for b in block_fn.inputs]
+
 
 def create_demo(service: PrismService, title: str = "Prism") -> gr.Blocks:
     # Analytics off: Gradio would otherwise contact api.gradio.app (telemetry, version check) at startup.
-    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
+    with PrismBlocks(title=title, analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown(f"# {title}\nFlux.1 and SDXL at 16-bit, FP8 and FP4 on {service.manager.info.name}.")
         with gr.Tabs():
             for family in Family:

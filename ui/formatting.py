@@ -11,6 +11,14 @@ from pipelines.request import GenerationResult
 from pipelines.run_context import Progress
 
 MiB, GiB = 2**20, 2**30
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float8_e4m3fn": "fp8"}  # one name per dtype
+
+
+def short_dtype(text: str) -> str:
+    """The names the precision choices use (bf16), for the torch dtype names components report (bfloat16)."""
+    for long, short in DTYPE_NAMES.items():
+        text = text.replace(long, short)
+    return text
 
 
 def fmt_bytes(n: int | None) -> str:
@@ -31,9 +39,9 @@ def precision_label(support: PrecisionSupport) -> str:
     """A dropdown label: the precision and, unless native, what really runs (or that it cannot)."""
     p = support.precision
     if support.level is SupportLevel.NATIVE:
-        return f"{p.label} (native)"
-    if support.level is SupportLevel.EMULATED:
-        return f"{p.label} ({support.runs_as})"
+        return p.label  # the line under the dropdown says where and how it runs
+    if support.level is SupportLevel.EMULATED:  # "FP8 (CPU emulation)", not "FP8 (FP8 (CPU emulation))"
+        return support.runs_as if support.runs_as.startswith(p.label) else f"{p.label} ({support.runs_as})"
     return f"{p.label} (not available here)"
 
 
@@ -41,22 +49,26 @@ def precision_info(support: PrecisionSupport) -> str:
     return f"**{support.precision.label}:** {support.reason}"
 
 
-def progress_text(progress: Progress | None, ahead: int, label: str = "") -> tuple[str, float | None]:
-    """(what is happening, fraction done or None) for a job's latest progress report."""
+def progress_text(progress: Progress | None, ahead: int, label: str = "") -> tuple[str, float]:
+    """(what is happening, fraction done) for a job's latest progress report. The fraction is never None:
+    the browser shows a progress text only beside a bar, so waiting and loading get an empty bar (0.0)."""
     prefix = f"{label}: " if label else ""
     if ahead > 0:
-        return f"{prefix}Queued: {ahead} job{'s' if ahead != 1 else ''} ahead of yours", None
+        return f"{prefix}Queued: {ahead} job{'s' if ahead != 1 else ''} ahead of yours", 0.0
     if progress is None or progress.stage == "queue":
-        return f"{prefix}Starting", None
+        return f"{prefix}Starting", 0.0
     if progress.stage == "denoise":
         return f"{prefix}Denoising: step {progress.done}/{progress.total}", progress.fraction
     if progress.stage == "build":
         counts = f" ({progress.done}/{progress.total})" if progress.total > 1 else ""
         return f"{prefix}Building engine{counts}: {progress.message or 'first use of this size and precision'}", \
-            (progress.fraction if progress.total > 1 else None)
-    text = progress.message or {"text": "Encoding the prompt", "vae": "Decoding", "load": "Loading"}.get(
-        progress.stage, progress.stage)
-    fraction = progress.fraction if progress.total > 1 else None  # "1 of 1" says nothing about progress
+            (progress.fraction if progress.total > 1 else 0.0)
+    if progress.stage == "vae":  # after the last step: a full bar, so the bar does not vanish while decoding
+        return f"{prefix}Decoding the image (VAE)", 1.0
+    if progress.stage == "text":
+        return f"{prefix}Encoding the prompt", 0.0
+    text = progress.message or {"load": "Loading"}.get(progress.stage, progress.stage)
+    fraction = progress.fraction if progress.total > 1 else 0.0  # "1 of 1" says nothing about progress
     return prefix + text[:1].upper() + text[1:], fraction
 
 

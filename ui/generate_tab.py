@@ -1,27 +1,32 @@
-"""The Flux.1 and SDXL tabs: one builder, the family decides the few differences (negative prompt)."""
+"""The Flux.1 and SDXL tabs: one builder, the family decides the few differences (negative prompt).
+
+Layout: what to type and the Generate / Stop buttons with the status line right under them come first, so
+they stay in view at 1280x720; the settings follow; the results sit in the right-hand column.
+"""
 from __future__ import annotations
 
 import functools
-import logging
 import time
 
 import gradio as gr
 
-from pipelines.errors import user_message
 from pipelines.families import FAMILIES
 from pipelines.registry import Family, ModelSpec
+from pipelines.schedulers import recorded_name, sampler_names
 
+from .errors import ui_error
+from .examples import empty_prompt_hint, example_prompts
+from .history import add_results, gallery_value
 from .formatting import fmt_ms, precision_info, precision_label, result_details, result_markdown
+from .inputs import NumberSlider, Prompt, WholeNumber, WholeSlider
 from .service import PRECISION_ORDER, ModelChoice, PrismService
-
-log = logging.getLogger("prism.ui")
 
 GPU_CONCURRENCY_ID = "prism-gpu"  # every event that submits jobs shares one Gradio concurrency limit
 
 
 def size_info(spec: ModelSpec) -> str:
     s = spec.size
-    return f"multiple of {s.multiple_of}, {s.min_side} to {s.max_side}"
+    return f"multiple of {s.multiple_of}, {s.min_side} to {s.max_side}; blank: {spec.default_width}"
 
 
 def precision_dropdown(service: PrismService, elem_id: str) -> tuple[gr.Dropdown, gr.Markdown]:
@@ -38,9 +43,10 @@ def error_status(message: str) -> str:
     return f"⚠ **{message}**"
 
 
-def run_with_errors(n_outputs: int):
+def run_with_errors(n_outputs: int, cleared: tuple = ()):
     """For a generator handler whose last output is its status line: an error is shown as one readable
-    message there and in a toast, never as a stack trace; through the API it arrives as the error text."""
+    message there and in a toast, never as a stack trace; through the API it arrives as the error text.
+    The other outputs get `cleared` (so a previous result is not taken for this run's), or stay as they are."""
 
     def decorate(fn):
         @functools.wraps(fn)  # Gradio reads the signature (its gr.Progress and gr.Request parameters) through this
@@ -48,11 +54,9 @@ def run_with_errors(n_outputs: int):
             try:
                 yield from fn(*args, **kwargs)
             except Exception as exc:
-                message = exc.message if isinstance(exc, gr.Error) else user_message(exc)
-                if not isinstance(exc, gr.Error) and user_message(exc, fallback=False) is None:
-                    log.exception("request failed")  # unexpected: the log gets the traceback, the user a sentence
-                yield (*(gr.skip(),) * (n_outputs - 1), error_status(message))
-                raise gr.Error(message, title="Could not run", print_exception=False) from None
+                error = ui_error(exc, fn.__name__)
+                yield (*(cleared or (gr.skip(),) * (n_outputs - 1)), error_status(error.message))
+                raise error from None
 
         return wrapper
 
@@ -67,48 +71,71 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
     sdxl = FAMILIES[family].negative_prompt  # SDXL's layout: a family whose loop takes a negative prompt
 
     with gr.Row(equal_height=False):
-        with gr.Column(scale=2):
+        with gr.Column(scale=2, min_width=360):
             model = gr.Dropdown([c.name for c in service.choices(family)], value=choice.name if choice else None,
                                 label="Model", elem_id=f"{prefix}-model")
-            model_note = gr.Markdown(note, elem_id=f"{prefix}-model-note")
-            prompt = gr.Textbox(label="Prompt", lines=3, placeholder="What to draw", elem_id=f"{prefix}-prompt")
+            model_note = gr.Markdown(note, elem_id=f"{prefix}-model-note", elem_classes=["prism-note"])
+            prompt = Prompt(label="Prompt", lines=2, max_lines=6, placeholder="What to draw",
+                            elem_id=f"{prefix}-prompt")
             negative = None
             if sdxl:
-                negative = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{prefix}-negative",
-                                      interactive=bool(spec and spec.supports_negative_prompt),
-                                      placeholder=_negative_placeholder(spec))
-            with gr.Row():
-                width = gr.Number(spec.default_width if spec else None, label="Width", precision=0,
-                                  info=size_info(spec) if spec else None, elem_id=f"{prefix}-width")
-                height = gr.Number(spec.default_height if spec else None, label="Height", precision=0,
-                                   info=size_info(spec) if spec else None, elem_id=f"{prefix}-height")
-            steps = gr.Slider(1, spec.max_steps if spec else 100, spec.default_steps if spec else 28, step=1,
-                              label="Steps", elem_id=f"{prefix}-steps")
-            guidance = gr.Slider(0, spec.max_guidance if spec else 30, spec.default_guidance if spec else 3.5,
-                                 step=0.1, label="Guidance", elem_id=f"{prefix}-guidance")
-            with gr.Row():
-                with gr.Column(min_width=160):
-                    seed = gr.Number(-1, label="Seed", precision=0, info="-1: random (the seed used is reported)",
-                                     elem_id=f"{prefix}-seed")
-                    reuse = gr.Button("Reuse last seed", size="sm", elem_id=f"{prefix}-reuse-seed")
-                num_images = gr.Slider(1, spec.max_images if spec else 8, 1, step=1, label="Number of images",
-                                       elem_id=f"{prefix}-num-images")
-            precision, _ = precision_dropdown(service, f"{prefix}-precision")
+                negative = Prompt("", label="Negative prompt", lines=1, max_lines=4, elem_id=f"{prefix}-negative",
+                                  interactive=bool(spec and spec.supports_negative_prompt),
+                                  placeholder=_negative_placeholder(spec))
             with gr.Row():
                 button = gr.Button("Generate", variant="primary", elem_id=f"{prefix}-generate", scale=3)
                 stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop", scale=1)
+            status = gr.Markdown("", label="Status", elem_id=f"{prefix}-status", elem_classes=["prism-status"])
+            examples = gr.Dataset(components=[prompt], label="Examples (click to use)",
+                                  samples=[[p] for p in example_prompts(spec)], elem_id=f"{prefix}-examples",
+                                  samples_per_page=6)
+            with gr.Row():
+                width = WholeNumber(spec.default_width if spec else None, precision=0, label="Width",
+                                    info=size_info(spec) if spec else None, elem_id=f"{prefix}-width")
+                height = WholeNumber(spec.default_height if spec else None, precision=0, label="Height",
+                                     info=size_info(spec) if spec else None, elem_id=f"{prefix}-height")
+            steps = WholeSlider(1, spec.max_steps if spec else 100, spec.default_steps if spec else 28,
+                                step=1, precision=0, label="Steps", elem_id=f"{prefix}-steps")
+            guidance = NumberSlider(0, spec.max_guidance if spec else 30, spec.default_guidance if spec else 3.5,
+                                    step=0.1, label="Guidance", elem_id=f"{prefix}-guidance")
+            with gr.Row():
+                with gr.Column(min_width=160):
+                    seed = WholeNumber(-1, precision=0, label="Seed", info="-1: random (the seed used is reported)",
+                                       elem_id=f"{prefix}-seed")
+                    reuse = gr.Button("Reuse last seed", size="sm", elem_id=f"{prefix}-reuse-seed")
+                num_images = WholeSlider(1, spec.max_images if spec else 8, 1, step=1, precision=0,
+                                         label="Number of images",
+                                         elem_id=f"{prefix}-num-images")
+            with gr.Row():
+                with gr.Column(min_width=200):
+                    precision, _ = precision_dropdown(service, f"{prefix}-precision")
+                sampler = gr.Dropdown(sampler_choices(spec, family), value="", label="Sampler",
+                                      info="recorded in each PNG as A1111 does", elem_id=f"{prefix}-sampler")
         with gr.Column(scale=3):
-            status = gr.Markdown("", elem_id=f"{prefix}-status")
+            # contain, not cover: the whole picture is always visible; small ones are scaled up with
+            # nearest-neighbour for display only (see PRISM_CSS); the PNG files keep their real size.
             gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id=f"{prefix}-gallery",
+                                 elem_classes=["prism-images"], object_fit="contain", height=440, rows=1,
                                  buttons=["download", "fullscreen"], interactive=False)
             # For the API (the summary shows seeds to people): Gradio draws an empty Number as 0, which would mislead.
             used_seed = gr.Number(None, label="Seed used", precision=0, interactive=False, visible="hidden",
                                   elem_id=f"{prefix}-seed-used")
-            summary = gr.Markdown("", elem_id=f"{prefix}-summary")
+            summary = gr.Markdown("", label="Summary", elem_id=f"{prefix}-summary")
             files = gr.File(label="PNG files (with generation settings in their metadata)", file_count="multiple",
                             interactive=False, elem_id=f"{prefix}-files")
             with gr.Accordion("Details (JSON)", open=False):
-                details = gr.JSON(label="Settings, timings and memory", elem_id=f"{prefix}-details")
+                details = gr.JSON(label="Details", elem_id=f"{prefix}-details")
+    with gr.Accordion("History of this session (click an image, then reuse its settings or seed)", open=True):
+        history_gallery = gr.Gallery(label="History", columns=8, height=200, object_fit="contain", format="png",
+                                     elem_id=f"{prefix}-history", elem_classes=["prism-history"],
+                                     buttons=["download", "fullscreen"], interactive=False)
+        with gr.Row():
+            reuse_settings = gr.Button("Reuse settings", size="sm", elem_id=f"{prefix}-history-settings")
+            reuse_history_seed = gr.Button("Reuse seed", size="sm", elem_id=f"{prefix}-history-seed")
+            picked_note = gr.Markdown("Nothing picked yet.", elem_id=f"{prefix}-history-picked")
+    history = gr.State([])  # HistoryItems, newest first (one list per browser session)
+    # The picked HistoryItem; an image-to-image input reads its `image_for_input` ("use as input").
+    picked = gr.State(None)
 
     def on_model(name: str):
         c: ModelChoice = service.choice(name, family)
@@ -117,7 +144,8 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
                    gr.update(value=s.default_height, info=size_info(s)),
                    gr.update(maximum=s.max_steps, value=s.default_steps),
                    gr.update(maximum=s.max_guidance, value=s.default_guidance),
-                   gr.update(maximum=s.max_images, value=1)]
+                   gr.update(maximum=s.max_images, value=1), gr.update(samples=[[p] for p in example_prompts(s)]),
+                   gr.update(choices=sampler_choices(s, family), value="")]
         if sdxl:
             negative_update = dict(interactive=s.supports_negative_prompt, placeholder=_negative_placeholder(s))
             if not s.supports_negative_prompt:
@@ -126,13 +154,20 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
         return updates
 
     model.input(run_once(on_model), model,
-                 [model_note, width, height, steps, guidance, num_images] + ([negative] if sdxl else []),
-                 api_visibility="undocumented", concurrency_limit=None, show_progress="hidden")
+                [model_note, width, height, steps, guidance, num_images, examples, sampler] + ([negative] if sdxl else []),
+                api_visibility="undocumented", concurrency_limit=None, show_progress="hidden")
+    examples.click(lambda sample: sample[0], examples, prompt, api_visibility="private", concurrency_limit=None,
+                   show_progress="hidden")
 
     outputs = [gallery, files, used_seed, summary, details, status]
+    cleared = (None, None, None, "", None)  # after an error no earlier result stays on show as if it were new
 
-    def run(session: str | None, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p, progress):
-        request = service.build_request(family, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p)
+    def run(session: str | None, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p, sampler_name,
+            progress):
+        if not (prompt_text or "").strip():
+            raise gr.Error(empty_prompt_hint(service.choice(model_name, family).spec), print_exception=False)
+        request = service.build_request(family, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p,
+                                        sampler_name)
         name = service.choice_for(request).name
         started = time.perf_counter()
         task = service.start_generate(request, session=session)
@@ -153,33 +188,82 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
 
     # Two explicit signatures (rather than *args) so the API lists every parameter by name.
     if sdxl:
-        @run_with_errors(len(outputs))
-        def generate(model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p,
-                     request: gr.Request = None, progress=gr.Progress()):
-            yield from run(session_of(request), model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p,
-                           progress)
+        @run_with_errors(len(outputs), cleared)
+        def generate_sdxl(model, prompt, negative_prompt="", width=None, height=None, steps=None, guidance=None,
+                          seed=-1, num_images=1, precision=None, sampler="", request: gr.Request = None,
+                          progress=gr.Progress()):
+            yield from run(session_of(request), model, prompt, negative_prompt, width, height, steps, guidance, seed,
+                           num_images, precision, sampler, progress)
+        generate = generate_sdxl
     else:
-        @run_with_errors(len(outputs))
-        def generate(model_name, prompt_text, w, h, n_steps, g, s, n, p,
-                     request: gr.Request = None, progress=gr.Progress()):
-            yield from run(session_of(request), model_name, prompt_text, "", w, h, n_steps, g, s, n, p, progress)
+        @run_with_errors(len(outputs), cleared)
+        def generate_flux(model, prompt, width=None, height=None, steps=None, guidance=None, seed=-1, num_images=1,
+                          precision=None, sampler="", request: gr.Request = None, progress=gr.Progress()):
+            yield from run(session_of(request), model, prompt, "", width, height, steps, guidance, seed, num_images,
+                           precision, sampler, progress)
+        generate = generate_flux
 
     inputs = [model, prompt] + ([negative] if sdxl else []) + [width, height, steps, guidance, seed, num_images,
-                                                                precision]
+                                                                precision, sampler]
     # The last run's status line goes at once, in the browser, so a stale "Done" or error never describes this run.
     event = button.click(None, None, status, js="() => ''", queue=False).then(
         generate, inputs, outputs, api_name=f"generate_{prefix}", concurrency_id=GPU_CONCURRENCY_ID,
-        show_progress_on=[gallery])
+        show_progress_on=[gallery, status])
 
     reuse.click(lambda last: -1 if last is None else last, used_seed, seed, api_visibility="private",
                 concurrency_limit=None, show_progress="hidden")
 
+    def remember(past, new_files, new_details):
+        items = add_results(past, new_files, new_details)
+        return items, gallery_value(items)
+
+    def pick(past, evt: gr.SelectData):
+        item = past[evt.index] if past and 0 <= evt.index < len(past) else None
+        return item, (f"Picked: seed {item.seed}, {item.settings.get('width')}x{item.settings.get('height')}, "
+                      f"{item.settings.get('steps')} steps" if item else "Nothing picked yet.")
+
+    def settings_of(item):
+        if item is None:
+            raise gr.Error("Click an image in the history first.", print_exception=False)
+        s = item.settings
+        values = [s.get("model"), s.get("prompt", "")] + ([s.get("negative_prompt", "")] if sdxl else []) + \
+            [s.get("width"), s.get("height"), s.get("steps"), s.get("guidance"), item.seed, s.get("num_images", 1),
+             s.get("precision"), s.get("sampler", "")]
+        return values
+
+    def seed_of(item):
+        if item is None:
+            raise gr.Error("Click an image in the history first.", print_exception=False)
+        return item.seed
+
+    quiet = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
+    event.success(remember, [history, files, details], [history, history_gallery], **quiet)
+    history_gallery.select(pick, history, [picked, picked_note], **quiet)
+    reuse_settings.click(settings_of, picked, inputs, **quiet)
+    reuse_history_seed.click(seed_of, picked, seed, **quiet)
+
     def stop_job(request: gr.Request = None):
-        stopped = service.cancel_session(session_of(request))
-        return error_status("Stopped." if stopped else "Nothing to stop.")
+        return error_status(stop_message(service.cancel_session(session_of(request))))
 
     stop.click(stop_job, None, status, cancels=[event], api_visibility="private", concurrency_limit=None,
                show_progress="hidden")
+
+
+def stop_message(stage: str | None) -> str:
+    """What Stop did, given the stage the job was in (None: nothing was running)."""
+    if stage is None:
+        return "Nothing to stop."
+    if stage in ("load", "build"):  # a load or engine build runs to its end; the job stops right after it
+        return ("Stopping: the model is still loading and will finish loading first (it stays loaded for the next "
+                "job); then the job stops.")
+    return "Stopped."
+
+
+def sampler_choices(spec: ModelSpec | None, family: Family) -> list[tuple[str, str]]:
+    """The model's own scheduler first (by its A1111 name), then every sampler of the family."""
+    own = spec.components.get("scheduler") if spec else None
+    default = recorded_name("", own.class_name if own else "")
+    return [(f"Model default ({default})", "")] + [(name, name) for name in sampler_names(family)]
 
 
 def session_of(request: gr.Request | None) -> str | None:
@@ -194,7 +278,7 @@ def run_once(fn):
         try:
             return fn(*args)
         except Exception as exc:
-            raise gr.Error(user_message(exc), print_exception=False) from None
+            raise ui_error(exc, fn.__name__) from None
 
     return wrapper
 

@@ -5,9 +5,11 @@ The arguments are checked before anything heavy is imported, so a refused `--sha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -35,7 +37,8 @@ class LaunchOptions:
     models: tuple[str, ...] = ()
     manager: Any = None  # pipelines.manager.ManagerConfig from the runtime flags (pipelines.config); None: defaults
     verbose: bool = False
-    output_dir: Path | None = None
+    output_dir: Path | None = None  # None: a temporary folder, removed at exit
+    outputs_max_bytes: int = 2 * 1000**3
     api_key: str | None = None  # the HTTP API's Bearer key (--api-key or PRISM_API_KEY)
     allow_origins: tuple[str, ...] = ()  # web origins whose pages may call the HTTP API
     extra: dict[str, Any] = field(default_factory=dict)  # passed to gr.Blocks.launch (tests)
@@ -54,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
                    help="models to offer: registry ids (flux.1-dev, flux.1-schnell, sdxl-base-1.0, sdxl-turbo, "
                         "demo-flux, demo-sdxl) or local folders in the Hugging Face layout (default: all known)")
-    p.add_argument("--max-queue", type=int, default=4, help="jobs that may wait for the GPU (default 4)")
+    p.add_argument("--max-queue", type=int, default=4,
+                   help="jobs that may wait for the GPU (default 4; 0: no waiting line, one job at a time)")
+    p.add_argument("--output-dir", default=None, metavar="FOLDER",
+                   help="keep every result here as PNGs with their settings (default: a temporary folder, removed "
+                        "at exit)")
+    p.add_argument("--outputs-max-size", default="2GB", metavar="SIZE",
+                   help="size cap of the output folder, e.g. 2GB or 500MB; the oldest results are deleted beyond it")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require this Bearer key on the OpenAI-compatible API (/v1/...) and /metrics; or set "
                         "PRISM_API_KEY, which other users of this machine cannot read from the process list. "
@@ -107,7 +116,27 @@ def options_from_args(argv: Sequence[str] | None = None) -> LaunchOptions:
     api_key, origins = api_settings(args)
     return LaunchOptions(host=args.host, port=args.port, share=args.share, auth=tuple(logins),
                          models=tuple(args.models or ()), manager=manager, verbose=args.verbose, api_key=api_key,
-                         allow_origins=origins)
+                         allow_origins=origins,
+                         output_dir=Path(args.output_dir).expanduser() if args.output_dir else None,
+                         outputs_max_bytes=parse_size("--outputs-max-size", args.outputs_max_size))
+
+
+SIZE_UNITS = {"TB": 1000**4, "GB": 1000**3, "MB": 1000**2, "TIB": 1024**4, "GIB": 1024**3, "MIB": 1024**2}
+
+
+def parse_size(flag: str, text: str) -> int:
+    """'2GB', '500MB', '1.5GiB' -> bytes (a size on disk; no fractions of anything)."""
+    raw = text.strip().upper().replace(" ", "")
+    for unit, size in SIZE_UNITS.items():
+        if raw.endswith(unit):
+            try:
+                value = float(raw[:-len(unit)])
+            except ValueError:
+                break
+            if value > 0:
+                return int(value * size)
+            break
+    raise LaunchError(f"{flag}: write a size such as 2GB or 500MB; got {text!r}.")
 
 
 def api_settings(args: argparse.Namespace) -> tuple[str | None, tuple[str, ...]]:
@@ -181,22 +210,27 @@ def start(opts: LaunchOptions, *, block: bool = True):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from pipelines.manager import ManagerConfig, PipelineManager
 
+    from starlette.middleware import Middleware
+
     from .api import mount_api
     from .api_access import ApiAccess
-    from .blocks import create_demo
+    from .blocks import PRISM_CSS, create_demo
+    from .login_throttle import LoginThrottle
     from .service import PrismService, offered_models
 
     config = opts.manager or ManagerConfig()
     models = offered_models(opts.models)  # before the manager: a bad --models answers at once
     manager = PipelineManager(config)
     try:
-        service = PrismService(manager, models, output_dir=opts.output_dir, hub=config.hub)
+        service = PrismService(manager, models, output_dir=opts.output_dir, hub=config.hub,
+                               outputs_max_bytes=opts.outputs_max_bytes)
         demo = create_demo(service)
         app, _, share_url = demo.launch(
             server_name=opts.host, server_port=opts.port, share=opts.share, auth=list(opts.auth) or None,
             auth_message="Prism: log in to use this GPU." if opts.auth else None, prevent_thread_lock=True,
             quiet=True, show_error=False, ssr_mode=False, allowed_paths=[str(service.output_dir)],
-            footer_links=["api", "settings"], **opts.extra)
+            footer_links=["api", "settings"], css=PRISM_CSS, max_file_size=upload_cap_bytes(models),
+            app_kwargs={"middleware": [Middleware(LoginThrottle)]} if opts.auth else None, **opts.extra)
         # The HTTP API (OpenAI-compatible images, /health, /metrics) on the same server: ui/api.py.
         api = ApiAccess(opts.api_key, login_required=bool(opts.auth), allowed_origins=opts.allow_origins)
         mount_api(app, service, api)
@@ -212,7 +246,32 @@ def start(opts: LaunchOptions, *, block: bool = True):
     finally:
         demo.close()
         service.close()
+        remove_gradio_copies(demo)
     return demo, service
+
+
+def remove_gradio_copies(demo: Any) -> None:
+    """Delete the copies of our results that Gradio cached to serve them (its shutdown hook does not always
+    run), and the folders that held only them; other apps' files in Gradio's temporary folder stay."""
+    for files in demo.temp_file_sets:
+        for name in list(files):
+            path = Path(name)
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not empty: something else lives there
+                path.parent.rmdir()
+
+
+def upload_cap_bytes(models: Sequence[Any]) -> int:
+    """The largest upload accepted: the largest image any offered model takes, as an uncompressed 8-bit RGBA
+    PNG (the worst case for a real picture), plus 1 MiB for metadata. Anything bigger cannot be a valid input."""
+    side = max((c.spec.size.max_side for c in models), default=2048)
+    return side * side * 4 + 2**20
+
+
+def _stop_like_ctrl_c(signum: int, frame: Any) -> None:
+    # SIGTERM (docker stop, systemd, kill) takes Ctrl-C's path: the server closes, running jobs are
+    # cancelled at their next step, and temporary folders are removed, instead of dying on the spot.
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -225,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from pipelines.errors import user_message
 
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     try:
         start(opts)
     except KeyboardInterrupt:

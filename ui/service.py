@@ -20,18 +20,20 @@ from pipelines.backends import choose_backend
 from pipelines.compare import Comparison, run_comparison
 from pipelines.loading import HubOptions, ModelAccessError, default_model, is_available_locally
 from pipelines.manager import ModelInUseError
-from pipelines.pngmeta import SAMPLER_NAMES, png_bytes, save_png
+from pipelines.pngmeta import png_bytes, save_png
+from pipelines.schedulers import recorded_name
 from pipelines.precision import Backend, Precision, PrecisionSupport, precision_support
 from pipelines.registry import HUB_MODELS, Family, ModelSpec, UnknownModelError, demo_specs, read_local_spec
 from pipelines.request import GenerationRequest, GenerationResult, RequestError, resolve_request
 from pipelines.gpu import system_memory
 
+from .errors import OutputError
 from .formatting import progress_text
+from .history import DEFAULT_OUTPUTS_MAX_BYTES, prune_outputs
 
 log = logging.getLogger("prism.ui")
 
 PRECISION_ORDER = (Precision.BF16, Precision.FP16, Precision.FP8, Precision.FP4)
-KEEP_OUTPUT_BATCHES = 64  # PNG folders kept in the output dir; older ones are deleted as new ones come
 
 
 @dataclass(frozen=True)
@@ -112,13 +114,13 @@ class Task:
     def finished(self) -> bool:
         return self._finished.is_set()
 
-    def view(self) -> tuple[str, float | None]:
+    def view(self) -> tuple[str, float]:
         job = self.job
         if job is None:
             return progress_text(None, 0, self.label)
         return progress_text(job.progress, self._manager.queue_position(job), self.label)
 
-    def views(self, poll_s: float = 0.2) -> Iterator[tuple[str, float | None]]:
+    def views(self, poll_s: float = 0.2) -> Iterator[tuple[str, float]]:
         """Each change of (text, fraction) until the work is finished."""
         last = None
         while not self._finished.is_set():
@@ -145,10 +147,11 @@ class PrismService:
     """What the UI may do: list models and their defaults, generate, compare, report and unload."""
 
     def __init__(self, manager: Any, models: Sequence[ModelChoice] | None = None, output_dir: Path | None = None,
-                 hub: HubOptions = HubOptions()):
+                 hub: HubOptions = HubOptions(), outputs_max_bytes: int = DEFAULT_OUTPUTS_MAX_BYTES):
         self.manager = manager
         self.models = tuple(models) if models is not None else offered_models()
         self.hub = hub
+        self.outputs_max_bytes = outputs_max_bytes  # the outputs folder's size cap; oldest batches go first
         self._own_output_dir = output_dir is None  # a temporary folder of ours, removed by `close`
         self.output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="prism-outputs-"))
         self._by_name = {c.name: c for c in self.models}
@@ -186,7 +189,7 @@ class PrismService:
         (ungated first)."""
         offered = self.choices(family)
         if not offered:
-            return None, f"No {family.value.upper()} model is offered; start the app with `--models` naming one."
+            return None, f"No {family.value.upper()} model is offered; start the app with --models naming one."
         try:
             model_id, note = default_model(family, self.hub)
         except ModelAccessError:
@@ -229,7 +232,7 @@ class PrismService:
             return Backend.TENSORRT if configured == "tensorrt" else Backend.TORCH
 
     def support(self, precision: Precision) -> PrecisionSupport:
-        return precision_support(precision, self.capability, self.backend_for(precision))
+        return self.manager.policy.support(precision, self.backend_for(precision))
 
     def default_precision(self) -> Precision:
         return next((p for p in PRECISION_ORDER if self.support(p).runnable), Precision.FP16)
@@ -238,7 +241,7 @@ class PrismService:
 
     def build_request(self, family: Family | None, model: str, prompt: str, negative_prompt: str | None,
                       width: Any, height: Any, steps: Any, guidance: Any, seed: Any, num_images: Any,
-                      precision: str) -> GenerationRequest:
+                      precision: str, sampler: str | None = "") -> GenerationRequest:
         """A request from widget values (None or -1 seed: random; empty size/steps/guidance: the model's default)."""
         choice = self.choice(model, family)
         seed = None if seed in (None, "", -1, -1.0) else seed
@@ -246,7 +249,7 @@ class PrismService:
             prompt=prompt or "", model=choice.model, precision=precision or self.default_precision().value,
             negative_prompt=negative_prompt or "", width=_blank_none(width), height=_blank_none(height),
             steps=_blank_none(steps), guidance=_blank_none(guidance), seed=seed,
-            num_images=1 if num_images in (None, "") else num_images)
+            num_images=1 if num_images in (None, "") else num_images, sampler=sampler or "")
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
         """Validate now (the manager validates again) so a bad field is reported without queueing."""
@@ -275,14 +278,16 @@ class PrismService:
                 self._sessions[session] = task
         return task
 
-    def cancel_session(self, session: str | None) -> bool:
-        """Cancel the session's unfinished task; True if there was one."""
+    def cancel_session(self, session: str | None) -> str | None:
+        """Cancel the session's unfinished task; the stage its job was in ("queue" before it has one), or None
+        when there was nothing to cancel."""
         with self._sessions_lock:
             task = self._sessions.get(session) if session else None
         if task is None or task.finished:
-            return False
+            return None
+        progress = task.job.progress if task.job is not None else None
         task.cancel()
-        return True
+        return progress.stage if progress is not None else "queue"
 
     def start_compare(self, request: GenerationRequest, precisions: Sequence[str], session: str | None = None) -> Task:
         def work(task: Task) -> Comparison:
@@ -299,9 +304,7 @@ class PrismService:
     def _new_batch_dir(self) -> Path:
         with self._save_lock:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            batches = sorted((p for p in self.output_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-            for old in batches[:max(0, len(batches) - KEEP_OUTPUT_BATCHES + 1)]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_outputs(self.output_dir, self.outputs_max_bytes)
             folder = self.output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
             folder.mkdir()
             return folder
@@ -317,13 +320,23 @@ class PrismService:
         """(offered model name, precision, A1111 sampler name) for a result's PNGs."""
         choice = self.choice_for(result.request)
         scheduler = choice.spec.components.get("scheduler")
-        sampler = SAMPLER_NAMES.get(scheduler.class_name if scheduler else "", "Euler")
+        sampler = recorded_name(result.request.sampler, scheduler.class_name if scheduler else "")
         precision = Precision.parse(result.request.precision).value
         # The offered name, not the request's model string: that may be a folder path.
         return choice.name, precision, sampler
 
     def save_result(self, result: GenerationResult, folder: Path | None = None) -> list[Path]:
-        """PNG files with the A1111 `parameters` and Prism JSON chunks, one per image."""
+        """PNG files with the A1111 `parameters` and Prism JSON chunks, one per image. Raises OutputError
+        (whose message names no server path; the log line does) when they cannot be written."""
+        try:
+            return self._save_result(result, folder)
+        except OSError as exc:
+            log.warning("cannot write results to %s: %s", self.output_dir, exc)
+            reason = exc.strerror or "write failed"
+            raise OutputError(f"The images were made but could not be saved on the server ({reason.lower()}); "
+                              "tell whoever runs it to check the output folder.") from None
+
+    def _save_result(self, result: GenerationResult, folder: Path | None = None) -> list[Path]:
         folder = folder or self._new_batch_dir()
         name, precision, sampler = self._png_naming(result)
         return [save_png(folder / f"{name}-{seed}-{precision}.png", image, result.settings(), seed, sampler)
@@ -335,7 +348,12 @@ class PrismService:
         return [png_bytes(image, result.settings(), seed, sampler) for image, seed in zip(result.images, result.seeds)]
 
     def save_comparison(self, comparison: Comparison) -> dict[Precision, Path]:
-        folder = self._new_batch_dir()
+        try:
+            folder = self._new_batch_dir()
+        except OSError as exc:
+            log.warning("cannot write results to %s: %s", self.output_dir, exc)
+            raise OutputError("The images were made but could not be saved on the server; tell whoever runs it "
+                              "to check the output folder.") from None
         return {e.precision: self.save_result(e.result, folder)[0] for e in comparison.entries if e.result is not None}
 
     # ------------------------------------------------------------------ system
@@ -379,7 +397,9 @@ class PrismService:
             raise RequestError("Jobs are running or queued; clear the engine cache when they have finished.")
         cache = self.manager.engine_cache
         before = cache.total_bytes()
-        return cache.clear(), before
+        removed = cache.clear()
+        self.manager.forget_tensorrt_failures()  # rebuilt engines get another try
+        return removed, before
 
 
 def _blank_none(value: Any) -> Any:

@@ -5,8 +5,11 @@ from typing import Any
 
 import gradio as gr
 
-from .formatting import fmt_bytes
+from .formatting import fmt_bytes, short_dtype
 from .generate_tab import run_once
+from .inputs import FreeChoice
+from pipelines.request import RequestError
+
 from .service import PrismService
 
 RESIDENT_HEADERS = ["Model", "Component", "Form", "Backend", "Memory", "Where"]
@@ -65,7 +68,9 @@ def system_markdown(snap: dict[str, Any]) -> str:
         f"**Jobs:** {'running ' + running['model'] + ' ' + running['precision'] if running else 'none running'}"
         f" · {snap['jobs']['queued']} waiting",
         "### Backend",
-        f"**In use:** {b['in_use']}", f"**TensorRT:** {b['tensorrt']}", f"**Requested:** `--backend {b['configured']}`",
+        f"**In use:** {b['in_use']}",
+        *([] if b["tensorrt"] in b["in_use"] else [f"**TensorRT:** {b['tensorrt']}"]),  # said once, not twice
+        f"**Requested:** `--backend {b['configured']}`",
         "### Resident models", resident,
         "### Engine cache",
         f"{len(snap['engine_cache']['entries'])} engine(s), {fmt_bytes(snap['engine_cache']['total_bytes'])} in "
@@ -75,8 +80,10 @@ def system_markdown(snap: dict[str, Any]) -> str:
 
 
 def resident_rows(snap: dict[str, Any]) -> list[list[str]]:
-    return [[r["model"], r["component"], r["form"], r["backend"], fmt_bytes(r["bytes"]),
-             "host RAM (parked)" if r["parked"] else "device"] for r in snap["resident"]]
+    on_gpu = snap["device"]["device"] != "cpu"
+    here = "GPU memory" if on_gpu else "system RAM"
+    return [[r["model"], r["component"], short_dtype(r["form"]), r["backend"], fmt_bytes(r["bytes"]),
+             "host RAM (parked)" if r["parked"] else here] for r in snap["resident"]]
 
 
 def cache_rows(snap: dict[str, Any]) -> list[list[str]]:
@@ -95,17 +102,19 @@ def build_system_tab(service: PrismService) -> tuple[Any, list[Any]]:
     """Widgets and events; returns (refresh handler, its outputs) so the app can refresh when the tab opens."""
     with gr.Row():
         refresh = gr.Button("Refresh", elem_id="system-refresh", scale=0)
-    overview = gr.Markdown("", elem_id="system-overview")
+    overview = gr.Markdown("", label="Overview", elem_id="system-overview")
     resident = gr.Dataframe(headers=RESIDENT_HEADERS, label="Resident components", interactive=False,
                             elem_id="system-resident", column_count=len(RESIDENT_HEADERS))
     with gr.Row():
-        to_unload = gr.Dropdown([], value=None, label="Model to unload", elem_id="system-unload-model", scale=2)
+        # Typed `str` in the API (the resident models change as jobs run); unknown names are refused by `unload_model`.
+        to_unload = FreeChoice([], value=None, label="Model to unload", elem_id="system-unload-model", scale=2,
+                                allow_custom_value=True)
         unload = gr.Button("Unload model", elem_id="system-unload", scale=1)
         unload_all = gr.Button("Unload all models", elem_id="system-unload-all", scale=1)
     cache = gr.Dataframe(headers=CACHE_HEADERS, label="Engine cache", interactive=False, elem_id="system-cache",
                          column_count=len(CACHE_HEADERS))
     clear = gr.Button("Clear engine cache", variant="stop", elem_id="system-clear-cache")
-    message = gr.Markdown("", elem_id="system-message")
+    message = gr.Markdown("", label="Message", elem_id="system-message")
     with gr.Accordion("Status (JSON)", open=False):
         raw = gr.JSON(label="System status", elem_id="system-json")
 
@@ -120,9 +129,13 @@ def build_system_tab(service: PrismService) -> tuple[Any, list[Any]]:
     def status() -> tuple:
         return view()
 
-    def unload_model(name: str | None) -> tuple:
+    def unload_model(model: str | None) -> tuple:
+        name = model
         if not name:
             return view("Choose a resident model to unload.")
+        resident = list(system_snapshot(service)["resident_models"])
+        if name not in resident:
+            raise RequestError(f"{name} is not loaded; loaded now: {', '.join(resident) or 'none'}.")
         freed = service.unload(name)
         return view(f"Unloaded {name}: {fmt_bytes(freed)} released.")
 

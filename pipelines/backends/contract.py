@@ -21,6 +21,20 @@ if TYPE_CHECKING:
 CALIBRATION_PROMPTS = 32  # FP8/FP4 calibration images (one prompt each)
 
 
+class TensorRTFailure(RuntimeError):
+    """Building, loading or running an engine failed. The manager reruns the job on PyTorch and remembers the
+    engine, so later jobs do not rebuild it in a loop."""
+
+    def __init__(self, model: str, component: str, precision: str, stage: str, reason: str):
+        super().__init__(f"TensorRT {stage} of {model} {component} ({precision}) failed: {reason}")
+        self.model, self.component, self.precision, self.stage, self.reason = model, component, precision, stage, reason
+
+    @property
+    def engine(self) -> tuple[str, str]:
+        """What is remembered as failing: the model and precision (one failing engine stops the pipeline)."""
+        return self.model, self.precision
+
+
 class ComponentBackend(Protocol):
     name: str  # precision.Backend value
 
@@ -45,7 +59,7 @@ class ComponentBackend(Protocol):
 
 @dataclass(frozen=True)
 class TorchOptions:
-    compile: bool = False  # torch.compile of the denoiser, scoped per family (GPU only)
+    compile: bool | None = None  # torch.compile of the denoiser, scoped per family; None: on CUDA GPUs only
     compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
     # Quantize checkpoints while moving them from host RAM, one layer at a time (discrete GPUs only: on
     # unified memory the host copy is device memory too, so staging saves nothing).

@@ -1,8 +1,10 @@
 """PyTorch backend: diffusers/transformers modules with the precision applied and, on a GPU, torch.compile.
 
 Optimisations, in order, each with its off switch and reason:
-1. 16-bit weights (bf16 for Flux, fp16 for SDXL), the FP8/FP4 Linear swap on the denoiser only.
-2. torch.compile of the denoiser, scoped per family (`compile_whole_denoiser` in pipelines/families/):
+1. 16-bit weights (bf16 for Flux, fp16 for SDXL), the FP8/FP4 Linear swap on the denoiser only. On a CPU
+   without fast 16-bit math the rounded 16-bit weights compute in FP32 (DevicePolicy, cpu_math.py).
+2. torch.compile of the denoiser, on by default on CUDA GPUs (`--no-compile`), behind CompiledDenoiser: a
+   "compile" progress stage per new input size, and eager (with the reason) if compiling fails, scoped per family (`compile_whole_denoiser` in pipelines/families/):
    Flux compiles its repeated blocks only (diffusers `compile_repeated_blocks`, PR #11705: the
    whole-model speed at a fraction of the compile time; H100: 183 -> 132 ms/step bf16); SDXL compiles
    the whole UNet, because its blocks-only compile left the launch-bound ResNet/conv part eager and gained
@@ -19,10 +21,11 @@ from ..device_policy import DevicePolicy
 from ..families import family_of
 from ..loading import WeightSource, load_component
 from ..lora import NO_LORAS, LoraError, LoraSet
-from ..precision import Backend, Precision, SupportLevel, precision_support
+from ..precision import Backend, Precision, SupportLevel
 from ..quant import module_bytes, quantize_linears
 from ..registry import ModelSpec
 from ..run_context import RunContext
+from .compile_guard import CompiledDenoiser
 from .contract import TorchOptions
 from .torch_lora import LoraState
 
@@ -74,12 +77,15 @@ class TorchBackend:
 
     def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, policy: DevicePolicy,
              source: WeightSource, ctx: RunContext | None = None, loras: LoraSet = NO_LORAS) -> LoadedComponent:
-        capability = policy.capability
         dtype = policy.component_dtype(spec, name, precision)
+        weights = policy.weight_dtype(spec, name, precision)
         staged = self._staged(spec, name, precision, device, source)
-        obj = load_component(spec, name, dtype=dtype or torch.float32, device="cpu" if staged else device, source=source)
+        obj = load_component(spec, name, dtype=weights or torch.float32, device="cpu" if staged else device,
+                             source=source)
         if dtype is None:  # tokenizer or scheduler
             return LoadedComponent(obj, 0, None)
+        if dtype != weights:  # a CPU without fast 16-bit math: the rounded 16-bit weights compute in FP32
+            obj.to(dtype)
 
         runs_as = None
         quantized = name == spec.denoiser and not Precision.parse(precision).is_16bit
@@ -87,19 +93,15 @@ class TorchBackend:
         if name in family_of(spec).lora_components and (not quantized or self.lora_variant(spec, name, precision, loras)):
             lora = LoraState(obj)
         if name == spec.denoiser:
-            support = precision_support(precision, capability, Backend.TORCH)
+            support = policy.support(precision, Backend.TORCH)
             native_fp4 = Precision.parse(precision) is Precision.FP4 and support.level is SupportLevel.NATIVE
             report = _quantize(obj, spec, precision, dtype, native_fp4, device if staged else None,
                                lora.base if lora is not None and quantized else None)
             runs_as = support.runs_as if report.native_fp4 == native_fp4 else "FP4 weights, 16-bit compute"
-            if self.options.compile and device.startswith("cuda"):
-                if ctx is not None:
-                    ctx.report("build", 0, 1, "torch.compile: the first image at a new size compiles for a few "
-                                              "minutes (cached in engine_cache/ for next time)")
-                compile_denoiser(obj, spec, self.options.compile_mode)
         engine = family_of(spec).adapters[name](obj).eval()
+        if name == spec.denoiser and self.options.compile:
+            engine = CompiledDenoiser(engine, lambda: compile_denoiser(obj, spec, self.options.compile_mode))
         return LoadedComponent(engine, module_bytes(obj), dtype, runs_as, lora)
-
 
 def compile_denoiser(module: torch.nn.Module, spec: ModelSpec, mode: str | None) -> None:
     """Mark the denoiser for torch.compile in place (compilation itself happens on the first call)."""

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..graphs import GraphIO, token_ids_io, vae_decoder_io
 from ..registry import Family
+from ..schedulers import Sampler
 
 if TYPE_CHECKING:
     from ..registry import ModelSpec
@@ -42,6 +43,8 @@ class ModelFamily:
     generate: Callable[["ModelSpec", "Parts", "GenerationRequest", "RunContext"], "FamilyOutput"]
     guidance_batch: bool = False  # classifier-free guidance runs the denoiser on 2x the images
     negative_prompt: bool = False  # the loop takes a negative prompt (models may still turn it off)
+    samplers: tuple[Sampler, ...] = ()  # what a user may pick instead of the model's own scheduler
+    example_prompts: tuple[str, ...] = ()  # shown as clickable examples for the family's real models
     # diffusers pipeline class whose `lora_state_dict` reads (and converts) this family's LoRA files, and the
     # components a LoRA may change, by the key prefix diffusers gives them.
     lora_reader: str = ""

@@ -6,6 +6,8 @@ once the prompt is encoded, and swap a TensorRT engine in for any component.
 """
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -18,6 +20,7 @@ from ..run_context import Parts, RunContext, Stopwatch
 from ..sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noise, stage_timings, tokenize,
                        truncation_warning)
 from .family import ModelFamily
+from ..schedulers import Sampler, make_scheduler
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 CLIP_TOKENS = graphs.CLIP_TOKENS
@@ -71,7 +74,7 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     channels = spec.components["transformer"].config["in_channels"] // 4
     noise, _ = seeded_noise(seeds, (channels, h, w), device, dtype)
     latents = pack(noise)
-    scheduler = type(parts.get("scheduler")).from_config(parts.get("scheduler").config)  # fresh state per job
+    scheduler = make_scheduler(parts.get("scheduler"), spec.family, req.sampler)  # fresh state per job
     cfg = scheduler.config
     mu = calculate_shift(latents.shape[1], cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                          cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
@@ -130,6 +133,16 @@ def denoiser_io(spec: ModelSpec) -> GraphIO:
     return GraphIO(tuple(inputs), ("velocity",))
 
 
+# Flow matching: flow-match Euler and the sigma schedules diffusers offers for it.
+SAMPLERS = (
+    Sampler("Euler", "FlowMatchEulerDiscreteScheduler"),
+    Sampler("Euler Karras", "FlowMatchEulerDiscreteScheduler", MappingProxyType({"use_karras_sigmas": True})),
+    Sampler("Euler Exponential", "FlowMatchEulerDiscreteScheduler", MappingProxyType({"use_exponential_sigmas": True})),
+)
+EXAMPLES = ("a red fox sitting in fresh snow at sunrise, soft light, detailed fur",
+            "a neon sign that says \"Prism\" on a rainy street at night, reflections on wet asphalt",
+            "a watercolor painting of a lighthouse on a cliff, gentle waves")
+
 FLUX = ModelFamily(
     kind=Family.FLUX,
     denoiser="transformer",
@@ -147,6 +160,8 @@ FLUX = ModelFamily(
     fp16_overflows=("text_encoder_2",),
     text_io={"text_encoder": (CLIP_TOKENS, ("pooled",)), "text_encoder_2": (None, ("hidden",))},
     denoiser_io=denoiser_io,
+    samplers=SAMPLERS,
+    example_prompts=EXAMPLES,
     generate=generate,
     lora_reader="FluxPipeline",
     lora_components=("transformer", "text_encoder"),

@@ -6,6 +6,7 @@ and reads its components through `Parts`, like the Flux loop.
 from __future__ import annotations
 
 import inspect
+from types import MappingProxyType
 
 import torch
 
@@ -17,6 +18,7 @@ from ..run_context import Parts, RunContext, Stopwatch
 from ..sampling import (FamilyOutput, check_finite, decoded_to_images, seeded_noise, stage_timings, tokenize,
                        truncation_warning)
 from .family import ModelFamily
+from ..schedulers import Sampler, make_scheduler
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -57,7 +59,7 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     scale = spec.vae_scale_factor
     channels = spec.components["unet"].config["in_channels"]
     noise, generators = seeded_noise(seeds, (channels, req.height // scale, req.width // scale), device, dtype)
-    scheduler = type(parts.get("scheduler")).from_config(parts.get("scheduler").config)  # fresh state per job
+    scheduler = make_scheduler(parts.get("scheduler"), spec.family, req.sampler)  # fresh state per job
     scheduler.set_timesteps(req.steps, device=device)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
@@ -114,6 +116,23 @@ def denoiser_io(spec: ModelSpec) -> GraphIO:
                     TensorSpec("time_ids", ("batch", 6), "compute")), ("noise",))
 
 
+SAMPLERS = (
+    Sampler("Euler", "EulerDiscreteScheduler"),
+    Sampler("Euler a", "EulerAncestralDiscreteScheduler"),
+    Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", MappingProxyType({"algorithm_type": "dpmsolver++", "solver_order": 2})),
+    Sampler("DPM++ 2M Karras", "DPMSolverMultistepScheduler",
+            MappingProxyType({"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True})),
+    # diffusers' own SDE solver: A1111's "DPM++ SDE" needs torchsde's Brownian tree; this one draws its noise
+    # from the job's seeded generators, so a seed still gives the same picture.
+    Sampler("DPM++ SDE", "DPMSolverMultistepScheduler",
+            MappingProxyType({"algorithm_type": "sde-dpmsolver++", "solver_order": 2})),
+    Sampler("DDIM", "DDIMScheduler"),
+    Sampler("UniPC", "UniPCMultistepScheduler"),
+)
+EXAMPLES = ("a cozy cabin in a snowy forest at dusk, warm light in the windows, highly detailed",
+            "portrait of an old sailor with a grey beard, dramatic lighting, 85mm photo",
+            "an isometric illustration of a tiny island city, pastel colors")
+
 SDXL = ModelFamily(
     kind=Family.SDXL,
     denoiser="unet",
@@ -131,6 +150,8 @@ SDXL = ModelFamily(
     fp16_overflows=(),
     text_io={"text_encoder": (None, ("hidden",)), "text_encoder_2": (None, ("hidden", "pooled"))},
     denoiser_io=denoiser_io,
+    samplers=SAMPLERS,
+    example_prompts=EXAMPLES,
     generate=generate,
     guidance_batch=True,
     negative_prompt=True,

@@ -17,6 +17,8 @@ artifacts (same defaults, so the app finds them).
 """
 from __future__ import annotations
 
+import torch
+
 from ...components import LoadedComponent, estimate_bytes
 from ...device_policy import LIGHT_PARTS, DevicePolicy
 from ...families import family_of
@@ -25,8 +27,8 @@ from ...loading import WeightSource
 from ...lora import NO_LORAS, LoraSet
 from ...precision import Backend, Precision
 from ...registry import ModelSpec
-from ...run_context import RunContext
-from ..contract import TensorRTOptions
+from ...run_context import JobCancelled, RunContext
+from ..contract import TensorRTFailure, TensorRTOptions
 from .artifacts import ArtifactBuilder, EngineRequest
 from .export import ShapeRanges, component_io
 from .quantize import QuantRecipe
@@ -121,12 +123,41 @@ class TensorRTBackend:
         report = (lambda done, total, message: ctx.report("build", done, total, message)) if ctx else None
         builder = ArtifactBuilder(self.cache, device=device, trt=self.trt, report=report)
         req = self.request(spec, name, precision, capability, source, loras)
-        built = builder.engine(req)
         io = component_io(spec, name)
-        engine = TensorRTEngine(built.engine, self.trt, device, pool=self._pool(spec.id, device),
-                                cuda_graphs=self.options.cuda_graphs and name == spec.denoiser,
-                                weight_streaming_budget=self.options.weight_streaming_budget,
-                                name=f"{spec.id} {name} engine",
-                                batch_inputs=frozenset(t.name for t in io.inputs if t.dims[:1] == ("batch",)))
+        try:
+            built = builder.engine(req)
+            engine = TensorRTEngine(built.engine, self.trt, device, pool=self._pool(spec.id, device),
+                                    cuda_graphs=self.options.cuda_graphs and name == spec.denoiser,
+                                    weight_streaming_budget=self.options.weight_streaming_budget,
+                                    name=f"{spec.id} {name} engine",
+                                    batch_inputs=frozenset(t.name for t in io.inputs if t.dims[:1] == ("batch",)))
+        except (JobCancelled, torch.OutOfMemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # the build, the export before it, or deserializing the plan
+            raise TensorRTFailure(spec.id, name, Precision.parse(precision).value, "build or load", _reason(exc)) from exc
         label = runs_as(precision, built.report.precision_counts()) if name == spec.denoiser else None
-        return LoadedComponent(engine, engine.nbytes, req.dtype, label)
+        return LoadedComponent(_Guarded(engine, spec.id, name, Precision.parse(precision).value), engine.nbytes,
+                               req.dtype, label)
+
+
+def _reason(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _Guarded:
+    """An engine whose execution failures become TensorRTFailure (so the job reruns on PyTorch)."""
+
+    def __init__(self, engine: TensorRTEngine, model: str, component: str, precision: str):
+        self.engine, self.model, self.component, self.precision = engine, model, component, precision
+
+    def __call__(self, **kwargs):
+        try:
+            return self.engine(**kwargs)
+        except (JobCancelled, torch.OutOfMemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise TensorRTFailure(self.model, self.component, self.precision, "execution", _reason(exc)) from exc
+
+    def __getattr__(self, name):  # load(), unload(), nbytes, io ... of the engine
+        return getattr(self.engine, name)
