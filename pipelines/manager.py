@@ -280,17 +280,18 @@ class PipelineManager:
         with ctx.active():
             if choice.backend is Backend.TENSORRT and (spec.id, precision.value) in self._tensorrt_failures:
                 reason = self._tensorrt_failures[(spec.id, precision.value)]
-                return self._on_torch_instead(spec, resolved, source, ctx, f"TensorRT failed earlier ({reason})")
+                return self._on_torch_instead(spec, resolved, source, ctx, f"TensorRT failed earlier ({reason})", loras)
             try:
-                return self._generate_or_retry(spec, resolved, choice, source, ctx, working)
+                return self._generate_or_retry(spec, resolved, choice, source, ctx, working, loras)
             except TensorRTFailure as exc:
                 log.warning("%s; rerunning on PyTorch", exc)
                 self._tensorrt_failures[exc.engine] = f"{exc.stage}: {exc.reason}"
                 self.residency.drop_backend(spec.id, Backend.TENSORRT.value, "TensorRT failed")
-                return self._on_torch_instead(spec, resolved, source, ctx, f"TensorRT failed ({exc.stage}: {exc.reason})")
+                return self._on_torch_instead(spec, resolved, source, ctx, f"TensorRT failed ({exc.stage}: {exc.reason})",
+                                              loras)
 
     def _on_torch_instead(self, spec: ModelSpec, req: GenerationRequest, source: WeightSource, ctx: RunContext,
-                          why: str) -> GenerationResult:
+                          why: str, loras: LoraSet) -> GenerationResult:
         """The job again on PyTorch at the same precision, saying why; until the engine cache is cleared or the
         app restarts, this model and precision go straight to PyTorch (no rebuild in a loop)."""
         precision = Precision.parse(req.precision)
@@ -301,14 +302,15 @@ class PipelineManager:
         working = self.working_bytes(spec, req)
         self.check_fits(spec, precision, Backend.TORCH, working, source)
         choice = BackendChoice(Backend.TORCH, why)
-        return self._generate_or_retry(spec, replace(req, backend=Backend.TORCH.value), choice, source, ctx, working)
+        return self._generate_or_retry(spec, replace(req, backend=Backend.TORCH.value), choice, source, ctx, working,
+                                       loras)
 
     def forget_tensorrt_failures(self) -> None:
         """Give failed engines another try (after the engine cache is cleared)."""
         self._tensorrt_failures.clear()
 
     def _generate_or_retry(self, spec: ModelSpec, resolved: GenerationRequest, choice: BackendChoice,
-                           source: WeightSource, ctx: RunContext, working: int) -> GenerationResult:
+                           source: WeightSource, ctx: RunContext, working: int, loras: LoraSet) -> GenerationResult:
         precision = Precision.parse(resolved.precision)
         try:
             return self._generate(spec, resolved, choice, source, ctx, working, loras)
