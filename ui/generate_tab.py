@@ -19,6 +19,7 @@ from .examples import empty_prompt_hint, example_prompts
 from .history import add_results, gallery_value
 from .formatting import fmt_ms, precision_info, precision_label, result_details, result_markdown
 from .inputs import NumberSlider, Prompt, WholeNumber, WholeSlider
+from .lora_picker import build_lora_picker, chosen_loras, row_values
 from .service import PRECISION_ORDER, ModelChoice, PrismService
 
 GPU_CONCURRENCY_ID = "prism-gpu"  # every event that submits jobs shares one Gradio concurrency limit
@@ -111,6 +112,7 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
                     precision, _ = precision_dropdown(service, f"{prefix}-precision")
                 sampler = gr.Dropdown(sampler_choices(spec, family), value="", label="Sampler",
                                       info="recorded in each PNG as A1111 does", elem_id=f"{prefix}-sampler")
+            loras = build_lora_picker(service, prefix)
         with gr.Column(scale=3):
             # contain, not cover: the whole picture is always visible; small ones are scaled up with
             # nearest-neighbour for display only (see PRISM_CSS); the PNG files keep their real size.
@@ -163,11 +165,11 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
     cleared = (None, None, None, "", None)  # after an error no earlier result stays on show as if it were new
 
     def run(session: str | None, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p, sampler_name,
-            progress):
+            lora_values, progress):
         if not (prompt_text or "").strip():
             raise gr.Error(empty_prompt_hint(service.choice(model_name, family).spec), print_exception=False)
         request = service.build_request(family, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p,
-                                        sampler_name)
+                                        sampler_name, chosen_loras(lora_values))
         name = service.choice_for(request).name
         started = time.perf_counter()
         task = service.start_generate(request, session=session)
@@ -186,25 +188,27 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
         yield ([(path, f"seed {sd}") for path, sd in zip(paths, result.seeds)], paths, result.seeds[0],
                result_markdown(result), result_details(result, name, paths), done)
 
-    # Two explicit signatures (rather than *args) so the API lists every parameter by name.
+    # Two explicit signatures (rather than *args) so the API lists every parameter by name (and each LoRA row).
+    assert len(loras.names) == 2, "the signatures below name two LoRA rows"
     if sdxl:
         @run_with_errors(len(outputs), cleared)
         def generate_sdxl(model, prompt, negative_prompt="", width=None, height=None, steps=None, guidance=None,
-                          seed=-1, num_images=1, precision=None, sampler="", request: gr.Request = None,
-                          progress=gr.Progress()):
+                          seed=-1, num_images=1, precision=None, sampler="", lora="", lora_scale=1.0, lora_2="",
+                          lora_2_scale=1.0, request: gr.Request = None, progress=gr.Progress()):
             yield from run(session_of(request), model, prompt, negative_prompt, width, height, steps, guidance, seed,
-                           num_images, precision, sampler, progress)
+                           num_images, precision, sampler, (lora, lora_scale, lora_2, lora_2_scale), progress)
         generate = generate_sdxl
     else:
         @run_with_errors(len(outputs), cleared)
         def generate_flux(model, prompt, width=None, height=None, steps=None, guidance=None, seed=-1, num_images=1,
-                          precision=None, sampler="", request: gr.Request = None, progress=gr.Progress()):
+                          precision=None, sampler="", lora="", lora_scale=1.0, lora_2="", lora_2_scale=1.0,
+                          request: gr.Request = None, progress=gr.Progress()):
             yield from run(session_of(request), model, prompt, "", width, height, steps, guidance, seed, num_images,
-                           precision, sampler, progress)
+                           precision, sampler, (lora, lora_scale, lora_2, lora_2_scale), progress)
         generate = generate_flux
 
     inputs = [model, prompt] + ([negative] if sdxl else []) + [width, height, steps, guidance, seed, num_images,
-                                                                precision, sampler]
+                                                                precision, sampler, *loras.inputs]
     # The last run's status line goes at once, in the browser, so a stale "Done" or error never describes this run.
     event = button.click(None, None, status, js="() => ''", queue=False).then(
         generate, inputs, outputs, api_name=f"generate_{prefix}", concurrency_id=GPU_CONCURRENCY_ID,
@@ -228,7 +232,7 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
         s = item.settings
         values = [s.get("model"), s.get("prompt", "")] + ([s.get("negative_prompt", "")] if sdxl else []) + \
             [s.get("width"), s.get("height"), s.get("steps"), s.get("guidance"), item.seed, s.get("num_images", 1),
-             s.get("precision"), s.get("sampler", "")]
+             s.get("precision"), s.get("sampler", ""), *row_values(s.get("loras"))]
         return values
 
     def seed_of(item):

@@ -241,7 +241,7 @@ class PrismService:
 
     def build_request(self, family: Family | None, model: str, prompt: str, negative_prompt: str | None,
                       width: Any, height: Any, steps: Any, guidance: Any, seed: Any, num_images: Any,
-                      precision: str, sampler: str | None = "") -> GenerationRequest:
+                      precision: str, sampler: str | None = "", loras: tuple = ()) -> GenerationRequest:
         """A request from widget values (None or -1 seed: random; empty size/steps/guidance: the model's default)."""
         choice = self.choice(model, family)
         seed = None if seed in (None, "", -1, -1.0) else seed
@@ -249,7 +249,11 @@ class PrismService:
             prompt=prompt or "", model=choice.model, precision=precision or self.default_precision().value,
             negative_prompt=negative_prompt or "", width=_blank_none(width), height=_blank_none(height),
             steps=_blank_none(steps), guidance=_blank_none(guidance), seed=seed,
-            num_images=1 if num_images in (None, "") else num_images, sampler=sampler or "")
+            num_images=1 if num_images in (None, "") else num_images, sampler=sampler or "", loras=tuple(loras))
+
+    def lora_names(self) -> list[str]:
+        """The LoRAs in the manager's loras/ folder, by name."""
+        return self.manager.lora_library.names()
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
         """Validate now (the manager validates again) so a bad field is reported without queueing."""
