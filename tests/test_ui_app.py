@@ -521,3 +521,22 @@ def test_api_a_bad_lora_is_one_line_and_the_app_keeps_serving(client):
         with pytest.raises(AppError, match=re.escape(message)):
             client.predict(**kw, **bad)
     assert client.predict(**kw, lora="ink")[5].startswith("Done")
+
+
+def test_browser_lora_picker_on_every_generating_tab(page):
+    """Each tab offers the loras/ folder by name with a scale; a chosen LoRA runs and is reported."""
+    from playwright.sync_api import expect
+
+    for tab, prefix in (("SDXL", "sdxl"), ("Compare", "compare"), ("Flux.1", "flux")):
+        _open_tab(page, tab)
+        page.locator(f"#{prefix}-loras").get_by_text("LoRAs").click()
+        expect(page.locator(f"#{prefix}-lora-1")).to_be_visible()
+        expect(page.locator(f"#{prefix}-lora-2-scale")).to_be_visible()
+    _choose(page, "#flux-lora-1", "ink")
+    page.fill("#flux-lora-1-scale input[type=number]", "0.5")
+    page.fill("#flux-prompt textarea", "a red circle")
+    _fill_size(page, "flux", 32, 32, steps=1)
+    page.click("#flux-generate")
+    expect(page.locator("#flux-status")).to_contain_text("Done: 1 image")
+    expect(page.locator("#flux-summary")).to_contain_text("LoRAs: ink × 0.5")
+    _screenshot(page, "ui-flux-lora.png")
