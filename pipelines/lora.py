@@ -81,10 +81,6 @@ class LoraFile:
     family: Family
     layers: Mapping[str, Mapping[str, LowRank]]  # component -> layer path -> update
 
-    @property
-    def nbytes(self) -> int:
-        return sum(lr.down.nbytes + lr.up.nbytes for comp in self.layers.values() for lr in comp.values())
-
 
 @dataclass(frozen=True)
 class AppliedLora:
