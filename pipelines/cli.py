@@ -1,4 +1,4 @@
-"""`python -m pipelines generate|bench|build|cache|doctor|models`: the same manager the web app uses, headless."""
+"""`python -m pipelines generate|bench|build|cache|doctor|serve|models`: the same manager the web app uses, headless."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +34,8 @@ def _add_request_args(p: argparse.ArgumentParser, multi_precision: bool = False)
     p.add_argument("--seed", type=int, default=None, help="default: random (reported)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--sampler", default="", help="e.g. 'DPM++ 2M Karras' (SDXL) or 'Euler Karras' (Flux); "
+                                                  "default: the model's own scheduler")
     p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_NAME[:SCALE]",
                    help="a LoRA by file path or by name in --lora-dir, with its scale (default 1); repeatable. "
                         "<lora:NAME:SCALE> in the prompt works too")
@@ -93,6 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--budget", type=float, default=120.0, help="seconds; rows not reached by then say 'not run'")
     doctor.add_argument("-v", "--verbose", action="store_true")
 
+    serve = sub.add_parser("serve", help="deploy on a Ray cluster, one replica per GPU, and report its replicas; "
+                                          "--bench measures images per minute (pip install -r requirements-ray.txt)")
+    serve.add_argument("--address", default=None,
+                       help="Ray cluster to join (HOST:6379); default: the one `ray start` made here, else a new one")
+    serve.add_argument("--replicas", type=int, default=None, help="default: one per GPU in the cluster")
+    serve.add_argument("--max-queue", type=int, default=None, help="jobs that may wait (default 4; --bench: --requests)")
+    serve.add_argument("--bench", action="store_true", help="time --requests concurrent jobs, then exit")
+    serve.add_argument("--requests", type=int, default=8, help="with --bench: concurrent jobs (default 8)")
+    serve.add_argument("--prompt", default="a photo of a red fox in a snowy forest, golden hour")
+    serve.add_argument("--json-out", default=None, help="with --bench: also write the figures as JSON")
+    _add_request_args(serve)
+    _add_runtime_args(serve)
+
     models = sub.add_parser("models", help="list the models Prism knows and whether their weights are here")
     models.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -117,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cache":
             from .commands import run_cache
             return run_cache(args)
+        if args.command == "serve":
+            from .serving.commands import run_serve
+            return run_serve(args)
         from .commands import run_models
         return run_models(args)
     except KeyboardInterrupt:

@@ -10,7 +10,8 @@ from .gpu import GiB, parse_memory
 from .loading import default_model, is_available_locally
 from .lora import parse_lora_arg
 from .manager import PipelineManager
-from .pngmeta import SAMPLER_NAMES, save_png
+from .pngmeta import save_png
+from .schedulers import recorded_name
 from .registry import HUB_MODELS, demo_specs, resolve_spec
 from .request import GenerationRequest
 from .run_context import Progress
@@ -31,7 +32,7 @@ def chosen_model(args: argparse.Namespace) -> str:
 def request_from_args(args: argparse.Namespace, model: str, precision: str) -> GenerationRequest:
     return GenerationRequest(prompt=args.prompt, model=model, precision=precision, negative_prompt=args.negative_prompt,
                              width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
-                             seed=args.seed, num_images=args.num_images, backend=args.backend,
+                             seed=args.seed, num_images=args.num_images, backend=args.backend, sampler=args.sampler,
                              loras=tuple(parse_lora_arg(text) for text in getattr(args, "lora", None) or ()))
 
 
@@ -58,7 +59,7 @@ def run_generate(args: argparse.Namespace) -> int:
         result = manager.generate(request_from_args(args, model, args.precision), on_progress=print_progress)
     finally:
         manager.close()
-    sampler = SAMPLER_NAMES.get(resolve_spec(model).components["scheduler"].class_name, "Euler")
+    sampler = recorded_name(result.request.sampler, resolve_spec(model).components["scheduler"].class_name)
     for warning in result.warnings:
         print(f"warning: {warning}")
     for path, image, seed in zip(output_paths(args.out, len(result.images)), result.images, result.seeds):

@@ -26,10 +26,10 @@ def user_message(exc: BaseException, fallback: bool = True) -> str | None:
     from .residency import InsufficientMemoryError
     from .run_context import JobCancelled
     from .sampling import NumericsError
+    from .serving import ServingError
 
     known = (FlagError, MissingPackageError, RequestError, UnknownModelError, ModelAccessError, InsufficientMemoryError,
-             NumericsError,
-             QueueFullError, JobCancelled, InternalError)
+             NumericsError, QueueFullError, JobCancelled, InternalError, ServingError)
     if isinstance(exc, known):
         return str(exc)
     if not fallback:

@@ -27,10 +27,11 @@ from .device_policy import LIGHT_PARTS, DevicePolicy
 from .engine_cache import DEFAULT_CACHE_DIR, EngineCache
 from .families import family_of
 from .job_parts import JobParts
+from .cpu_math import CpuMath
 from .gpu import DeviceInfo, parse_memory, probe_device, resolve_device, system_memory
 from .loading import HubOptions, WeightSource, check_access
 from .lora import DEFAULT_LORA_DIR, LoraLibrary, LoraSet, load_set
-from .precision import Backend, Precision, precision_support
+from .precision import Backend, Precision
 from .registry import ModelSpec, UnknownModelError, resolve_spec
 from .request import GenerationRequest, GenerationResult, RequestError, resolve_request
 from .residency import InsufficientMemoryError, Residency
@@ -61,6 +62,7 @@ class ManagerConfig:
     min_working_bytes: int = 512 * 2**20  # kept free beyond the weights even for tiny images
     torch: TorchOptions = TorchOptions()  # compile (None: on CUDA GPUs); the manager fills in staging and the compile cache
     tensorrt: TensorRTOptions = TensorRTOptions()  # CUDA graphs, weight streaming, engine size ranges
+    cpu_math: CpuMath | None = None  # on a CPU: what it computes fast; None measures it (tests pass one)
     lora_dir: Path = DEFAULT_LORA_DIR  # LoRAs offered by name (--lora-dir)
     # Requests may name a LoRA by file path too (the CLI's --lora PATH); never for web requests, which would
     # otherwise read any .safetensors file on the server.
@@ -149,6 +151,8 @@ class PipelineManager:
         self.config = config
         self.device = device_info.device if device_info else resolve_device(config.device)
         self.info = device_info or probe_device(self.device)
+        if config.cpu_math is not None and not self.info.is_cuda:
+            self.info = replace(self.info, cpu_math=config.cpu_math)
         self.policy = DevicePolicy.for_info(self.info)  # what decides each component's dtype here
         budget = (parse_memory(config.memory_budget, self.info.total_bytes) if config.memory_budget
                   else default_budget(self.info))

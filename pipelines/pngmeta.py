@@ -14,7 +14,6 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .schedulers import CLASS_NAMES as SAMPLER_NAMES  # scheduler class -> the name A1111 users know
 
 
 def infotext(settings: dict[str, Any], seed: int, sampler: str = "Euler") -> str:

@@ -2,17 +2,16 @@
 login is enforced when asked for."""
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from app_process import running_app
 from ui import launch
 from ui.launch import LaunchError, LaunchOptions, options_from_args, startup_lines
 
@@ -89,35 +88,13 @@ def test_bad_models_argument_is_one_line_and_exit_2(capsys, tmp_path):
     assert "nowhere" in err and "Traceback" not in err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_auth_refuses_requests_without_credentials(tiny_flux):
     """The real command, with a login: no credentials or wrong ones get nothing; the right ones work."""
     import httpx
     from gradio_client import Client
 
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--auth", "alice:s3cret", "--device", "cpu",
-                             "--models", str(tiny_flux)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("Prism is running"):
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        assert ready.wait(180), "app did not start:\n" + "".join(lines[-30:])
-        url = f"http://127.0.0.1:{port}/"
-        assert f"http://127.0.0.1:{port}" in "".join(lines)
+    with running_app("--auth", "alice:s3cret", "--device", "cpu", "--models", str(tiny_flux)) as (url, proc, lines):
+        assert url.rstrip("/") in "".join(lines)
         assert httpx.get(url + "gradio_api/info", timeout=10).status_code == 401
         join = httpx.post(url + "gradio_api/call/system_status", json={"data": []}, timeout=10)
         assert join.status_code == 401
@@ -127,13 +104,8 @@ def test_auth_refuses_requests_without_credentials(tiny_flux):
             Client(url, auth=("alice", "wrong"), verbose=False)
         overview = Client(url, auth=("alice", "s3cret"), verbose=False).predict(api_name="/system_status")[0]
         assert "Device" in overview
-    finally:
         proc.send_signal(signal.SIGINT)  # as Ctrl-C would: the app closes its server and manager
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        proc.wait(30)
     assert proc.returncode == 0, "".join(lines[-20:])  # Ctrl-C is a clean stop, not a crash
 
 

@@ -3,12 +3,7 @@ a job, hostile and malformed requests, uploads and logins, seen from outside as 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,44 +11,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-START_S = 180  # importing torch and gradio on a busy two-core CI machine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from app_process import running_app
 
 
 @contextmanager
 def app_process(tmp_path: Path, *args: str):
-    """The app on a free loopback port, its temporary files kept under `tmp_path/tmp`; yields (url, proc, lines)."""
-    port = _free_port()
+    """The app on the demo models, its temporary files kept under `tmp_path/tmp`; yields (url, proc, lines)."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp), "GRADIO_TEMP_DIR": str(tmp / "gradio"),
-           "PRISM_ENGINE_CACHE": str(tmp_path / "engine-cache")}
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--device", "cpu", "--offline",
-                             "--models", "demo-flux", "demo-sdxl", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("Prism is running"):
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        assert ready.wait(START_S), "app did not start:\n" + "".join(lines[-30:])
-        yield f"http://127.0.0.1:{port}/", proc, lines
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
+    env = {"TMPDIR": str(tmp), "GRADIO_TEMP_DIR": str(tmp / "gradio"), "PRISM_ENGINE_CACHE": str(tmp_path / "engine-cache")}
+    with running_app("--device", "cpu", "--offline", "--models", "demo-flux", "demo-sdxl", *args, env=env) as app:
+        yield app
 
 
 def files_under(folder: Path) -> list[str]:

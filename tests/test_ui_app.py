@@ -35,6 +35,7 @@ def free_port() -> int:
 def app(tmp_path_factory, tiny_flux, tiny_sdxl, tiny_flux_schnell):
     from ui.launch import LaunchOptions, start
 
+    from pipelines.cpu_math import FAST_CPU
     from pipelines.loading import HubOptions
     from pipelines.manager import ManagerConfig
 
@@ -46,7 +47,8 @@ def app(tmp_path_factory, tiny_flux, tiny_sdxl, tiny_flux_schnell):
 
     loras = tmp_path_factory.mktemp("loras")
     write_peft(loras / "ink.safetensors", "transformer", FLUX_LAYERS, seed=1)
-    config = ManagerConfig(device="cpu", max_queue=1, hub=HubOptions(offline=True),
+    # Fast 16-bit math assumed, so labels do not depend on the CPU (tests/test_cpu_dtype.py covers the others).
+    config = ManagerConfig(device="cpu", max_queue=1, hub=HubOptions(offline=True), cpu_math=FAST_CPU,
                            engine_cache_dir=tmp_path_factory.mktemp("engine-cache"), lora_dir=loras)
     opts = LaunchOptions(port=free_port(), models=(str(flux), str(schnell), str(sdxl), "flux.1-schnell"),
                          manager=config, output_dir=tmp_path_factory.mktemp("outputs"))
@@ -167,6 +169,21 @@ def test_api_system_status_unload_and_clear(client, app):
     *_, raw, message = client.predict(api_name="/clear_engine_cache")
     assert "Cleared the engine cache: 1 engine(s)" in message and raw["engine_cache"]["entries"] == []
     assert not stray.exists()
+
+
+def test_api_self_check_streams_the_doctor_table_and_writes_its_report(client, monkeypatch):
+    """The System tab's Self-check is `python -m pipelines doctor` (tests/test_doctor.py covers its checks); a
+    zero budget keeps this one to the reference render and the rows known without running."""
+    import pipelines.doctor as doctor
+
+    real = doctor.run_doctor
+    monkeypatch.setattr(doctor, "run_doctor", lambda device, on_check=None: real(device, 0, on_check=on_check))
+    table, report_file = client.predict(api_name="/self_check")
+    assert "Self-check done: no failures." in table
+    assert "| torch | bf16 | verified |" in table and "| torch | fp8 | not run |" in table
+    assert "| TensorRT |" in table  # the machine's facts follow the rows
+    data = json.loads(Path(report_file["value"] if isinstance(report_file, dict) else report_file).read_text())
+    assert data["ok"] is True and data["checks"][0]["detail"].startswith("reference image")
 
 
 # --------------------------------------------------------------------------- the browser

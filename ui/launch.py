@@ -36,6 +36,7 @@ class LaunchOptions:
     auth: tuple[tuple[str, str], ...] = ()
     models: tuple[str, ...] = ()
     manager: Any = None  # pipelines.manager.ManagerConfig from the runtime flags (pipelines.config); None: defaults
+    ray: str | None = None  # None: single process; "": the Ray cluster on this machine (or a new one); else its address
     verbose: bool = False
     output_dir: Path | None = None  # None: a temporary folder, removed at exit
     outputs_max_bytes: int = 2 * 1000**3
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. https://tools.example.com) call the API from a browser "
                         "(repeatable; by default requests from web pages are refused)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="serve on a Ray cluster, one replica per GPU (pip install -r requirements-ray.txt): "
+                        "ADDRESS joins a cluster (HOST:6379); without it, the one `ray start` made here, else a new one")
     add_runtime_args(p)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -109,6 +113,8 @@ def options_from_args(argv: Sequence[str] | None = None) -> LaunchOptions:
         raise LaunchError(f"--port must be between 1 and 65535; got {args.port}.")
     if args.max_queue < 0:
         raise LaunchError("--max-queue must be 0 or more.")
+    if args.ray is not None and args.max_queue < 1:
+        raise LaunchError("--ray needs --max-queue 1 or more (Ray Serve's queue cannot be empty).")
     try:
         manager = manager_config(args, max_queue=args.max_queue)
     except ValueError as exc:
@@ -116,7 +122,7 @@ def options_from_args(argv: Sequence[str] | None = None) -> LaunchOptions:
     api_key, origins = api_settings(args)
     return LaunchOptions(host=args.host, port=args.port, share=args.share, auth=tuple(logins),
                          models=tuple(args.models or ()), manager=manager, verbose=args.verbose, api_key=api_key,
-                         allow_origins=origins,
+                         allow_origins=origins, ray=args.ray,
                          output_dir=Path(args.output_dir).expanduser() if args.output_dir else None,
                          outputs_max_bytes=parse_size("--outputs-max-size", args.outputs_max_size))
 
@@ -220,7 +226,12 @@ def start(opts: LaunchOptions, *, block: bool = True):
 
     config = opts.manager or ManagerConfig()
     models = offered_models(opts.models)  # before the manager: a bad --models answers at once
-    manager = PipelineManager(config)
+    if opts.ray is not None:  # Ray is imported only here: single-process mode runs without it
+        from pipelines.serving.client import RayManager, ServingConfig
+
+        manager = RayManager(config, ServingConfig(address=opts.ray or None, log_to_driver=opts.verbose))
+    else:
+        manager = PipelineManager(config)
     try:
         service = PrismService(manager, models, output_dir=opts.output_dir, hub=config.hub,
                                outputs_max_bytes=opts.outputs_max_bytes)

@@ -22,7 +22,7 @@ from pipelines.loading import HubOptions, ModelAccessError, default_model, is_av
 from pipelines.manager import ModelInUseError
 from pipelines.pngmeta import png_bytes, save_png
 from pipelines.schedulers import recorded_name
-from pipelines.precision import Backend, Precision, PrecisionSupport, precision_support
+from pipelines.precision import Backend, Precision, PrecisionSupport
 from pipelines.registry import HUB_MODELS, Family, ModelSpec, UnknownModelError, demo_specs, read_local_spec
 from pipelines.request import GenerationRequest, GenerationResult, RequestError, resolve_request
 from pipelines.gpu import system_memory
@@ -364,6 +364,10 @@ class PrismService:
 
     def memory(self) -> MemoryView:
         info = self.manager.info
+        if info.device == "cluster":  # Ray Serve: the devices are the replicas', none is in this process
+            status = self.manager.status()
+            return MemoryView(status.memory_used_bytes, status.memory_total_bytes,
+                              f"device memory of {len(status.replicas)} Ray Serve replica(s)")
         if info.is_cuda and not info.unified:
             import torch
 
@@ -393,6 +397,16 @@ class PrismService:
         except ModelInUseError:
             raise RequestError(f"A job is running on {self.running_name() or model}; "
                                "unload it when the job has finished.") from None
+
+    def self_check(self, on_check: Callable[[Any], None] | None = None) -> tuple[Any, Path]:
+        """`python -m pipelines doctor` from the System tab: the report, and its JSON in the output folder (to
+        download and attach to a bug report). It renders the tiny demo model through managers of its own on
+        this machine's device, so the models this app has loaded stay loaded."""
+        from pipelines.doctor import run_doctor, write_report
+
+        device = self.manager.info.device
+        report = run_doctor("auto" if device == "cluster" else device, on_check=on_check)
+        return report, write_report(report, self.output_dir / "prism-doctor.json")
 
     def clear_engine_cache(self) -> tuple[int, int]:
         """(artifacts removed, bytes freed). Refused while jobs run: a build may be writing into the cache."""

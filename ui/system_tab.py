@@ -1,10 +1,12 @@
 """The System tab: device and memory, the backend in use and why, resident models, the engine cache."""
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import gradio as gr
 
+from .errors import ui_error
 from .formatting import fmt_bytes, short_dtype
 from .generate_tab import run_once
 from .inputs import FreeChoice
@@ -32,6 +34,7 @@ def system_snapshot(service: PrismService) -> dict[str, Any]:
                           "shapes": k.shapes, "batch": k.batch, "target": k.target,
                           "backend": f"{k.backend} {k.backend_version}"} if k else {})})
     running = status.running
+    replicas = getattr(status, "replicas", None)  # Ray Serve mode: one row per replica (its GPU, models, health)
     return {
         "device": {"name": info.name, "device": info.device, "compute_capability": info.capability_text,
                    "unified_memory": info.unified},
@@ -48,7 +51,21 @@ def system_snapshot(service: PrismService) -> dict[str, Any]:
         "jobs": {"running": None if running is None else {"model": service.running_name() or "", "precision": str(
             getattr(running.precision, "value", running.precision))}, "queued": status.queued},
         "events": list(status.events),
+        **({"replicas": status.replica_rows(), "deployment": status.deployment} if replicas is not None else {}),
     }
+
+
+def self_check_markdown(report: Any, checks: list[Any]) -> str:
+    """The doctor's rows as a table (while running: the rows so far), then the machine's facts."""
+    lines = ["**Self-check " + ("running...** rows appear as they finish." if report is None else
+                                ("done: no failures.**" if report.ok else "done: SOME CHECKS FAILED.**")),
+             "", "| Backend | Precision | Result | Rel. error | Time | Detail |", "| --- | --- | --- | ---: | ---: | --- |"]
+    for c in checks:
+        error = "-" if c.rel_error is None else f"{c.rel_error:.4f}"
+        lines.append(f"| {c.backend} | {c.precision} | {c.status} | {error} | {c.seconds:.1f} s | {c.detail} |")
+    if report is not None:
+        lines += ["", "| Fact | Value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in report.facts.items()]
+    return "\n".join(lines)
 
 
 def system_markdown(snap: dict[str, Any]) -> str:
@@ -76,6 +93,12 @@ def system_markdown(snap: dict[str, Any]) -> str:
         f"{len(snap['engine_cache']['entries'])} engine(s), {fmt_bytes(snap['engine_cache']['total_bytes'])} in "
         f"`{snap['engine_cache']['dir']}`",
     ]
+    if "replicas" in snap:
+        lines += ["### Replicas", f"Ray Serve deployment: {snap['deployment']}"] + [
+            f"**{r['replica']}** on {r['node']} · {r['device']} ({r['device_id']}) · "
+            f"{fmt_bytes(r['memory_used_bytes'])} of {fmt_bytes(r['memory_total_bytes'])} · models: "
+            f"{', '.join(r['resident_models']) or 'none'} · {'running ' + r['running'] if r['running'] else 'idle'}"
+            f" · {r['queued']} waiting · {r['health']}" for r in snap["replicas"]]
     return "\n\n".join(lines)
 
 
@@ -115,6 +138,11 @@ def build_system_tab(service: PrismService) -> tuple[Any, list[Any]]:
                          column_count=len(CACHE_HEADERS))
     clear = gr.Button("Clear engine cache", variant="stop", elem_id="system-clear-cache")
     message = gr.Markdown("", label="Message", elem_id="system-message")
+    with gr.Row():
+        check = gr.Button("Self-check (about 2 minutes)", elem_id="system-self-check", scale=0)
+    check_report = gr.Markdown("", label="Self-check", elem_id="system-self-check-report")
+    check_file = gr.File(label="Self-check report (JSON, for bug reports)", visible=False,
+                         elem_id="system-self-check-file")
     with gr.Accordion("Status (JSON)", open=False):
         raw = gr.JSON(label="System status", elem_id="system-json")
 
@@ -147,10 +175,33 @@ def build_system_tab(service: PrismService) -> tuple[Any, list[Any]]:
         removed, freed = service.clear_engine_cache()
         return view(f"Cleared the engine cache: {removed} engine(s), {fmt_bytes(freed)}.")
 
+    def self_check():
+        """Streams the rows as they finish; the doctor runs on a thread of its own."""
+        rows: list[Any] = []
+        done, box = threading.Event(), {}
+
+        def work() -> None:
+            try:
+                box["result"] = service.self_check(on_check=rows.append)
+            except Exception as exc:  # shown as a message below, like every other failure
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="prism-self-check", daemon=True).start()
+        while not done.wait(1.0):
+            yield self_check_markdown(None, rows), gr.update(visible=False)
+        if "error" in box:
+            raise ui_error(box["error"], "self_check")
+        report, path = box["result"]
+        yield self_check_markdown(report, report.checks), gr.update(value=str(path), visible=True)
+
     outputs = view_outputs + [message]
     light = dict(concurrency_limit=None, show_progress="minimal")
     refresh.click(run_once(status), None, outputs, api_name="system_status", **light)
     unload.click(run_once(unload_model), to_unload, outputs, api_name="unload_model", **light)
     unload_all.click(run_once(unload_everything), None, outputs, api_name="unload_all", **light)
     clear.click(run_once(clear_cache), None, outputs, api_name="clear_engine_cache", **light)
+    check.click(self_check, None, [check_report, check_file], api_name="self_check", concurrency_limit=1,
+                concurrency_id="prism-self-check")
     return run_once(status), outputs
