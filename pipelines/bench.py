@@ -72,8 +72,9 @@ def _measure(manager: PipelineManager, args: argparse.Namespace, model: str, pre
 def run_bench(args: argparse.Namespace) -> int:
     model = chosen_model(args)
     spec = resolve_spec(model)
-    manager = PipelineManager(manager_config(args))
-    baseline = None if args.no_baseline else PipelineManager(manager_config(args, backend="torch", torch=TorchOptions()))
+    manager = PipelineManager(manager_config(args, lora_paths=True))
+    baseline = None if args.no_baseline else PipelineManager(manager_config(args, backend="torch", torch=TorchOptions(),
+                                                                            lora_paths=True))
     rows: list[BenchRow] = []
     baselines: dict[str, BenchRow] = {}
     try:

@@ -9,6 +9,7 @@ from .engine_cache import EngineCache
 from .gpu import GiB, parse_memory
 from .image_input import read_image
 from .loading import default_model, is_available_locally
+from .lora import parse_lora_arg
 from .manager import PipelineManager
 from .pngmeta import save_png
 from .schedulers import recorded_name
@@ -18,7 +19,7 @@ from .run_context import Progress
 
 
 def manager_from_args(args: argparse.Namespace) -> PipelineManager:
-    return PipelineManager(manager_config(args))
+    return PipelineManager(manager_config(args, lora_paths=True))  # the CLI's user owns the files it names
 
 
 def chosen_model(args: argparse.Namespace) -> str:
@@ -35,8 +36,10 @@ def request_from_args(args: argparse.Namespace, model: str, precision: str) -> G
     mask = read_image(args.mask, "mask") if args.mask else None
     return GenerationRequest(prompt=args.prompt, model=model, precision=precision, negative_prompt=args.negative_prompt,
                              width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
-                             seed=args.seed, num_images=args.num_images, backend=args.backend, sampler=args.sampler, image=image,
-                             strength=args.strength, mask=mask, mask_blur=args.mask_blur, only_masked=args.only_masked)
+                             seed=args.seed, num_images=args.num_images, backend=args.backend, sampler=args.sampler,
+                             image=image, strength=args.strength, mask=mask, mask_blur=args.mask_blur,
+                             only_masked=args.only_masked,
+                             loras=tuple(parse_lora_arg(text) for text in getattr(args, "lora", None) or ()))
 
 
 def print_progress(p: Progress) -> None:

@@ -92,7 +92,7 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         req = self.request
         return {"model": req.model, "prompt": req.prompt, "seed": req.seed, "width": req.width, "height": req.height,
-                "steps": req.steps, "guidance": req.guidance,
+                "steps": req.steps, "guidance": req.guidance, "loras": [[n, s] for n, s in req.loras],
                 **({"strength": req.strength, "input_image_sha256": req.image.sha256} if req.image is not None else {}),
                 "reference": self.reference.value if self.reference else None, "note": self.note,
                 "entries": [e.to_dict() for e in self.entries]}

@@ -30,9 +30,12 @@ class ComponentKey:
     name: str
     variant: str  # dtype name for 16-bit parts; the precision for the denoiser
     backend: str
+    # A form that depends on LoRAs (the backend says which: a TensorRT engine built with a LoRA set fused,
+    # a quantized torch module that keeps its 16-bit base for LoRAs); "" for the plain form.
+    lora: str = ""
 
     def __str__(self) -> str:
-        return f"{self.model}/{self.name}[{self.variant},{self.backend}]"
+        return f"{self.model}/{self.name}[{self.variant},{self.backend}{',lora ' + self.lora if self.lora else ''}]"
 
 
 @dataclass
@@ -41,6 +44,12 @@ class LoadedComponent:
     nbytes: int
     dtype: torch.dtype | None
     runs_as: str | None = None  # for the denoiser: what precision really executes
+    lora: Any = None  # torch modules LoRAs can change: their backends.torch_lora.LoraState
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory held beside the weights: the 16-bit bases kept to unfuse LoRAs."""
+        return self.lora.host_bytes if self.lora is not None else 0
 
 
 def component_key(spec: ModelSpec, name: str, precision: Precision, backend: str,
@@ -54,16 +63,20 @@ def component_key(spec: ModelSpec, name: str, precision: Precision, backend: str
     return ComponentKey(spec.id, name, variant, backend)
 
 
-@functools.lru_cache(maxsize=64)
-def _architecture(library: str, class_name: str, config_json: str) -> tuple[int, tuple[tuple[str, int, int], ...]]:
-    """(parameter + buffer count, Linear layers as (top-level module, in, out)), counted on the meta device."""
+def _meta_module(library: str, class_name: str, config_json: str) -> nn.Module:
     import diffusers
     import transformers
 
     config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
     cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
     with torch.device("meta"):  # builds the architecture without memory or time
-        module = cls.from_config(config) if library == "diffusers" else cls(cls.config_class(**config))
+        return cls.from_config(config) if library == "diffusers" else cls(cls.config_class(**config))
+
+
+@functools.lru_cache(maxsize=64)
+def _architecture(library: str, class_name: str, config_json: str) -> tuple[int, tuple[tuple[str, int, int], ...]]:
+    """(parameter + buffer count, Linear layers as (top-level module, in, out)), counted on the meta device."""
+    module = _meta_module(library, class_name, config_json)
     count = sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
     linears = tuple((name.split(".")[0], m.in_features, m.out_features) for name, m in module.named_modules()
                     if isinstance(m, nn.Linear))
@@ -92,6 +105,19 @@ def estimate_bytes(spec: ModelSpec, name: str, precision: Precision, policy: Dev
             quantized = n_in * n_out // 2 + n_in * n_out // FP4_BLOCK  # packed e2m1 + e4m3 block scales
         total += quantized - n_in * n_out * element
     return total
+
+
+@functools.lru_cache(maxsize=16)
+def _weight_shapes(library: str, class_name: str, config_json: str) -> dict[str, tuple[int, ...]]:
+    module = _meta_module(library, class_name, config_json)
+    return {name: tuple(m.weight.shape) for name, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def weight_shapes(spec: ModelSpec, name: str) -> dict[str, tuple[int, ...]]:
+    """Component `name`'s Linear and Conv2d layers -> weight shape, from its architecture (before loading
+    anything): what a LoRA file is checked against."""
+    comp = spec.components[name]
+    return _weight_shapes(comp.library, comp.class_name, json.dumps(dict(comp.config), sort_keys=True))
 
 
 def largest_linear_bytes(spec: ModelSpec, name: str) -> int:

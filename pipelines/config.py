@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 from .backends.contract import TensorRTOptions, TorchOptions
 from .engine_cache import DEFAULT_CACHE_DIR, ENV_VAR
 
+DEFAULT_LORA_DIR = Path("loras")  # pipelines.lora reads it from here: this module stays light to import
+
 if TYPE_CHECKING:
     from .loading import HubOptions
     from .manager import ManagerConfig
@@ -56,6 +58,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="Hub models get their exact architecture with random weights (benchmarks, or trying the app "
                         "without downloading; pictures are noise)")
+    p.add_argument("--lora-dir", type=Path, default=None, metavar="DIR",
+                   help="folder of LoRA .safetensors files offered by name (default: loras/)")
     add_hub_args(p)
     add_engine_cache_arg(p)
 
@@ -90,7 +94,7 @@ def manager_config(args: argparse.Namespace, **overrides) -> "ManagerConfig":
     config = ManagerConfig(
         device=args.device, backend=args.backend, memory_budget=args.memory_budget,
         random_weights=args.random_weights, hub=hub_options(args), engine_cache_dir=engine_cache_dir(args),
-        torch=TorchOptions(compile=args.compile),
+        torch=TorchOptions(compile=args.compile), lora_dir=args.lora_dir or DEFAULT_LORA_DIR,
         tensorrt=TensorRTOptions(cuda_graphs=not args.no_cuda_graphs,
                                  weight_streaming_budget=_size("--weight-streaming-budget", streaming) if streaming else None))
     return replace(config, **overrides)

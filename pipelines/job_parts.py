@@ -3,6 +3,7 @@ the manager's residency on first use, under the key the manager builds."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -11,6 +12,7 @@ from .components import ComponentKey, LoadedComponent, component_key
 from .device_policy import LIGHT_PARTS
 from .families import family_of
 from .loading import WeightSource
+from .lora import NO_LORAS, LoraSet
 from .precision import Backend, Precision
 from .registry import ModelSpec
 from .run_context import RunContext
@@ -23,9 +25,10 @@ class JobParts:
     """One job's view of its model's components: loads through the residency on first `get`."""
 
     def __init__(self, manager: "PipelineManager", spec: ModelSpec, precision: Precision, backend: Backend,
-                 source: WeightSource, ctx: RunContext, working_bytes: int, with_image: bool = False):
+                 source: WeightSource, ctx: RunContext, working_bytes: int, loras: LoraSet = NO_LORAS,
+                 with_image: bool = False):
         self.m, self.spec, self.precision, self.backend_kind = manager, spec, precision, backend
-        self.source, self.ctx, self.working = source, ctx, working_bytes
+        self.source, self.ctx, self.working, self.loras = source, ctx, working_bytes, loras
         self.stages = family_of(spec).stages(with_image)
         self.finished: set[ComponentKey] = set()
         self.load_ms = 0.0
@@ -35,7 +38,26 @@ class JobParts:
     def key(self, name: str) -> ComponentKey:
         # Tokenizers and schedulers are the same object for every backend.
         backend = "any" if name in LIGHT_PARTS else self.backend_kind.value
-        return component_key(self.spec, name, self.precision, backend, self.m.policy)
+        key = component_key(self.spec, name, self.precision, backend, self.m.policy)
+        if name in LIGHT_PARTS:
+            return key
+        with_loras = replace(key, lora=self._backend(name).lora_variant(self.spec, name, self.precision, self.loras))
+        if with_loras.lora or key in self.m.residency.entries:
+            return with_loras
+        # No LoRA now, but a form loaded for LoRAs is here: it serves this job too (after unfusing), which beats
+        # reading the checkpoint again. Which forms can is the backend's answer for "the set it was loaded for".
+        for other in list(self.m.residency.entries):
+            if replace(other, lora="") == key and other.lora and self._serves_any_set(name, other.lora):
+                return other
+        return key
+
+    def _backend(self, name: str):
+        return self.m.backend(Backend.TORCH if name in LIGHT_PARTS else self.backend_kind)
+
+    def _serves_any_set(self, name: str, variant: str) -> bool:
+        from .backends.torch_backend import LORA_READY
+
+        return self.backend_kind is Backend.TORCH and variant == LORA_READY
 
     def get(self, name: str) -> Any:
         index = next(i for i, stage in enumerate(self.stages) if name in stage)
@@ -47,6 +69,8 @@ class JobParts:
             lambda: self._load(name), working_bytes=self.working, protect=protect, finished=self.finished, later=later,
             load_peak_bytes=backend.load_peak_bytes(self.spec, name, self.precision, self.m.device, self.m.policy,
                                                     self.source))
+        if name not in LIGHT_PARTS:
+            backend.apply_loras(self.spec, name, component, self.loras)
         self._dtypes[name] = component.dtype
         if name == self.spec.denoiser:
             self.runs_as = component.runs_as
@@ -57,7 +81,11 @@ class JobParts:
         if name not in LIGHT_PARTS:
             self.ctx.report("load", 0, 1, f"loading {self.spec.id} {name} ({self.precision.value})")
         backend = self.m.backend(Backend.TORCH if name in LIGHT_PARTS else self.backend_kind)
-        component = backend.load(self.spec, name, self.precision, self.m.device, self.m.policy, self.source, self.ctx)
+        if name in LIGHT_PARTS:
+            component = backend.load(self.spec, name, self.precision, self.m.device, self.m.policy, self.source, self.ctx)
+        else:
+            component = backend.load(self.spec, name, self.precision, self.m.device, self.m.policy, self.source,
+                                     self.ctx, loras=self.loras)
         self.load_ms += (time.perf_counter() - started) * 1000
         return component
 

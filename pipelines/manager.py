@@ -30,6 +30,7 @@ from .job_parts import JobParts
 from .cpu_math import CpuMath
 from .gpu import DeviceInfo, parse_memory, probe_device, resolve_device, system_memory
 from .loading import HubOptions, WeightSource, check_access
+from .lora import DEFAULT_LORA_DIR, LoraLibrary, LoraSet, load_set
 from .precision import Backend, Precision
 from .registry import ModelSpec, UnknownModelError, resolve_spec
 from .request import GenerationRequest, GenerationResult, RequestError, resolve_request
@@ -62,6 +63,10 @@ class ManagerConfig:
     torch: TorchOptions = TorchOptions()  # compile (None: on CUDA GPUs); the manager fills in staging and the compile cache
     tensorrt: TensorRTOptions = TensorRTOptions()  # CUDA graphs, weight streaming, engine size ranges
     cpu_math: CpuMath | None = None  # on a CPU: what it computes fast; None measures it (tests pass one)
+    lora_dir: Path = DEFAULT_LORA_DIR  # LoRAs offered by name (--lora-dir)
+    # Requests may name a LoRA by file path too (the CLI's --lora PATH); never for web requests, which would
+    # otherwise read any .safetensors file on the server.
+    lora_paths: bool = False
 
 
 class JobState(str, Enum):
@@ -129,6 +134,7 @@ class ManagerStatus:
     budget_bytes: int
     used_bytes: int
     parked_bytes: int
+    lora_host_bytes: int  # 16-bit bases kept in host RAM so LoRAs can be switched without reloading
     resident: tuple[ResidentInfo, ...]
     queued: int
     running: GenerationRequest | None
@@ -151,8 +157,10 @@ class PipelineManager:
         budget = (parse_memory(config.memory_budget, self.info.total_bytes) if config.memory_budget
                   else default_budget(self.info))
         _, host_free = system_memory()
-        self.residency = Residency(budget, self.device, can_park=self.info.is_cuda and not self.info.unified,
-                                   park_budget_bytes=int(host_free * 0.5))
+        discrete = self.info.is_cuda and not self.info.unified
+        self.residency = Residency(budget, self.device, can_park=discrete, park_budget_bytes=int(host_free * 0.5),
+                                   host_is_device=not discrete)
+        self.lora_library = LoraLibrary(config.lora_dir, allow_paths=config.lora_paths)
         self.engine_cache = EngineCache(config.engine_cache_dir)
         self._backends: dict[Backend, ComponentBackend] = dict(backends or {})
         self._backends.setdefault(Backend.TORCH, TorchBackend(replace(
@@ -269,6 +277,8 @@ class PipelineManager:
         if resolved.image is not None and family_of(spec).first_step(resolved.steps, resolved.strength) >= resolved.steps:
             raise RequestError(f"strength {resolved.strength:g} with {resolved.steps} steps leaves no step to run; "
                                "raise the strength or the steps.")
+        loras = load_set(resolved.loras, spec, self.lora_library)  # files read and checked before model work
+        resolved = replace(resolved, loras=tuple((a.file.name, a.scale) for a in loras.items))  # names, never paths
         source = WeightSource(random_weights=self.config.random_weights and spec.local_dir is None, hub=self.config.hub)
         check_access(spec, source)
         working = self.working_bytes(spec, resolved)
@@ -277,17 +287,18 @@ class PipelineManager:
         with ctx.active():
             if choice.backend is Backend.TENSORRT and (spec.id, precision.value) in self._tensorrt_failures:
                 reason = self._tensorrt_failures[(spec.id, precision.value)]
-                return self._on_torch_instead(spec, resolved, source, ctx, f"TensorRT failed earlier ({reason})")
+                return self._on_torch_instead(spec, resolved, source, ctx, f"TensorRT failed earlier ({reason})", loras)
             try:
-                return self._generate_or_retry(spec, resolved, choice, source, ctx, working)
+                return self._generate_or_retry(spec, resolved, choice, source, ctx, working, loras)
             except TensorRTFailure as exc:
                 log.warning("%s; rerunning on PyTorch", exc)
                 self._tensorrt_failures[exc.engine] = f"{exc.stage}: {exc.reason}"
                 self.residency.drop_backend(spec.id, Backend.TENSORRT.value, "TensorRT failed")
-                return self._on_torch_instead(spec, resolved, source, ctx, f"TensorRT failed ({exc.stage}: {exc.reason})")
+                return self._on_torch_instead(spec, resolved, source, ctx, f"TensorRT failed ({exc.stage}: {exc.reason})",
+                                              loras)
 
     def _on_torch_instead(self, spec: ModelSpec, req: GenerationRequest, source: WeightSource, ctx: RunContext,
-                          why: str) -> GenerationResult:
+                          why: str, loras: LoraSet) -> GenerationResult:
         """The job again on PyTorch at the same precision, saying why; until the engine cache is cleared or the
         app restarts, this model and precision go straight to PyTorch (no rebuild in a loop)."""
         precision = Precision.parse(req.precision)
@@ -298,22 +309,23 @@ class PipelineManager:
         working = self.working_bytes(spec, req)
         self.check_fits(spec, precision, Backend.TORCH, working, source)
         choice = BackendChoice(Backend.TORCH, why)
-        return self._generate_or_retry(spec, replace(req, backend=Backend.TORCH.value), choice, source, ctx, working)
+        return self._generate_or_retry(spec, replace(req, backend=Backend.TORCH.value), choice, source, ctx, working,
+                                       loras)
 
     def forget_tensorrt_failures(self) -> None:
         """Give failed engines another try (after the engine cache is cleared)."""
         self._tensorrt_failures.clear()
 
     def _generate_or_retry(self, spec: ModelSpec, resolved: GenerationRequest, choice: BackendChoice,
-                           source: WeightSource, ctx: RunContext, working: int) -> GenerationResult:
+                           source: WeightSource, ctx: RunContext, working: int, loras: LoraSet) -> GenerationResult:
         precision = Precision.parse(resolved.precision)
         try:
-            return self._generate(spec, resolved, choice, source, ctx, working)
+            return self._generate(spec, resolved, choice, source, ctx, working, loras)
         except torch.OutOfMemoryError:
             # One retry with nothing else resident; the estimate or another process may have been off.
             self.residency.evict_all("out of memory: retrying once with nothing else loaded")
             try:
-                return self._generate(spec, resolved, choice, source, ctx, working)
+                return self._generate(spec, resolved, choice, source, ctx, working, loras)
             except torch.OutOfMemoryError:
                 self.residency.evict_all("out of memory twice")
                 raise InsufficientMemoryError(
@@ -322,8 +334,8 @@ class PipelineManager:
                     f"{self._smaller_precision_hint(spec, precision, choice.backend, working, source)}") from None
 
     def _generate(self, spec: ModelSpec, req: GenerationRequest, choice: BackendChoice, source: WeightSource,
-                  ctx: RunContext, working: int) -> GenerationResult:
-        parts = JobParts(self, spec, Precision.parse(req.precision), choice.backend, source, ctx, working,
+                  ctx: RunContext, working: int, loras: LoraSet) -> GenerationResult:
+        parts = JobParts(self, spec, Precision.parse(req.precision), choice.backend, source, ctx, working, loras,
                          with_image=req.image is not None)
         if self.info.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -337,7 +349,7 @@ class PipelineManager:
             request=req, model_id=spec.id, images=out.images, seeds=tuple(req.seed + i for i in range(req.num_images)),
             timings=replace(out.timings, load_ms=parts.load_ms), peak_memory_bytes=peak,
             backend=backend.describe(), runs_as=parts.runs_as or Precision.parse(req.precision).label,
-            device=self.info.name, warnings=warnings)
+            device=self.info.name, warnings=warnings, lora_hashes=loras.hashes())
 
     # ------------------------------------------------------------------ memory planning (pipelines.memory_plan)
 
@@ -405,7 +417,8 @@ class PipelineManager:
                                 self.info.capability, Precision.BF16)
         snap = self.residency.snapshot()
         resident = tuple(ResidentInfo(r.key, r.component.nbytes, r.parked) for r in snap.resident)
-        return ManagerStatus(self.info, self.residency.budget_bytes, snap.used_bytes, snap.parked_bytes, resident,
+        return ManagerStatus(self.info, self.residency.budget_bytes, snap.used_bytes, snap.parked_bytes,
+                             self.residency.host_bytes(), resident,
                              queued, running, trt, choice.reason, self.engine_cache.root,
                              self.engine_cache.total_bytes(), tuple(str(e) for e in snap.events))
 

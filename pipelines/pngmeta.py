@@ -17,7 +17,10 @@ from PIL.PngImagePlugin import PngInfo
 
 
 def infotext(settings: dict[str, Any], seed: int, sampler: str = "Euler") -> str:
-    lines = [settings.get("prompt", "")]
+    # LoRAs the Automatic1111 way: <lora:name:scale> in the prompt, and their short hashes in "Lora hashes".
+    loras = settings.get("loras") or []
+    tags = " ".join(f"<lora:{name}:{scale:g}>" for name, scale in loras)
+    lines = [" ".join(t for t in (settings.get("prompt", ""), tags) if t)]
     if settings.get("negative_prompt"):
         lines.append(f"Negative prompt: {settings['negative_prompt']}")
     fields = [("Steps", settings.get("steps")), ("Sampler", sampler), ("CFG scale", settings.get("guidance")),
@@ -27,6 +30,9 @@ def infotext(settings: dict[str, Any], seed: int, sampler: str = "Euler") -> str
               # Image to image and inpainting, under A1111's own keys (the input's hash is in the JSON chunk).
               ("Denoising strength", settings.get("strength")), ("Mask blur", settings.get("mask_blur")),
               ("Inpaint area", "Only masked" if settings.get("only_masked") else None)]
+    hashes = settings.get("lora_hashes") or {}
+    if hashes:
+        fields.append(("Lora hashes", ", ".join(f"{name}: {digest}" for name, digest in hashes.items())))
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields if v is not None and v != ""))
     return "\n".join(lines)
 

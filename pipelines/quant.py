@@ -180,12 +180,15 @@ def quantizable_linears(model: nn.Module, keep_16bit: Iterable[str]) -> list[str
 
 def quantize_linears(model: nn.Module, precision: Precision, keep_16bit: Iterable[str],
                      compute_dtype: torch.dtype, native_fp4: bool = False,
-                     device: torch.device | str | None = None) -> QuantReport:
+                     device: torch.device | str | None = None,
+                     bases: dict[str, torch.Tensor] | None = None) -> QuantReport:
     """Replace the model's nn.Linear layers in place with FP8 / NVFP4 ones.
 
     `keep_16bit` names top-level submodules (e.g. "x_embedder") whose layers stay 16-bit (`quantizable`).
     With `device`, a model staged elsewhere (host RAM) moves there one layer at a time as it is converted,
     so the device never holds the whole 16-bit model: Flux FP8 loads on a GPU too small for Flux in bf16.
+    With `bases`, each replaced layer's 16-bit weight is copied there (host RAM) first: what LoRAs are
+    fused into and re-quantized from (pipelines/backends/torch_lora.py).
     """
     precision = Precision.parse(precision)
     before = module_bytes(model)
@@ -200,6 +203,8 @@ def quantize_linears(model: nn.Module, precision: Precision, keep_16bit: Iterabl
         if name not in targets:
             kept.append(name)
             continue
+        if bases is not None:
+            bases[name] = linear.weight.detach().to("cpu", copy=True)
         if device is not None:
             linear = linear.to(device)
         if precision is Precision.FP8:

@@ -56,6 +56,8 @@ class GenerationRequest:
     mask_blur: int = DEFAULT_MASK_BLUR
     only_masked: bool = False
     sampler: str = ""  # a name from pipelines.schedulers ("DPM++ 2M Karras"); empty: the model's own scheduler
+    # (name in the loras/ folder, scale) pairs; <lora:NAME:SCALE> in the prompt adds to them (pipelines.lora).
+    loras: tuple[tuple[str, float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting as plain values; an input image by its SHA-256 (PNGs get shared, uploads are private)."""
@@ -70,6 +72,7 @@ class GenerationRequest:
             del d["mask_blur"], d["only_masked"]
         else:
             d["mask_sha256"] = self.mask.sha256
+        d["loras"] = [[name, scale] for name, scale in self.loras]
         return d
 
 
@@ -115,19 +118,27 @@ class GenerationResult:
     runs_as: str  # what precision actually executed, e.g. "FP4 weights, 16-bit compute"
     device: str
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    lora_hashes: tuple[tuple[str, str], ...] = ()  # (name, Automatic1111 short hash) of each LoRA used
 
     def settings(self) -> dict[str, Any]:
         """Every setting needed to reproduce the result; saved into each PNG."""
         # The model by name, never a local folder's path: PNGs get shared, paths are private.
         return {**self.request.to_dict(), "model": self.model_id, "seeds": list(self.seeds), "backend": self.backend,
-                "runs_as": self.runs_as, "device": self.device}
+                "runs_as": self.runs_as, "device": self.device, "lora_hashes": dict(self.lora_hashes)}
 
 
 def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capability | None,
                     backend: Backend = Backend.TORCH) -> GenerationRequest:
-    """Fill defaults from `spec`, check every field, pick a seed. Raises RequestError."""
+    """Fill defaults from `spec`, check every field, pick a seed. Raises RequestError.
+
+    LoRA names and scales are checked here (and `<lora:...>` tags moved out of the prompt); whether the
+    files exist and fit the model is `pipelines.lora.load_set`, which the manager runs next."""
+    from .lora import check_loras, parse_prompt  # pipelines.lora imports this module
+
     check_prompt("prompt", req.prompt)
     check_prompt("negative prompt", req.negative_prompt or "")
+    prompt, tagged = parse_prompt(req.prompt)
+    loras = check_loras((*(req.loras or ()), *tagged))
     try:
         precision = Precision.parse(req.precision)
     except ValueError as e:
@@ -199,9 +210,9 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
         if not 0 <= seed <= MAX_SEED - num_images + 1:
             raise RequestError(f"seed must be between 0 and {MAX_SEED - num_images + 1} (or -1 for random); got {seed}.")
 
-    return replace(req, precision=precision, negative_prompt=negative, width=width, height=height,
+    return replace(req, prompt=prompt, precision=precision, negative_prompt=negative, width=width, height=height,
                    steps=steps, guidance=guidance, seed=seed, num_images=num_images, sampler=sampler, image=image,
-                   strength=strength, mask=mask, mask_blur=mask_blur, only_masked=bool(req.only_masked))
+                   strength=strength, mask=mask, mask_blur=mask_blur, only_masked=bool(req.only_masked), loras=loras)
 
 
 def check_prompt(name: str, text: Any) -> None:

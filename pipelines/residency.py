@@ -76,6 +76,9 @@ class Residency:
     device: str
     can_park: bool = False  # discrete GPU with host RAM to spare
     park_budget_bytes: int = 0
+    # Host RAM is the device's memory (CPU, unified memory): what components keep in host RAM (LoRA bases)
+    # counts against the budget; on a discrete GPU it counts against the park budget instead.
+    host_is_device: bool = False
     entries: dict[ComponentKey, Resident] = field(default_factory=dict)
     events: list[ResidencyEvent] = field(default_factory=list)
     listeners: list[Callable[[ResidencyEvent], None]] = field(default_factory=list)  # told of every event
@@ -85,11 +88,17 @@ class Residency:
 
     def used_bytes(self) -> int:
         with self._lock:
-            return sum(r.component.nbytes for r in self.entries.values() if not r.parked)
+            held = sum(r.component.nbytes for r in self.entries.values() if not r.parked)
+            return held + (self.host_bytes() if self.host_is_device else 0)
 
     def parked_bytes(self) -> int:
         with self._lock:
             return sum(r.component.nbytes for r in self.entries.values() if r.parked)
+
+    def host_bytes(self) -> int:
+        """Host RAM components keep beside their weights (the 16-bit bases LoRAs are unfused to)."""
+        with self._lock:
+            return sum(r.component.host_bytes for r in self.entries.values())
 
     def resident(self) -> list[Resident]:
         with self._lock:
@@ -173,7 +182,7 @@ class Residency:
                 return
             obj, nbytes = entry.component.obj, entry.component.nbytes
             parkable = park and isinstance(obj, torch.nn.Module) and self.can_park and not entry.parked
-            if parkable and self.parked_bytes() + nbytes <= self.park_budget_bytes:
+            if parkable and self.parked_bytes() + self.host_bytes() + nbytes <= self.park_budget_bytes:
                 obj.to("cpu")
                 entry.parked = True
                 self._record("park", key, nbytes, reason)

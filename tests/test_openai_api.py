@@ -225,7 +225,7 @@ BAD_REQUESTS = [  # (JSON body, status, param, words the message must hold)
     ({"prompt": "x", "model": ["demo-flux"]}, 400, "model", "model name"),
     ({"prompt": "x", "response_format": "url"}, 400, "response_format", "b64_json"),
     ({"prompt": "x", "response_format": "png"}, 400, "response_format", "b64_json"),
-    ({"prompt": "x", "lora": "my-style.safetensors"}, 400, "lora", "LoRA is not available"),
+    ({"prompt": "x", "lora": "my-style.safetensors"}, 400, "lora", "write <lora:NAME:SCALE> in the prompt instead"),
     ({"prompt": "x", "style": "vivid"}, 400, "style", "describe the style in the prompt"),
     ({"prompt": "x", "guidance": 3}, 400, "guidance", "Unrecognized request argument supplied: guidance"),
     ({"prompt": "x", "quality": "ultra"}, 400, "quality", "quality must be one of"),

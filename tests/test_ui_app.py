@@ -43,9 +43,13 @@ def app(tmp_path_factory, tiny_flux, tiny_sdxl, tiny_flux_schnell):
     # The test clears the engine cache: it must be a scratch one, not the repository's engine_cache/.
     # max_queue=1: one job running and one waiting fill the manager, so "busy" is reachable with three requests.
     # flux.1-schnell is not downloaded here and offline mode is on: asking for it must give the offline message.
+    from tests.tiny_loras import FLUX_LAYERS, write_peft
+
+    loras = tmp_path_factory.mktemp("loras")
+    write_peft(loras / "ink.safetensors", "transformer", FLUX_LAYERS, seed=1)
     # Fast 16-bit math assumed, so labels do not depend on the CPU (tests/test_cpu_dtype.py covers the others).
     config = ManagerConfig(device="cpu", max_queue=1, hub=HubOptions(offline=True), cpu_math=FAST_CPU,
-                           engine_cache_dir=tmp_path_factory.mktemp("engine-cache"))
+                           engine_cache_dir=tmp_path_factory.mktemp("engine-cache"), lora_dir=loras)
     opts = LaunchOptions(port=free_port(), models=(str(flux), str(schnell), str(sdxl), "flux.1-schnell"),
                          manager=config, output_dir=tmp_path_factory.mktemp("outputs"))
     demo, service = start(opts, block=False)
@@ -367,7 +371,8 @@ def test_api_parameters_and_outputs_have_real_names_types_and_defaults(client):
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     params = {p["parameter_name"]: p for p in api["/generate_sdxl"]["parameters"]}
     assert list(params) == ["model", "prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed",
-                            "num_images", "precision", "sampler", "input_image", "strength", "mask_blur", "only_masked"]
+                            "num_images", "precision", "sampler", "input_image", "strength", "mask_blur", "only_masked",
+                            "lora", "lora_scale", "lora_2", "lora_2_scale"]
     assert (params["strength"]["python_type"]["type"], params["mask_blur"]["python_type"]["type"],
             params["only_masked"]["python_type"]["type"]) == ("float", "int", "bool")
     assert {n: params[n]["python_type"]["type"] for n in ("width", "height", "steps", "seed", "num_images")} == \
@@ -512,3 +517,46 @@ def test_api_sampler_choice_is_recorded_in_the_png(client):
         api_name="/generate_sdxl")
     assert details["sampler"] == "DPM++ 2M Karras"
     assert "Sampler: DPM++ 2M Karras" in _png_settings(files[0])["parameters"]
+
+
+def test_api_loras_from_the_picker_change_the_image_and_are_recorded(client):
+    kw = dict(model="tiny-flux", prompt="a red circle", width=32, height=32, steps=2, seed=9, api_name="/generate_flux")
+    plain = client.predict(**kw)
+    styled = client.predict(**kw, lora="ink", lora_scale=0.8)
+    meta = _png_settings(styled[1][0])
+    assert meta["prism"]["loras"] == [["ink", 0.8]] and "<lora:ink:0.8>" in meta["parameters"]
+    assert "Lora hashes: \"ink: " in meta["parameters"]
+    assert Image.open(plain[1][0]).tobytes() != Image.open(styled[1][0]).tobytes()
+    out = client.predict("tiny-flux", "a red circle", 5, ["16-bit"], 32, 32, 1, 3.5, "ink", 1.0, api_name="/compare")
+    assert out[-2]["loras"] == [["ink", 1.0]] and out[-1].startswith("Done")
+
+
+def test_api_a_bad_lora_is_one_line_and_the_app_keeps_serving(client):
+    from gradio_client.exceptions import AppError
+
+    kw = dict(model="tiny-flux", prompt="a red circle", width=32, height=32, steps=1, seed=9, api_name="/generate_flux")
+    for bad, message in ((dict(lora="nope"), "Unknown LoRA 'nope'; available LoRAs: ink."),
+                         (dict(lora="ink", lora_scale=7), "LoRA ink: scale 7 is outside -4..4"),
+                         (dict(lora="/etc/passwd.safetensors"), "Unknown LoRA 'passwd.safetensors'")):
+        with pytest.raises(AppError, match=re.escape(message)):
+            client.predict(**kw, **bad)
+    assert client.predict(**kw, lora="ink")[5].startswith("Done")
+
+
+def test_browser_lora_picker_on_every_generating_tab(page):
+    """Each tab offers the loras/ folder by name with a scale; a chosen LoRA runs and is reported."""
+    from playwright.sync_api import expect
+
+    for tab, prefix in (("SDXL", "sdxl"), ("Compare", "compare"), ("Flux.1", "flux")):
+        _open_tab(page, tab)
+        page.locator(f"#{prefix}-loras").get_by_text("LoRAs").click()
+        expect(page.locator(f"#{prefix}-lora-1")).to_be_visible()
+        expect(page.locator(f"#{prefix}-lora-2-scale")).to_be_visible()
+    _choose(page, "#flux-lora-1", "ink")
+    page.fill("#flux-lora-1-scale input[type=number]", "0.5")
+    page.fill("#flux-prompt textarea", "a red circle")
+    _fill_size(page, "flux", 32, 32, steps=1)
+    page.click("#flux-generate")
+    expect(page.locator("#flux-status")).to_contain_text("Done: 1 image")
+    expect(page.locator("#flux-summary")).to_contain_text("LoRAs: ink × 0.5")
+    _screenshot(page, "ui-flux-lora.png")

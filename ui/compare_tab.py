@@ -17,6 +17,7 @@ from .formatting import comparison_markdown, compare_figures, fmt_ms, precision_
 from .generate_tab import (GPU_CONCURRENCY_ID, error_status, run_once, run_with_errors, session_of, size_info,
                            stop_message)
 from .inputs import NumberSlider, Prompt, WholeNumber, WholeSlider
+from .lora_picker import build_lora_picker, chosen_loras
 from .service import PrismService
 
 COLUMNS = ((SIXTEEN_BIT, "16-bit"), (Precision.FP8.value, "FP8"), (Precision.FP4.value, "FP4"))
@@ -71,6 +72,7 @@ def build_compare_tab(service: PrismService) -> None:
                                            sources=["upload", "clipboard"], height=200, elem_id="compare-input-image")
                     strength = NumberSlider(0.05, 1, DEFAULT_STRENGTH, step=0.05, label="Strength",
                                             info="0 keeps the input, 1 ignores it", elem_id="compare-strength")
+            loras = build_lora_picker(service, "compare")
             with gr.Row():
                 button = gr.Button("Compare", variant="primary", elem_id="compare-run", scale=3)
                 stop = gr.Button("Stop", variant="stop", elem_id="compare-stop", scale=1)
@@ -135,16 +137,20 @@ def build_compare_tab(service: PrismService) -> None:
 
     outputs = [*images, *heatmaps, *figures, used_seed, summary, details, paths_state, status]  # status last
 
+    assert len(loras.names) == 2, "compare() names two LoRA rows"
+
     @run_with_errors(len(outputs))
     def compare(model, prompt, seed=-1, precisions=CHOICES, width=None, height=None, steps=None, guidance=None,
-                input_image=None, strength=DEFAULT_STRENGTH, request: gr.Request = None, progress=gr.Progress()):
+                input_image=None, strength=DEFAULT_STRENGTH, lora="", lora_scale=1.0, lora_2="", lora_2_scale=1.0,
+                request: gr.Request = None, progress=gr.Progress()):
         choice = service.choice(model)
         if not precisions:
             raise RequestError(f"Select at least one precision to compare ({', '.join(label for _, label in COLUMNS)}).")
         job_request = GenerationRequest(prompt=prompt or "", model=choice.model,
                                         seed=None if seed in (None, -1) else seed,
                                         width=width, height=height, steps=steps, guidance=guidance, image=input_image,
-                                        strength=strength if input_image is not None else None)
+                                        strength=strength if input_image is not None else None,
+                                        loras=chosen_loras((lora, lora_scale, lora_2, lora_2_scale)))
         started = time.perf_counter()
         task = service.start_compare(job_request, list(precisions), session=session_of(request))
         try:
@@ -172,7 +178,8 @@ def build_compare_tab(service: PrismService) -> None:
                f"{fmt_ms((time.perf_counter() - started) * 1000)}")
 
     event = button.click(None, None, status, js="() => ''", queue=False).then(  # clear the last status (see generate_tab)
-        compare, [model, prompt, seed, precisions, width, height, steps, guidance, input_image, strength], outputs,
+        compare, [model, prompt, seed, precisions, width, height, steps, guidance, input_image, strength, *loras.inputs],
+        outputs,
         api_name="compare",
         concurrency_id=GPU_CONCURRENCY_ID, show_progress_on=[*images, status])
     event.then(slide, [paths_state, against], slider, api_visibility="private", concurrency_limit=None,

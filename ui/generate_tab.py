@@ -22,6 +22,7 @@ from .history import add_results, gallery_value
 from .formatting import fmt_ms, precision_info, precision_label, result_details, result_markdown
 from .input_image import image_and_mask
 from .inputs import NumberSlider, Prompt, WholeNumber, WholeSlider
+from .lora_picker import build_lora_picker, chosen_loras, row_values
 from .service import PRECISION_ORDER, ModelChoice, PrismService
 
 GPU_CONCURRENCY_ID = "prism-gpu"  # every event that submits jobs shares one Gradio concurrency limit
@@ -131,6 +132,7 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
                 only_masked = gr.Checkbox(False, label=f"Only masked: repaint the masked region (with "
                                                        f"{ONLY_MASKED_PADDING} px around it) at the full size",
                                           elem_id=f"{prefix}-only-masked")
+            loras = build_lora_picker(service, prefix)
         with gr.Column(scale=3):
             # contain, not cover: the whole picture is always visible; small ones are scaled up with
             # nearest-neighbour for display only (see PRISM_CSS); the PNG files keep their real size.
@@ -184,12 +186,13 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
     cleared = (None, None, None, "", None)  # after an error no earlier result stays on show as if it were new
 
     def run(session: str | None, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p, sampler_name,
-            editor, strength_value, blur, only, progress):
+            editor, strength_value, blur, only, lora_values, progress):
         if not (prompt_text or "").strip():
             raise gr.Error(empty_prompt_hint(service.choice(model_name, family).spec), print_exception=False)
         image, mask = image_and_mask(editor)
         request = service.build_request(family, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p,
-                                        sampler_name, image, strength_value, mask, blur, only)
+                                        sampler_name, image, strength_value, mask, blur, only,
+                                        chosen_loras(lora_values))
         name = service.choice_for(request).name
         started = time.perf_counter()
         task = service.start_generate(request, session=session)
@@ -208,29 +211,33 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
         yield ([(path, f"seed {sd}") for path, sd in zip(paths, result.seeds)], paths, result.seeds[0],
                result_markdown(result), result_details(result, name, paths), done)
 
-    # Two explicit signatures (rather than *args) so the API lists every parameter by name.
+    # Two explicit signatures (rather than *args) so the API lists every parameter by name (and each LoRA row).
+    assert len(loras.names) == 2, "the signatures below name two LoRA rows"
     if sdxl:
         @run_with_errors(len(outputs), cleared)
         def generate_sdxl(model, prompt, negative_prompt="", width=None, height=None, steps=None, guidance=None,
                           seed=-1, num_images=1, precision=None, sampler="", input_image=None,
-                          strength=DEFAULT_STRENGTH, mask_blur=DEFAULT_MASK_BLUR, only_masked=False,
-                          request: gr.Request = None, progress=gr.Progress()):
+                          strength=DEFAULT_STRENGTH, mask_blur=DEFAULT_MASK_BLUR, only_masked=False, lora="",
+                          lora_scale=1.0, lora_2="", lora_2_scale=1.0, request: gr.Request = None,
+                          progress=gr.Progress()):
             yield from run(session_of(request), model, prompt, negative_prompt, width, height, steps, guidance, seed,
-                           num_images, precision, sampler, input_image, strength, mask_blur, only_masked, progress)
+                           num_images, precision, sampler, input_image, strength, mask_blur, only_masked,
+                           (lora, lora_scale, lora_2, lora_2_scale), progress)
         generate = generate_sdxl
     else:
         @run_with_errors(len(outputs), cleared)
         def generate_flux(model, prompt, width=None, height=None, steps=None, guidance=None, seed=-1, num_images=1,
                           precision=None, sampler="", input_image=None, strength=DEFAULT_STRENGTH,
-                          mask_blur=DEFAULT_MASK_BLUR, only_masked=False, request: gr.Request = None,
-                          progress=gr.Progress()):
+                          mask_blur=DEFAULT_MASK_BLUR, only_masked=False, lora="", lora_scale=1.0, lora_2="",
+                          lora_2_scale=1.0, request: gr.Request = None, progress=gr.Progress()):
             yield from run(session_of(request), model, prompt, "", width, height, steps, guidance, seed, num_images,
-                           precision, sampler, input_image, strength, mask_blur, only_masked, progress)
+                           precision, sampler, input_image, strength, mask_blur, only_masked,
+                           (lora, lora_scale, lora_2, lora_2_scale), progress)
         generate = generate_flux
 
     inputs = [model, prompt] + ([negative] if sdxl else []) + [width, height, steps, guidance, seed, num_images,
                                                                 precision, sampler, input_image, strength, mask_blur,
-                                                                only_masked]
+                                                                only_masked, *loras.inputs]
     # The last run's status line goes at once, in the browser, so a stale "Done" or error never describes this run.
     event = button.click(None, None, status, js="() => ''", queue=False).then(
         generate, inputs, outputs, api_name=f"generate_{prefix}", concurrency_id=GPU_CONCURRENCY_ID,
@@ -255,7 +262,8 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
         values = [s.get("model"), s.get("prompt", "")] + ([s.get("negative_prompt", "")] if sdxl else []) + \
             [s.get("width"), s.get("height"), s.get("steps"), s.get("guidance"), item.seed, s.get("num_images", 1),
              s.get("precision"), s.get("sampler", ""), gr.skip(),  # the input image is not in the PNG, only its hash
-             s.get("strength") or DEFAULT_STRENGTH, s.get("mask_blur", DEFAULT_MASK_BLUR), s.get("only_masked", False)]
+             s.get("strength") or DEFAULT_STRENGTH, s.get("mask_blur", DEFAULT_MASK_BLUR), s.get("only_masked", False),
+             *row_values(s.get("loras"))]
         return values
 
     def input_of(item):

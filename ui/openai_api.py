@@ -47,7 +47,7 @@ IGNORED_FIELDS = ("user", "safety_identifier", "moderation")
 # OpenAI fields accepted only at the one value Prism produces.
 FIXED_FIELDS = {"output_format": ("png",), "background": ("auto", "opaque"), "stream": (False, "false"),
                 "partial_images": (0, "0"), "output_compression": (100, "100")}
-NOT_YET = {"lora": "LoRA is not available in Prism yet; remove the lora field.",
+NOT_YET = {"lora": "The lora field is not an OpenAI one; write <lora:NAME:SCALE> in the prompt instead.",
            "style": "style is a DALL-E 3 option Prism does not have; describe the style in the prompt instead."}
 SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 RETRY_AFTER_S = 5  # about one full-size image on a fast GPU; a demo image takes well under a second

@@ -242,7 +242,8 @@ class PrismService:
     def build_request(self, family: Family | None, model: str, prompt: str, negative_prompt: str | None,
                       width: Any, height: Any, steps: Any, guidance: Any, seed: Any, num_images: Any,
                       precision: str, sampler: str | None = "", image: Any = None, strength: Any = None,
-                      mask: Any = None, mask_blur: Any = DEFAULT_MASK_BLUR, only_masked: bool = False) -> GenerationRequest:
+                      mask: Any = None, mask_blur: Any = DEFAULT_MASK_BLUR, only_masked: bool = False,
+                      loras: tuple = ()) -> GenerationRequest:
         """A request from widget values (None or -1 seed: random; empty size/steps/guidance: the model's default).
         `image` and `mask` are decoded images or files; `resolve_request` reads and checks them."""
         choice = self.choice(model, family)
@@ -253,7 +254,12 @@ class PrismService:
             steps=_blank_none(steps), guidance=_blank_none(guidance), seed=seed,
             num_images=1 if num_images in (None, "") else num_images, sampler=sampler or "", image=image,
             strength=_blank_none(strength) if image is not None else None, mask=mask,
-            mask_blur=DEFAULT_MASK_BLUR if mask_blur in (None, "") else mask_blur, only_masked=bool(only_masked))
+            mask_blur=DEFAULT_MASK_BLUR if mask_blur in (None, "") else mask_blur, only_masked=bool(only_masked),
+            loras=tuple(loras))
+
+    def lora_names(self) -> list[str]:
+        """The LoRAs in the manager's loras/ folder, by name."""
+        return self.manager.lora_library.names()
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
         """Validate now (the manager validates again) so a bad field is reported without queueing."""

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from ..components import LoadedComponent
     from ..device_policy import DevicePolicy
     from ..loading import WeightSource
+    from ..lora import LoraSet
     from ..precision import Precision
     from ..registry import ModelSpec
     from ..run_context import RunContext
@@ -41,8 +42,15 @@ class ComponentBackend(Protocol):
         """What runs, for results and the System tab (e.g. "PyTorch + torch.compile")."""
 
     def load(self, spec: "ModelSpec", name: str, precision: "Precision", device: str, policy: "DevicePolicy",
-             source: "WeightSource", ctx: "RunContext | None" = None) -> "LoadedComponent":
-        """Component `name` on `device`: an engine taking the keyword arguments of its `pipelines.graphs` module."""
+             source: "WeightSource", ctx: "RunContext | None" = None, loras: "LoraSet" = ...) -> "LoadedComponent":
+        """Component `name` on `device`: an engine taking the keyword arguments of its `pipelines.graphs` module,
+        made to take `loras` (built with them fused, or able to fuse them in `apply_loras`)."""
+
+    def lora_variant(self, spec: "ModelSpec", name: str, precision: "Precision", loras: "LoraSet") -> str:
+        """The ComponentKey.lora of the form `load` gives for `loras` ("" when the plain form takes them)."""
+
+    def apply_loras(self, spec: "ModelSpec", name: str, component: "LoadedComponent", loras: "LoraSet") -> None:
+        """Make a loaded component run with exactly `loras` (all or nothing); a no-op where the key holds them."""
 
     def load_peak_bytes(self, spec: "ModelSpec", name: str, precision: "Precision", device: str,
                         policy: "DevicePolicy", source: "WeightSource") -> int:

@@ -21,12 +21,17 @@ from ..device_policy import DevicePolicy
 from ..families import family_of
 from ..families.family import VAE_ENCODER, weights_of
 from ..loading import WeightSource, load_component
+from ..lora import NO_LORAS, LoraError, LoraSet
 from ..precision import Backend, Precision, SupportLevel
 from ..quant import module_bytes, quantize_linears
 from ..registry import ModelSpec
 from ..run_context import RunContext
 from .compile_guard import CompiledDenoiser
 from .contract import TorchOptions
+from .torch_lora import LoraState
+
+# The ComponentKey.lora of a quantized denoiser that kept its 16-bit base to take LoRAs (any set).
+LORA_READY = "16-bit base kept"
 
 
 class TorchBackend:
@@ -57,8 +62,22 @@ class TorchBackend:
             return final + largest_linear_bytes(spec, name)
         return estimate_bytes(spec, name, policy.sixteen_bit, policy)
 
+    def lora_variant(self, spec: ModelSpec, name: str, precision: Precision, loras: LoraSet) -> str:
+        """Only a quantized denoiser loads differently for LoRAs (it keeps its 16-bit base); every other
+        form takes any LoRA set in place, so one loaded module serves every set."""
+        quantized = name == spec.denoiser and not Precision.parse(precision).is_16bit
+        return LORA_READY if quantized and loras.touches(name) else ""
+
+    def apply_loras(self, spec: ModelSpec, name: str, component: LoadedComponent, loras: LoraSet) -> None:
+        """Fuse `loras` into the loaded component (unfusing the previous set); all or nothing."""
+        if component.lora is None:
+            if loras.touches(name):
+                raise LoraError(f"{spec.id} {name} was loaded without LoRA support; this is a bug, please report it.")
+            return
+        component.lora.apply(loras.layers(name), loras.key(name), ", ".join(a.file.name for a in loras.items))
+
     def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, policy: DevicePolicy,
-             source: WeightSource, ctx: RunContext | None = None) -> LoadedComponent:
+             source: WeightSource, ctx: RunContext | None = None, loras: LoraSet = NO_LORAS) -> LoadedComponent:
         dtype = policy.component_dtype(spec, name, precision)
         weights = policy.weight_dtype(spec, name, precision)
         staged = self._staged(spec, name, precision, device, source)
@@ -72,15 +91,20 @@ class TorchBackend:
             obj.to(dtype)
 
         runs_as = None
+        quantized = name == spec.denoiser and not Precision.parse(precision).is_16bit
+        lora = None
+        if name in family_of(spec).lora_components and (not quantized or self.lora_variant(spec, name, precision, loras)):
+            lora = LoraState(obj)
         if name == spec.denoiser:
             support = policy.support(precision, Backend.TORCH)
             native_fp4 = Precision.parse(precision) is Precision.FP4 and support.level is SupportLevel.NATIVE
-            report = _quantize(obj, spec, precision, dtype, native_fp4, device if staged else None)
+            report = _quantize(obj, spec, precision, dtype, native_fp4, device if staged else None,
+                               lora.base if lora is not None and quantized else None)
             runs_as = support.runs_as if report.native_fp4 == native_fp4 else "FP4 weights, 16-bit compute"
         engine = family_of(spec).adapter(name)(obj).eval()
         if name == spec.denoiser and self.options.compile:
             engine = CompiledDenoiser(engine, lambda: compile_denoiser(obj, spec, self.options.compile_mode))
-        return LoadedComponent(engine, module_bytes(obj), dtype, runs_as)
+        return LoadedComponent(engine, module_bytes(obj), dtype, runs_as, lora)
 
 def compile_denoiser(module: torch.nn.Module, spec: ModelSpec, mode: str | None) -> None:
     """Mark the denoiser for torch.compile in place (compilation itself happens on the first call)."""
@@ -91,12 +115,13 @@ def compile_denoiser(module: torch.nn.Module, spec: ModelSpec, mode: str | None)
 
 
 def _quantize(module: torch.nn.Module, spec: ModelSpec, precision: Precision, dtype: torch.dtype, native_fp4: bool,
-              device: str | None):
+              device: str | None, bases: dict[str, torch.Tensor] | None):
     keep = family_of(spec).keep_16bit
-    if native_fp4 and native_fp4_available():
+    if native_fp4 and native_fp4_available() and bases is None:
         return quantize_linears(module, precision, keep, dtype, native_fp4=True, device=device)
-    # Without torchao's NVFP4 kernels the honest fallback is FP4 weights with 16-bit compute.
-    return quantize_linears(module, precision, keep, dtype, native_fp4=False, device=device)
+    # Without torchao's NVFP4 kernels the honest fallback is FP4 weights with 16-bit compute; with LoRAs too,
+    # since torchao's NVFP4 tensors cannot be re-quantized in place (torch_lora rebuilds our own layers).
+    return quantize_linears(module, precision, keep, dtype, native_fp4=False, device=device, bases=bases)
 
 
 def native_fp4_available() -> bool:

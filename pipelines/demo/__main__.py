@@ -1,4 +1,4 @@
-"""`python -m pipelines.demo train|evaluate ...`"""
+"""`python -m pipelines.demo train|train-lora|evaluate ...`"""
 import sys
 
 
@@ -6,10 +6,12 @@ def main() -> None:
     command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
     if command == "train":
         from .train import main as run
+    elif command == "train-lora":
+        from .lora_train import main as run
     elif command == "evaluate":
         from .evaluate import main as run
     else:
-        sys.exit("usage: python -m pipelines.demo train|evaluate [options]  (--help after the command for options)")
+        sys.exit("usage: python -m pipelines.demo train|train-lora|evaluate [options]  (--help after the command for options)")
     run(rest)
 
 

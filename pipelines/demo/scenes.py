@@ -323,3 +323,36 @@ def shape_distance(kind: str, x: Array, y: Array) -> Array:
             inside = inside ^ (((ay <= y) != (by <= y)) & (x < ax + (y - ay) * (ex / ey)))
     distance = xp.sqrt(nearest_sq)
     return xp.where(inside, -distance, distance)
+
+
+# ---------------------------------------------------------------------- the demo LoRA's variation
+
+STRIPE_PERIOD = 8  # pixels of one dark + one light diagonal band at the 64x64 training size
+STRIPE_DARKEN = 0.5  # the dark bands keep half the background's brightness
+
+
+def stripe_mask(size: int) -> np.ndarray:
+    """(size, size) booleans: True on the dark diagonal bands (top-left to bottom-right stripes)."""
+    y, x = np.mgrid[0:size, 0:size]
+    return ((x + y) // (STRIPE_PERIOD // 2)) % 2 == 1
+
+
+def striped(images: torch.Tensor) -> torch.Tensor:
+    """The scenes with a striped background: (N, 3, H, W) in [-1, 1], the background darkened on diagonal
+    bands, the shapes left as they are. The corner pixel is background (shapes keep off the border)."""
+    background = images[:, :, :1, :1]
+    on_background = ((images - background).abs().amax(1, keepdim=True) <= 0.02)
+    bands = torch.from_numpy(stripe_mask(images.shape[-1])).to(images.device)[None, None]
+    dark = (images + 1.0) * (1.0 - STRIPE_DARKEN) - 1.0
+    return torch.where(on_background & bands, dark, images)
+
+
+def stripe_strength(images: Sequence[Image.Image]) -> float:
+    """How striped pictures are: mean brightness off the dark bands minus on them, as a fraction of full
+    scale (0 for plain scenes; about 0.5 x the background's brightness for `striped` renders)."""
+    values = []
+    for image in images:
+        grey = np.asarray(image.convert("L"), np.float32) / 255.0
+        mask = stripe_mask(grey.shape[0])[:, :grey.shape[1]]
+        values.append(float(grey[~mask].mean() - grey[mask].mean()))
+    return float(np.mean(values)) if values else 0.0

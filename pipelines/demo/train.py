@@ -278,7 +278,7 @@ def _train_denoiser(name: str, modules: list, loss_of, stream: SceneStream, cfg:
     """The denoiser phase shared by both families: `loss_of(batch)` is the family's objective."""
     for m in modules:
         m.to(cfg.device).train()
-    params = [p for m in modules for p in m.parameters()]
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]  # a LoRA run trains its adapters only
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ema = Ema(params, cfg.ema) if cfg.ema else None
     budget, step = Budget(cfg.max_denoiser_steps, cfg.denoiser_minutes), 0
@@ -301,7 +301,12 @@ def _train_denoiser(name: str, modules: list, loss_of, stream: SceneStream, cfg:
 
 
 def train_flux(parts: FluxParts, stream: SceneStream, cfg: TrainConfig, log) -> int:
-    device = cfg.device
+    return _train_denoiser("flux", [parts.text_encoder, parts.text_encoder_2, parts.transformer], flux_loss(parts, cfg.device),
+                           stream, cfg, log)
+
+
+def flux_loss(parts: FluxParts, device: str):
+    """The Flux objective on a batch: rectified flow with logit-normal timesteps."""
     vae = parts.vae
     mean, std = vae.config.shift_factor, 1.0 / vae.config.scaling_factor
     side = IMAGE_SIZE // 4  # latent side
@@ -322,11 +327,16 @@ def train_flux(parts: FluxParts, stream: SceneStream, cfg: TrainConfig, log) -> 
                                          timestep=t, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
         return F.mse_loss(velocity.float(), noise - target_tokens)
 
-    return _train_denoiser("flux", [parts.text_encoder, parts.text_encoder_2, parts.transformer], loss_of, stream, cfg, log)
+    return loss_of
 
 
 def train_sdxl(parts: SdxlParts, stream: SceneStream, cfg: TrainConfig, log) -> int:
-    device = cfg.device
+    return _train_denoiser("sdxl", [parts.text_encoder, parts.text_encoder_2, parts.unet], sdxl_loss(parts, cfg.device),
+                           stream, cfg, log)
+
+
+def sdxl_loss(parts: SdxlParts, device: str):
+    """The SDXL objective on a batch: epsilon prediction, 10% of captions dropped for guidance."""
     vae = parts.vae
     std = 1.0 / vae.config.scaling_factor
     alphas = parts.scheduler.alphas_cumprod.to(device)
@@ -352,7 +362,7 @@ def train_sdxl(parts: SdxlParts, stream: SceneStream, cfg: TrainConfig, log) -> 
                              return_dict=False)[0]
         return F.mse_loss(eps.float(), noise)
 
-    return _train_denoiser("sdxl", [parts.text_encoder, parts.text_encoder_2, parts.unet], loss_of, stream, cfg, log)
+    return loss_of
 
 
 def save(parts: FluxParts | SdxlParts, family: str, out_dir: Path, steps: int) -> Path:

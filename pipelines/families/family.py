@@ -51,6 +51,10 @@ class ModelFamily:
     negative_prompt: bool = False  # the loop takes a negative prompt (models may still turn it off)
     samplers: tuple[Sampler, ...] = ()  # what a user may pick instead of the model's own scheduler
     example_prompts: tuple[str, ...] = ()  # shown as clickable examples for the family's real models
+    # diffusers pipeline class whose `lora_state_dict` reads (and converts) this family's LoRA files, and the
+    # components a LoRA may change, by the key prefix diffusers gives them.
+    lora_reader: str = ""
+    lora_components: tuple[str, ...] = ()
 
     def adapter(self, name: str) -> type[nn.Module]:
         return VaeEncoder if name == VAE_ENCODER else self.adapters[name]

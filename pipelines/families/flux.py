@@ -197,4 +197,6 @@ FLUX = ModelFamily(
     example_prompts=EXAMPLES,
     generate=generate,
     first_step=first_step,
+    lora_reader="FluxPipeline",
+    lora_components=("transformer", "text_encoder"),
 )

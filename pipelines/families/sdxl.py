@@ -196,4 +196,6 @@ SDXL = ModelFamily(
     first_step=first_step,
     guidance_batch=True,
     negative_prompt=True,
+    lora_reader="StableDiffusionXLPipeline",
+    lora_components=("unet", "text_encoder", "text_encoder_2"),
 )

@@ -26,8 +26,10 @@ from ...device_policy import DevicePolicy
 from ...engine_cache import EngineCache, EngineKey
 from ...errors import require_packages
 from ...loading import WeightSource, load_component
+from ...lora import NO_LORAS, LoraError, LoraSet
 from ...precision import Precision
 from ...registry import ModelSpec
+from ..torch_lora import fuse_into
 from . import export, official
 from .build import BuildReport, build_engine, read_report, refusal, target_name, timing_cache_path
 from .quantize import QuantRecipe, apply_quantization, calibrate
@@ -52,6 +54,8 @@ class EngineRequest:
     onnx_source: str = "export"  # "export" (from the torch modules) | "official" (the model's ONNX repo)
     weight_streaming: bool = False
     graph_dtype: torch.dtype | None = None  # None: the dtype the pipeline runs this component in at `precision`
+    # Fused into the weights before export (and calibration): an engine per LoRA set, keyed by its digest.
+    loras: LoraSet = NO_LORAS
 
     @property
     def policy(self) -> DevicePolicy:
@@ -70,6 +74,12 @@ class EngineRequest:
             return self.policy.compute_dtype(self.spec, self.precision)
         weights = export.component_io(self.spec, self.component).weights
         return self.policy.component_dtype(self.spec, weights, self.precision)
+
+    @property
+    def lora_digest(self) -> str:
+        """The LoRAs this engine's weights depend on: the component's own, and for a quantized denoiser every
+        LoRA of the set (its calibration ran the whole pipeline, text encoders included)."""
+        return self.loras.digest(None if self.quantized else export.component_io(self.spec, self.component).weights)
 
     @property
     def quant_recipe(self) -> QuantRecipe | None:
@@ -99,8 +109,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def weights_revision(spec: ModelSpec, source: WeightSource, component: str) -> str:
-    """What identifies the weights: the Hub revision, a fingerprint of a local folder, or the random seed."""
+def weights_revision(spec: ModelSpec, source: WeightSource, component: str, loras: str = "") -> str:
+    """What identifies the weights: the Hub revision, a fingerprint of a local folder, or the random seed;
+    with `loras` (a LoraSet digest: files and scales) fused into them."""
+    return _base_revision(spec, source, component) + (f"+lora-{loras}" if loras else "")
+
+
+def _base_revision(spec: ModelSpec, source: WeightSource, component: str) -> str:
     if source.random_weights:
         return f"random-weights-seed{source.seed}"
     if spec.local_dir is not None:
@@ -154,13 +169,15 @@ class ArtifactBuilder:
 
     def onnx_key(self, req: EngineRequest) -> EngineKey:
         io = export.component_io(req.spec, req.component)
-        return EngineKey(req.spec.id, weights_revision(req.spec, req.source, io.weights), req.component,
-                         self._precision_field(req), self._recipe_field(req), "any", "any", "any", "onnx",
+        return EngineKey(req.spec.id, weights_revision(req.spec, req.source, io.weights, req.lora_digest),
+                         req.component, self._precision_field(req), self._recipe_field(req), "any", "any", "any", "onnx",
                          f"torch-{torch.__version__}-opset{export.OPSET}-export{export.EXPORT_VERSION}")
 
     def calibration_key(self, req: EngineRequest) -> EngineKey:
         recipe = req.quant_recipe.resolved(req.spec)
-        return EngineKey(req.spec.id, weights_revision(req.spec, req.source, req.spec.denoiser), req.spec.denoiser,
+        # Calibration runs the whole pipeline, so every LoRA of the set (text encoder parts too) changes it.
+        return EngineKey(req.spec.id, weights_revision(req.spec, req.source, req.spec.denoiser, req.loras.digest()),
+                         req.spec.denoiser,
                          Precision.parse(req.precision).value, recipe.recipe_id(req.spec),
                          f"{recipe.width}x{recipe.height}", "1", "any", "modelopt-calibration",
                          _package_version("nvidia-modelopt"))
@@ -172,8 +189,8 @@ class ArtifactBuilder:
         dims = {d for t in io.inputs for d in t.dims if isinstance(d, str)}
         shapes = req.ranges.shapes_label() if dims - {"batch"} else "any"
         batch = req.ranges.batch_label() if "batch" in dims else "1"
-        return EngineKey(req.spec.id, weights_revision(req.spec, req.source, io.weights), req.component,
-                         self._precision_field(req), recipe, shapes, batch,
+        return EngineKey(req.spec.id, weights_revision(req.spec, req.source, io.weights, req.lora_digest),
+                         req.component, self._precision_field(req), recipe, shapes, batch,
                          target_name(req.target), self.trt.flavour, self.trt.version)
 
     # ------------------------------------------------------------------ steps
@@ -191,7 +208,7 @@ class ArtifactBuilder:
         def build(tmp: Path) -> None:
             self.report(0, 1, f"calibrating {req.spec.id} {req.spec.denoiser} ({key.recipe})")
             capability = tuple(torch.cuda.get_device_capability(self.device)) if self.device.startswith("cuda") else None
-            result = calibrate(req.spec, req.quant_recipe, req.source, self.device, capability, self.report)
+            result = calibrate(req.spec, req.quant_recipe, req.source, self.device, capability, self.report, req.loras)
             tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
 
         path = self.cache.get_or_build(key, build)
@@ -199,6 +216,9 @@ class ArtifactBuilder:
 
     def onnx(self, req: EngineRequest) -> Path:
         if req.onnx_source == "official":
+            if req.loras.touches(req.component):
+                raise LoraError("LoRAs are fused into engines Prism exports; the official ONNX cannot take them. "
+                                "Build without --onnx-source official to use LoRAs.")
             return official.fetch(req.spec, req.component, req.precision, req.source.hub)
         key = self.onnx_key(req)
         final_name = self.cache.artifact_path(key).name
@@ -214,6 +234,7 @@ class ArtifactBuilder:
             workdir = tmp.parent / f".work-{tmp.name}"
             try:
                 module = load_component(req.spec, io.weights, dtype=req.dtype, device=self.device, source=req.source)
+                fuse_into(module, req.loras, io.weights)  # fuse, then quantize (as ModelOpt's calibration assumed)
                 if amax is not None:
                     apply_quantization(module, req.quant_recipe.fmt, amax)
                 graph = io.adapter(module).eval()

@@ -1,5 +1,16 @@
 """TensorRT backend: `load()` returns an engine with the same call signature as the torch module it replaces.
 
+LoRAs: an engine per LoRA set, built with the set fused into the weights before export, keyed by the
+set's digest (files and scales) in the EngineKey's weights revision. Why a rebuild rather than a refit:
+for FP8/FP4 the calibrated activation ranges and the weight scales depend on the fused weights, so a
+refit would need a re-calibration anyway (ModelOpt calibrates the fused model); one path for every
+precision is simple and correct. The cost is a build per new set (minutes for Flux; a set seen before
+is a cache hit). Refitting 16-bit engines (TensorRT's Refitter with engines built REFIT and a map from
+ONNX initializers to fused weights, as NVIDIA's demo does) would make 16-bit switches take seconds; it
+is not built: tensorrt_rtx 1.7.1 exposes `Refitter` and `BuilderFlag.REFIT`, but without a GPU a REFIT
+build fails inside Myelin (its CUDA_SUCCESS check) and no engine deserializes, so no refit code could
+be exercised on the CPU machines the tests run on (measured on this repository's CI image).
+
 A missing engine is built on first use (export, calibration for FP8/FP4, build) through the engine
 cache, with progress reported as stage "build"; `python -m pipelines build` prebuilds the same
 artifacts (same defaults, so the app finds them).
@@ -13,6 +24,7 @@ from ...device_policy import LIGHT_PARTS, DevicePolicy
 from ...families import family_of
 from ...engine_cache import EngineCache
 from ...loading import WeightSource
+from ...lora import NO_LORAS, LoraSet
 from ...precision import Backend, Precision
 from ...registry import ModelSpec
 from ...run_context import JobCancelled, RunContext
@@ -61,8 +73,18 @@ class TensorRTBackend:
         """One scratch pool per pipeline (model) and device, shared by its engines."""
         return self._pools.setdefault((model, device), DeviceMemoryPool(device))
 
+    def lora_variant(self, spec: ModelSpec, name: str, precision: Precision, loras: LoraSet) -> str:
+        """An engine holds one LoRA set fused: each set is its own form (the digest of its files and scales)."""
+        if name in LIGHT_PARTS:
+            return ""
+        quantized = name == spec.denoiser and not Precision.parse(precision).is_16bit
+        return loras.digest(None if quantized else name)  # as EngineRequest.lora_digest
+
+    def apply_loras(self, spec: ModelSpec, name: str, component: LoadedComponent, loras: LoraSet) -> None:
+        """Nothing to do: the component was loaded under a key naming this very set (`lora_variant`)."""
+
     def request(self, spec: ModelSpec, name: str, precision: Precision, capability: tuple[int, int],
-                source: WeightSource) -> EngineRequest:
+                source: WeightSource, loras: LoraSet = NO_LORAS) -> EngineRequest:
         o = self.options
         ranges = ShapeRanges.for_spec(spec, o.width, o.height, o.min_size, o.max_size, o.max_batch)
         precision = Precision.parse(precision)
@@ -70,7 +92,7 @@ class TensorRTBackend:
                                                              steps=o.calibration_steps)
         return EngineRequest(spec, name, precision, ranges, capability, source, recipe=recipe,
                              onnx_source=o.onnx_source if name == spec.denoiser else "export",
-                             weight_streaming=o.weight_streaming_budget is not None)
+                             weight_streaming=o.weight_streaming_budget is not None, loras=loras)
 
     def load_peak_bytes(self, spec: ModelSpec, name: str, precision: Precision, device: str, policy: DevicePolicy,
                         source: WeightSource = WeightSource()) -> int:
@@ -91,7 +113,7 @@ class TensorRTBackend:
         return sum(estimate_bytes(spec, part, build.sixteen_bit, build) for part in family_of(spec).adapters)
 
     def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, policy: DevicePolicy,
-             source: WeightSource, ctx: RunContext | None = None) -> LoadedComponent:
+             source: WeightSource, ctx: RunContext | None = None, loras: LoraSet = NO_LORAS) -> LoadedComponent:
         capability = policy.capability
         if name in LIGHT_PARTS:
             raise ValueError(f"{name} is not a TensorRT component; tokenizers and schedulers come from the torch backend.")
@@ -100,7 +122,7 @@ class TensorRTBackend:
                                "(engines can still be built ahead of time: python -m pipelines build --target sm121 ...).")
         report = (lambda done, total, message: ctx.report("build", done, total, message)) if ctx else None
         builder = ArtifactBuilder(self.cache, device=device, trt=self.trt, report=report)
-        req = self.request(spec, name, precision, capability, source)
+        req = self.request(spec, name, precision, capability, source, loras)
         io = component_io(spec, name)
         try:
             built = builder.engine(req)

@@ -37,6 +37,8 @@ from ..contract import CALIBRATION_PROMPTS
 from ...families import family_of
 from ...quant import quantizable_linears
 from ...loading import WeightSource, load_component
+from ...lora import NO_LORAS, LoraSet
+from ..torch_lora import fuse_into
 from ...precision import Backend, Precision
 from ...registry import ModelSpec
 from ...request import GenerationRequest, resolve_request
@@ -118,15 +120,17 @@ class _CalibrationParts:
     """The `Parts` the family loop reads: 16-bit encoders and VAE on the device, and the denoiser being calibrated."""
 
     def __init__(self, spec: ModelSpec, precision: Precision, device: str, source: WeightSource, denoiser: nn.Module,
-                 policy: DevicePolicy):
+                 policy: DevicePolicy, loras: LoraSet = NO_LORAS):
         self.spec, self.precision, self.device, self.source = spec, precision, device, source
-        self.policy = policy
+        self.policy, self.loras = policy, loras
         self._loaded: dict[str, Any] = {spec.denoiser: denoiser}
 
     def get(self, name: str) -> Any:
         if name not in self._loaded:
             dtype = self.policy.component_dtype(self.spec, name, self.precision)
             obj = load_component(self.spec, name, dtype=dtype or torch.float32, device=self.device, source=self.source)
+            if name not in LIGHT_PARTS:
+                fuse_into(obj, self.loras, name)
             self._loaded[name] = obj if name in LIGHT_PARTS else family_of(self.spec).adapters[name](obj).eval()
         return self._loaded[name]
 
@@ -138,8 +142,10 @@ class _CalibrationParts:
 
 
 def calibrate(spec: ModelSpec, recipe: QuantRecipe, source: WeightSource, device: str,
-              capability: tuple[int, int] | None, report: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
-    """Run the recipe's calibration; returns {"amax": {layer: activation range}, ...} for `apply_quantization`."""
+              capability: tuple[int, int] | None, report: Callable[[int, int, str], None] | None = None,
+              loras: LoraSet = NO_LORAS) -> dict[str, Any]:
+    """Run the recipe's calibration; returns {"amax": {layer: activation range}, ...} for `apply_quantization`.
+    With `loras`, they are fused into every component first: the ranges are those of the fused model."""
     try:
         import modelopt
         import modelopt.torch.quantization as mtq
@@ -154,6 +160,7 @@ def calibrate(spec: ModelSpec, recipe: QuantRecipe, source: WeightSource, device
     dtype = policy.compute_dtype(spec, recipe.precision)
     started = time.monotonic()
     denoiser = load_component(spec, spec.denoiser, dtype=dtype, device=device, source=source)
+    fuse_into(denoiser, loras, spec.denoiser)
     graph = family.adapters[spec.denoiser](denoiser).eval()
     prefix = next(name for name, child in graph.named_children() if child is denoiser) + "."
     targets = quantizable_linears(denoiser, family.keep_16bit)
@@ -172,7 +179,7 @@ def calibrate(spec: ModelSpec, recipe: QuantRecipe, source: WeightSource, device
     non_finite = []
 
     def forward_loop(model: nn.Module) -> None:
-        parts = _CalibrationParts(spec, recipe.precision, device, source, model, policy)
+        parts = _CalibrationParts(spec, recipe.precision, device, source, model, policy, loras)
         for i, prompt in enumerate(prompts[:recipe.prompts]):
             request = resolve_request(GenerationRequest(
                 prompt=prompt, model=spec.id, precision=run_precision, width=recipe.width, height=recipe.height,
