@@ -308,7 +308,7 @@ def test_the_cluster_offers_what_the_ui_and_api_ask_of_a_manager(cluster):
     """ui/service.py, ui/health.py and ui/metrics.py are handed a RayManager in --ray mode: every member they use
     on a PipelineManager must exist here too."""
     used = ("submit", "generate", "queue_position", "status", "unload", "close", "forget_tensorrt_failures",
-            "worker_alive", "job_observers", "policy", "info", "config", "engine_cache")
+            "worker_alive", "job_observers", "policy", "info", "config", "engine_cache", "lora_library")
     local = PipelineManager(ManagerConfig(device="cpu"))
     try:
         assert all(hasattr(local, name) for name in used)  # the list names real manager members

@@ -21,6 +21,7 @@ from ..cpu_math import FAST_CPU
 from ..device_policy import DevicePolicy
 from ..engine_cache import EngineCache
 from ..gpu import DeviceInfo
+from ..lora import LoraLibrary
 from ..manager import InternalError, Job, JobState, ManagerConfig, ManagerStatus, QueueFullError, ResidentInfo
 from ..precision import Precision
 from ..registry import REPO_ROOT, resolve_spec
@@ -140,6 +141,8 @@ class RayManager:
         self._ids = itertools.count(1)
         self._replicas_seen: dict[str, ReplicaStatus] = {}
         self.job_observers: list[Callable[[RayJob], None]] = []  # called with each finished job, as the manager does
+        # The LoRA names the UI offers; every replica reads the same folder (shared, like the models).
+        self.lora_library = LoraLibrary(config.lora_dir, allow_paths=config.lora_paths)
         self._board: Any = None  # set by _deploy; close() removes only what was made
         self._handle: Any = None
         try:
