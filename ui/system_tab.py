@@ -138,8 +138,7 @@ def build_system_tab(service: PrismService) -> tuple[Any, list[Any]]:
                          column_count=len(CACHE_HEADERS))
     clear = gr.Button("Clear engine cache", variant="stop", elem_id="system-clear-cache")
     message = gr.Markdown("", label="Message", elem_id="system-message")
-    with gr.Row():
-        check = gr.Button("Self-check (about 2 minutes)", elem_id="system-self-check", scale=0)
+    check = gr.Button("Self-check: what works on this machine (about 2 minutes)", elem_id="system-self-check")
     check_report = gr.Markdown("", label="Self-check", elem_id="system-self-check-report")
     check_file = gr.File(label="Self-check report (JSON, for bug reports)", visible=False,
                          elem_id="system-self-check-file")
