@@ -527,7 +527,8 @@ def test_api_loras_from_the_picker_change_the_image_and_are_recorded(client):
     assert meta["prism"]["loras"] == [["ink", 0.8]] and "<lora:ink:0.8>" in meta["parameters"]
     assert "Lora hashes: \"ink: " in meta["parameters"]
     assert Image.open(plain[1][0]).tobytes() != Image.open(styled[1][0]).tobytes()
-    out = client.predict("tiny-flux", "a red circle", 5, ["16-bit"], 32, 32, 1, 3.5, "ink", 1.0, api_name="/compare")
+    out = client.predict(model="tiny-flux", prompt="a red circle", seed=5, precisions=["16-bit"], width=32, height=32,
+                         steps=1, guidance=3.5, lora="ink", lora_scale=1.0, api_name="/compare")
     assert out[-2]["loras"] == [["ink", 1.0]] and out[-1].startswith("Done")
 
 
