@@ -8,7 +8,6 @@ once the prompt is encoded, and swap a TensorRT engine in for any component.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from types import MappingProxyType
 
 import numpy as np
@@ -21,7 +20,7 @@ from ..image_input import encode_input, latent_mask, prepare_canvas
 from ..registry import Family, ModelSpec
 from ..request import GenerationRequest
 from ..run_context import Parts, RunContext, Stopwatch
-from ..sampling import (FamilyOutput, check_finite, decoded_to_images, seed_generators, seeded_noise, stage_timings,
+from ..sampling import (FamilyOutput, check_finite, family_output, seed_generators, seeded_noise, stage_timings,
                         tokenize, truncation_warning)
 from .family import ModelFamily
 from ..schedulers import Sampler, make_scheduler
@@ -145,10 +144,9 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     t_end = clock.mark()
     check_finite(decoded, "VAE decoder", "Try bf16.")
 
-    timings = replace(stage_timings(clock, t_start, t_text, step_marks, t_vae, t_end),
-                      vae_encoder_ms=clock.ms(t_encode, t_encoded) if req.image is not None else 0.0)
-    images = decoded_to_images(decoded)
-    return FamilyOutput(images if canvas is None else tuple(map(canvas.paste_back, images)), timings, tuple(warnings))
+    encode = (t_encode, t_encoded) if req.image is not None else None
+    timings = stage_timings(clock, t_start, t_text, step_marks, t_vae, t_end, encode)
+    return family_output(decoded, timings, canvas, warnings)
 
 
 def denoiser_io(spec: ModelSpec) -> GraphIO:
