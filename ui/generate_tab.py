@@ -294,6 +294,9 @@ def stop_message(stage: str | None) -> str:
     """What Stop did, given the stage the job was in (None: nothing was running)."""
     if stage is None:
         return "Nothing to stop."
+    if stage == "download":  # every chunk checks Stop (pipelines/downloads.py)
+        return ("Stopped the download. What has arrived stays in the Hugging Face cache; the next job resumes "
+                "from there.")
     if stage in ("load", "build"):  # a load or engine build runs to its end; the job stops right after it
         return ("Stopping: the model is still loading and will finish loading first (it stays loaded for the next "
                 "job); then the job stops.")
