@@ -148,7 +148,10 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
             with gr.Accordion("Details (JSON)", open=False):
                 details = gr.JSON(label="Details", elem_id=f"{prefix}-details")
     with gr.Accordion("History of this session (click an image, then reuse its settings or seed)", open=True):
+        # allow_preview=False: a click picks a thumbnail (and highlights it) instead of opening Gradio's preview,
+        # which showed the picked image enlarged and cropped over a blurred copy of the strip.
         history_gallery = gr.Gallery(label="History", columns=8, height=200, object_fit="contain", format="png",
+                                     allow_preview=False,
                                      elem_id=f"{prefix}-history", elem_classes=["prism-history"],
                                      buttons=["download", "fullscreen"], interactive=False)
         with gr.Row():
