@@ -12,10 +12,11 @@ from diffusers import (AutoencoderKL, EulerDiscreteScheduler, FlowMatchEulerDisc
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from ..text_tokenizers import build_clip_tokenizer, build_t5_tokenizer
+from .edits import INSTRUCTION_WORDS
 from .scenes import COLOURS, KINDS, POSITION_PHRASES, SIZES
 
 IMAGE_SIZE = 64  # the models are trained at 64x64 only
-T5_TOKENS = 32  # every caption fits (the longest has 24 words)
+T5_TOKENS = 32  # every caption fits (the longest has 24 words), and every edit instruction (at most 9)
 TEXT_WIDTH = 128
 
 
@@ -26,12 +27,17 @@ def caption_words() -> list[str]:
     return sorted(words)
 
 
-def clip_tokenizer():
-    return build_clip_tokenizer(caption_words(), 77)
+def instruction_words() -> list[str]:
+    """The editor's vocabulary: every caption word plus the instruction verbs (`edits.INSTRUCTION_WORDS`)."""
+    return sorted({*caption_words(), *INSTRUCTION_WORDS})
 
 
-def t5_tokenizer():
-    return build_t5_tokenizer(caption_words(), T5_TOKENS)
+def clip_tokenizer(words: list[str] | None = None):
+    return build_clip_tokenizer(caption_words() if words is None else words, 77)
+
+
+def t5_tokenizer(words: list[str] | None = None):
+    return build_t5_tokenizer(caption_words() if words is None else words, T5_TOKENS)
 
 
 def clip_config(vocab_size: int, layers: int = 2) -> CLIPTextConfig:
