@@ -2,9 +2,9 @@
 
     python -m pipelines.demo train --family kontext --init models/demo-flux --out models --minutes 6 --workers 14
 
-What changes from demo-flux: its tokenizers learn the instruction words ("make", "turn", "into", ...) and
-both text encoders' embedding tables grow to match (rows of known tokens copied by token string, since
-rebuilding a word-level vocabulary renumbers it; new rows start at the mean of the old ones). The VAE is
+What changes from demo-flux: its tokenizers learn the instruction words ("make", "turn", "into", ...) as
+whole-word tokens after the existing ids, and both text encoders' embedding tables grow to match (new
+rows start at the mean of the old ones; known words keep their ids and rows). The VAE is
 frozen; the transformer and both text encoders train on rectified flow, as demo-flux did, with the
 source image as context exactly as diffusers' FluxKontextPipeline feeds it: the source's latent mean
 (the pipeline's `sample_mode="argmax"`), shifted and scaled, packed into tokens appended after the noisy
@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ..families.flux import image_ids, pack
-from .architectures import IMAGE_SIZE, T5_TOKENS, FluxParts, clip_tokenizer, instruction_words, t5_tokenizer
+from .architectures import (IMAGE_SIZE, T5_TOKENS, FluxParts, clip_tokenizer, editor_tokenizers, t5_tokenizer,
+                            with_instruction_words)
 from .edits import sample_edits
 from .train import Batch, SceneStream, TrainConfig, _autocast, _train_denoiser, load_parts, render_arrays, scene_arrays
 
@@ -45,8 +46,7 @@ def _edit_arrays(seed: int, index: int, size: int) -> dict[str, np.ndarray]:
     """Batch `index` of edits: source and target scenes as compact arrays, the instruction's token ids."""
     global _WORKER_TOKENIZERS
     if _WORKER_TOKENIZERS is None:
-        words = instruction_words()
-        _WORKER_TOKENIZERS = (clip_tokenizer(words), t5_tokenizer(words))
+        _WORKER_TOKENIZERS = editor_tokenizers()
     clip_tok, t5_tok = _WORKER_TOKENIZERS
     edits = sample_edits(np.random.default_rng([seed, index]), size)
     out = {f"source_{k}": v for k, v in scene_arrays([e.source for e in edits]).items()}
@@ -73,42 +73,53 @@ class EditStream(SceneStream):
 
 
 def extend_vocabulary(parts: FluxParts) -> FluxParts:
-    """Tokenizers with the instruction words, and text encoders whose embeddings follow the new numbering."""
-    words = instruction_words()
-    new_clip, new_t5 = clip_tokenizer(words), t5_tokenizer(words)
-    for encoder, old, new in ((parts.text_encoder, parts.tokenizer, new_clip),
-                              (parts.text_encoder_2, parts.tokenizer_2, new_t5)):
-        before = encoder.get_input_embeddings().weight.detach().clone()
-        old_ids = old.get_vocab()
-        encoder.resize_token_embeddings(len(new))
+    """Add the instruction words to both tokenizers and grow the text encoders' embedding tables to match.
+
+    Known tokens keep their ids and rows, so captions read exactly as before; the new rows start at the
+    mean of the old ones."""
+    for tokenizer, expected in ((parts.tokenizer, clip_tokenizer()), (parts.tokenizer_2, t5_tokenizer())):
+        if tokenizer.get_vocab() != expected.get_vocab():
+            raise ValueError("--init must be a demo-flux trained with the demo caption vocabulary "
+                             "(pipelines/demo/architectures.py); its tokenizers differ")
+    for encoder, tokenizer in ((parts.text_encoder, parts.tokenizer), (parts.text_encoder_2, parts.tokenizer_2)):
+        known = len(tokenizer)
+        with_instruction_words(tokenizer)
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set below
         with torch.no_grad():
             table = encoder.get_input_embeddings().weight
-            table[:] = before.mean(0)
-            for token, i in new.get_vocab().items():
-                if token in old_ids:
-                    table[i] = before[old_ids[token]]
-    parts.tokenizer, parts.tokenizer_2 = new_clip, new_t5
+            table[known:] = table[:known].mean(0)
     return parts
+
+
+def kontext_ids(device: str | torch.device) -> torch.Tensor:
+    """Position ids of the noisy target tokens, then of the source's tokens: the same grid with first coordinate 1
+    (FluxKontextPipeline.prepare_latents sets image_ids[..., 0] = 1 and concatenates them after latent_ids)."""
+    side = IMAGE_SIZE // 4  # latent side
+    noise_ids = image_ids(side, side, torch.device(device), torch.float32)
+    source_ids = noise_ids.clone()
+    source_ids[:, 0] = 1
+    return torch.cat([noise_ids, source_ids])
+
+
+def context_tokens(vae, encoded, rows: slice = slice(None)) -> torch.Tensor:
+    """The source image's tokens from its latent distribution, as FluxKontextPipeline._encode_vae_image makes them:
+    the mean (its `sample_mode="argmax"`), shifted and scaled, then packed."""
+    return pack((encoded.mode()[rows].float() - vae.config.shift_factor) * vae.config.scaling_factor)
 
 
 def kontext_loss(parts: FluxParts, device: str):
     """Rectified flow on the target latents, the source's latent tokens appended as FluxKontextPipeline does."""
     vae = parts.vae
     mean, std = vae.config.shift_factor, 1.0 / vae.config.scaling_factor
-    side = IMAGE_SIZE // 4  # latent side
-    noise_ids = image_ids(side, side, torch.device(device), torch.float32)
-    source_ids = noise_ids.clone()
-    source_ids[:, 0] = 1  # FluxKontextPipeline.prepare_latents: image_ids[..., 0] = 1
-    ids = torch.cat([noise_ids, source_ids])
+    ids = kontext_ids(device)
     txt_ids = torch.zeros(T5_TOKENS, 3, device=device)
 
     def loss_of(batch: EditBatch) -> torch.Tensor:
         with torch.no_grad(), _autocast(device):
             encoded = vae.encode(torch.cat([batch.images, batch.sources])).latent_dist
             n = len(batch.images)
-            target = (encoded.sample()[:n].float() - mean) / std
-            source = (encoded.mode()[n:].float() - mean) / std  # the pipeline encodes its input with argmax
-        target_tokens, source_tokens = pack(target), pack(source)
+            target_tokens = pack((encoded.sample()[:n].float() - mean) / std)
+            source_tokens = context_tokens(vae, encoded, slice(n, None))
         noise = torch.randn_like(target_tokens)
         t = torch.sigmoid(torch.randn(n, device=device))  # logit-normal timesteps, as demo-flux trained
         noisy = (1 - t[:, None, None]) * target_tokens + t[:, None, None] * noise
