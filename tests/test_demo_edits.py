@@ -222,6 +222,21 @@ def test_smoke_training_saves_a_kontext_pipeline_diffusers_loads(trained):
     assert [im.size for im in images] == [(64, 64), (64, 64)]
 
 
+def test_training_resumes_from_a_saved_editor(trained, tmp_path):
+    from diffusers import FluxKontextPipeline
+
+    from pipelines.demo.kontext_train import train_kontext
+    from pipelines.demo.train import TrainConfig
+
+    folder = train_kontext(TrainConfig(family="kontext", out_dir=tmp_path, device="cpu", batch=4, denoiser_minutes=1.0,
+                                       max_denoiser_steps=1, log_every=1000, workers=0),
+                           trained[0], log=lambda _: None, eval_edits=0)
+    assert json.loads((folder / "TRAINING.json").read_text())["edit_steps"] == 4
+    before, after = (FluxKontextPipeline.from_pretrained(f) for f in (trained[0], folder))
+    assert len(after.tokenizer) == len(before.tokenizer) and len(after.tokenizer_2) == len(before.tokenizer_2)
+    assert after.text_encoder.config.vocab_size == before.text_encoder.config.vocab_size
+
+
 def test_training_feeds_the_transformer_as_flux_kontext_pipeline_does(trained):
     """Capture what FluxKontextPipeline hands the transformer; the trainer builds the same ids and source tokens."""
     from diffusers import FluxKontextPipeline
@@ -247,11 +262,14 @@ def test_training_feeds_the_transformer_as_flux_kontext_pipeline_does(trained):
 def test_evaluate_edits_prints_a_table_per_precision(trained, capsys):
     from pipelines.demo.evaluate_edits import main
 
-    main(["--model", str(trained[0]), "--n", "6", "--precision", "bf16", "fp8", "--steps", "2", "--device", "cpu"])
+    main(["--model", str(trained[0]), "--n", "2", "--precision", "bf16", "fp8", "--steps", "2", "--device", "cpu"])
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
-    assert table[0].startswith("| precision | runs as | edits | all kinds | colour | kind | move | background |")
-    assert [row.split(" | ")[0] for row in table[2:]] == ["| bf16", "| fp8"]
-    assert all(row.split(" | ")[2] == "6" for row in table[2:])
+    assert table[0] == "| precision | runs as | edits | all kinds | colour | kind | move | background | add | remove |"
+    cells = [row.strip("| ").split(" | ") for row in table[2:]]
+    assert [(c[0], c[2]) for c in cells] == [("bf16", "2"), ("fp8", "2")]
+    assert cells[1][1].startswith("FP8")
+    # Two edits are a colour and a kind change (the kinds in turn); kinds not evaluated show "-".
+    assert all(c[4].endswith("%") and c[5].endswith("%") and c[6:] == ["-"] * 4 for c in cells)
 
 
 # --- bad input: one line that says what to change, no stack trace ------------------------------------

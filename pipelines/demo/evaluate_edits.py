@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..cpu_math import CpuMath, measure_cpu_math
 from ..families.flux import FLUX
-from ..precision import Backend, Precision, SupportLevel, precision_support
+from ..precision import FP4_WEIGHTS_ONLY, Backend, Precision, SupportLevel, precision_support
 from ..quant import quantize_linears
 from .architectures import IMAGE_SIZE, T5_TOKENS
 from .edits import Edit, EditKind, held_out_edits
@@ -53,21 +54,23 @@ def edit_accuracy(images: Sequence[Image.Image], edits: Sequence[Edit]) -> dict[
     return rates
 
 
-def load_editor(folder: Path, precision: str, device: str):
-    """FluxKontextPipeline at `folder` in bf16 on `device`, its transformer quantized for fp8 / fp4;
-    returns (pipeline, what the precision runs as)."""
+def load_editor(folder: Path, precision: str, device: str, cpu: CpuMath | None = None):
+    """FluxKontextPipeline at `folder` with bf16 weights on `device`, its transformer quantized for fp8 / fp4;
+    returns (pipeline, what the precision runs as). On a CPU without fast bf16 math (`cpu`, measured) the
+    arithmetic is FP32, as Prism's manager does it there."""
     from diffusers import FluxKontextPipeline
 
     p = Precision.parse(precision)
     capability = torch.cuda.get_device_capability(device) if device.startswith("cuda") else None
-    support = precision_support(p, capability, Backend.TORCH)
+    support = precision_support(p, capability, Backend.TORCH, cpu)
     if not support.runnable:
         raise ValueError(support.reason)
-    pipe = FluxKontextPipeline.from_pretrained(folder, dtype=torch.bfloat16).to(device)
+    compute = torch.float32 if cpu is not None and not cpu.fast_bf16 else torch.bfloat16
+    pipe = FluxKontextPipeline.from_pretrained(folder, dtype=torch.bfloat16).to(device, compute)
     pipe.set_progress_bar_config(disable=True)
     native_fp4 = p is Precision.FP4 and support.level is SupportLevel.NATIVE
-    report = quantize_linears(pipe.transformer, p, FLUX.keep_16bit, torch.bfloat16, native_fp4=native_fp4)
-    runs_as = support.runs_as if report.native_fp4 == native_fp4 else "FP4 weights, 16-bit compute"
+    report = quantize_linears(pipe.transformer, p, FLUX.keep_16bit, compute, native_fp4=native_fp4)
+    runs_as = support.runs_as if report.native_fp4 == native_fp4 else FP4_WEIGHTS_ONLY
     return pipe, runs_as
 
 
@@ -85,10 +88,11 @@ def edit_images(pipe, edits: Sequence[Edit], steps: int = 20) -> list[Image.Imag
 def evaluate_edits(folder: Path, n: int, device: str, precisions: Sequence[str] = PRECISIONS,
                    steps: int = 20) -> list[EditEvalRow]:
     edits = held_out_edits(n)
+    cpu = None if device.startswith("cuda") else measure_cpu_math()
     rows = []
     for precision in precisions:
         started = time.monotonic()
-        pipe, runs_as = load_editor(folder, precision, device)
+        pipe, runs_as = load_editor(folder, precision, device, cpu)
         rates = edit_accuracy(edit_images(pipe, edits, steps), edits)
         rows.append(EditEvalRow(precision, runs_as, n, rates.pop("all"), rates, time.monotonic() - started))
         del pipe

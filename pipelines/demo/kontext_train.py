@@ -1,6 +1,7 @@
 """Train the embedded editor, demo-kontext, from demo-flux on the edit pairs of `edits.py`.
 
-    python -m pipelines.demo train --family kontext --init models/demo-flux --out models --minutes 6 --workers 14
+    python -m pipelines.demo train --family kontext --init models/demo-flux --out models --minutes 6 --workers 12
+    python -m pipelines.demo train --family kontext --init models/demo-kontext --out models --minutes 6   # train on
 
 What changes from demo-flux: its tokenizers learn the instruction words ("make", "turn", "into", ...) as
 whole-word tokens after the existing ids, and both text encoders' embedding tables grow to match (new
@@ -76,10 +77,13 @@ def extend_vocabulary(parts: FluxParts) -> FluxParts:
     """Add the instruction words to both tokenizers and grow the text encoders' embedding tables to match.
 
     Known tokens keep their ids and rows, so captions read exactly as before; the new rows start at the
-    mean of the old ones."""
+    mean of the old ones. A saved demo-kontext (training resumed) already has them and is returned as is."""
+    editor = editor_tokenizers()
+    if [t.get_vocab() for t in (parts.tokenizer, parts.tokenizer_2)] == [t.get_vocab() for t in editor]:
+        return parts
     for tokenizer, expected in ((parts.tokenizer, clip_tokenizer()), (parts.tokenizer_2, t5_tokenizer())):
         if tokenizer.get_vocab() != expected.get_vocab():
-            raise ValueError("--init must be a demo-flux trained with the demo caption vocabulary "
+            raise ValueError("--init must be a demo-flux or demo-kontext trained with the demo vocabulary "
                              "(pipelines/demo/architectures.py); its tokenizers differ")
     for encoder, tokenizer in ((parts.text_encoder, parts.tokenizer), (parts.text_encoder_2, parts.tokenizer_2)):
         known = len(tokenizer)
@@ -134,7 +138,7 @@ def kontext_loss(parts: FluxParts, device: str):
     return loss_of
 
 
-def save_kontext(parts: FluxParts, out_dir: Path, steps: int, init: Path) -> Path:
+def save_kontext(parts: FluxParts, out_dir: Path, steps: int) -> Path:
     """Write demo-kontext in FluxKontextPipeline's Hugging Face layout (fp16 safetensors) plus Prism's defaults."""
     from diffusers import FluxKontextPipeline
 
@@ -152,8 +156,7 @@ def save_kontext(parts: FluxParts, out_dir: Path, steps: int, init: Path) -> Pat
         "default_steps": 20, "default_guidance": 0.0, "max_prompt_tokens": T5_TOKENS,
     }
     (folder / "prism.json").write_text(json.dumps(defaults, indent=2) + "\n")
-    (folder / "TRAINING.json").write_text(json.dumps({"init": init.name, "edit_steps": steps, "image_size": IMAGE_SIZE},
-                                                     indent=2) + "\n")
+    (folder / "TRAINING.json").write_text(json.dumps({"edit_steps": steps, "image_size": IMAGE_SIZE}, indent=2) + "\n")
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     if size > MAX_MODEL_BYTES:
         raise ValueError(f"{folder} is {size / 2**20:.1f} MB, over the {MAX_MODEL_BYTES / 2**20:.0f} MB budget")
@@ -161,30 +164,40 @@ def save_kontext(parts: FluxParts, out_dir: Path, steps: int, init: Path) -> Pat
 
 
 def check_init(init: Path | None) -> Path:
-    """The demo-flux folder to start from, or a one-line error that says what to pass."""
+    """The demo-flux (or demo-kontext, to train on) folder to start from, or a one-line error saying what to pass."""
     if init is None:
-        raise ValueError("--family kontext starts from a trained demo-flux: pass --init models/demo-flux")
+        raise ValueError("--family kontext starts from a trained demo-flux: pass --init models/demo-flux "
+                         "(or --init models/demo-kontext to train the editor further)")
     if not (init / "model_index.json").is_file() or not (init / "transformer").is_dir():
         raise ValueError(f"--init {init} is not a saved demo-flux pipeline (no model_index.json and transformer/ "
                          "there); pass the folder of demo-flux, e.g. models/demo-flux")
     return init
 
 
+def previous_edit_steps(init: Path) -> int:
+    """Edit steps already in `init`: 0 for demo-flux, the saved count when resuming a demo-kontext."""
+    record = init / "TRAINING.json"
+    return int(json.loads(record.read_text()).get("edit_steps", 0)) if record.is_file() else 0
+
+
 def train_kontext(cfg: TrainConfig, init: Path, log=print, eval_edits: int = 60) -> Path:
-    """Fine-tune demo-flux at `init` into the editor, save it under cfg.out_dir and log a quick held-out score."""
+    """Fine-tune demo-flux (or a demo-kontext) at `init` into the editor, save it under cfg.out_dir as
+    demo-kontext and log the all-correct rate of `eval_edits` held-out edits through FluxKontextPipeline."""
     init = check_init(init)
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.enable_cudnn_sdp(False)  # as train.py: cuDNN attention fails backwards at these shapes
     started = time.monotonic()
     parts = extend_vocabulary(load_parts(FluxParts, init))
     parts.vae.to(cfg.device).eval().requires_grad_(False)
-    stream = EditStream(cfg.seed + 30_000, cfg.batch, cfg.device, workers=cfg.workers)
+    previous = previous_edit_steps(init)
+    # A resumed run draws new batches: the stream's seed moves on by the steps already taken.
+    stream = EditStream(cfg.seed + 30_000 + previous, cfg.batch, cfg.device, workers=cfg.workers)
     try:
         steps = _train_denoiser("kontext", [parts.text_encoder, parts.text_encoder_2, parts.transformer],
                                 kontext_loss(parts, cfg.device), stream, cfg, log)
     finally:
         stream.close()
-    folder = save_kontext(parts, cfg.out_dir, steps, init)
+    folder = save_kontext(parts, cfg.out_dir, steps + previous)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     log(f"kontext: {steps} steps, {time.monotonic() - started:.0f} s, {size / 2**20:.1f} MB, saved to {folder}")
     if eval_edits:

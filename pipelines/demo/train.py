@@ -443,7 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.demo train")
     parser.add_argument("--family", nargs="+", default=["flux", "sdxl"], choices=["flux", "sdxl", "kontext"],
                         help="kontext: the editor, fine-tuned from demo-flux (--init) on edit pairs")
-    parser.add_argument("--init", default=None, help="kontext only: the demo-flux folder to start from")
+    parser.add_argument("--init", default=None,
+                        help="kontext only: the demo-flux folder to start from, or a demo-kontext to train further")
     parser.add_argument("--out", default="models")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--minutes", type=float, default=3.0, help="denoiser training time per model")
