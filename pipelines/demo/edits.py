@@ -35,7 +35,8 @@ class EditKind(enum.Enum):
     REMOVE = "remove"
 
 
-# Words instructions use beyond the caption vocabulary (the editor's tokenizers add them).
+# The instructions' words besides scene words (colours, kinds, sizes, places); the editor's tokenizers add
+# those the captions lack (`architectures.new_instruction_words`).
 INSTRUCTION_WORDS = ("make", "the", "turn", "into", "move", "to", "add", "remove")
 _EDIT_STREAM = 0xED17_0E7A  # keeps held_out_edits(seed=s) apart from a training rng seeded with s
 
@@ -43,9 +44,9 @@ _EDIT_STREAM = 0xED17_0E7A  # keeps held_out_edits(seed=s) apart from a training
 @dataclass(frozen=True)
 class Edit:
     kind: EditKind
-    source: Scene
-    instruction: str
-    target: Scene
+    source: Scene  # the scene to edit
+    instruction: str  # e.g. "make the circle blue"
+    target: Scene  # the source with the asked change made, everything else (jitter included) kept
 
     def __post_init__(self) -> None:
         if self.source == self.target:
@@ -62,7 +63,7 @@ def split_of_edit(source: Scene, instruction: str) -> Split:
     return Split.HELD_OUT if bucket < HELD_OUT_PERCENT else Split.TRAIN
 
 
-# --- naming shapes and places -------------------------------------------------------------------
+# --- naming shapes -------------------------------------------------------------------------------
 
 def _name(scene: Scene, index: int) -> str | None:
     """The words that single out shape `index`: "circle", "red circle", or None when neither does."""
