@@ -1,4 +1,4 @@
-"""`python -m pipelines.demo train|train-lora|evaluate ...`"""
+"""`python -m pipelines.demo train|train-lora|evaluate|evaluate-edits ...`"""
 import sys
 
 
@@ -10,8 +10,10 @@ def main() -> None:
         from .lora_train import main as run
     elif command == "evaluate":
         from .evaluate import main as run
+    elif command == "evaluate-edits":
+        from .evaluate_edits import main as run
     else:
-        sys.exit("usage: python -m pipelines.demo train|train-lora|evaluate [options]  (--help after the command for options)")
+        sys.exit("usage: python -m pipelines.demo train|train-lora|evaluate|evaluate-edits [options]  (--help after the command for options)")
     run(rest)
 
 

@@ -9,13 +9,15 @@ from dataclasses import dataclass
 
 from diffusers import (AutoencoderKL, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,
                        UNet2DConditionModel)
+from tokenizers import AddedToken
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from ..text_tokenizers import build_clip_tokenizer, build_t5_tokenizer
+from .edits import INSTRUCTION_WORDS
 from .scenes import COLOURS, KINDS, POSITION_PHRASES, SIZES
 
 IMAGE_SIZE = 64  # the models are trained at 64x64 only
-T5_TOKENS = 32  # every caption fits (the longest has 24 words)
+T5_TOKENS = 32  # every caption fits (the longest has 24 words), and every edit instruction (at most 9)
 TEXT_WIDTH = 128
 
 
@@ -32,6 +34,27 @@ def clip_tokenizer():
 
 def t5_tokenizer():
     return build_t5_tokenizer(caption_words(), T5_TOKENS)
+
+
+def new_instruction_words() -> list[str]:
+    """The instruction words (`edits.INSTRUCTION_WORDS`) the caption vocabulary lacks."""
+    return sorted(set(INSTRUCTION_WORDS) - set(caption_words()))
+
+
+def with_instruction_words(tokenizer):
+    """`tokenizer` (a caption tokenizer, CLIP or T5) plus one whole-word token per new instruction word.
+
+    Added after the existing ids rather than rebuilt: rebuilding the byte-pair merges with more words
+    renumbers the vocabulary and re-splits known words ("pink" became p+in+k), so a model trained on the
+    captions would no longer read them as it learned to. `single_word` keeps "to" from matching in "top".
+    """
+    tokenizer.add_tokens([AddedToken(word, single_word=True) for word in new_instruction_words()])
+    return tokenizer
+
+
+def editor_tokenizers():
+    """(CLIP, T5) tokenizers of demo-kontext: the caption tokenizers with the instruction words."""
+    return with_instruction_words(clip_tokenizer()), with_instruction_words(t5_tokenizer())
 
 
 def clip_config(vocab_size: int, layers: int = 2) -> CLIPTextConfig:

@@ -2,6 +2,7 @@
 
     python -m pipelines.demo train --family flux sdxl --out models --vae-minutes 2.2 --minutes 6
     python -m pipelines.demo train --family flux --resume models --out models --minutes 8   # train on
+    python -m pipelines.demo train --family kontext --init models/demo-flux --out models --minutes 6   # the editor
 
 The shipped models (2026-11-26, one H200): both families at once, 2.2 VAE minutes + 5.8 denoiser
 minutes each; demo-flux then resumed alone for 8.1 minutes (6270 denoiser steps in all, demo-sdxl 1883).
@@ -50,7 +51,7 @@ SHAPE_WEIGHT = 10.0
 
 @dataclass(frozen=True)
 class TrainConfig:
-    family: str  # "flux" | "sdxl"
+    family: str  # "flux" | "sdxl" | "kontext" (kontext_train.py)
     out_dir: Path
     device: str = "cuda"
     batch: int = 1024
@@ -149,6 +150,8 @@ class SceneStream:
     """
 
     AHEAD = 24
+    # What a worker computes for batch k, (seed, k, size) -> arrays; a module-level function so it pickles.
+    draw = staticmethod(_scene_arrays)
 
     def __init__(self, seed: int, batch: int, device: str, workers: int = 0):
         self.seed, self.batch, self.device, self.index = seed, batch, device, 0
@@ -159,16 +162,19 @@ class SceneStream:
     def next(self) -> Batch:
         before = time.monotonic()
         if self.pool is None:
-            arrays = _scene_arrays(self.seed, self.index, self.batch)
+            arrays = self.draw(self.seed, self.index, self.batch)
             self.index += 1
         else:
             while len(self.pending) < self.AHEAD:
-                self.pending.append(self.pool.apply_async(_scene_arrays, (self.seed, self.index, self.batch)))
+                self.pending.append(self.pool.apply_async(self.draw, (self.seed, self.index, self.batch)))
                 self.index += 1
             arrays = self.pending.popleft().get()
         # Only the wait for scenes counts: the copy below also waits for the GPU to finish queued work.
         self.waited += time.monotonic() - before
-        tensors = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()}
+        return self.assemble({k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()})
+
+    def assemble(self, tensors: dict[str, torch.Tensor]) -> Batch:
+        """The batch from its arrays on the device: here the scenes are rendered."""
         return Batch(render_arrays(tensors, IMAGE_SIZE), tensors["ids_clip"], tensors["ids_t5"])
 
     def close(self) -> None:
@@ -435,7 +441,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.demo train")
-    parser.add_argument("--family", nargs="+", default=["flux", "sdxl"], choices=["flux", "sdxl"])
+    parser.add_argument("--family", nargs="+", default=["flux", "sdxl"], choices=["flux", "sdxl", "kontext"],
+                        help="kontext: the editor, fine-tuned from demo-flux (--init) on edit pairs")
+    parser.add_argument("--init", default=None,
+                        help="kontext only: the demo-flux folder to start from, or a demo-kontext to train further")
     parser.add_argument("--out", default="models")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--minutes", type=float, default=3.0, help="denoiser training time per model")
@@ -448,9 +457,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=8e-4)
     parser.add_argument("--resume", default=None,
                         help="continue from saved demo models in this folder (e.g. models): VAE kept, the rest trained")
+    parser.add_argument("--eval-edits", type=int, default=60,
+                        help="kontext only: held-out edits scored through FluxKontextPipeline at the end (0: none)")
     parser.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 2)))
     args = parser.parse_args(argv)
+    if "kontext" in args.family:
+        from .kontext_train import check_init
+
+        try:
+            check_init(Path(args.init) if args.init else None)
+        except ValueError as error:
+            parser.error(str(error))
     for family in args.family:
+        if family == "kontext":
+            from .kontext_train import train_kontext
+
+            train_kontext(TrainConfig(family=family, out_dir=Path(args.out), device=args.device, batch=args.batch,
+                                      denoiser_minutes=args.minutes, max_denoiser_steps=args.max_steps,
+                                      workers=args.workers, lr=args.lr, ema=args.ema),
+                          Path(args.init), log=lambda m: print(m, flush=True), eval_edits=args.eval_edits)
+            continue
         train(TrainConfig(family=family, out_dir=Path(args.out), device=args.device, batch=args.batch,
                           vae_batch=args.vae_batch, vae_minutes=args.vae_minutes, vae_steps=args.vae_steps,
                           denoiser_minutes=args.minutes, max_denoiser_steps=args.max_steps,

@@ -1,0 +1,207 @@
+"""Train the embedded editor, demo-kontext, from demo-flux on the edit pairs of `edits.py`.
+
+    python -m pipelines.demo train --family kontext --init models/demo-flux --out models --minutes 6 --workers 12
+    python -m pipelines.demo train --family kontext --init models/demo-kontext --out models --minutes 6   # train on
+
+What changes from demo-flux: its tokenizers learn the instruction words ("make", "turn", "into", ...) as
+whole-word tokens after the existing ids, and both text encoders' embedding tables grow to match (new
+rows start at the mean of the old ones; known words keep their ids and rows). The VAE is
+frozen; the transformer and both text encoders train on rectified flow, as demo-flux did, with the
+source image as context exactly as diffusers' FluxKontextPipeline feeds it: the source's latent mean
+(the pipeline's `sample_mode="argmax"`), shifted and scaled, packed into tokens appended after the noisy
+target tokens, with position ids whose first coordinate is 1; the velocity is read off the first half.
+
+Saved in the Hugging Face layout of FluxKontextPipeline (same components as demo-flux); the log ends with
+the all-correct rate of a few held-out edits rendered through that pipeline.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..families.flux import image_ids, pack
+from .architectures import (IMAGE_SIZE, T5_TOKENS, FluxParts, clip_tokenizer, editor_tokenizers, t5_tokenizer,
+                            with_instruction_words)
+from .edits import sample_edits
+from .train import Batch, SceneStream, TrainConfig, _autocast, _train_denoiser, load_parts, render_arrays, scene_arrays
+
+MAX_MODEL_BYTES = 15 * 2**20
+MODEL_NAME = "demo-kontext"
+
+
+@dataclass
+class EditBatch(Batch):
+    sources: torch.Tensor  # (B, 3, 64, 64) in [-1, 1]: the images to edit; `images` holds the targets
+
+
+_WORKER_TOKENIZERS: tuple | None = None
+
+
+def _edit_arrays(seed: int, index: int, size: int) -> dict[str, np.ndarray]:
+    """Batch `index` of edits: source and target scenes as compact arrays, the instruction's token ids."""
+    global _WORKER_TOKENIZERS
+    if _WORKER_TOKENIZERS is None:
+        _WORKER_TOKENIZERS = editor_tokenizers()
+    clip_tok, t5_tok = _WORKER_TOKENIZERS
+    edits = sample_edits(np.random.default_rng([seed, index]), size)
+    out = {f"source_{k}": v for k, v in scene_arrays([e.source for e in edits]).items()}
+    out |= {f"target_{k}": v for k, v in scene_arrays([e.target for e in edits]).items()}
+    instructions = [e.instruction for e in edits]
+    out["ids_clip"] = clip_tok(instructions, padding="max_length", max_length=77, truncation=True,
+                               return_tensors="np").input_ids
+    out["ids_t5"] = t5_tok(instructions, padding="max_length", max_length=T5_TOKENS, truncation=True,
+                           return_tensors="np").input_ids
+    return out
+
+
+class EditStream(SceneStream):
+    """Endless training batches of edits from the training split; workers draw them ahead as in SceneStream."""
+
+    draw = staticmethod(_edit_arrays)
+
+    def assemble(self, tensors: dict[str, torch.Tensor]) -> EditBatch:
+        # One render call for sources and targets together: half the kernel launches.
+        both = {k: torch.cat([tensors[f"source_{k}"], tensors[f"target_{k}"]])
+                for k in ("background", "present", "kind", "colour", "geometry")}
+        sources, targets = render_arrays(both, IMAGE_SIZE).chunk(2)
+        return EditBatch(targets, tensors["ids_clip"], tensors["ids_t5"], sources)
+
+
+def extend_vocabulary(parts: FluxParts) -> FluxParts:
+    """Add the instruction words to both tokenizers and grow the text encoders' embedding tables to match.
+
+    Known tokens keep their ids and rows, so captions read exactly as before; the new rows start at the
+    mean of the old ones. A saved demo-kontext (training resumed) already has them and is returned as is."""
+    editor = editor_tokenizers()
+    if [t.get_vocab() for t in (parts.tokenizer, parts.tokenizer_2)] == [t.get_vocab() for t in editor]:
+        return parts
+    for tokenizer, expected in ((parts.tokenizer, clip_tokenizer()), (parts.tokenizer_2, t5_tokenizer())):
+        if tokenizer.get_vocab() != expected.get_vocab():
+            raise ValueError("--init must be a demo-flux or demo-kontext trained with the demo vocabulary "
+                             "(pipelines/demo/architectures.py); its tokenizers differ")
+    for encoder, tokenizer in ((parts.text_encoder, parts.tokenizer), (parts.text_encoder_2, parts.tokenizer_2)):
+        known = len(tokenizer)
+        with_instruction_words(tokenizer)
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set below
+        with torch.no_grad():
+            table = encoder.get_input_embeddings().weight
+            table[known:] = table[:known].mean(0)
+    return parts
+
+
+def kontext_ids(device: str | torch.device) -> torch.Tensor:
+    """Position ids of the noisy target tokens, then of the source's tokens: the same grid with first coordinate 1
+    (FluxKontextPipeline.prepare_latents sets image_ids[..., 0] = 1 and concatenates them after latent_ids)."""
+    side = IMAGE_SIZE // 4  # latent side
+    noise_ids = image_ids(side, side, torch.device(device), torch.float32)
+    source_ids = noise_ids.clone()
+    source_ids[:, 0] = 1
+    return torch.cat([noise_ids, source_ids])
+
+
+def context_tokens(vae, encoded, rows: slice = slice(None)) -> torch.Tensor:
+    """The source image's tokens from its latent distribution, as FluxKontextPipeline._encode_vae_image makes them:
+    the mean (its `sample_mode="argmax"`), shifted and scaled, then packed."""
+    return pack((encoded.mode()[rows].float() - vae.config.shift_factor) * vae.config.scaling_factor)
+
+
+def kontext_loss(parts: FluxParts, device: str):
+    """Rectified flow on the target latents, the source's latent tokens appended as FluxKontextPipeline does."""
+    vae = parts.vae
+    mean, std = vae.config.shift_factor, 1.0 / vae.config.scaling_factor
+    ids = kontext_ids(device)
+    txt_ids = torch.zeros(T5_TOKENS, 3, device=device)
+
+    def loss_of(batch: EditBatch) -> torch.Tensor:
+        with torch.no_grad(), _autocast(device):
+            encoded = vae.encode(torch.cat([batch.images, batch.sources])).latent_dist
+            n = len(batch.images)
+            target_tokens = pack((encoded.sample()[:n].float() - mean) / std)
+            source_tokens = context_tokens(vae, encoded, slice(n, None))
+        noise = torch.randn_like(target_tokens)
+        t = torch.sigmoid(torch.randn(n, device=device))  # logit-normal timesteps, as demo-flux trained
+        noisy = (1 - t[:, None, None]) * target_tokens + t[:, None, None] * noise
+        with _autocast(device):
+            pooled = parts.text_encoder(batch.ids_clip).pooler_output
+            text = parts.text_encoder_2(batch.ids_t5)[0]
+            velocity = parts.transformer(hidden_states=torch.cat([noisy, source_tokens], 1), encoder_hidden_states=text,
+                                         pooled_projections=pooled, timestep=t, img_ids=ids, txt_ids=txt_ids,
+                                         return_dict=False)[0]
+        return F.mse_loss(velocity[:, :target_tokens.shape[1]].float(), noise - target_tokens)
+
+    return loss_of
+
+
+def save_kontext(parts: FluxParts, out_dir: Path, steps: int) -> Path:
+    """Write demo-kontext in FluxKontextPipeline's Hugging Face layout (fp16 safetensors) plus Prism's defaults."""
+    from diffusers import FluxKontextPipeline
+
+    folder = out_dir / MODEL_NAME
+    for value in vars(parts).values():
+        if isinstance(value, torch.nn.Module):
+            value.to("cpu", torch.float16)
+    FluxKontextPipeline(**vars(parts)).save_pretrained(folder, safe_serialization=True)
+    defaults = {
+        "description": ("Embedded demo editor: a FLUX.1 Kontext-architecture model a few MB in size, fine-tuned from "
+                        "demo-flux on synthetic edits of coloured-shape scenes (e.g. 'make the circle blue', "
+                        "'move the square to the top left', 'remove the star'). Works with no download."),
+        "default_width": IMAGE_SIZE, "default_height": IMAGE_SIZE,
+        "size": {"multiple_of": 16, "min_side": 32, "max_side": 128},
+        "default_steps": 20, "default_guidance": 0.0, "max_prompt_tokens": T5_TOKENS,
+    }
+    (folder / "prism.json").write_text(json.dumps(defaults, indent=2) + "\n")
+    (folder / "TRAINING.json").write_text(json.dumps({"edit_steps": steps, "image_size": IMAGE_SIZE}, indent=2) + "\n")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    if size > MAX_MODEL_BYTES:
+        raise ValueError(f"{folder} is {size / 2**20:.1f} MB, over the {MAX_MODEL_BYTES / 2**20:.0f} MB budget")
+    return folder
+
+
+def check_init(init: Path | None) -> Path:
+    """The demo-flux (or demo-kontext, to train on) folder to start from, or a one-line error saying what to pass."""
+    if init is None:
+        raise ValueError("--family kontext starts from a trained demo-flux: pass --init models/demo-flux "
+                         "(or --init models/demo-kontext to train the editor further)")
+    if not (init / "model_index.json").is_file() or not (init / "transformer").is_dir():
+        raise ValueError(f"--init {init} is not a saved demo-flux pipeline (no model_index.json and transformer/ "
+                         "there); pass the folder of demo-flux, e.g. models/demo-flux")
+    return init
+
+
+def previous_edit_steps(init: Path) -> int:
+    """Edit steps already in `init`: 0 for demo-flux, the saved count when resuming a demo-kontext."""
+    record = init / "TRAINING.json"
+    return int(json.loads(record.read_text()).get("edit_steps", 0)) if record.is_file() else 0
+
+
+def train_kontext(cfg: TrainConfig, init: Path, log=print, eval_edits: int = 60) -> Path:
+    """Fine-tune demo-flux (or a demo-kontext) at `init` into the editor, save it under cfg.out_dir as
+    demo-kontext and log the all-correct rate of `eval_edits` held-out edits through FluxKontextPipeline."""
+    init = check_init(init)
+    torch.manual_seed(cfg.seed)
+    torch.backends.cuda.enable_cudnn_sdp(False)  # as train.py: cuDNN attention fails backwards at these shapes
+    started = time.monotonic()
+    parts = extend_vocabulary(load_parts(FluxParts, init))
+    parts.vae.to(cfg.device).eval().requires_grad_(False)
+    previous = previous_edit_steps(init)
+    # A resumed run draws new batches: the stream's seed moves on by the steps already taken.
+    stream = EditStream(cfg.seed + 30_000 + previous, cfg.batch, cfg.device, workers=cfg.workers)
+    try:
+        steps = _train_denoiser("kontext", [parts.text_encoder, parts.text_encoder_2, parts.transformer],
+                                kontext_loss(parts, cfg.device), stream, cfg, log)
+    finally:
+        stream.close()
+    folder = save_kontext(parts, cfg.out_dir, steps + previous)
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    log(f"kontext: {steps} steps, {time.monotonic() - started:.0f} s, {size / 2**20:.1f} MB, saved to {folder}")
+    if eval_edits:
+        from .evaluate_edits import evaluate_edits, markdown
+
+        log(markdown(evaluate_edits(folder, eval_edits, cfg.device, ("bf16",))))
+    return folder

@@ -1,0 +1,302 @@
+"""Edit pairs for demo-kontext, the scorer's judgement of edits, and the editor's trainer on a CPU."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.demo.edits import (INSTRUCTION_WORDS, EditKind, edit_key, held_out_edits, sample_edit, sample_edits,
+                                  split_of_edit)
+from pipelines.demo.evaluate_edits import edit_accuracy
+from pipelines.demo.scenes import Split, render
+
+DEMO_FLUX = Path(__file__).resolve().parents[1] / "models" / "demo-flux"
+SHAPE_FIELDS = ("kind", "colour", "size", "position")
+
+
+def _fields(shape) -> tuple:
+    return tuple(getattr(shape, f) for f in SHAPE_FIELDS) + (shape.jitter,)
+
+
+def _changed_fields(before, after) -> set[str]:
+    return {f for f in SHAPE_FIELDS if getattr(before, f) != getattr(after, f)}
+
+
+@pytest.mark.parametrize("kind", list(EditKind))
+def test_targets_differ_from_sources_only_in_the_asked_attribute(kind):
+    rng = np.random.default_rng(7)
+    for _ in range(150):
+        edit = sample_edit(rng, kind)
+        source, target, words = edit.source, edit.target, edit.instruction.split()
+        assert edit.kind is kind and source != target
+        if kind is EditKind.BACKGROUND:
+            assert [_fields(s) for s in target.shapes] == [_fields(s) for s in source.shapes]
+            assert target.background != source.background and words[-1] == target.background
+            continue
+        assert target.background == source.background
+        if kind is EditKind.ADD:
+            assert len(source.shapes) == 1 and len(target.shapes) == 2
+            assert _fields(target.shapes[0]) == _fields(source.shapes[0])
+            added = target.shapes[1]
+            assert edit.instruction == f"add a {added.size} {added.colour} {added.kind} " + \
+                {"center": "in the center", "left": "on the left", "right": "on the right"}.get(
+                    added.position, f"at the {added.position}")
+            continue
+        if kind is EditKind.REMOVE:
+            assert len(source.shapes) == 2 and len(target.shapes) == 1
+            kept = [s for s in source.shapes if _fields(s) == _fields(target.shapes[0])]
+            removed = [s for s in source.shapes if _fields(s) != _fields(target.shapes[0])]
+            assert len(kept) == 1 and len(removed) == 1
+            named = edit.instruction.removeprefix("remove the ").split()
+            assert named[-1] == removed[0].kind and (len(named) == 1 or named[0] == removed[0].colour)
+            continue
+        assert len(target.shapes) == len(source.shapes)
+        changed = [i for i, (a, b) in enumerate(zip(source.shapes, target.shapes)) if _fields(a) != _fields(b)]
+        assert len(changed) == 1
+        before, after = source.shapes[changed[0]], target.shapes[changed[0]]
+        asked = {EditKind.COLOUR: "colour", EditKind.KIND: "kind", EditKind.MOVE: "position"}[kind]
+        assert _changed_fields(before, after) == {asked} and after.jitter == before.jitter
+        # The instruction names the changed shape (by kind, or colour and kind) and the new value.
+        assert before.kind in words and edit.instruction.endswith(after.position if kind is EditKind.MOVE
+                                                                  else getattr(after, asked))
+        others = [s for s in source.shapes if s is not before]
+        if any(o.kind == before.kind for o in others):
+            assert f"the {before.colour} {before.kind}" in edit.instruction
+
+
+def test_every_instruction_uses_the_editor_vocabulary():
+    """Instructions use caption words plus the instruction verbs; each new word is one token, known words are
+    split exactly as the caption tokenizers split them (what demo-flux learned to read)."""
+    from pipelines.demo.architectures import (caption_words, clip_tokenizer, editor_tokenizers, new_instruction_words,
+                                              t5_tokenizer)
+
+    new = set(new_instruction_words())
+    assert new == set(INSTRUCTION_WORDS) - set(caption_words()) and {"make", "turn", "move", "remove", "add"} <= new
+    pairs = list(zip(editor_tokenizers(), (clip_tokenizer(), t5_tokenizer())))
+    for editor, caption in pairs:  # known tokens keep their ids: the text encoders' rows stay theirs
+        assert len(editor) > len(caption)
+        assert {t: editor.get_vocab()[t] for t in caption.get_vocab()} == caption.get_vocab()
+    for edit in sample_edits(np.random.default_rng(1), 300):
+        words = edit.instruction.split()
+        assert set(words) <= set(caption_words()) | new, edit.instruction
+        for editor, caption in pairs:
+            expected = [t for w in words for t in ([w] if w in new else caption.tokenize(w))]
+            assert editor.tokenize(edit.instruction) == expected, edit.instruction
+
+
+def test_held_out_edits_are_fixed_distinct_balanced_and_never_drawn_for_training():
+    held_out = held_out_edits(200)
+    keys = [edit_key(e.source, e.instruction) for e in held_out]
+    assert len(set(keys)) == 200
+    assert [edit_key(e.source, e.instruction) for e in held_out_edits(200)] == keys
+    assert [e.instruction for e in held_out_edits(12)] == [e.instruction for e in held_out[:12]]
+    assert all(split_of_edit(e.source, e.instruction) is Split.HELD_OUT for e in held_out)
+    assert set(Counter(e.kind for e in held_out).values()) == {33, 34}
+    assert [e.instruction for e in held_out_edits(20, seed=1)] != [e.instruction for e in held_out[:20]]
+    training = sample_edits(np.random.default_rng(0), 4000)
+    assert set(keys).isdisjoint(edit_key(e.source, e.instruction) for e in training)
+    assert all(split_of_edit(e.source, e.instruction) is Split.TRAIN for e in training)
+    assert set(Counter(e.kind for e in training)) == set(EditKind)
+
+
+def test_an_edit_must_change_the_scene():
+    with pytest.raises(ValueError, match="leaves the scene unchanged"):
+        edit = held_out_edits(1)[0]
+        dataclasses.replace(edit, target=edit.source)
+
+
+def test_the_scorer_judges_an_edit_by_its_target():
+    """Clean renders of the targets are right edits; renders of the unchanged sources are wrong, for every kind."""
+    edits = held_out_edits(60)
+    targets = edit_accuracy([render(e.target, 64) for e in edits], edits)
+    sources = edit_accuracy([render(e.source, 64) for e in edits], edits)
+    assert targets == {"all": 1.0} | {k.value: 1.0 for k in EditKind}
+    assert sources == {"all": 0.0} | {k.value: 0.0 for k in EditKind}
+
+
+def test_edit_accuracy_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="as many images as edits"):
+        edit_accuracy([], held_out_edits(1))
+
+
+def test_training_batches_render_the_edits_they_name():
+    """A batch from the training stream: sources and targets drawn as the edits say, instructions tokenized."""
+    from pipelines.demo.architectures import editor_tokenizers
+    from pipelines.demo.kontext_train import EditStream
+    from pipelines.demo.scorer import score
+    from pipelines.sampling import decoded_to_images
+
+    batch = EditStream(seed=5, batch=12, device="cpu").next()
+    edits = sample_edits(np.random.default_rng([5, 0]), 12)
+    assert batch.images.shape == batch.sources.shape == (12, 3, 64, 64)
+    for image, edit in zip(decoded_to_images(batch.sources), edits):
+        assert score(image, edit.source).all_correct
+    assert edit_accuracy(decoded_to_images(batch.images), edits)["all"] == 1.0
+    clip, t5 = editor_tokenizers()
+    instructions = [e.instruction for e in edits]
+    assert batch.ids_t5.tolist() == t5(instructions, padding="max_length", max_length=32).input_ids
+    assert batch.ids_clip.tolist() == clip(instructions, padding="max_length", max_length=77).input_ids
+
+
+def test_workers_draw_the_same_batches_as_the_main_process():
+    """The GPU run draws edits in spawned workers; batch k is the same whichever process draws it."""
+    from pipelines.demo.kontext_train import EditStream
+
+    local, pooled = EditStream(seed=2, batch=8, device="cpu"), EditStream(seed=2, batch=8, device="cpu", workers=1)
+    try:
+        for _ in range(2):
+            a, b = local.next(), pooled.next()
+            assert torch.equal(a.images, b.images) and torch.equal(a.sources, b.sources)
+            assert torch.equal(a.ids_clip, b.ids_clip)
+    finally:
+        pooled.close()
+
+
+def test_new_words_leave_the_known_words_meaning_alone():
+    """Growing the vocabulary renumbers tokens; the text encoders still read a caption exactly as before."""
+    from pipelines.demo.architectures import FluxParts
+    from pipelines.demo.kontext_train import extend_vocabulary
+    from pipelines.demo.train import load_parts
+
+    parts = load_parts(FluxParts, DEMO_FLUX)
+    text = "a small red circle at the top left on a blue background"
+
+    def encoded(p):
+        with torch.no_grad():
+            clip = p.text_encoder(p.tokenizer(text, padding="max_length", max_length=77, return_tensors="pt").input_ids)
+            t5 = p.text_encoder_2(p.tokenizer_2(text, padding="max_length", max_length=32, return_tensors="pt").input_ids)
+        return clip.pooler_output, t5[0]
+
+    before = encoded(parts)
+    old_size = len(parts.tokenizer)
+    parts = extend_vocabulary(parts)
+    after = encoded(parts)
+    assert len(parts.tokenizer) > old_size
+    assert parts.text_encoder.config.vocab_size == len(parts.tokenizer)
+    assert parts.text_encoder_2.get_input_embeddings().weight.shape[0] == len(parts.tokenizer_2)
+    assert torch.allclose(before[0], after[0], atol=1e-5) and torch.allclose(before[1], after[1], atol=1e-5)
+    assert parts.tokenizer.tokenize("turn the square into a star") == \
+        ["turn", "the</w>", "square</w>", "into", "a</w>", "star</w>"]
+
+
+# --- the trainer, end to end on a CPU ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from pipelines.demo.kontext_train import train_kontext
+    from pipelines.demo.train import TrainConfig
+
+    lines: list[str] = []
+    out = tmp_path_factory.mktemp("kontext")
+    folder = train_kontext(TrainConfig(family="kontext", out_dir=out, device="cpu", batch=4, denoiser_minutes=1.0,
+                                       max_denoiser_steps=3, log_every=1, workers=0),
+                           DEMO_FLUX, log=lines.append, eval_edits=0)
+    return folder, lines
+
+
+def test_smoke_training_saves_a_kontext_pipeline_diffusers_loads(trained):
+    from diffusers import FluxKontextPipeline
+
+    from pipelines.demo.evaluate_edits import edit_images
+
+    folder, lines = trained
+    assert folder.name == "demo-kontext"
+    assert [line.split(":")[0] for line in lines[:3]] == ["kontext step 0", "kontext step 1", "kontext step 2"]
+    assert all(np.isfinite(float(line.split("loss ")[1].split()[0])) for line in lines[:3])
+    index = json.loads((folder / "model_index.json").read_text())
+    flux_index = json.loads((DEMO_FLUX / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxKontextPipeline"
+    assert {k: v for k, v in index.items() if not k.startswith("_")} == \
+        {k: v for k, v in flux_index.items() if not k.startswith("_")}
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 15 * 2**20
+    assert json.loads((folder / "TRAINING.json").read_text())["edit_steps"] == 3
+    pipe = FluxKontextPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.tokenizer.tokenize("make the circle blue") == ["make", "the</w>", "circle</w>", "blue</w>"]
+    images = edit_images(pipe, held_out_edits(2), steps=2)
+    assert [im.size for im in images] == [(64, 64), (64, 64)]
+
+
+def test_training_resumes_from_a_saved_editor(trained, tmp_path):
+    from diffusers import FluxKontextPipeline
+
+    from pipelines.demo.kontext_train import train_kontext
+    from pipelines.demo.train import TrainConfig
+
+    folder = train_kontext(TrainConfig(family="kontext", out_dir=tmp_path, device="cpu", batch=4, denoiser_minutes=1.0,
+                                       max_denoiser_steps=1, log_every=1000, workers=0),
+                           trained[0], log=lambda _: None, eval_edits=0)
+    assert json.loads((folder / "TRAINING.json").read_text())["edit_steps"] == 4
+    before, after = (FluxKontextPipeline.from_pretrained(f) for f in (trained[0], folder))
+    assert len(after.tokenizer) == len(before.tokenizer) and len(after.tokenizer_2) == len(before.tokenizer_2)
+    assert after.text_encoder.config.vocab_size == before.text_encoder.config.vocab_size
+
+
+def test_training_feeds_the_transformer_as_flux_kontext_pipeline_does(trained):
+    """Capture what FluxKontextPipeline hands the transformer; the trainer builds the same ids and source tokens."""
+    from diffusers import FluxKontextPipeline
+
+    from pipelines.demo.kontext_train import context_tokens, kontext_ids
+
+    pipe = FluxKontextPipeline.from_pretrained(trained[0], dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    seen = {}
+    pipe.transformer.register_forward_hook(lambda _m, _a, kwargs, _out: seen.update(kwargs), with_kwargs=True)
+    source = render(held_out_edits(1)[0].source, 64)
+    pipe(image=source, prompt="make the circle blue", height=64, width=64, max_area=64 * 64, _auto_resize=False,
+         num_inference_steps=1, max_sequence_length=32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(seen["img_ids"], kontext_ids("cpu"))
+    assert torch.equal(seen["txt_ids"], torch.zeros(32, 3))
+    pixels = torch.from_numpy(np.asarray(source, np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0
+    with torch.no_grad():
+        expected = context_tokens(pipe.vae, pipe.vae.encode(pixels).latent_dist)
+    assert seen["hidden_states"].shape == (1, 128, 64)
+    assert torch.allclose(seen["hidden_states"][:, 64:], expected, atol=1e-4)
+
+
+def test_evaluate_edits_prints_a_table_per_precision(trained, capsys):
+    from pipelines.demo.evaluate_edits import main
+
+    main(["--model", str(trained[0]), "--n", "2", "--precision", "bf16", "fp8", "--steps", "2", "--device", "cpu"])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert table[0] == "| precision | runs as | edits | all kinds | colour | kind | move | background | add | remove |"
+    cells = [row.strip("| ").split(" | ") for row in table[2:]]
+    assert [(c[0], c[2]) for c in cells] == [("bf16", "2"), ("fp8", "2")]
+    assert cells[1][1].startswith("FP8")
+    # Two edits are a colour and a kind change (the kinds in turn); kinds not evaluated show "-".
+    assert all(c[4].endswith("%") and c[5].endswith("%") and c[6:] == ["-"] * 4 for c in cells)
+
+
+# --- bad input: one line that says what to change, no stack trace ------------------------------------
+
+@pytest.mark.parametrize("argv,message", [
+    (["--family", "kontext"], "pass --init models/demo-flux"),
+    (["--family", "kontext", "--init", "{tmp}"], "is not a saved demo-flux pipeline"),
+])
+def test_train_kontext_rejects_a_missing_or_wrong_init(tmp_path, capsys, argv, message):
+    from pipelines.demo.train import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--out", str(tmp_path), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "demo-kontext").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "{tmp}/nothing"], "holds no saved pipeline"),
+    (["--model", str(DEMO_FLUX), "--n", "0"], "--n and --steps must be at least 1"),
+    (["--model", str(DEMO_FLUX), "--precision", "fp16"], "invalid choice: 'fp16'"),
+])
+def test_evaluate_edits_rejects_bad_arguments(tmp_path, capsys, argv, message):
+    from pipelines.demo.evaluate_edits import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err
