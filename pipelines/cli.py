@@ -44,6 +44,9 @@ def _add_request_args(p: argparse.ArgumentParser, multi_precision: bool = False)
     p.add_argument("--mask-blur", type=int, default=4, help="with --mask: pixels of blur where the result is pasted back")
     p.add_argument("--only-masked", action="store_true",
                    help="with --mask: repaint only the region around the mask, at the full --width x --height")
+    p.add_argument("--cache", default="off", choices=["off", "fast"],
+                   help="step caching: fast reuses the model's output on some middle steps (28 Flux steps run the "
+                        "model 17 times; the image changes a little: see BENCHMARKS.md). Default: off")
     p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_NAME[:SCALE]",
                    help="a LoRA by file path or by name in --lora-dir, with its scale (default 1); repeatable. "
                         "<lora:NAME:SCALE> in the prompt works too")
