@@ -38,6 +38,7 @@ from ..registry import ModelSpec
 from ..run_context import RunContext
 from .compile_guard import CompiledDenoiser
 from .contract import TorchOptions
+from .torchao_peer import quantize_peer
 from .torch_lora import LoraState
 
 # The ComponentKey.lora of a quantized denoiser that kept its 16-bit base to take LoRAs (any set).
@@ -113,10 +114,13 @@ class TorchBackend:
             report = _quantize(obj, spec, precision, dtype, native_fp4, device if staged else None,
                                lora.base if lora is not None and quantized else None)
             runs_as = support.runs_as if report.native_fp4 == native_fp4 else "FP4 weights, 16-bit compute"
+        peer = name == spec.denoiser and self.options.peer is not None
+        if peer:
+            runs_as = quantize_peer(obj, self.options.peer, policy.capability)
         engine = family_of(spec).adapter(name)(obj).eval()
         if name == spec.denoiser and self.options.compile:
             mode = compile_mode(self.options, device)
-            engine = CompiledDenoiser(engine, lambda: compile_denoiser(obj, spec, mode),
+            engine = CompiledDenoiser(engine, lambda: compile_denoiser(obj, spec, mode, whole=peer),
                                       cuda_graphs=mode == REDUCE_OVERHEAD)
         return LoadedComponent(engine, module_bytes(obj), dtype, runs_as, lora)
 
@@ -146,9 +150,10 @@ def compile_mode(options: TorchOptions, device: str) -> str | None:
     return REDUCE_OVERHEAD if options.cuda_graphs and device.startswith("cuda") else None
 
 
-def compile_denoiser(module: torch.nn.Module, spec: ModelSpec, mode: str | None) -> None:
-    """Mark the denoiser for torch.compile in place (compilation itself happens on the first call)."""
-    if family_of(spec).compile_whole_denoiser:
+def compile_denoiser(module: torch.nn.Module, spec: ModelSpec, mode: str | None, whole: bool = False) -> None:
+    """Mark the denoiser for torch.compile in place (compilation itself happens on the first call); `whole`
+    compiles the whole module whatever the family's scope (the torchao peer's recipe)."""
+    if whole or family_of(spec).compile_whole_denoiser:
         module.compile(mode=mode)  # graph breaks allowed: diffusers' UNet has a few data-dependent branches
     else:
         module.compile_repeated_blocks(fullgraph=True, mode=mode)
