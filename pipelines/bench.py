@@ -58,6 +58,7 @@ class BenchRow:
     ssim: float | None = None
     cache: str = "off"
     error: str | None = None  # why this row did not run (a precision this GPU lacks, torchao missing)
+    warnings: tuple[str, ...] = ()  # the first run's (e.g. "torch.compile failed ...; this model runs eager")
 
 
 def bench_models(args: argparse.Namespace) -> list[str]:
@@ -112,7 +113,7 @@ def _measure_or_raise(manager: PipelineManager, args: argparse.Namespace, model:
                     wall_ms=med(walls), load_ms=first.timings.load_ms,
                     vae_encoder_ms=med([r.timings.vae_encoder_ms for r in results]),
                     peak_gib=max(peaks) / GiB if peaks else None, baseline=baseline, model=model,
-                    cache=first.request.cache), first.images[0]
+                    cache=first.request.cache, warnings=first.warnings), first.images[0]
 
 
 def with_difference(row: BenchRow, image, reference) -> BenchRow:
