@@ -71,3 +71,16 @@ def test_cached_output_is_close_to_uncached_with_fewer_model_calls(family, denoi
     assert 15 < difference < float("inf")  # it changes the picture, by a bounded amount
     assert cached.request.cache == "fast" and cached.settings()["cache"] == "fast"
     assert plain.settings()["cache"] == "off"
+
+
+def test_the_png_records_step_caching_and_an_uncached_png_does_not_mention_it():
+    from PIL import Image
+
+    from pipelines.pngmeta import png_bytes, read_png_metadata
+
+    image = Image.new("RGB", (16, 16))
+    settings = {"prompt": "a fox", "steps": 28, "width": 16, "height": 16, "model": "demo-flux"}
+    cached = read_png_metadata(png_bytes(image, {**settings, "cache": "fast"}, 1))
+    plain = read_png_metadata(png_bytes(image, {**settings, "cache": "off"}, 1))
+    assert cached["settings"]["cache"] == "fast" and "Step cache: fast" in cached["parameters"]
+    assert plain["settings"]["cache"] == "off" and "Step cache" not in plain["parameters"]
