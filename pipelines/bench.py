@@ -23,6 +23,7 @@ import torch
 
 from . import imagemetrics
 from .backends.contract import TorchOptions
+from .backends.torch_backend import lever_states
 from .commands import chosen_model, request_from_args
 from .config import manager_config
 from .errors import user_message
@@ -208,6 +209,8 @@ def _report(args, manager: PipelineManager, model: str, rows: list[BenchRow], ba
         f"- card: {info.name} (compute capability {info.capability_text}); torch {torch.__version__}; "
         f"{platform.machine()}; date {_today()}",
         f"- command: `{_command()}`",
+        "- PyTorch levers: " + ", ".join(f"{name} {state}" for name, state in
+                                         lever_states(manager.config.torch, info.is_cuda).items()),
         f"- medians of {args.runs} run(s) after {args.warmup} warm-up; GPU times from CUDA events; "
         "`wall` is submit-to-result on the host with everything loaded; `load` is the first run's loading/quantizing.",
         "",

@@ -2,6 +2,8 @@
 against the same-seed 16-bit baseline, and a peer row that says what it needs."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 
@@ -14,11 +16,13 @@ from pipelines.cli import build_parser, main
 @pytest.fixture(scope="module")
 def bench_json(tiny_flux, tiny_sdxl, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    code = main(["bench", "a red circle", "--model", str(tiny_flux), str(tiny_sdxl), "--precision", "bf16", "fp8",
-                 "--width", "32", "--height", "32", "--steps", "9", "--seed", "3", "--runs", "1", "--warmup", "1",
-                 "--cache", "fast", "--peer", "torchao", "--device", "cpu", "--json-out", str(out)])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["bench", "a red circle", "--model", str(tiny_flux), str(tiny_sdxl), "--precision", "bf16", "fp8",
+                     "--width", "32", "--height", "32", "--steps", "9", "--seed", "3", "--runs", "1", "--warmup", "1",
+                     "--cache", "fast", "--peer", "torchao", "--device", "cpu", "--json-out", str(out)])
     assert code == 0
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "printed": printed.getvalue()}
 
 
 def test_every_model_gets_its_rows_and_a_baseline(bench_json, tiny_flux, tiny_sdxl):
@@ -38,6 +42,12 @@ def test_each_row_shows_its_image_difference_from_16bit(bench_json):
         assert plain["psnr_db"] == math.inf and plain["ssim"] == pytest.approx(1.0)
         assert 15 < cached["psnr_db"] < math.inf and cached["cache"] == "fast"
         assert 15 < fp8["psnr_db"] < math.inf and fp8_cached["psnr_db"] < math.inf
+
+
+def test_the_report_says_which_levers_act_here(bench_json):
+    assert "PyTorch levers: torch.compile off (--no-compile), CUDA graphs not available: no CUDA GPU" in \
+        bench_json["printed"]
+    assert "| prism bf16 + cache fast |" in bench_json["printed"] and "identical / 1.000" in bench_json["printed"]
 
 
 def test_the_torchao_peer_row_says_what_it_needs(bench_json):
