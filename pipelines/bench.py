@@ -84,9 +84,7 @@ def _measure(manager: PipelineManager, args: argparse.Namespace, model: str, pre
     """The row and its first image; a precision or peer that cannot run gives a row with its reason."""
     try:
         return _measure_or_raise(manager, args, model, precision, label, baseline, cache)
-    except Exception as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+    except Exception as exc:  # one row's failure (out of memory, a missing peer) must not lose the others
         return BenchRow(label=label, precision=precision, runs_as="-", backend="-", text_ms=0.0, step_ms=0.0,
                         steps=0, vae_ms=0.0, total_ms=0.0, wall_ms=0.0, load_ms=0.0, peak_gib=None,
                         baseline=baseline, model=model, error=user_message(exc)), None
