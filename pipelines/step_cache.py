@@ -75,5 +75,5 @@ def check_name(name: object) -> str:
     if text is True:
         return FAST
     if text not in CHOICES:
-        raise ValueError(f"cache must be one of {', '.join(CHOICES)}; got {name!r}.")
+        raise ValueError(f"cache must be one of {', '.join(CHOICES)} (or true / false); got {name!r}.")
     return text

@@ -195,7 +195,7 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
         image, mask = image_and_mask(editor)
         request = service.build_request(family, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p,
                                         sampler_name, image, strength_value, mask, blur, only,
-                                        chosen_loras(lora_values), cache="fast" if fast else "off")
+                                        chosen_loras(lora_values), cache=fast)
         name = service.choice_for(request).name
         started = time.perf_counter()
         task = service.start_generate(request, session=session)

@@ -243,7 +243,7 @@ class PrismService:
                       width: Any, height: Any, steps: Any, guidance: Any, seed: Any, num_images: Any,
                       precision: str, sampler: str | None = "", image: Any = None, strength: Any = None,
                       mask: Any = None, mask_blur: Any = DEFAULT_MASK_BLUR, only_masked: bool = False,
-                      loras: tuple = (), cache: str = "off") -> GenerationRequest:
+                      loras: tuple = (), cache: Any = "off") -> GenerationRequest:
         """A request from widget values (None or -1 seed: random; empty size/steps/guidance: the model's default).
         `image` and `mask` are decoded images or files; `resolve_request` reads and checks them."""
         choice = self.choice(model, family)
