@@ -27,13 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from pipelines.backends.contract import TorchOptions  # noqa: E402
-from pipelines.bench import BenchRow, _measure, difference_text, with_difference  # noqa: E402
+from pipelines.bench import EAGER, BenchRow, _measure, difference_text, with_difference  # noqa: E402
 from pipelines.cli import build_parser  # noqa: E402
 from pipelines.config import manager_config  # noqa: E402
 from pipelines.manager import PipelineManager  # noqa: E402
 
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
-EAGER = TorchOptions(compile=False, cuda_graphs=False, bf16_vae=False)
 TODAY = TorchOptions(compile=True, cuda_graphs=False, bf16_vae=False)  # the default before these levers
 GRAPHS = TorchOptions(compile=True, cuda_graphs=True, bf16_vae=False)
 VAE = TorchOptions(compile=True, cuda_graphs=False, bf16_vae=True)
