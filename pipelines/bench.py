@@ -1,8 +1,11 @@
 """`python -m pipelines bench`: per-stage timings and peak memory per precision, with a same-run baseline.
 
 The baseline is the plain diffusers module in eager mode at the 16-bit type the precision computes in
-(no quantization, no compile), run in the same process on the same card, so ratios can be quoted.
-Each configuration starts from nothing resident, so its peak memory is its own.
+(no quantization, no compile, no speed lever: the VAE in fp32 as diffusers runs SDXL's), run in the same process
+on the same card, so ratios can be quoted. Each row's image is compared with the baseline's at the same seed
+(PSNR / SSIM), so a lever that changes pictures shows. Each configuration starts from nothing resident, so its
+peak memory is its own. `--suite` (or several `--model`s) runs every model; `--peer torchao` adds the published
+recipe (torchao FP8 dynamic per-row + torch.compile of the whole denoiser) as a row of its own.
 """
 from __future__ import annotations
 
@@ -18,13 +21,21 @@ from datetime import datetime, timezone
 
 import torch
 
+from . import imagemetrics
 from .backends.contract import TorchOptions
+from .backends.torch_backend import lever_states
 from .commands import chosen_model, request_from_args
 from .config import manager_config
+from .errors import user_message
 from .gpu import GiB
 from .manager import PipelineManager
+from .precision import Precision
 from .registry import resolve_spec
 from .request import DEFAULT_STRENGTH
+
+SUITE = ("flux.1-dev", "flux.1-schnell", "sdxl-base-1.0", "sdxl-turbo")
+# The plain diffusers modules: no compile, no CUDA graphs, the VAE as diffusers runs it.
+EAGER = TorchOptions(compile=False, cuda_graphs=False, bf16_vae=False)
 
 
 @dataclass(frozen=True)
@@ -43,11 +54,45 @@ class BenchRow:
     peak_gib: float | None
     baseline: str | None = None  # which baseline row this compares to
     vae_encoder_ms: float = 0.0  # image to image: encoding the input image
+    model: str = ""
+    psnr_db: float | None = None  # image against the baseline's at the same seed (inf: identical)
+    ssim: float | None = None
+    cache: str = "off"
+    error: str | None = None  # why this row did not run (a precision this GPU lacks, torchao missing)
+    warnings: tuple[str, ...] = ()  # the first run's (e.g. "torch.compile failed ...; this model runs eager")
+
+
+def bench_models(args: argparse.Namespace) -> list[str]:
+    """--suite: the four Hub models; else each --model given (or the best model here)."""
+    if args.suite:
+        return list(SUITE)
+    return list(args.model) if args.model else [chosen_model(args)]
+
+
+def bench_precisions(args: argparse.Namespace, manager: PipelineManager, model: str) -> list[str]:
+    """--precision as given; with --suite and no --precision: the model's 16-bit type, fp8 and fp4."""
+    if args.precision is not None:
+        return list(args.precision)
+    if args.suite:
+        return [manager.policy.reference_precision(resolve_spec(model)).value, Precision.FP8.value,
+                Precision.FP4.value]
+    return [Precision.BF16.value]
 
 
 def _measure(manager: PipelineManager, args: argparse.Namespace, model: str, precision: str, label: str,
-             baseline: str | None = None) -> BenchRow:
-    request = request_from_args(args, model, precision)
+             baseline: str | None = None, cache: str = "off") -> tuple[BenchRow, object]:
+    """The row and its first image; a precision or peer that cannot run gives a row with its reason."""
+    try:
+        return _measure_or_raise(manager, args, model, precision, label, baseline, cache)
+    except Exception as exc:  # one row's failure (out of memory, a missing peer) must not lose the others
+        return BenchRow(label=label, precision=precision, runs_as="-", backend="-", text_ms=0.0, step_ms=0.0,
+                        steps=0, vae_ms=0.0, total_ms=0.0, wall_ms=0.0, load_ms=0.0, peak_gib=None,
+                        baseline=baseline, model=model, error=user_message(exc)), None
+
+
+def _measure_or_raise(manager: PipelineManager, args: argparse.Namespace, model: str, precision: str, label: str,
+                      baseline: str | None, cache: str) -> tuple[BenchRow, object]:
+    request = replace(request_from_args(args, model, precision), cache=cache)  # --cache fast adds its own rows
     if request.seed is None:
         request = replace(request, seed=0)  # every run renders the same image
     first = manager.generate(request)
@@ -66,43 +111,83 @@ def _measure(manager: PipelineManager, args: argparse.Namespace, model: str, pre
                     vae_ms=med([r.timings.vae_ms for r in results]), total_ms=med([r.timings.total_ms for r in results]),
                     wall_ms=med(walls), load_ms=first.timings.load_ms,
                     vae_encoder_ms=med([r.timings.vae_encoder_ms for r in results]),
-                    peak_gib=max(peaks) / GiB if peaks else None, baseline=baseline)
+                    peak_gib=max(peaks) / GiB if peaks else None, baseline=baseline, model=model,
+                    cache=first.request.cache, warnings=first.warnings), first.images[0]
+
+
+def with_difference(row: BenchRow, image, reference) -> BenchRow:
+    """`row` with its image's PSNR / SSIM against `reference` (the same seed at 16 bits)."""
+    if image is None or reference is None:
+        return row
+    return replace(row, psnr_db=imagemetrics.psnr(reference, image), ssim=imagemetrics.ssim(reference, image))
+
+
+def _peer_manager(args: argparse.Namespace, peer: str) -> PipelineManager:
+    return PipelineManager(manager_config(args, backend="torch", torch=TorchOptions(compile=True, cuda_graphs=False,
+                                                                                   bf16_vae=False, peer=peer),
+                                          lora_paths=True))
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    model = chosen_model(args)
-    spec = resolve_spec(model)
+    models = bench_models(args)
+    for model in models:
+        resolve_spec(model)  # an unknown model fails before anything loads
     manager = PipelineManager(manager_config(args, lora_paths=True))
-    # compile=False spelled out: the default (None) compiles on CUDA, which made this "eager" baseline a
-    # compiled one after compile became the default (2026-12-01: SDXL 35.9 ms "eager" = compiled speed).
-    eager = TorchOptions(compile=False)
-    baseline = None if args.no_baseline else PipelineManager(manager_config(args, backend="torch", torch=eager,
+    baseline = None if args.no_baseline else PipelineManager(manager_config(args, backend="torch", torch=EAGER,
                                                                             lora_paths=True))
-    rows: list[BenchRow] = []
-    baselines: dict[str, BenchRow] = {}
+    peer = _peer_manager(args, args.peer) if args.peer else None
+    results: dict[str, tuple[list[BenchRow], dict[str, BenchRow]]] = {}
     try:
-        for precision in args.precision:
-            # The baseline runs in the 16-bit type this precision computes in (bf16 for Flux FP8/FP4, fp16 for SDXL).
-            base = manager.policy.reference_precision(spec, precision).value
-            if baseline is not None and base not in baselines:
-                baselines[base] = _measure(baseline, args, model, base, f"baseline: diffusers eager {base}")
-                print(f"measured {baselines[base]}", flush=True)  # partial results survive a time limit
-                baseline.unload()
-            rows.append(_measure(manager, args, model, precision, f"prism {precision}",
-                                 base if baseline is not None else None))
-            print(f"measured {rows[-1]}", flush=True)
-            manager.unload()
+        for model in models:
+            results[model] = _bench_model(args, model, manager, baseline, peer)
     finally:
-        manager.close()
-        if baseline is not None:
-            baseline.close()
-    report = _report(args, manager, spec.id, rows, baselines)
-    print(report)
+        for m in (manager, baseline, peer):
+            if m is not None:
+                m.close()
+    for model, (rows, baselines) in results.items():
+        print(_report(args, manager, resolve_spec(model).id, rows, baselines) + "\n")
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"rows": [asdict(r) for r in rows], "baselines": {k: asdict(v) for k, v in baselines.items()},
+            json.dump({"models": {model: {"rows": [asdict(r) for r in rows],
+                                          "baselines": {k: asdict(v) for k, v in baselines.items()}}
+                                  for model, (rows, baselines) in results.items()},
                        "device": manager.info.name, "command": _command(), "date": _today()}, f, indent=2)
     return 0
+
+
+def _bench_model(args: argparse.Namespace, model: str, manager: PipelineManager, baseline: PipelineManager | None,
+                 peer: PipelineManager | None) -> tuple[list[BenchRow], dict[str, BenchRow]]:
+    spec = resolve_spec(model)
+    rows: list[BenchRow] = []
+    baselines: dict[str, BenchRow] = {}
+    references: dict[str, object] = {}  # 16-bit precision -> the baseline's image (or prism's, without one)
+
+    def record(row: BenchRow, image, base: str) -> None:
+        row = with_difference(row, image, references.get(base))
+        rows.append(row)
+        print(f"measured {row}", flush=True)  # partial results survive a time limit
+
+    for precision in bench_precisions(args, manager, model):
+        # The baseline runs in the 16-bit type this precision computes in (bf16 for Flux FP8/FP4, fp16 for SDXL).
+        base = manager.policy.reference_precision(spec, precision).value
+        if baseline is not None and base not in baselines:
+            baselines[base], references[base] = _measure(baseline, args, model, base, f"baseline: diffusers eager {base}")
+            print(f"measured {baselines[base]}", flush=True)
+            baseline.unload()
+        row, image = _measure(manager, args, model, precision, f"prism {precision}", base if baseline else None)
+        if base not in references and precision == base:
+            references[base] = image  # no baseline: later rows compare with prism's own 16-bit image
+        record(row, image, base)
+        if args.cache == "fast" and not row.error:  # the same precision again with step caching
+            record(*_measure(manager, args, model, precision, f"prism {precision} + cache fast",
+                             base if baseline else None, cache="fast"), base)
+        manager.unload()
+    if peer is not None:
+        base = manager.policy.reference_precision(spec, Precision.FP8).value
+        record(*_measure(peer, args, model, base, f"peer: {args.peer} FP8 per-row + compile",
+                         base if baseline else None), base)
+        peer.unload()
+    return rows, baselines
 
 
 def _command() -> str:
@@ -122,18 +207,31 @@ def _report(args, manager: PipelineManager, model: str, rows: list[BenchRow], ba
         f"- card: {info.name} (compute capability {info.capability_text}); torch {torch.__version__}; "
         f"{platform.machine()}; date {_today()}",
         f"- command: `{_command()}`",
+        "- PyTorch levers: " + ", ".join(f"{name} {state}" for name, state in
+                                         lever_states(manager.config.torch, info.is_cuda).items()),
         f"- medians of {args.runs} run(s) after {args.warmup} warm-up; GPU times from CUDA events; "
         "`wall` is submit-to-result on the host with everything loaded; `load` is the first run's loading/quantizing.",
         "",
         "| config | runs as | text enc ms | VAE enc ms | step ms | VAE ms | total ms | wall ms | load s | peak GiB | "
-        "step speed-up vs baseline |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "speed-up vs baseline (step / total) | PSNR dB / SSIM vs 16-bit |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in list(baselines.values()) + rows:
+        if row.error:
+            lines.append(f"| {row.label} | not run: {row.error} |" + " - |" * 10)
+            continue
         base = baselines.get(row.baseline) if row.baseline else None
-        ratio = f"{base.step_ms / row.step_ms:.2f}x" if base and row.step_ms else "-"
+        ratio = (f"{base.step_ms / row.step_ms:.2f}x / {base.total_ms / row.total_ms:.2f}x"
+                 if base and row.step_ms and row.total_ms else "-")
         peak = f"{row.peak_gib:.1f}" if row.peak_gib is not None else "n/a"
         encoder = f"{row.vae_encoder_ms:.0f}" if args.image else "-"
         lines.append(f"| {row.label} | {row.runs_as} | {row.text_ms:.0f} | {encoder} | {row.step_ms:.1f} | {row.vae_ms:.0f} | "
-                     f"{row.total_ms:.0f} | {row.wall_ms:.0f} | {row.load_ms / 1000:.1f} | {peak} | {ratio} |")
+                     f"{row.total_ms:.0f} | {row.wall_ms:.0f} | {row.load_ms / 1000:.1f} | {peak} | {ratio} | "
+                     f"{difference_text(row)} |")
     return "\n".join(lines)
+
+
+def difference_text(row: BenchRow) -> str:
+    if row.psnr_db is None:
+        return "-"
+    return ("identical" if row.psnr_db == float("inf") else f"{row.psnr_db:.1f}") + f" / {row.ssim:.3f}"

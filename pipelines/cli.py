@@ -19,12 +19,14 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_request_args(p: argparse.ArgumentParser, multi_precision: bool = False) -> None:
-    p.add_argument("--model", default=None,
+    p.add_argument("--model", default=None, nargs="+" if multi_precision else None,
                    help="registry id (flux.1-dev, flux.1-schnell, sdxl-base-1.0, sdxl-turbo, demo-flux, demo-sdxl) "
-                        "or a local folder in the Hugging Face pipeline layout (default: the best model available here)")
+                        "or a local folder in the Hugging Face pipeline layout (default: the best model available here)"
+                        + ("; several run one after another" if multi_precision else ""))
     choices = [p_.value for p_ in Precision]
     if multi_precision:
-        p.add_argument("--precision", nargs="+", default=["bf16"], choices=choices)
+        p.add_argument("--precision", nargs="+", default=None, choices=choices,
+                       help="default: bf16 (with --suite: each model's 16-bit type, fp8 and fp4)")
     else:
         p.add_argument("--precision", default="bf16", choices=choices)
     p.add_argument("--width", type=int, default=None)
@@ -44,6 +46,10 @@ def _add_request_args(p: argparse.ArgumentParser, multi_precision: bool = False)
     p.add_argument("--mask-blur", type=int, default=4, help="with --mask: pixels of blur where the result is pasted back")
     p.add_argument("--only-masked", action="store_true",
                    help="with --mask: repaint only the region around the mask, at the full --width x --height")
+    p.add_argument("--cache", default="off", choices=["off", "fast"],
+                   help="step caching: fast reuses the model's output on some middle steps (28 Flux steps run the "
+                        "model 17 times; the image changes a little: see BENCHMARKS.md). Default: off. With bench: adds a "
+                        "cached row after each precision")
     p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_NAME[:SCALE]",
                    help="a LoRA by file path or by name in --lora-dir, with its scale (default 1); repeatable. "
                         "<lora:NAME:SCALE> in the prompt works too")
@@ -65,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=3)
     bench.add_argument("--warmup", type=int, default=1)
     bench.add_argument("--no-baseline", action="store_true", help="skip the plain diffusers eager baseline")
+    bench.add_argument("--suite", action="store_true",
+                       help="every Hub model: flux.1-dev, flux.1-schnell, sdxl-base-1.0, sdxl-turbo")
+    bench.add_argument("--peer", default=None, choices=["torchao"],
+                       help="add the published recipe as a row: torchao FP8 dynamic per-row + torch.compile of the "
+                            "whole denoiser (needs torchao and a GPU with FP8, compute capability 8.9+)")
     bench.add_argument("--json-out", default=None, help="also write the results as JSON")
     _add_runtime_args(bench)
 

@@ -6,7 +6,8 @@ precision. Text encoders and the VAE stay 16-bit at every precision (see `compon
 16-bit reference is the dtype FP8/FP4 compute in, so PSNR/SSIM measure the denoiser's quantization.
 
 A failure at one precision (not supported on this GPU, out of memory) is reported in that column;
-the others still run.
+the others still run. The "cached" column is the 16-bit request again with step caching on
+(pipelines.step_cache), measured against the uncached 16-bit image: what "Fast (cached)" costs in quality.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from .request import GenerationRequest, GenerationResult, resolve_request
 from .run_context import JobCancelled, Progress
 
 SIXTEEN_BIT = "16-bit"  # the Compare tab's choice; becomes bf16 or fp16 per model (`reference_precision`)
-CHOICES = (SIXTEEN_BIT, Precision.FP8.value, Precision.FP4.value)
+CACHED = "cached"  # the 16-bit run again with step caching ("fast")
+CHOICES = (SIXTEEN_BIT, Precision.FP8.value, Precision.FP4.value)  # the default selection; CACHED is opt-in
 _ORDER = {Precision.BF16: 0, Precision.FP16: 0, Precision.FP8: 1, Precision.FP4: 2}
 
 ProgressCallback = Callable[[Precision, int, int, Progress], None]  # precision, index, count, progress
@@ -41,6 +43,16 @@ class CompareEntry:
     ssim: float | None = None
     max_difference: int | None = None  # largest per-channel difference, in 8-bit levels
     heatmap: Image.Image | None = None
+    cached: bool = False  # the reference precision with step caching on
+
+    @property
+    def column(self) -> str:
+        """The entry's column: its precision's value, or CACHED."""
+        return CACHED if self.cached else self.precision.value
+
+    @property
+    def label(self) -> str:
+        return f"{self.precision.label}, fast (cached)" if self.cached else self.precision.label
 
     @property
     def image(self) -> Image.Image | None:
@@ -67,7 +79,7 @@ class CompareEntry:
         """JSON-friendly figures (no images) for the API."""
         r = self.result
         return {
-            "precision": self.precision.value, "ok": r is not None, "error": self.error,
+            "precision": self.precision.value, "cached": self.cached, "ok": r is not None, "error": self.error,
             "is_reference": self.is_reference, "runs_as": self.runs_as,
             "backend": r.backend if r else None, "latency_ms": self.latency_ms, "load_ms": self.load_ms,
             "timings": _timings_dict(r) if r else None, "peak_memory_bytes": self.peak_memory_bytes,
@@ -86,8 +98,11 @@ class Comparison:
     note: str | None = None  # why there are no metrics, when there are none
 
     def entry(self, precision: Precision | str) -> CompareEntry | None:
+        """The uncached entry at `precision`, or the cached one for CACHED."""
+        if precision == CACHED:
+            return next((e for e in self.entries if e.cached), None)
         precision = Precision.parse(precision)
-        return next((e for e in self.entries if e.precision is precision), None)
+        return next((e for e in self.entries if e.precision is precision and not e.cached), None)
 
     def to_dict(self) -> dict[str, Any]:
         req = self.request
@@ -120,7 +135,7 @@ def plan_precisions(selected: Iterable[str | Precision], spec: ModelSpec, capabi
         if p not in out:
             out.append(p)
     if not out:
-        raise ValueError(f"Select at least one precision to compare ({', '.join(CHOICES)}).")
+        raise ValueError(f"Select at least one precision to compare ({', '.join((*CHOICES, CACHED))}).")
     return sorted(out, key=lambda p: _ORDER[p])
 
 
@@ -135,24 +150,29 @@ def run_comparison(manager: Any, request: GenerationRequest, precisions: Iterabl
     """
     spec = resolve_spec(request.model)
     capability = manager.info.capability
-    plan = plan_precisions(precisions, spec, capability)
+    precisions = list(precisions)
+    with_cached = CACHED in precisions
     reference = reference_precision(spec, capability)
+    others = [p for p in precisions if p != CACHED]
+    plan = plan_precisions(others, spec, capability) if others or not with_cached else []
+    runs = [(p, "off") for p in plan] + ([(reference, "fast")] if with_cached else [])
     # Validate the shared fields and pick the one seed now, so a bad size is one message, not one per
     # precision. FP16 runs everywhere with the torch backend; each precision's own support is checked per run.
     shared = resolve_request(replace(request, precision=Precision.FP16, num_images=1), spec, capability, Backend.TORCH)
     cancel = cancel or threading.Event()
 
-    results: dict[Precision, GenerationResult] = {}
-    errors: dict[Precision, str] = {}
-    for index, precision in enumerate(plan):
+    results: dict[tuple[Precision, str], GenerationResult] = {}  # by (precision, cache)
+    errors: dict[tuple[Precision, str], str] = {}
+    for index, (precision, cache) in enumerate(runs):
+        run = (precision, cache)
         if cancel.is_set():
-            errors[precision] = "Cancelled."
+            errors[run] = "Cancelled."
             continue
         # The caller's model string (a registry id or an offered folder) goes to the manager unchanged.
-        run_request = replace(shared, model=request.model, precision=precision, backend=request.backend)
+        run_request = replace(shared, model=request.model, precision=precision, backend=request.backend, cache=cache)
         report = None
         if on_progress is not None:
-            report = lambda progress, p=precision, i=index: on_progress(p, i, len(plan), progress)  # noqa: E731
+            report = lambda progress, p=precision, i=index: on_progress(p, i, len(runs), progress)  # noqa: E731
         try:
             job = manager.submit(run_request, on_progress=report)
             if on_job is not None:
@@ -161,13 +181,13 @@ def run_comparison(manager: Any, request: GenerationRequest, precisions: Iterabl
                 if cancel.wait(0.2):
                     job.cancel()
                     break
-            results[precision] = job.result()
+            results[run] = job.result()
         except JobCancelled:
-            errors[precision] = "Cancelled."
+            errors[run] = "Cancelled."
         except Exception as exc:
-            errors[precision] = user_message(exc)
+            errors[run] = user_message(exc)
 
-    ref_result = results.get(reference)
+    ref_result = results.get((reference, "off"))
     note = None
     if reference not in plan:
         note = f"Select {SIXTEEN_BIT} to measure PSNR / SSIM against the {reference.value} image."
@@ -175,10 +195,13 @@ def run_comparison(manager: Any, request: GenerationRequest, precisions: Iterabl
         note = f"The {reference.value} image could not be made, so there is nothing to measure against."
 
     entries = []
-    for precision in plan:
-        result = results.get(precision)
-        entry = CompareEntry(precision, result, errors.get(precision), is_reference=precision is reference)
-        if result is not None and ref_result is not None and precision is not reference:
+    for precision, cache in runs:
+        result = results.get((precision, cache))
+        cached = cache != "off"
+        is_reference = precision is reference and not cached
+        entry = CompareEntry(precision, result, errors.get((precision, cache)), is_reference=is_reference,
+                             cached=cached)
+        if result is not None and ref_result is not None and not is_reference:
             a, b = ref_result.images[0], result.images[0]
             entry = replace(entry, psnr_db=imagemetrics.psnr(a, b), ssim=imagemetrics.ssim(a, b),
                             max_difference=imagemetrics.max_abs_difference(a, b),

@@ -28,6 +28,9 @@ class DevicePolicy:
     # What this CPU computes fast (read only when `cpu`): where 16-bit math is slow, 16-bit weights compute in
     # FP32 (AVX2-only CPUs run bf16/fp16 matmuls ~160x slower than fp32; see cpu_math.py).
     cpu_math: CpuMath = FAST_CPU
+    # A VAE that overflows in fp16 runs in bf16 (fp32's range, half its bytes and time) rather than fp32 where the
+    # GPU has bf16; the PyTorch backend's lever (TorchOptions.bf16_vae), off for TensorRT builds (for_target).
+    bf16_vae: bool = False
 
     @classmethod
     def for_device(cls, capability: Capability | None, cpu_math: CpuMath = FAST_CPU) -> "DevicePolicy":
@@ -85,7 +88,8 @@ class DevicePolicy:
         if name in family_of(spec).fp16_overflows:
             return torch.bfloat16 if self.cuda_bf16 else torch.float32
         if name == "vae" and dtype == torch.float16 and spec.components["vae"].config.get("force_upcast", False):
-            return torch.float32  # the SDXL / Flux VAEs produce NaN (black images) in fp16
+            # the SDXL / Flux VAEs produce NaN (black images) in fp16
+            return torch.bfloat16 if self.bf16_vae and self.capability is not None and self.cuda_bf16 else torch.float32
         return dtype
 
     def component_dtype(self, spec: ModelSpec, name: str, precision: Precision | str) -> torch.dtype | None:

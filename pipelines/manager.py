@@ -153,7 +153,8 @@ class PipelineManager:
         self.info = device_info or probe_device(self.device)
         if config.cpu_math is not None and not self.info.is_cuda:
             self.info = replace(self.info, cpu_math=config.cpu_math)
-        self.policy = DevicePolicy.for_info(self.info)  # what decides each component's dtype here
+        # What decides each component's dtype here (with the bf16 VAE lever: PyTorch loads only, see DevicePolicy).
+        self.policy = replace(DevicePolicy.for_info(self.info), bf16_vae=config.torch.bf16_vae)
         budget = (parse_memory(config.memory_budget, self.info.total_bytes) if config.memory_budget
                   else default_budget(self.info))
         _, host_free = system_memory()
@@ -168,6 +169,7 @@ class PipelineManager:
             # torch.compile by default on CUDA GPUs (compiled FP8 is what beats 16-bit: H200 106.8 vs 176.9
             # ms a Flux step); a CPU stays eager unless it is asked for.
             compile=self.info.is_cuda if config.torch.compile is None else config.torch.compile,
+            cuda_graphs=config.torch.cuda_graphs and self.info.is_cuda,  # inductor records none on a CPU
             compile_cache_dir=self.engine_cache.root / "torch-inductor")))
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._waiting: list[Job] = []

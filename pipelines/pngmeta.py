@@ -29,7 +29,9 @@ def infotext(settings: dict[str, Any], seed: int, sampler: str = "Euler") -> str
               ("Backend", settings.get("backend")),
               # Image to image and inpainting, under A1111's own keys (the input's hash is in the JSON chunk).
               ("Denoising strength", settings.get("strength")), ("Mask blur", settings.get("mask_blur")),
-              ("Inpaint area", "Only masked" if settings.get("only_masked") else None)]
+              ("Inpaint area", "Only masked" if settings.get("only_masked") else None),
+              # Step caching changes the picture, so a cached image says so (no key when it is off).
+              ("Step cache", settings.get("cache") if settings.get("cache") not in (None, "off") else None)]
     hashes = settings.get("lora_hashes") or {}
     if hashes:
         fields.append(("Lora hashes", ", ".join(f"{name}: {digest}" for name, digest in hashes.items())))

@@ -14,6 +14,7 @@ from PIL import Image
 from .precision import Backend, Capability, Precision, precision_support
 from .registry import ModelSpec
 from .schedulers import find_sampler
+from .step_cache import check_name as check_cache
 
 if TYPE_CHECKING:
     from .image_input import InputImage
@@ -58,6 +59,7 @@ class GenerationRequest:
     sampler: str = ""  # a name from pipelines.schedulers ("DPM++ 2M Karras"); empty: the model's own scheduler
     # (name in the loras/ folder, scale) pairs; <lora:NAME:SCALE> in the prompt adds to them (pipelines.lora).
     loras: tuple[tuple[str, float], ...] = ()
+    cache: str = "off"  # step caching (pipelines.step_cache): "off" or "fast" (some steps reuse the last output)
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting as plain values; an input image by its SHA-256 (PNGs get shared, uploads are private)."""
@@ -198,6 +200,11 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
         except ValueError as exc:
             raise RequestError(str(exc)) from None
 
+    try:
+        cache = check_cache(req.cache)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
+
     support = precision_support(precision, capability, backend)
     if not support.runnable:
         raise RequestError(f"{precision.value} cannot run here: {support.reason}")
@@ -212,7 +219,8 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
 
     return replace(req, prompt=prompt, precision=precision, negative_prompt=negative, width=width, height=height,
                    steps=steps, guidance=guidance, seed=seed, num_images=num_images, sampler=sampler, image=image,
-                   strength=strength, mask=mask, mask_blur=mask_blur, only_masked=bool(req.only_masked), loras=loras)
+                   strength=strength, mask=mask, mask_blur=mask_blur, only_masked=bool(req.only_masked), loras=loras,
+                   cache=cache)
 
 
 def check_prompt(name: str, text: Any) -> None:

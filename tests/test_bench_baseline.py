@@ -22,7 +22,7 @@ def test_bench_baseline_is_eager_and_rows_are_written(tmp_path, monkeypatch):
                    "--warmup", "1", "--seed", "1", "--device", "cpu", "--json-out", str(out)])
     assert rc in (0, None)
     measured, baseline = configs
-    assert baseline.torch.compile is False and baseline.backend == "torch"
-    rows = json.loads(out.read_text())
+    assert baseline.torch.compile is False and baseline.torch.cuda_graphs is False and baseline.backend == "torch"
+    rows = json.loads(out.read_text())["models"]["demo-flux"]
     assert set(rows["baselines"]) == {"bf16"} and rows["baselines"]["bf16"]["backend"].endswith("(eager)")
     assert [r["precision"] for r in rows["rows"]] == ["bf16"] and rows["rows"][0]["steps"] == 2

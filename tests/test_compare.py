@@ -100,3 +100,24 @@ def test_a_precision_this_gpu_lacks_fails_in_its_own_column(flux_dir):
     assert fp8.result is None and "compute capability 8.9" in fp8.error
     assert ref.error is None and fp4.error is None
     assert fp4.runs_as == "FP4 weights, 16-bit compute" and fp4.ssim is not None
+
+
+def test_the_cached_column_is_16bit_with_step_caching_measured_against_uncached_16bit(manager, flux_dir):
+    req = GenerationRequest("a red circle", str(flux_dir), seed=4, **{**SMALL, "steps": 9})
+    comparison = run_comparison(manager, req, ["16-bit", "cached"])
+    ref, cached = comparison.entries
+    assert not ref.cached and ref.is_reference and ref.result.request.cache == "off"
+    assert cached.cached and not cached.is_reference and cached.precision is ref.precision
+    assert cached.result.request.cache == "fast" and cached.column == "cached" and ref.column == "bf16"
+    assert comparison.entry("cached") is cached and comparison.entry(ref.precision) is ref
+    assert 0 < cached.psnr_db < math.inf and cached.ssim < 1 and cached.heatmap is not None
+    assert [e["cached"] for e in comparison.to_dict()["entries"]] == [False, True]
+
+
+def test_cached_alone_has_a_note_and_nothing_selected_lists_cached(manager, flux_dir):
+    req = GenerationRequest("a red circle", str(flux_dir), seed=4, **{**SMALL, "steps": 9})
+    comparison = run_comparison(manager, req, ["cached"])
+    (entry,) = comparison.entries
+    assert entry.cached and entry.image is not None and entry.psnr_db is None and "16-bit" in comparison.note
+    with pytest.raises(ValueError, match="cached"):
+        run_comparison(manager, req, [])

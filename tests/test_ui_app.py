@@ -103,9 +103,10 @@ def test_api_generate_sdxl_with_negative_prompt_and_fixed_seed(client):
 
 def test_api_compare_returns_each_precision_with_figures(client):
     out = client.predict("tiny-flux", "a red circle", 5, ["16-bit", "fp4"], 32, 32, 1, 3.5, api_name="/compare")
-    images, heatmaps, figures = out[0:3], out[3:6], out[6:9]
-    seed, summary, details, status = out[9:]
-    assert images[0] and images[2] and images[1] is None  # 16-bit and FP4 selected, FP8 not
+    images, heatmaps, figures = out[0:4], out[4:8], out[8:12]
+    seed, summary, details, status = out[12:]
+    assert images[0] and images[2] and images[1] is None and images[3] is None  # 16-bit and FP4 selected
+    assert figures[3] == "*Not selected.*"
     assert Image.open(images[2]).size == (32, 32) and Image.open(heatmaps[2]).size == (32, 32)
     assert heatmaps[0] is None  # the reference has nothing to differ from
     assert "Latency" in figures[2] and "FP4 weights, 16-bit compute" in figures[2] and "PSNR" in figures[2]
@@ -372,9 +373,10 @@ def test_api_parameters_and_outputs_have_real_names_types_and_defaults(client):
     params = {p["parameter_name"]: p for p in api["/generate_sdxl"]["parameters"]}
     assert list(params) == ["model", "prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed",
                             "num_images", "precision", "sampler", "input_image", "strength", "mask_blur", "only_masked",
-                            "lora", "lora_scale", "lora_2", "lora_2_scale"]
+                            "lora", "lora_scale", "lora_2", "lora_2_scale", "cached"]
     assert (params["strength"]["python_type"]["type"], params["mask_blur"]["python_type"]["type"],
-            params["only_masked"]["python_type"]["type"]) == ("float", "int", "bool")
+            params["only_masked"]["python_type"]["type"], params["cached"]["python_type"]["type"]) == \
+        ("float", "int", "bool", "bool")
     assert {n: params[n]["python_type"]["type"] for n in ("width", "height", "steps", "seed", "num_images")} == \
         dict.fromkeys(("width", "height", "steps", "seed", "num_images"), "int")
     assert params["guidance"]["python_type"]["type"] == "float"
@@ -561,3 +563,14 @@ def test_browser_lora_picker_on_every_generating_tab(page):
     expect(page.locator("#flux-status")).to_contain_text("Done: 1 image")
     expect(page.locator("#flux-summary")).to_contain_text("LoRAs: ink × 0.5")
     _screenshot(page, "ui-flux-lora.png")
+
+
+def test_api_fast_cached_generates_and_compares_against_uncached(client):
+    gallery, files, seed, summary, details, status = client.predict(
+        "tiny-flux", "a red circle", 32, 32, 9, 3.5, 6, 1, "bf16", api_name="/generate_flux", cached=True)
+    assert details["cache"] == "fast" and "fast (cached steps)" in summary
+    out = client.predict("tiny-flux", "a red circle", 6, ["16-bit", "cached"], 32, 32, 9, 3.5, api_name="/compare")
+    images, heatmaps, figures, details = out[0:4], out[4:8], out[8:12], out[14]
+    assert images[0] and images[3] and heatmaps[3] and images[1] is None
+    assert "fast (cached)" in figures[3] and "PSNR" in figures[3]
+    assert [e["cached"] for e in details["entries"]] == [False, True]

@@ -7,7 +7,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from pipelines.compare import CHOICES, SIXTEEN_BIT, Comparison, reference_precision
+from pipelines.compare import CACHED, CHOICES, SIXTEEN_BIT, Comparison, reference_precision
 from pipelines.imagemetrics import HEATMAP_FULL_SCALE, difference_heatmap
 from pipelines.precision import Precision
 from pipelines.registry import Family
@@ -20,7 +20,8 @@ from .inputs import NumberSlider, Prompt, WholeNumber, WholeSlider
 from .lora_picker import build_lora_picker, chosen_loras
 from .service import PrismService
 
-COLUMNS = ((SIXTEEN_BIT, "16-bit"), (Precision.FP8.value, "FP8"), (Precision.FP4.value, "FP4"))
+COLUMNS = ((SIXTEEN_BIT, "16-bit"), (Precision.FP8.value, "FP8"), (Precision.FP4.value, "FP4"),
+           (CACHED, "16-bit, fast (cached)"))
 
 
 def sixteen_bit_note(service: PrismService, choice) -> str:
@@ -102,7 +103,8 @@ def build_compare_tab(service: PrismService) -> None:
             slider = gr.ImageSlider(label="Before / after: 16-bit | FP4", type="filepath", interactive=False,
                                     height=480, elem_id="compare-slider", elem_classes=["prism-compare"])
         with gr.Column(scale=2):
-            against = gr.Radio([("FP8", Precision.FP8.value), ("FP4", Precision.FP4.value)], value=Precision.FP4.value,
+            against = gr.Radio([("FP8", Precision.FP8.value), ("FP4", Precision.FP4.value), ("Fast (cached)", CACHED)],
+                               value=Precision.FP4.value,
                                label="Slider compares 16-bit with", elem_id="compare-slider-choice")
             gr.Image(heatmap_legend(), label=f"Heat-map scale: difference per pixel, 0 (black) to "
                                              f"{HEATMAP_FULL_SCALE:.0f}/255 or more (pale yellow)",
@@ -127,7 +129,8 @@ def build_compare_tab(service: PrismService) -> None:
 
     def slide(paths: dict, other: str):
         reference = paths.get("reference")
-        label = f"Before / after: {Precision(reference).label if reference else '16-bit'} | {Precision(other).label}"
+        label = (f"Before / after: {Precision(reference).label if reference else '16-bit'} | "
+                 f"{'fast (cached)' if other == CACHED else Precision(other).label}")
         if not reference or not paths.get(other):
             return gr.update(value=None, label=label + " (not run)")
         return gr.update(value=(paths[reference], paths[other]), label=label)
@@ -163,17 +166,22 @@ def build_compare_tab(service: PrismService) -> None:
         paths = service.save_comparison(comparison)
         by_column = []
         for value, _ in COLUMNS:
+            if value == CACHED:
+                by_column.append(comparison.entry(CACHED))
+                continue
             precision = comparison.reference if value == SIXTEEN_BIT else Precision(value)
             if value == SIXTEEN_BIT and precision is None:  # the 16-bit run was not selected, or failed
-                precision = next((e.precision for e in comparison.entries if e.precision.is_16bit), None)
+                precision = next((e.precision for e in comparison.entries if e.precision.is_16bit and not e.cached),
+                                 None)
             by_column.append(comparison.entry(precision) if precision else None)
         ran = sum(1 for e in comparison.entries if e.result is not None)
-        yield (*[str(paths[e.precision]) if e and e.precision in paths else None for e in by_column],
+        yield (*[str(paths[e.column]) if e and e.column in paths else None for e in by_column],
                *[e.heatmap if e else None for e in by_column],
                *[compare_figures(e, comparison.reference) for e in by_column],
                comparison.request.seed, comparison_markdown(comparison), comparison.to_dict(),
-               {**{p.value: str(path) for p, path in paths.items()},
-                **({"reference": comparison.reference.value} if comparison.reference in paths else {})},
+               {**{column: str(path) for column, path in paths.items()},
+                **({"reference": comparison.reference.value}
+                   if comparison.reference and comparison.reference.value in paths else {})},
                f"{'Done' if ran == len(comparison.entries) else '⚠ Done'}: {ran} of {len(comparison.entries)} precisions in "
                f"{fmt_ms((time.perf_counter() - started) * 1000)}")
 

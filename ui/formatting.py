@@ -95,7 +95,8 @@ def result_markdown(result: GenerationResult) -> str:
     seeds = ", ".join(str(s) for s in result.seeds)
     lines = [
         f"**Seed{'s' if len(result.seeds) > 1 else ''}:** {seeds}",
-        f"**Ran as:** {result.runs_as} · {result.backend} · {result.device}",
+        f"**Ran as:** {result.runs_as} · {result.backend} · {result.device}"
+        + (" · fast (cached steps)" if result.request.cache == "fast" else ""),
         f"**Peak memory:** {peak_text(result.peak_memory_bytes)}",
         *(["**LoRAs:** " + ", ".join(f"{name} × {scale:g}" for name, scale in result.request.loras)]
           if result.request.loras else []),
@@ -111,7 +112,7 @@ def compare_figures(entry: CompareEntry | None, reference: Precision | None) -> 
     """The figures under one Compare image."""
     if entry is None:
         return "*Not selected.*"
-    head = f"**{entry.precision.label}**"
+    head = f"**{entry.label}**"
     if entry.result is None:
         return f"{head}\n\n⚠ {entry.error}"
     lines = [head,

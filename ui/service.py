@@ -243,7 +243,7 @@ class PrismService:
                       width: Any, height: Any, steps: Any, guidance: Any, seed: Any, num_images: Any,
                       precision: str, sampler: str | None = "", image: Any = None, strength: Any = None,
                       mask: Any = None, mask_blur: Any = DEFAULT_MASK_BLUR, only_masked: bool = False,
-                      loras: tuple = ()) -> GenerationRequest:
+                      loras: tuple = (), cache: Any = "off") -> GenerationRequest:
         """A request from widget values (None or -1 seed: random; empty size/steps/guidance: the model's default).
         `image` and `mask` are decoded images or files; `resolve_request` reads and checks them."""
         choice = self.choice(model, family)
@@ -255,7 +255,7 @@ class PrismService:
             num_images=1 if num_images in (None, "") else num_images, sampler=sampler or "", image=image,
             strength=_blank_none(strength) if image is not None else None, mask=mask,
             mask_blur=DEFAULT_MASK_BLUR if mask_blur in (None, "") else mask_blur, only_masked=bool(only_masked),
-            loras=tuple(loras))
+            loras=tuple(loras), cache=cache)
 
     def lora_names(self) -> list[str]:
         """The LoRAs in the manager's loras/ folder, by name."""
@@ -357,14 +357,15 @@ class PrismService:
         _, _, sampler = self._png_naming(result)
         return [png_bytes(image, result.settings(), seed, sampler) for image, seed in zip(result.images, result.seeds)]
 
-    def save_comparison(self, comparison: Comparison) -> dict[Precision, Path]:
+    def save_comparison(self, comparison: Comparison) -> dict[str, Path]:
+        """Each image's PNG by its column (a precision's value, or "cached")."""
         try:
             folder = self._new_batch_dir()
         except OSError as exc:
             log.warning("cannot write results to %s: %s", self.output_dir, exc)
             raise OutputError("The images were made but could not be saved on the server; tell whoever runs it "
                               "to check the output folder.") from None
-        return {e.precision: self.save_result(e.result, folder)[0] for e in comparison.entries if e.result is not None}
+        return {e.column: self.save_result(e.result, folder)[0] for e in comparison.entries if e.result is not None}
 
     # ------------------------------------------------------------------ system
 

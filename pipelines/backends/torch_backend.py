@@ -9,6 +9,16 @@ Optimisations, in order, each with its off switch and reason:
    whole-model speed at a fraction of the compile time; H100: 183 -> 132 ms/step bf16); SDXL compiles
    the whole UNet, because its blocks-only compile left the launch-bound ResNet/conv part eager and gained
    nothing (H200, fp16 1024x1024: 59.8 ms/step eager, 60.8 blocks only, 43.4 whole UNet; BENCHMARKS.md).
+3. CUDA graphs for the compiled denoiser (`--no-cuda-graphs`): torch.compile's "reduce-overhead" mode records
+   each compiled graph once per input size and replays it, removing the per-kernel launch cost the denoiser's
+   static shapes allow (H200, SDXL fp16 UNet: 36.0 -> 34.5 ms/step, issue 17). On a CPU inductor skips the
+   graphs by itself, so the lever is labelled "not available" there and changes nothing.
+4. SDXL's VAE in bf16 rather than fp32 (`--no-bf16-vae`): the fp16 SDXL VAE overflows (NaN), which bf16's fp32
+   range does not; fp32 cost 117 ms of a 1.23 s image on the H200. DevicePolicy.bf16_vae decides it.
+Left out: FP8 attention. torch has no cuDNN FP8 SDPA; its only FP8 attention is the experimental Flash
+Attention 3 path (torch.nn.attention.experimental._scaled_dot_product_attention_quantized, torch >= 2.12), which
+needs the separately built `flash_attn_interface` (FA3) module registered, and the lent GPU has torch 2.11
+and no FA3 build (scripts/gpu_speed_levers.py reports what it finds there).
 """
 from __future__ import annotations
 
@@ -28,6 +38,7 @@ from ..registry import ModelSpec
 from ..run_context import RunContext
 from .compile_guard import CompiledDenoiser
 from .contract import TorchOptions
+from .torchao_peer import quantize_peer
 from .torch_lora import LoraState
 
 # The ComponentKey.lora of a quantized denoiser that kept its 16-bit base to take LoRAs (any set).
@@ -45,7 +56,9 @@ class TorchBackend:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(options.compile_cache_dir))
 
     def describe(self) -> str:
-        return "PyTorch" + (" + torch.compile" if self.options.compile else " (eager)")
+        if not self.options.compile:
+            return "PyTorch (eager)"
+        return "PyTorch + torch.compile" + (" + CUDA graphs" if self.options.cuda_graphs else "")
 
     def _staged(self, spec: ModelSpec, name: str, precision: Precision, device: str, source: WeightSource) -> bool:
         return (self.options.stage_on_host and device.startswith("cuda") and name == spec.denoiser
@@ -101,14 +114,46 @@ class TorchBackend:
             report = _quantize(obj, spec, precision, dtype, native_fp4, device if staged else None,
                                lora.base if lora is not None and quantized else None)
             runs_as = support.runs_as if report.native_fp4 == native_fp4 else "FP4 weights, 16-bit compute"
+        peer = name == spec.denoiser and self.options.peer is not None
+        if peer:
+            runs_as = quantize_peer(obj, self.options.peer, policy.capability)
         engine = family_of(spec).adapter(name)(obj).eval()
         if name == spec.denoiser and self.options.compile:
-            engine = CompiledDenoiser(engine, lambda: compile_denoiser(obj, spec, self.options.compile_mode))
+            mode = compile_mode(self.options, device)
+            engine = CompiledDenoiser(engine, lambda: compile_denoiser(obj, spec, mode, whole=peer),
+                                      cuda_graphs=mode == REDUCE_OVERHEAD)
         return LoadedComponent(engine, module_bytes(obj), dtype, runs_as, lora)
 
-def compile_denoiser(module: torch.nn.Module, spec: ModelSpec, mode: str | None) -> None:
-    """Mark the denoiser for torch.compile in place (compilation itself happens on the first call)."""
-    if family_of(spec).compile_whole_denoiser:
+REDUCE_OVERHEAD = "reduce-overhead"  # torch.compile's mode that records and replays CUDA graphs
+
+
+def lever_states(options: TorchOptions, cuda: bool) -> dict[str, str]:
+    """Each speed lever as the user set it and whether it acts on this device (bench rows, the report)."""
+    def state(on: bool, flag: str, missing: str | None) -> str:
+        if not on:
+            return f"off ({flag})"
+        return f"not available: {missing}" if missing else "on"
+
+    compiled = options.compile if options.compile is not None else cuda
+    no_gpu = None if cuda else "no CUDA GPU"
+    return {"torch.compile": state(compiled, "--no-compile", None),
+            "CUDA graphs": state(options.cuda_graphs, "--no-cuda-graphs",
+                                 no_gpu or (None if compiled else "needs torch.compile")),
+            "SDXL VAE in bf16": state(options.bf16_vae, "--no-bf16-vae", no_gpu),
+            "FP8 attention": "not available: torch has FP8 attention only through an FA3 build (torch_backend.py)"}
+
+
+def compile_mode(options: TorchOptions, device: str) -> str | None:
+    """The torch.compile mode: the one asked for, else CUDA graphs on a CUDA device unless switched off."""
+    if options.compile_mode is not None:
+        return options.compile_mode
+    return REDUCE_OVERHEAD if options.cuda_graphs and device.startswith("cuda") else None
+
+
+def compile_denoiser(module: torch.nn.Module, spec: ModelSpec, mode: str | None, whole: bool = False) -> None:
+    """Mark the denoiser for torch.compile in place (compilation itself happens on the first call); `whole`
+    compiles the whole module whatever the family's scope (the torchao peer's recipe)."""
+    if whole or family_of(spec).compile_whole_denoiser:
         module.compile(mode=mode)  # graph breaks allowed: diffusers' UNet has a few data-dependent branches
     else:
         module.compile_repeated_blocks(fullgraph=True, mode=mode)

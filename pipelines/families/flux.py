@@ -24,6 +24,7 @@ from ..sampling import (FamilyOutput, check_finite, family_output, seed_generato
                         tokenize, truncation_warning)
 from .family import ModelFamily
 from ..schedulers import Sampler, make_scheduler
+from ..step_cache import StepCache
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 CLIP_TOKENS = graphs.CLIP_TOKENS
@@ -118,11 +119,15 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
 
     # 4. Denoise.
     denoiser = parts.get("transformer")
+    cache = StepCache.named(req.cache)
+    if cache.note(len(timesteps)):
+        warnings.append(cache.note(len(timesteps)))
     step_marks = [clock.mark()]
     with torch.inference_mode():
         for i, t in enumerate(timesteps):
             ctx.check_cancelled()
-            velocity = denoiser(hidden_states=latents, timestep=(t.expand(n).to(dtype) / 1000), **cond)
+            if i == 0 or cache.computes(i, len(timesteps)):  # else the last velocity again (step caching)
+                velocity = denoiser(hidden_states=latents, timestep=(t.expand(n).to(dtype) / 1000), **cond)
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             if mask is not None:  # outside the mask, the input image noised to the next step's level
                 kept = image_latents if i == len(timesteps) - 1 else \

@@ -23,6 +23,7 @@ from ..sampling import (FamilyOutput, check_finite, family_output, seed_generato
                         tokenize, truncation_warning)
 from .family import ModelFamily
 from ..schedulers import Sampler, make_scheduler
+from ..step_cache import StepCache
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -108,15 +109,19 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
 
     # 4. Denoise.
     unet = parts.get("unet")
+    cache = StepCache.named(req.cache)
+    if cache.note(len(timesteps)):
+        warnings.append(cache.note(len(timesteps)))
     step_marks = [clock.mark()]
     with torch.inference_mode():
         for i, t in enumerate(timesteps):
             ctx.check_cancelled()
-            model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-            eps = unet(sample=model_in, timestep=t, **cond)
-            if guided:
-                eps_uncond, eps_text = eps.chunk(2)
-                eps = eps_uncond + req.guidance * (eps_text - eps_uncond)
+            if i == 0 or cache.computes(i, len(timesteps)):  # else the last guided prediction again (step caching)
+                model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+                eps = unet(sample=model_in, timestep=t, **cond)
+                if guided:
+                    eps_uncond, eps_text = eps.chunk(2)
+                    eps = eps_uncond + req.guidance * (eps_text - eps_uncond)
             latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
             if mask is not None:  # outside the mask, the input image noised to the next step's level
                 kept = image_latents if i == len(timesteps) - 1 else \

@@ -1,0 +1,86 @@
+"""Step caching ("Fast (cached)"): the schedule, the request field, and what it does to real tiny models on CPU."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines import imagemetrics
+from pipelines.registry import read_local_spec
+from pipelines.request import GenerationRequest, RequestError, resolve_request
+from pipelines.step_cache import FAST_CACHE, NO_CACHE, StepCache, check_name
+
+STEPS = 10  # long enough for the fast schedule to skip steps (it starts at 8)
+
+
+def test_fast_schedule_runs_the_first_and_last_steps_and_every_other_between():
+    ran = [i for i in range(28) if FAST_CACHE.computes(i, 28)]
+    assert ran[:3] == [0, 1, 2] and ran[-2:] == [26, 27]
+    assert ran[3:-2] == list(range(3, 26, 2))
+    assert FAST_CACHE.calls(28) == len(ran) == 17
+    assert NO_CACHE.calls(28) == 28
+
+
+def test_short_schedules_are_not_cached_and_say_so():
+    assert FAST_CACHE.calls(4) == 4
+    assert "8 steps" in FAST_CACHE.note(4)
+    assert FAST_CACHE.note(28) is None and NO_CACHE.note(4) is None
+
+
+@pytest.mark.parametrize("given, expected", [("off", "off"), ("FAST", "fast"), (" fast ", "fast"), ("", "off"),
+                                             (None, "off"), (True, "fast"), (False, "off")])
+def test_cache_names_are_normalised(given, expected):
+    assert check_name(given) == expected
+    assert StepCache.named(given) == (FAST_CACHE if expected == "fast" else NO_CACHE)
+
+
+@pytest.mark.parametrize("bad", ["turbo", "on", 3, 1.5])
+def test_an_unknown_cache_is_one_line_listing_the_choices(bad, tiny_flux):
+    with pytest.raises(RequestError) as exc:
+        resolve_request(GenerationRequest("a fox", str(tiny_flux), cache=bad), read_local_spec(tiny_flux), None)
+    message = str(exc.value)
+    assert "off, fast" in message and "\n" not in message and "Traceback" not in message
+
+
+def _count_calls(manager, model, name):
+    spec_id = read_local_spec(model).id
+    key = next(k for k in manager.residency.entries if k.name == name and k.model == spec_id)
+    module = manager.residency.entries[key].component.obj
+    calls = []
+    handle = module.register_forward_pre_hook(lambda *a, **k: calls.append(1), with_kwargs=True)
+    return calls, handle
+
+
+@pytest.mark.parametrize("family, denoiser", [("flux", "transformer"), ("sdxl", "unet")])
+def test_cached_output_is_close_to_uncached_with_fewer_model_calls(family, denoiser, request, cpu_manager):
+    model = request.getfixturevalue(f"tiny_{family}")
+    base = GenerationRequest("a small red circle", str(model), seed=5, steps=STEPS, width=32, height=32,
+                             guidance=3.0 if family == "flux" else 5.0)
+    plain = cpu_manager.generate(base)
+    calls, handle = _count_calls(cpu_manager, model, denoiser)
+    try:
+        again = cpu_manager.generate(base)
+        uncached_calls = len(calls)
+        calls.clear()
+        cached = cpu_manager.generate(GenerationRequest(**{**base.to_dict(), "cache": "fast"}))
+    finally:
+        handle.remove()
+    assert uncached_calls == STEPS and len(calls) == FAST_CACHE.calls(STEPS) == 8
+    # off is today's path: bit-identical run to run
+    assert np.array_equal(np.asarray(plain.images[0]), np.asarray(again.images[0]))
+    difference = imagemetrics.psnr(plain.images[0], cached.images[0])
+    assert 15 < difference < float("inf")  # it changes the picture, by a bounded amount
+    assert cached.request.cache == "fast" and cached.settings()["cache"] == "fast"
+    assert plain.settings()["cache"] == "off"
+
+
+def test_the_png_records_step_caching_and_an_uncached_png_does_not_mention_it():
+    from PIL import Image
+
+    from pipelines.pngmeta import png_bytes, read_png_metadata
+
+    image = Image.new("RGB", (16, 16))
+    settings = {"prompt": "a fox", "steps": 28, "width": 16, "height": 16, "model": "demo-flux"}
+    cached = read_png_metadata(png_bytes(image, {**settings, "cache": "fast"}, 1))
+    plain = read_png_metadata(png_bytes(image, {**settings, "cache": "off"}, 1))
+    assert cached["settings"]["cache"] == "fast" and "Step cache: fast" in cached["parameters"]
+    assert plain["settings"]["cache"] == "off" and "Step cache" not in plain["parameters"]
