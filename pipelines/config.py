@@ -51,10 +51,14 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "--no-compile turns it off). The first image per model, precision and size compiles once "
                         "(seconds to minutes, kept in the engine cache); later ones run up to 1.7x faster")
     p.add_argument("--no-cuda-graphs", action="store_true",
-                   help="run the denoiser without CUDA graph replay (TensorRT engines; on PyTorch, torch.compile's "
-                        "reduce-overhead mode, on by default on CUDA GPUs)")
-    p.add_argument("--no-bf16-vae", action="store_true",
-                   help="PyTorch backend: run SDXL's VAE in fp32 as diffusers does, not bf16 (on GPUs with bf16)")
+                   help="TensorRT backend: run the denoiser engine without CUDA graph replay")
+    p.add_argument("--torch-cuda-graphs", action="store_true",
+                   help="PyTorch backend: replay the compiled denoiser as CUDA graphs (torch.compile reduce-overhead). "
+                        "Off by default: no faster for Flux FP8 on an H200 and failing for SDXL in the app's worker "
+                        "thread (BENCHMARKS.md, 2026-12-01)")
+    p.add_argument("--bf16-vae", action="store_true",
+                   help="PyTorch backend: run SDXL's VAE in bf16 instead of fp32 on GPUs with bf16 (30 ms less per "
+                        "image on an H200; off by default until its image difference is shown small on real weights)")
     p.add_argument("--weight-streaming-budget", default=None, metavar="SIZE",
                    help="TensorRT backend: keep at most this much of each engine's weights on the GPU (e.g. 8GB) and "
                         "stream the rest from host memory; engines are then built streamable")
@@ -97,7 +101,7 @@ def manager_config(args: argparse.Namespace, **overrides) -> "ManagerConfig":
     config = ManagerConfig(
         device=args.device, backend=args.backend, memory_budget=args.memory_budget,
         random_weights=args.random_weights, hub=hub_options(args), engine_cache_dir=engine_cache_dir(args),
-        torch=TorchOptions(compile=args.compile, cuda_graphs=not args.no_cuda_graphs, bf16_vae=not args.no_bf16_vae),
+        torch=TorchOptions(compile=args.compile, cuda_graphs=args.torch_cuda_graphs, bf16_vae=args.bf16_vae),
         lora_dir=args.lora_dir or DEFAULT_LORA_DIR,
         tensorrt=TensorRTOptions(cuda_graphs=not args.no_cuda_graphs,
                                  weight_streaming_budget=_size("--weight-streaming-budget", streaming) if streaming else None))

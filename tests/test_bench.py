@@ -45,8 +45,8 @@ def test_each_row_shows_its_image_difference_from_16bit(bench_json):
 
 
 def test_the_report_says_which_levers_act_here(bench_json):
-    assert "PyTorch levers: torch.compile off (--no-compile), CUDA graphs not available: no CUDA GPU" in \
-        bench_json["printed"]
+    assert ("PyTorch levers: torch.compile off (--no-compile), CUDA graphs off (--torch-cuda-graphs turns it on)"
+            in bench_json["printed"])
     assert "| prism bf16 + cache fast |" in bench_json["printed"] and "identical / 1.000" in bench_json["printed"]
 
 

@@ -1,4 +1,4 @@
-"""The PyTorch backend's speed levers: each on by default, each with its switch, and labelled where this machine
+"""The PyTorch backend's speed levers: each with its switch (measured and left off by default), and labelled where this machine
 lacks what it needs (a CPU runs these tests: the GPU effects are measured by scripts/gpu_speed_levers.py)."""
 from __future__ import annotations
 
@@ -19,31 +19,34 @@ from pipelines.precision import Backend, Precision
 from pipelines.registry import resolve_spec
 
 
-def test_levers_are_on_by_default_and_each_flag_turns_one_off():
-    on = manager_config(build_parser().parse_args(["bench", "--model", "demo-sdxl"]))
-    assert on.torch.cuda_graphs and on.torch.bf16_vae
-    off = manager_config(build_parser().parse_args(["bench", "--model", "demo-sdxl", "--no-cuda-graphs"]))
-    assert not off.torch.cuda_graphs and off.torch.bf16_vae and not off.tensorrt.cuda_graphs
-    off = manager_config(build_parser().parse_args(["generate", "x", "--no-bf16-vae"]))
-    assert off.torch.cuda_graphs and not off.torch.bf16_vae
+def test_levers_are_off_by_default_and_each_flag_turns_one_on():
+    default = manager_config(build_parser().parse_args(["bench", "--model", "demo-sdxl"]))
+    assert not default.torch.cuda_graphs and not default.torch.bf16_vae and default.tensorrt.cuda_graphs
+    on = manager_config(build_parser().parse_args(["bench", "--model", "demo-sdxl", "--torch-cuda-graphs"]))
+    assert on.torch.cuda_graphs and not on.torch.bf16_vae and on.tensorrt.cuda_graphs
+    on = manager_config(build_parser().parse_args(["generate", "x", "--bf16-vae"]))
+    assert not on.torch.cuda_graphs and on.torch.bf16_vae
+    trt_off = manager_config(build_parser().parse_args(["generate", "x", "--no-cuda-graphs"]))
+    assert not trt_off.tensorrt.cuda_graphs and not trt_off.torch.cuda_graphs
 
 
 def test_cuda_graphs_pick_reduce_overhead_on_a_gpu_only_and_an_explicit_mode_wins():
-    assert compile_mode(TorchOptions(), "cuda:0") == REDUCE_OVERHEAD
-    assert compile_mode(TorchOptions(cuda_graphs=False), "cuda:0") is None
-    assert compile_mode(TorchOptions(), "cpu") is None
+    assert compile_mode(TorchOptions(cuda_graphs=True), "cuda:0") == REDUCE_OVERHEAD
+    assert compile_mode(TorchOptions(), "cuda:0") is None
+    assert compile_mode(TorchOptions(cuda_graphs=True), "cpu") is None
     assert compile_mode(TorchOptions(compile_mode="max-autotune-no-cudagraphs"), "cuda") == "max-autotune-no-cudagraphs"
 
 
 def test_labels_say_what_acts_here():
-    cpu = lever_states(TorchOptions(), cuda=False)
+    on = TorchOptions(cuda_graphs=True, bf16_vae=True)
+    cpu = lever_states(on, cuda=False)
     assert cpu["CUDA graphs"] == "not available: no CUDA GPU" and cpu["SDXL VAE in bf16"] == "not available: no CUDA GPU"
     assert cpu["torch.compile"] == "off (--no-compile)" and cpu["FP8 attention"].startswith("not available")
-    gpu = lever_states(TorchOptions(), cuda=True)
+    gpu = lever_states(on, cuda=True)
     assert gpu["torch.compile"] == gpu["CUDA graphs"] == gpu["SDXL VAE in bf16"] == "on"
-    assert lever_states(TorchOptions(cuda_graphs=False), cuda=True)["CUDA graphs"] == "off (--no-cuda-graphs)"
-    assert lever_states(TorchOptions(compile=False), cuda=True)["CUDA graphs"] == "not available: needs torch.compile"
-    assert lever_states(TorchOptions(bf16_vae=False), cuda=True)["SDXL VAE in bf16"] == "off (--no-bf16-vae)"
+    assert lever_states(TorchOptions(), cuda=True)["CUDA graphs"] == "off (--torch-cuda-graphs turns it on)"
+    assert lever_states(replace(on, compile=False), cuda=True)["CUDA graphs"] == "not available: needs torch.compile"
+    assert lever_states(TorchOptions(), cuda=True)["SDXL VAE in bf16"] == "off (--bf16-vae turns it on)"
     assert TorchBackend(TorchOptions(compile=True, cuda_graphs=True)).describe() == "PyTorch + torch.compile + CUDA graphs"
     assert TorchBackend(TorchOptions(compile=True, cuda_graphs=False)).describe() == "PyTorch + torch.compile"
 
@@ -51,7 +54,7 @@ def test_labels_say_what_acts_here():
 def test_a_cpu_manager_records_no_cuda_graphs(cpu_manager):
     backend = cpu_manager.backend(Backend.TORCH)
     assert not backend.options.cuda_graphs and backend.describe() == "PyTorch (eager)"
-    assert cpu_manager.policy.bf16_vae  # asked for; the CPU's VAE dtype does not depend on it (below)
+    assert not cpu_manager.policy.bf16_vae  # off by default
 
 
 class Adapter(nn.Module):

@@ -61,9 +61,9 @@ class ComponentBackend(Protocol):
 class TorchOptions:
     compile: bool | None = None  # torch.compile of the denoiser, scoped per family; None: on CUDA GPUs only
     compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"; None: see cuda_graphs
-    # Speed levers, each on by default with its switch (--no-cuda-graphs, --no-bf16-vae); see torch_backend.py.
-    cuda_graphs: bool = True  # compiled denoiser replays CUDA graphs (torch.compile mode "reduce-overhead")
-    bf16_vae: bool = True  # SDXL's VAE runs in bf16 where fp16 would overflow (instead of fp32), on bf16 GPUs
+    # Speed levers measured and left off by default (--torch-cuda-graphs, --bf16-vae turn them on); see torch_backend.py.
+    cuda_graphs: bool = False  # compiled denoiser replays CUDA graphs (torch.compile mode "reduce-overhead")
+    bf16_vae: bool = False  # SDXL's VAE runs in bf16 where fp16 would overflow (instead of fp32), on bf16 GPUs
     peer: str | None = None  # bench only: "torchao" runs the published recipe on a 16-bit denoiser (torchao_peer.py)
     # Quantize checkpoints while moving them from host RAM, one layer at a time (discrete GPUs only: on
     # unified memory the host copy is device memory too, so staging saves nothing).

@@ -9,12 +9,16 @@ Optimisations, in order, each with its off switch and reason:
    whole-model speed at a fraction of the compile time; H100: 183 -> 132 ms/step bf16); SDXL compiles
    the whole UNet, because its blocks-only compile left the launch-bound ResNet/conv part eager and gained
    nothing (H200, fp16 1024x1024: 59.8 ms/step eager, 60.8 blocks only, 43.4 whole UNet; BENCHMARKS.md).
-3. CUDA graphs for the compiled denoiser (`--no-cuda-graphs`): torch.compile's "reduce-overhead" mode records
-   each compiled graph once per input size and replays it, removing the per-kernel launch cost the denoiser's
-   static shapes allow (H200, SDXL fp16 UNet: 36.0 -> 34.5 ms/step, issue 17). On a CPU inductor skips the
-   graphs by itself, so the lever is labelled "not available" there and changes nothing.
-4. SDXL's VAE in bf16 rather than fp32 (`--no-bf16-vae`): the fp16 SDXL VAE overflows (NaN), which bf16's fp32
-   range does not; fp32 cost 117 ms of a 1.23 s image on the H200. DevicePolicy.bf16_vae decides it.
+3. CUDA graphs for the compiled denoiser, OFF by default (`--torch-cuda-graphs`): torch.compile's
+   "reduce-overhead" mode records each compiled graph once per input size and replays it. Measured in the app's
+   own path (H200, 2026-12-01, scripts/gpu_speed_levers.py): Flux.1-dev FP8 105.9 vs 106.3 ms/step (its ~6 ms of
+   launch gaps are not what the regional graphs remove), and for SDXL inductor's CUDA-graph trees assert in the
+   manager's worker thread (`torch._C._is_key_in_tls`), so the job fell back to eager (63 ms/step). On a CPU
+   inductor skips the graphs by itself, so the lever is labelled "not available" there and changes nothing.
+4. SDXL's VAE in bf16 rather than fp32, OFF by default (`--bf16-vae`): the fp16 SDXL VAE overflows (NaN), which
+   bf16's range does not; fp32 costs 117 ms, bf16 87 ms of a 1.24 s image on the H200. On random weights the
+   bf16 image differs visibly (24.1 dB PSNR / SSIM 0.913 against fp32): not turned on until real weights show
+   the difference small. DevicePolicy.bf16_vae decides it.
 Left out: FP8 attention. torch has no cuDNN FP8 SDPA; its only FP8 attention is the experimental Flash
 Attention 3 path (torch.nn.attention.experimental._scaled_dot_product_attention_quantized, torch >= 2.12), which
 needs the separately built `flash_attn_interface` (FA3) module registered, and the lent GPU has torch 2.11
@@ -137,9 +141,9 @@ def lever_states(options: TorchOptions, cuda: bool) -> dict[str, str]:
     compiled = options.compile if options.compile is not None else cuda
     no_gpu = None if cuda else "no CUDA GPU"
     return {"torch.compile": state(compiled, "--no-compile", None),
-            "CUDA graphs": state(options.cuda_graphs, "--no-cuda-graphs",
+            "CUDA graphs": state(options.cuda_graphs, "--torch-cuda-graphs turns it on",
                                  no_gpu or (None if compiled else "needs torch.compile")),
-            "SDXL VAE in bf16": state(options.bf16_vae, "--no-bf16-vae", no_gpu),
+            "SDXL VAE in bf16": state(options.bf16_vae, "--bf16-vae turns it on", no_gpu),
             "FP8 attention": "not available: torch has FP8 attention only through an FA3 build (torch_backend.py)"}
 
 
