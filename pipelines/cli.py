@@ -44,6 +44,9 @@ def _add_request_args(p: argparse.ArgumentParser, multi_precision: bool = False)
     p.add_argument("--mask-blur", type=int, default=4, help="with --mask: pixels of blur where the result is pasted back")
     p.add_argument("--only-masked", action="store_true",
                    help="with --mask: repaint only the region around the mask, at the full --width x --height")
+    p.add_argument("--refiner", type=float, default=None, metavar="SWITCH",
+                   help="SDXL base: hand the last steps to its refiner (sdxl-refiner-1.0) after this fraction of "
+                        "them, above 0 and below 1 (0.8 is usual); off by default")
     p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_NAME[:SCALE]",
                    help="a LoRA by file path or by name in --lora-dir, with its scale (default 1); repeatable. "
                         "<lora:NAME:SCALE> in the prompt works too")

@@ -38,7 +38,7 @@ def request_from_args(args: argparse.Namespace, model: str, precision: str) -> G
                              width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
                              seed=args.seed, num_images=args.num_images, backend=args.backend, sampler=args.sampler,
                              image=image, strength=args.strength, mask=mask, mask_blur=args.mask_blur,
-                             only_masked=args.only_masked,
+                             only_masked=args.only_masked, refiner=args.refiner,
                              loras=tuple(parse_lora_arg(text) for text in getattr(args, "lora", None) or ()))
 
 

@@ -29,7 +29,8 @@ def infotext(settings: dict[str, Any], seed: int, sampler: str = "Euler") -> str
               ("Backend", settings.get("backend")),
               # Image to image and inpainting, under A1111's own keys (the input's hash is in the JSON chunk).
               ("Denoising strength", settings.get("strength")), ("Mask blur", settings.get("mask_blur")),
-              ("Inpaint area", "Only masked" if settings.get("only_masked") else None)]
+              ("Inpaint area", "Only masked" if settings.get("only_masked") else None),
+              ("Refiner", settings.get("refiner_model")), ("Refiner switch at", settings.get("refiner"))]
     hashes = settings.get("lora_hashes") or {}
     if hashes:
         fields.append(("Lora hashes", ", ".join(f"{name}: {digest}" for name, digest in hashes.items())))
