@@ -299,8 +299,10 @@ class PipelineManager:
                 return self._generate_or_retry(spec, resolved, choice, source, ctx, working, loras)
             except TensorRTFailure as exc:
                 log.warning("%s; rerunning on PyTorch", exc)
-                self._tensorrt_failures[exc.engine] = f"{exc.stage}: {exc.reason}"
-                self.residency.drop_backend(spec.id, Backend.TENSORRT.value, "TensorRT failed")
+                # Remembered for the job's model too: a failing refiner engine sends its base's jobs to PyTorch.
+                for engine in {exc.engine, (spec.id, exc.precision)}:
+                    self._tensorrt_failures[engine] = f"{exc.stage}: {exc.reason}"
+                    self.residency.drop_backend(engine[0], Backend.TENSORRT.value, "TensorRT failed")
                 return self._on_torch_instead(spec, resolved, source, ctx, f"TensorRT failed ({exc.stage}: {exc.reason})",
                                               loras)
 

@@ -153,6 +153,9 @@ def calibrate(spec: ModelSpec, recipe: QuantRecipe, source: WeightSource, device
         raise MissingPackageError("FP8/FP4 engines are calibrated with NVIDIA ModelOpt (nvidia-modelopt), which does not "
                                   "import here. Install with: pip install -r requirements-tensorrt.txt") from exc
 
+    if spec.is_refiner:  # its trajectories start where a base hands over; this loop runs a model alone
+        raise ValueError(f"{spec.id}: FP8/FP4 engines of a refiner are not calibrated yet (calibration would run "
+                         "its base's first steps); use bf16 or fp16 with TensorRT, or the PyTorch backend.")
     recipe = recipe.resolved(spec)
     # Calibrated as the engine will compute: a GPU's dtypes (a bf16 one when exporting on a CPU).
     policy = DevicePolicy.for_target(capability)
