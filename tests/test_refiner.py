@@ -254,3 +254,19 @@ def test_cli_refiner_records_a1111_keys(tiny_sdxl_pair, tmp_path):
                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: refiner switch must be above 0 and below 1")
+
+
+def test_bench_measures_base_and_refiner_end_to_end(tiny_sdxl_pair, tmp_path):
+    """What the lead runs on the GPU (`bench --model sdxl-base-1.0 --refiner 0.8 --random-weights`), on the tiny pair."""
+    import json
+
+    base, _ = tiny_sdxl_pair
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "bench", "--model", str(base), "--refiner", "0.5",
+                           "--steps", "4", "--width", "32", "--height", "32", "--runs", "1", "--warmup", "1",
+                           "--no-baseline", "--device", "cpu", "--json-out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "base + refiner (switch at 0.5; steps counts both)" in proc.stdout
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["steps"] == 4 and row["total_ms"] > 0 and "--refiner 0.5" in json.loads(out.read_text())["command"]
