@@ -87,6 +87,9 @@ class ModelSpec:
     # `requires_aesthetics_score`) and runs only after a base's first steps, so it is never a model of its own.
     refiner: str | None = None
     is_refiner: bool = False
+    # A refiner reached through its base (`refiner_of`): the base's registry id or folder, so what a refiner alone
+    # cannot do (calibrating FP8/FP4 engines over real trajectories) can run the pair.
+    base: str | None = None
 
     @property
     def license_url(self) -> str | None:
@@ -309,7 +312,7 @@ def _apply_overrides(spec: ModelSpec, path: Path) -> ModelSpec:
     raw = json.loads(path.read_text())
     if "size" in raw:
         raw["size"] = SizeLimits(**raw["size"])
-    allowed = {f for f in ModelSpec.__dataclass_fields__} - {"components", "family", "local_dir", "id"}
+    allowed = {f for f in ModelSpec.__dataclass_fields__} - {"components", "family", "local_dir", "id", "base"}
     unknown = set(raw) - allowed
     if unknown:
         raise UnknownModelError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -363,7 +366,14 @@ def refiner_of(spec: ModelSpec) -> ModelSpec | None:
         if ours.get("class") != theirs.get("class") or any(ours[k] != theirs[k] for k in common):
             raise UnknownModelError(f"{refiner.id}'s {shared} differs from {spec.id}'s; a refiner must share the base's "
                                     f"{shared}. Pair {spec.id} with a refiner made for it.")
-    return refiner
+    return replace(refiner, base=str(spec.local_dir) if spec.local_dir else spec.id)
+
+
+def base_of(refiner: ModelSpec) -> ModelSpec | None:
+    """The base a refiner finishes: the one it was reached through, else the registry's model that names it."""
+    if refiner.base is not None:
+        return resolve_spec(refiner.base)
+    return next((s for s in HUB_MODELS if s.refiner == refiner.id), None)
 
 
 # Config-file keys that say how a file was written, not what the component is.

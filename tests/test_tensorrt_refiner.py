@@ -60,8 +60,7 @@ def test_refiner_unet_builds_with_tensorrt_rtx(refiner, trt_cache, dtype):
 
 def test_a_base_and_refiner_job_runs_both_unets_as_engines(tiny_sdxl_pair, trt_cache):
     """The manager asks the TensorRT backend for the refiner's UNet as for any denoiser (the fake GPU runs the real
-    built plans' ONNX in onnxruntime); FP8 refiner engines are not calibrated yet: that job reruns on PyTorch and
-    says why, and the model's later FP8 jobs go straight to PyTorch."""
+    built plans' ONNX in onnxruntime), at 16 bits and at FP8, whose calibration runs the pair."""
     from test_tensorrt_fallback import OPTIONS
     from test_tensorrt_runtime import _manager
 
@@ -70,15 +69,33 @@ def test_a_base_and_refiner_job_runs_both_unets_as_engines(tiny_sdxl_pair, trt_c
                                 height=32, backend="tensorrt", refiner=0.5)
     manager = _manager(trt_cache, OPTIONS)
     try:
-        result = manager.generate(request, timeout=600)
-        engines = {(r.key.model, r.key.name) for r in manager.status().resident if r.key.backend == "tensorrt"}
-        fp8 = manager.generate(replace(request, precision="fp8"), timeout=600)
-        again = manager.generate(replace(request, precision="fp8", seed=4), timeout=600)
+        results = [manager.generate(replace(request, precision=p), timeout=600) for p in ("fp16", "fp8")]
+        engines = {(r.key.model, r.key.name, r.key.variant) for r in manager.status().resident
+                   if r.key.backend == "tensorrt"}
     finally:
         manager.close()
-    assert result.backend.startswith("TensorRT") and result.timings.refiner_steps == 2, result.warnings
-    assert {("tiny-sdxl-base", "unet"), ("tiny-sdxl-refiner", "unet")} <= engines
-    assert fp8.backend.startswith("PyTorch") and fp8.timings.refiner_steps == 2
-    assert any("FP8/FP4 engines of a refiner are not calibrated yet" in w and w.endswith("ran on PyTorch.")
-               for w in fp8.warnings), fp8.warnings
-    assert any(w.startswith("TensorRT failed earlier") for w in again.warnings), again.warnings
+    for result in results:
+        assert result.backend.startswith("TensorRT") and result.timings.refiner_steps == 2, result.warnings
+        assert not any("TensorRT failed" in w for w in result.warnings), result.warnings
+    assert {("tiny-sdxl-base", "unet", "fp8"), ("tiny-sdxl-refiner", "unet", "fp8")} <= engines
+
+
+def test_the_refiner_fp8_engine_is_calibrated_in_its_base_loop(tiny_sdxl_pair, trt_cache):
+    """Calibration runs the base's first steps and the refiner from the hand-off (what the refiner sees in use):
+    every quantizable layer of the refiner got a range, and the engine multiplies in FP8 there."""
+    from pipelines.backends.tensorrt.quantize import QuantRecipe, calibrate
+    from pipelines.loading import WeightSource
+    from pipelines.registry import refiner_of
+
+    refiner = refiner_of(read_local_spec(tiny_sdxl_pair[0]))  # reached through its base: it knows the base
+    ranges = export.ShapeRanges.for_spec(refiner, min_size=32, max_size=128, max_batch=2)
+    req = EngineRequest(refiner, "unet", Precision.FP8, ranges, (12, 0),
+                        recipe=QuantRecipe(Precision.FP8, prompts=2, steps=2))
+    builder = ArtifactBuilder(trt_cache)
+    built = builder.engine(req)
+    calibration = builder.calibration(req)[1]
+    assert calibration["amax"] and not calibration["left_16bit"]
+    assert all(built.report.matmuls["unet." + layer] == "FP8" for layer in calibration["amax"])
+    alone = replace(refiner, base=None)  # the registry's rule finds no base for a local folder
+    with pytest.raises(ValueError, match="is a refiner and no base model names it"):
+        calibrate(alone, QuantRecipe(Precision.FP8, prompts=1, steps=2), WeightSource(), "cpu", None)
