@@ -270,3 +270,24 @@ def test_bench_measures_base_and_refiner_end_to_end(tiny_sdxl_pair, tmp_path):
     assert "base + refiner (switch at 0.5; steps counts both)" in proc.stdout
     row = json.loads(out.read_text())["rows"][0]
     assert row["steps"] == 4 and row["total_ms"] > 0 and "--refiner 0.5" in json.loads(out.read_text())["command"]
+
+
+def test_a_lora_changes_the_base_unet_only(tiny_sdxl_pair, tmp_path):
+    """A base model's LoRA does not fit its refiner (another architecture): it is fused into the base's UNet, and
+    the refiner's loads plain, at FP8 too (where only a LoRA-ready form keeps its 16-bit base)."""
+    from tiny_loras import SDXL_UNET, write_peft
+
+    base, _ = tiny_sdxl_pair
+    write_peft(tmp_path / "style.safetensors", "unet", SDXL_UNET, seed=4)
+    manager = PipelineManager(ManagerConfig(device="cpu", lora_dir=tmp_path), device_info=fast_16bit_cpu())
+    try:
+        request = GenerationRequest(prompt="x", model=str(base), precision="fp8", seed=1, steps=4, width=32,
+                                    height=32, refiner=0.5)
+        plain = manager.generate(request)
+        styled = manager.generate(replace(request, loras=(("style", 1.0),)))
+        unets = {(r.key.model, r.key.lora) for r in manager.status().resident if r.key.name == "unet"}
+    finally:
+        manager.close()
+    assert styled.timings.refiner_steps == 2 and dict(styled.lora_hashes)
+    assert np.abs(_pixels(plain.images[0]) - _pixels(styled.images[0])).max() > 3
+    assert ("tiny-sdxl-refiner", "") in unets and any(m == "tiny-sdxl-base" and lora for m, lora in unets)
