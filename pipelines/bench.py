@@ -203,7 +203,8 @@ def _report(args, manager: PipelineManager, model: str, rows: list[BenchRow], ba
     lines = [
         f"### {model} {rows[0].steps if rows else '?'} steps, {args.width or 'default'}x{args.height or 'default'}, "
         f"batch {args.num_images}" + (f", image to image at strength {args.strength or DEFAULT_STRENGTH:g}"
-                                      + (" with a mask" if args.mask else "") if args.image else ""),
+                                      + (" with a mask" if args.mask else "") if args.image else "")
+        + (f", base + refiner (switch at {args.refiner:g}; steps counts both)" if args.refiner is not None else ""),
         f"- card: {info.name} (compute capability {info.capability_text}); torch {torch.__version__}; "
         f"{platform.machine()}; date {_today()}",
         f"- command: `{_command()}`",

@@ -50,6 +50,9 @@ def _add_request_args(p: argparse.ArgumentParser, multi_precision: bool = False)
                    help="step caching: fast reuses the model's output on some middle steps (28 Flux steps run the "
                         "model 17 times; the image changes a little: see BENCHMARKS.md). Default: off. With bench: adds a "
                         "cached row after each precision")
+    p.add_argument("--refiner", type=float, default=None, metavar="SWITCH",
+                   help="SDXL base: hand the last steps to its refiner (sdxl-refiner-1.0) after this fraction of "
+                        "them, above 0 and below 1 (0.8 is usual); off by default")
     p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_NAME[:SCALE]",
                    help="a LoRA by file path or by name in --lora-dir, with its scale (default 1); repeatable. "
                         "<lora:NAME:SCALE> in the prompt works too")

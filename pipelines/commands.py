@@ -13,7 +13,7 @@ from .lora import parse_lora_arg
 from .manager import PipelineManager
 from .pngmeta import save_png
 from .schedulers import recorded_name
-from .registry import HUB_MODELS, demo_specs, resolve_spec
+from .registry import HUB_MODELS, REFINER_MODELS, demo_specs, resolve_spec
 from .request import GenerationRequest
 from .run_context import Progress
 
@@ -38,7 +38,7 @@ def request_from_args(args: argparse.Namespace, model: str, precision: str) -> G
                              width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
                              seed=args.seed, num_images=args.num_images, backend=args.backend, sampler=args.sampler,
                              image=image, strength=args.strength, mask=mask, mask_blur=args.mask_blur,
-                             only_masked=args.only_masked, cache=getattr(args, "cache", "off"),
+                             only_masked=args.only_masked, cache=getattr(args, "cache", "off"), refiner=args.refiner,
                              loras=tuple(parse_lora_arg(text) for text in getattr(args, "lora", None) or ()))
 
 
@@ -100,7 +100,7 @@ def run_cache(args: argparse.Namespace) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    for spec in HUB_MODELS + demo_specs():
+    for spec in HUB_MODELS + demo_specs() + REFINER_MODELS:  # refiners last: switches of their base, not models
         here = "weights here" if is_available_locally(spec) else ("gated, download" if spec.gated else "download")
         print(f"{spec.id:16} {spec.family.value:5} {here:16} {spec.description}")
     return 0

@@ -26,13 +26,14 @@ from .components import ComponentKey, component_key, estimate_bytes
 from .device_policy import LIGHT_PARTS, DevicePolicy
 from .engine_cache import DEFAULT_CACHE_DIR, EngineCache
 from .families import family_of
+from .families.family import part_owner
 from .job_parts import JobParts
 from .cpu_math import CpuMath
 from .gpu import DeviceInfo, parse_memory, probe_device, resolve_device, system_memory
 from .loading import HubOptions, WeightSource, check_access
 from .lora import DEFAULT_LORA_DIR, LoraLibrary, LoraSet, load_set
 from .precision import Backend, Precision
-from .registry import ModelSpec, UnknownModelError, resolve_spec
+from .registry import ModelSpec, UnknownModelError, refiner_of, resolve_spec
 from .request import GenerationRequest, GenerationResult, RequestError, resolve_request
 from .residency import InsufficientMemoryError, Residency
 from .run_context import JobCancelled, Progress, RunContext
@@ -276,6 +277,10 @@ class PipelineManager:
         except (UnknownModelError, ValueError) as exc:
             raise RequestError(str(exc)) from None
         resolved = resolve_request(req, spec, self.info.capability, choice.backend)
+        try:
+            refiner = refiner_of(spec) if resolved.refiner is not None else None
+        except UnknownModelError as exc:
+            raise RequestError(str(exc)) from None
         if resolved.image is not None and family_of(spec).first_step(resolved.steps, resolved.strength) >= resolved.steps:
             raise RequestError(f"strength {resolved.strength:g} with {resolved.steps} steps leaves no step to run; "
                                "raise the strength or the steps.")
@@ -283,8 +288,10 @@ class PipelineManager:
         resolved = replace(resolved, loras=tuple((a.file.name, a.scale) for a in loras.items))  # names, never paths
         source = WeightSource(random_weights=self.config.random_weights and spec.local_dir is None, hub=self.config.hub)
         check_access(spec, source)
+        if refiner is not None:
+            check_access(refiner, source)
         working = self.working_bytes(spec, resolved)
-        self.check_fits(spec, precision, choice.backend, working, source)
+        self.check_fits(spec, precision, choice.backend, working, source, with_refiner=refiner is not None)
         ctx = RunContext(torch.device(self.device), on_progress=job.report, cancel=job.cancel_event)
         with ctx.active():
             if choice.backend is Backend.TENSORRT and (spec.id, precision.value) in self._tensorrt_failures:
@@ -294,8 +301,10 @@ class PipelineManager:
                 return self._generate_or_retry(spec, resolved, choice, source, ctx, working, loras)
             except TensorRTFailure as exc:
                 log.warning("%s; rerunning on PyTorch", exc)
-                self._tensorrt_failures[exc.engine] = f"{exc.stage}: {exc.reason}"
-                self.residency.drop_backend(spec.id, Backend.TENSORRT.value, "TensorRT failed")
+                # Remembered for the job's model too: a failing refiner engine sends its base's jobs to PyTorch.
+                for engine in {exc.engine, (spec.id, exc.precision)}:
+                    self._tensorrt_failures[engine] = f"{exc.stage}: {exc.reason}"
+                    self.residency.drop_backend(engine[0], Backend.TENSORRT.value, "TensorRT failed")
                 return self._on_torch_instead(spec, resolved, source, ctx, f"TensorRT failed ({exc.stage}: {exc.reason})",
                                               loras)
 
@@ -309,7 +318,7 @@ class PipelineManager:
                                f"{self.policy.support(precision, Backend.TORCH).reason}")
         ctx.warn(f"{why}; ran on PyTorch.")
         working = self.working_bytes(spec, req)
-        self.check_fits(spec, precision, Backend.TORCH, working, source)
+        self.check_fits(spec, precision, Backend.TORCH, working, source, with_refiner=req.refiner is not None)
         choice = BackendChoice(Backend.TORCH, why)
         return self._generate_or_retry(spec, replace(req, backend=Backend.TORCH.value), choice, source, ctx, working,
                                        loras)
@@ -330,15 +339,17 @@ class PipelineManager:
                 return self._generate(spec, resolved, choice, source, ctx, working, loras)
             except torch.OutOfMemoryError:
                 self.residency.evict_all("out of memory twice")
+                hint = self._smaller_precision_hint(spec, precision, choice.backend, working, source,
+                                                    resolved.refiner is not None)
                 raise InsufficientMemoryError(
                     f"Out of GPU memory running {spec.id} at {precision.value} {resolved.width}x{resolved.height} "
                     f"x{resolved.num_images}, even with every other model unloaded. "
-                    f"{self._smaller_precision_hint(spec, precision, choice.backend, working, source)}") from None
+                    f"{hint}") from None
 
     def _generate(self, spec: ModelSpec, req: GenerationRequest, choice: BackendChoice, source: WeightSource,
                   ctx: RunContext, working: int, loras: LoraSet) -> GenerationResult:
         parts = JobParts(self, spec, Precision.parse(req.precision), choice.backend, source, ctx, working, loras,
-                         with_image=req.image is not None)
+                         with_image=req.image is not None, with_refiner=req.refiner is not None)
         if self.info.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         out = family_of(spec).generate(spec, parts, req, ctx)
@@ -351,7 +362,8 @@ class PipelineManager:
             request=req, model_id=spec.id, images=out.images, seeds=tuple(req.seed + i for i in range(req.num_images)),
             timings=replace(out.timings, load_ms=parts.load_ms), peak_memory_bytes=peak,
             backend=backend.describe(), runs_as=parts.runs_as or Precision.parse(req.precision).label,
-            device=self.info.name, warnings=warnings, lora_hashes=loras.hashes())
+            device=self.info.name, warnings=warnings, lora_hashes=loras.hashes(),
+            refiner_id=parts.refiner.id if parts.refiner is not None else "")
 
     # ------------------------------------------------------------------ memory planning (pipelines.memory_plan)
 
@@ -370,12 +382,16 @@ class PipelineManager:
                 for stage in family_of(spec).stages()]
 
     def stage_needs(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
-                    source: WeightSource = WeightSource(), with_image: bool = False) -> list[tuple[tuple[str, ...], int]]:
-        """Per stage, the most memory it holds at once: its weights plus working memory, or a load's peak."""
-        stages = family_of(spec).stages(with_image)
-        names = {n for stage in stages for n in stage}
-        weights = {n: self.component_bytes(spec, n, precision, backend) for n in names}
-        peaks = {n: self._load_peak(spec, n, precision, backend, source) for n in names if n not in LIGHT_PARTS}
+                    source: WeightSource = WeightSource(), with_image: bool = False,
+                    with_refiner: bool = False) -> list[tuple[tuple[str, ...], int]]:
+        """Per stage, the most memory it holds at once: its weights plus working memory, or a load's peak. With a
+        refiner its denoiser is a stage of its own: the base's may be evicted for it on a tight budget."""
+        stages = family_of(spec).stages(with_image, with_refiner)
+        refiner = refiner_of(spec) if with_refiner else None
+        owners = {n: part_owner(spec, n, refiner) for stage in stages for n in stage}
+        weights = {n: self.component_bytes(*owner, precision, backend) for n, owner in owners.items()}
+        peaks = {n: self._load_peak(*owner, precision, backend, source) for n, owner in owners.items()
+                 if owner[1] not in LIGHT_PARTS}
         return memory_plan.stage_needs(stages, weights, peaks, working)
 
     def _load_peak(self, spec: ModelSpec, name: str, precision: Precision, backend: Backend, source: WeightSource) -> int:
@@ -385,20 +401,22 @@ class PipelineManager:
         return self.backend(backend).load_peak_bytes(spec, name, precision, self.device, self.policy, source)
 
     def check_fits(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
-                   source: WeightSource = WeightSource()) -> None:
+                   source: WeightSource = WeightSource(), with_refiner: bool = False) -> None:
         """Raise InsufficientMemoryError (needed, free, and a smaller precision that fits) before loading anything."""
         budget = self.residency.budget_bytes
-        problem = memory_plan.refusal(spec, precision, self.stage_needs(spec, precision, backend, working, source),
-                                      working, budget, self.residency.used_bytes())
+        needs = self.stage_needs(spec, precision, backend, working, source, with_refiner=with_refiner)
+        problem = memory_plan.refusal(spec, precision, needs, working, budget, self.residency.used_bytes())
         if problem:
-            raise InsufficientMemoryError(f"{problem} {self._smaller_precision_hint(spec, precision, backend, working, source)}")
+            hint = self._smaller_precision_hint(spec, precision, backend, working, source, with_refiner)
+            raise InsufficientMemoryError(f"{problem} {hint}")
 
     def _smaller_precision_hint(self, spec: ModelSpec, precision: Precision, backend: Backend, working: int,
-                                source: WeightSource = WeightSource()) -> str:
+                                source: WeightSource = WeightSource(), with_refiner: bool = False) -> str:
         def need_of(candidate: Precision) -> int | None:
             if not self.policy.support(candidate, backend).runnable:
                 return None
-            return max(n for _, n in self.stage_needs(spec, candidate, backend, working, source))
+            return max(n for _, n in self.stage_needs(spec, candidate, backend, working, source,
+                                                       with_refiner=with_refiner))
 
         return memory_plan.smaller_precision_hint(precision, self.residency.budget_bytes, need_of)
 

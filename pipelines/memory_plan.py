@@ -10,6 +10,7 @@ import torch
 
 from .components import activation_bytes
 from .device_policy import LIGHT_PARTS, DevicePolicy
+from .families.family import REFINER_PREFIX
 from .precision import Precision
 from .registry import ModelSpec
 from .request import GenerationRequest
@@ -33,7 +34,7 @@ def stage_needs(stages: tuple[Stage, ...], weights: Mapping[str, int], load_peak
     out = []
     for stage in stages:
         total = sum(weights[n] for n in stage)
-        peaks = [total - weights[n] + load_peaks[n] for n in stage if n not in LIGHT_PARTS]
+        peaks = [total - weights[n] + load_peaks[n] for n in stage if not _light(n)]
         out.append((stage, max([total + working, *peaks])))
     return out
 
@@ -46,8 +47,13 @@ def refusal(spec: ModelSpec, precision: Precision, needs: list[tuple[Stage, int]
         return None
     free = max(budget - used, 0)
     return (f"{spec.id} at {precision.value} needs {human_bytes(need)} at once "
-            f"({' + '.join(n for n in stage if n not in LIGHT_PARTS)} and {human_bytes(working)} of working memory); "
+            f"({' + '.join(n for n in stage if not _light(n))} and {human_bytes(working)} of working memory); "
             f"the memory budget is {human_bytes(budget)} and {human_bytes(free)} of it is free now.")
+
+
+def _light(name: str) -> bool:
+    """A tokenizer or scheduler (the base's or its refiner's): no device memory."""
+    return name.removeprefix(REFINER_PREFIX) in LIGHT_PARTS
 
 
 def smaller_precision_hint(precision: Precision, budget: int, need_of: Callable[[Precision], int | None]) -> str:

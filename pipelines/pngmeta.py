@@ -30,6 +30,7 @@ def infotext(settings: dict[str, Any], seed: int, sampler: str = "Euler") -> str
               # Image to image and inpainting, under A1111's own keys (the input's hash is in the JSON chunk).
               ("Denoising strength", settings.get("strength")), ("Mask blur", settings.get("mask_blur")),
               ("Inpaint area", "Only masked" if settings.get("only_masked") else None),
+              ("Refiner", settings.get("refiner_model")), ("Refiner switch at", settings.get("refiner")),
               # Step caching changes the picture, so a cached image says so (no key when it is off).
               ("Step cache", settings.get("cache") if settings.get("cache") not in (None, "off") else None)]
     hashes = settings.get("lora_hashes") or {}

@@ -30,6 +30,7 @@ class Family(str, Enum):
 PIPELINE_CLASS_FAMILY = {
     "FluxPipeline": Family.FLUX,
     "StableDiffusionXLPipeline": Family.SDXL,
+    "StableDiffusionXLImg2ImgPipeline": Family.SDXL,  # how the SDXL refiner's folder names itself
 }
 
 
@@ -81,6 +82,14 @@ class ModelSpec:
     size: SizeLimits = SizeLimits(16, 256, 2048)
     max_prompt_tokens: int = 77
     supports_negative_prompt: bool = False
+    # The SDXL refiner pairing. A base names the model that can finish its images (a registry id, or a folder
+    # given absolute or beside the base's own); a refiner is conditioned on an aesthetic score (diffusers'
+    # `requires_aesthetics_score`) and runs only after a base's first steps, so it is never a model of its own.
+    refiner: str | None = None
+    is_refiner: bool = False
+    # A refiner reached through its base (`refiner_of`): the base's registry id or folder, so what a refiner alone
+    # cannot do (calibrating FP8/FP4 engines over real trajectories) can run the pair.
+    base: str | None = None
 
     @property
     def license_url(self) -> str | None:
@@ -147,6 +156,20 @@ SDXL_VAE = {
     "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 1024,
     "scaling_factor": 0.13025,
 }
+# stabilityai/stable-diffusion-xl-refiner-1.0 `unet/config.json` (diffusers' conversion of Stability's
+# sd_xl_refiner.yaml: model_channels 384, channel_mult [1, 2, 4, 4], attention at the middle two levels,
+# transformer_depth 4, 64-channel heads, context_dim 1280, adm_in_channels 2560 = 1280 pooled + 5 x 256 for
+# the size, crop and aesthetic-score ids): 2.26 B parameters, 4.52 GB in fp16 as shipped.
+SDXL_REFINER_UNET = {
+    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256, "attention_head_dim": [6, 12, 24, 24], "block_out_channels": [384, 768, 1536, 1536],
+    "cross_attention_dim": 1280,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "flip_sin_to_cos": True,
+    "freq_shift": 0, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "norm_eps": 1e-5,
+    "norm_num_groups": 32, "projection_class_embeddings_input_dim": 2560, "sample_size": 128,
+    "transformer_layers_per_block": 4, "use_linear_projection": True,
+}
 FLOW_MATCH_DEV = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
                   "use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096,
                   "base_shift": 0.5, "max_shift": 1.15}
@@ -188,6 +211,19 @@ def _sdxl_components(scheduler: dict, unet_sample_size: int) -> dict[str, Compon
     }
 
 
+def _sdxl_refiner_components() -> dict[str, ComponentSpec]:
+    """The refiner repo's model_index.json: no `text_encoder`/`tokenizer` (null there), the base's OpenCLIP-bigG
+    encoder and VAE (the same weights: diffusers' docs pass the base's `text_encoder_2` and `vae` to it), its own UNet
+    and the base's scheduler config."""
+    return {
+        "scheduler": ComponentSpec("diffusers", "EulerDiscreteScheduler", EULER_SDXL),
+        "text_encoder_2": ComponentSpec("transformers", "CLIPTextModelWithProjection", CLIP_BIGG_TEXT),
+        "tokenizer_2": ComponentSpec("transformers", "CLIPTokenizer", {"model_max_length": 77, "vocab_size": 49408}),
+        "unet": ComponentSpec("diffusers", "UNet2DConditionModel", SDXL_REFINER_UNET),
+        "vae": ComponentSpec("diffusers", "AutoencoderKL", SDXL_VAE),
+    }
+
+
 FLUX_DEFAULTS = dict(family=Family.FLUX, size=SizeLimits(16, 256, 2048), supports_negative_prompt=False)
 SDXL_DEFAULTS = dict(family=Family.SDXL, size=SizeLimits(8, 256, 2048), max_prompt_tokens=77)
 
@@ -203,11 +239,19 @@ HUB_MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(id="sdxl-base-1.0", repo="stabilityai/stable-diffusion-xl-base-1.0",
               description="Stable Diffusion XL base 1.0: 2.6B UNet with classifier-free guidance.",
               components=_sdxl_components(EULER_SDXL, 128), default_steps=30, default_guidance=5.0,
-              supports_negative_prompt=True, **SDXL_DEFAULTS),
+              supports_negative_prompt=True, refiner="sdxl-refiner-1.0", **SDXL_DEFAULTS),
     ModelSpec(id="sdxl-turbo", repo="stabilityai/sdxl-turbo",
               description="SDXL Turbo: adversarially distilled SDXL, 1-4 steps at 512x512 without guidance.",
               components=_sdxl_components(EULER_A_TURBO, 64), default_steps=1, default_guidance=0.0,
               default_width=512, default_height=512, supports_negative_prompt=False, **SDXL_DEFAULTS),
+)
+
+# Refiners finish a base model's images and are not offered as models of their own (menus list HUB_MODELS).
+REFINER_MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec(id="sdxl-refiner-1.0", repo="stabilityai/stable-diffusion-xl-refiner-1.0", is_refiner=True,
+              description="Stable Diffusion XL refiner 1.0: 2.3B UNet that finishes sdxl-base-1.0's last steps.",
+              components=_sdxl_refiner_components(), default_steps=30, default_guidance=5.0,
+              supports_negative_prompt=True, **SDXL_DEFAULTS),
 )
 
 
@@ -244,7 +288,8 @@ def read_local_spec(folder: Path, model_id: str | None = None) -> ModelSpec:
 
     base = FLUX_DEFAULTS if family is Family.FLUX else SDXL_DEFAULTS
     spec = ModelSpec(id=model_id or folder.name, local_dir=folder, components=components,
-                     description=f"Local {class_name} from {folder}", **base)
+                     description=f"Local {class_name} from {folder}",
+                     is_refiner=bool(index.get("requires_aesthetics_score", False)), **base)
     if family is Family.FLUX and not components.get("transformer", ComponentSpec("", "")).config.get("guidance_embeds", True):
         spec = replace(spec, default_steps=4, default_guidance=0.0, max_prompt_tokens=256)
     elif family is Family.FLUX:
@@ -267,7 +312,7 @@ def _apply_overrides(spec: ModelSpec, path: Path) -> ModelSpec:
     raw = json.loads(path.read_text())
     if "size" in raw:
         raw["size"] = SizeLimits(**raw["size"])
-    allowed = {f for f in ModelSpec.__dataclass_fields__} - {"components", "family", "local_dir", "id"}
+    allowed = {f for f in ModelSpec.__dataclass_fields__} - {"components", "family", "local_dir", "id", "base"}
     unknown = set(raw) - allowed
     if unknown:
         raise UnknownModelError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -291,7 +336,7 @@ def known_ids() -> list[str]:
 def resolve_spec(model: str) -> ModelSpec:
     """A registry id, or a local folder in the Hugging Face pipeline layout."""
     model = str(model).strip()
-    for spec in HUB_MODELS + demo_specs():
+    for spec in HUB_MODELS + REFINER_MODELS + demo_specs():
         if spec.id == model:
             return spec
     path = Path(model).expanduser()
@@ -299,3 +344,45 @@ def resolve_spec(model: str) -> ModelSpec:
         return read_local_spec(path.resolve())
     raise UnknownModelError(f"Unknown model {model!r}. Choose one of: {', '.join(known_ids())}, "
                             "or give a local folder in the Hugging Face pipeline layout.")
+
+
+def refiner_of(spec: ModelSpec) -> ModelSpec | None:
+    """The refiner `spec` names (None when it has none). Raises UnknownModelError when the named refiner is not
+    one, or does not share the base's `text_encoder_2` and VAE (a job loads those once, from the base)."""
+    if spec.refiner is None:
+        return None
+    refiner = next((r for r in REFINER_MODELS if r.id == spec.refiner), None)
+    if refiner is None:
+        folder = Path(spec.refiner).expanduser()
+        if not folder.is_absolute() and spec.local_dir is not None:
+            folder = spec.local_dir.parent / folder
+        refiner = read_local_spec(folder.resolve())
+    if not refiner.is_refiner or refiner.family is not spec.family:
+        raise UnknownModelError(f"{spec.id} names {spec.refiner!r} as its refiner, but that is not an SDXL refiner "
+                                "(its model_index.json must say requires_aesthetics_score); fix the refiner entry.")
+    for shared in ("text_encoder_2", "vae"):
+        ours, theirs = (_architecture_of(s.components.get(shared)) for s in (spec, refiner))
+        common = set(ours) & set(theirs)
+        if ours.get("class") != theirs.get("class") or any(ours[k] != theirs[k] for k in common):
+            raise UnknownModelError(f"{refiner.id}'s {shared} differs from {spec.id}'s; a refiner must share the base's "
+                                    f"{shared}. Pair {spec.id} with a refiner made for it.")
+    return replace(refiner, base=str(spec.local_dir) if spec.local_dir else spec.id)
+
+
+def base_of(refiner: ModelSpec) -> ModelSpec | None:
+    """The base a refiner finishes: the one it was reached through, else the registry's model that names it."""
+    if refiner.base is not None:
+        return resolve_spec(refiner.base)
+    return next((s for s in HUB_MODELS if s.refiner == refiner.id), None)
+
+
+# Config-file keys that say how a file was written, not what the component is.
+_BOOKKEEPING = {"architectures", "transformers_version", "torch_dtype", "dtype"}
+
+
+def _architecture_of(component: ComponentSpec | None) -> dict[str, Any]:
+    """A component's class and architecture (the registry writes a subset of a config file's keys)."""
+    if component is None:
+        return {}
+    return {"class": component.class_name, **{k: v for k, v in component.config.items()
+                                              if not k.startswith("_") and k not in _BOOKKEEPING}}

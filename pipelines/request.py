@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from .precision import Backend, Capability, Precision, precision_support
-from .registry import ModelSpec
+from .registry import HUB_MODELS, ModelSpec
 from .schedulers import find_sampler
 from .step_cache import check_name as check_cache
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 MAX_SEED = 2**32 - 1  # A1111 / ComfyUI convention; seeds round-trip through their UIs
 DEFAULT_STRENGTH = 0.6  # diffusers' FluxImg2ImgPipeline default
 DEFAULT_MASK_BLUR = 4  # pixels, A1111's default
+DEFAULT_REFINER_SWITCH = 0.8  # the base runs this fraction of the steps (diffusers' SDXL refiner example)
 MAX_MASK_BLUR = 64
 # Prompt caps, checked before any work: T5 reads at most 512 tokens (about 2,000 characters of English), so
 # 4,000 characters loses nothing a model could use; the byte cap bounds what any text costs to encode and to
@@ -56,6 +57,9 @@ class GenerationRequest:
     mask: "InputImage | None" = None
     mask_blur: int = DEFAULT_MASK_BLUR
     only_masked: bool = False
+    # SDXL refiner: the fraction of the steps the base runs before its refiner finishes from its latents
+    # (diffusers' denoising_end / denoising_start); None: no refiner.
+    refiner: float | None = None
     sampler: str = ""  # a name from pipelines.schedulers ("DPM++ 2M Karras"); empty: the model's own scheduler
     # (name in the loras/ folder, scale) pairs; <lora:NAME:SCALE> in the prompt adds to them (pipelines.lora).
     loras: tuple[tuple[str, float], ...] = ()
@@ -74,6 +78,8 @@ class GenerationRequest:
             del d["mask_blur"], d["only_masked"]
         else:
             d["mask_sha256"] = self.mask.sha256
+        if self.refiner is None:
+            del d["refiner"]
         d["loras"] = [[name, scale] for name, scale in self.loras]
         return d
 
@@ -87,6 +93,7 @@ class StageTimings:
     vae_ms: float
     load_ms: float = 0.0  # loading models / building engines for this job (not part of total_ms)
     vae_encoder_ms: float = 0.0  # image to image: encoding the input image
+    refiner_steps: int = 0  # how many of `steps_ms` the refiner ran (the last ones)
 
     @property
     def total_ms(self) -> float:
@@ -103,7 +110,9 @@ class StageTimings:
 
     def summary(self) -> str:
         encoder = f"VAE encoder {self.vae_encoder_ms:.0f} ms | " if self.vae_encoder_ms else ""
-        return (f"text encoders {self.text_encoders_ms:.0f} ms | {encoder}{len(self.steps_ms)} steps x "
+        refined = f" ({len(self.steps_ms) - self.refiner_steps} base + {self.refiner_steps} refiner)" \
+            if self.refiner_steps else ""
+        return (f"text encoders {self.text_encoders_ms:.0f} ms | {encoder}{len(self.steps_ms)} steps{refined} x "
                 f"{self.mean_step_ms:.1f} ms = {self.denoise_ms:.0f} ms | VAE {self.vae_ms:.0f} ms | "
                 f"total {self.total_ms:.0f} ms" + (f" (+ load {self.load_ms:.0f} ms)" if self.load_ms else ""))
 
@@ -121,12 +130,14 @@ class GenerationResult:
     device: str
     warnings: tuple[str, ...] = field(default_factory=tuple)
     lora_hashes: tuple[tuple[str, str], ...] = ()  # (name, Automatic1111 short hash) of each LoRA used
+    refiner_id: str = ""  # the refiner that finished the images (registry id or folder name), when one ran
 
     def settings(self) -> dict[str, Any]:
         """Every setting needed to reproduce the result; saved into each PNG."""
         # The model by name, never a local folder's path: PNGs get shared, paths are private.
+        refiner = {"refiner_model": self.refiner_id} if self.refiner_id else {}
         return {**self.request.to_dict(), "model": self.model_id, "seeds": list(self.seeds), "backend": self.backend,
-                "runs_as": self.runs_as, "device": self.device, "lora_hashes": dict(self.lora_hashes)}
+                "runs_as": self.runs_as, "device": self.device, "lora_hashes": dict(self.lora_hashes), **refiner}
 
 
 def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capability | None,
@@ -137,6 +148,10 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
     files exist and fit the model is `pipelines.lora.load_set`, which the manager runs next."""
     from .lora import check_loras, parse_prompt  # pipelines.lora imports this module
 
+    if spec.is_refiner:
+        bases = [s.id for s in HUB_MODELS if s.refiner == spec.id] or ["its SDXL base model"]
+        raise RequestError(f"{spec.id} is a refiner: it finishes a base model's images and does not run alone. "
+                           f"Choose {' or '.join(bases)} and turn the refiner on (--refiner 0.8).")
     check_prompt("prompt", req.prompt)
     check_prompt("negative prompt", req.negative_prompt or "")
     prompt, tagged = parse_prompt(req.prompt)
@@ -191,6 +206,18 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
             raise RequestError(f"mask blur must be between 0 and {MAX_MASK_BLUR} pixels; got {mask_blur}.")
     elif req.only_masked:
         raise RequestError("'Only masked' needs a mask; give one or turn the option off.")
+    refiner = None
+    if req.refiner is not None:
+        refiner = _as_float("refiner switch", req.refiner)
+        if spec.refiner is None:
+            with_one = [s.id for s in HUB_MODELS if s.refiner]
+            raise RequestError(f"{spec.id} has no refiner (the refiner finishes {' and '.join(with_one)} images); "
+                               "turn the refiner off or choose that model.")
+        if not 0 < refiner < 1:
+            raise RequestError(f"refiner switch must be above 0 and below 1 (the fraction of the steps the base model "
+                               f"runs before the refiner takes over; {DEFAULT_REFINER_SWITCH:g} is usual); got {refiner:g}.")
+        if mask is not None:
+            raise RequestError("The refiner does not run with an inpainting mask; clear the mask or turn the refiner off.")
     sampler = (req.sampler or "").strip() if isinstance(req.sampler, str) or req.sampler is None else req.sampler
     if not isinstance(sampler, str):
         raise RequestError(f"sampler must be a name; got {sampler!r}.")
@@ -220,7 +247,7 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
     return replace(req, prompt=prompt, precision=precision, negative_prompt=negative, width=width, height=height,
                    steps=steps, guidance=guidance, seed=seed, num_images=num_images, sampler=sampler, image=image,
                    strength=strength, mask=mask, mask_blur=mask_blur, only_masked=bool(req.only_masked), loras=loras,
-                   cache=cache)
+                   cache=cache, refiner=refiner)
 
 
 def check_prompt(name: str, text: Any) -> None:

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from tiny_models import save_tiny_flux, save_tiny_sdxl  # noqa: E402
+from tiny_models import save_tiny_flux, save_tiny_sdxl, save_tiny_sdxl_with_refiner  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +28,12 @@ def tiny_flux_schnell(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(tiny SDXL base whose prism.json names its refiner, the tiny refiner's folder)."""
+    return save_tiny_sdxl_with_refiner(tmp_path_factory.mktemp("models"))
 
 
 # Every tiny component the TensorRT tests export and build, as (family, component).

@@ -89,8 +89,8 @@ def test_hostile_requests_get_one_line_answers_and_logins_are_throttled(tmp_path
         event, data = _call(url, "compare", ["demo-flux", "a \ud800"[:2] + "b", 1, []], cookies)
         assert event == "error" and "Select at least one precision" in data
         event, data = _call(url, "generate_sdxl", ["demo-sdxl", "a", "", 64, 64, 1, 4, 1, 1, "bf16", "", None, 0.6, 4,
-                                                   False, "", 1, "", 1, False, "extra"], cookies)
-        assert event == "error" and "sent 21 values; it takes at most 20: model, prompt, negative_prompt, width" in data
+                                                   False, "", 1, "", 1, False, False, 0.8, "extra"], cookies)
+        assert event == "error" and "sent 23 values; it takes at most 22: model, prompt, negative_prompt, width" in data
         event, data = _call(url, "generate_sdxl", ["demo-sdxl", "a", "", 64, 64, 1, 4, 1, 1, "bf16", "", None, 0.6, 4,
                                                    False, "", 1, "", 1, "extra"], cookies)  # the "cached" checkbox
         assert event == "error" and "cache must be one of off, fast (or true / false); got 'extra'." in data

@@ -32,7 +32,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_flux, tiny_sdxl, tiny_flux_schnell):
+def app(tmp_path_factory, tiny_flux, tiny_sdxl, tiny_flux_schnell, tiny_sdxl_pair):
     from ui.launch import LaunchOptions, start
 
     from pipelines.cpu_math import FAST_CPU
@@ -50,7 +50,9 @@ def app(tmp_path_factory, tiny_flux, tiny_sdxl, tiny_flux_schnell):
     # Fast 16-bit math assumed, so labels do not depend on the CPU (tests/test_cpu_dtype.py covers the others).
     config = ManagerConfig(device="cpu", max_queue=1, hub=HubOptions(offline=True), cpu_math=FAST_CPU,
                            engine_cache_dir=tmp_path_factory.mktemp("engine-cache"), lora_dir=loras)
-    opts = LaunchOptions(port=free_port(), models=(str(flux), str(schnell), str(sdxl), "flux.1-schnell"),
+    # tiny-sdxl-base names its refiner (tiny-sdxl-refiner, beside it): the SDXL tab's refiner switch shows for it.
+    models = (str(flux), str(schnell), str(sdxl), str(tiny_sdxl_pair[0]), "flux.1-schnell")
+    opts = LaunchOptions(port=free_port(), models=models,
                          manager=config, output_dir=tmp_path_factory.mktemp("outputs"))
     demo, service = start(opts, block=False)
     assert service.manager.engine_cache.root != REPO / "engine_cache"
@@ -373,7 +375,9 @@ def test_api_parameters_and_outputs_have_real_names_types_and_defaults(client):
     params = {p["parameter_name"]: p for p in api["/generate_sdxl"]["parameters"]}
     assert list(params) == ["model", "prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed",
                             "num_images", "precision", "sampler", "input_image", "strength", "mask_blur", "only_masked",
-                            "lora", "lora_scale", "lora_2", "lora_2_scale", "cached"]
+                            "lora", "lora_scale", "lora_2", "lora_2_scale", "cached", "refiner", "refiner_switch"]
+    assert (params["refiner"]["python_type"]["type"], params["refiner_switch"]["python_type"]["type"]) == \
+        ("bool", "float")
     assert (params["strength"]["python_type"]["type"], params["mask_blur"]["python_type"]["type"],
             params["only_masked"]["python_type"]["type"], params["cached"]["python_type"]["type"]) == \
         ("float", "int", "bool", "bool")
@@ -574,3 +578,51 @@ def test_api_fast_cached_generates_and_compares_against_uncached(client):
     assert images[0] and images[3] and heatmaps[3] and images[1] is None
     assert "fast (cached)" in figures[3] and "PSNR" in figures[3]
     assert [e["cached"] for e in details["entries"]] == [False, True]
+def test_api_sdxl_refiner_runs_and_is_recorded(client):
+    gallery, files, seed, summary, details, status = client.predict(
+        model="tiny-sdxl-base", prompt="a blue square", width=32, height=32, steps=4, seed=7, refiner=True,
+        refiner_switch=0.5, api_name="/generate_sdxl")
+    assert "**Refiner:** tiny-sdxl-refiner ran the last 2 of 4 steps (hand-off at 0.5)" in summary
+    assert details["refiner"] == 0.5 and details["refiner_model"] == "tiny-sdxl-refiner"
+    png = _png_settings(files[0])
+    assert "Refiner: tiny-sdxl-refiner, Refiner switch at: 0.5" in png["parameters"]
+
+
+def test_api_refiner_on_a_model_without_one_is_one_line(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=r"tiny-sdxl has no refiner \(the refiner finishes sdxl-base-1.0 images\)"):
+        client.predict(model="tiny-sdxl", prompt="x", width=32, height=32, steps=2, refiner=True,
+                       api_name="/generate_sdxl")
+    with pytest.raises(AppError, match="refiner switch must be above 0 and below 1"):
+        client.predict(model="tiny-sdxl-base", prompt="x", width=32, height=32, steps=2, refiner=True,
+                       refiner_switch=1.5, api_name="/generate_sdxl")
+    *_, status = client.predict(model="tiny-sdxl-base", prompt="x", width=32, height=32, steps=2, seed=1,
+                                api_name="/generate_sdxl")  # still serving
+    assert status.startswith("Done")
+
+
+def test_browser_refiner_switch_shows_for_models_that_have_one(page):
+    from playwright.sync_api import expect
+
+    _open_tab(page, "SDXL")
+    row = page.locator("#sdxl-refiner-row")
+    _choose(page, "#sdxl-model", "tiny-sdxl")
+    expect(row).to_be_hidden()
+    _choose(page, "#sdxl-model", "tiny-sdxl-base")
+    expect(row).to_be_visible()
+    expect(page.locator("#sdxl-refiner")).to_contain_text("Refiner (tiny-sdxl-refiner)")
+    page.fill("#sdxl-prompt textarea", "a blue square")
+    _fill_size(page, "sdxl", 32, 32, steps=4)
+    page.locator("#sdxl-refiner input[type=checkbox]").check()
+    page.fill("#sdxl-refiner-switch input[type=number]", "0.5")
+    page.locator("#sdxl-refiner-switch input[type=number]").press("Enter")
+    page.click("#sdxl-generate")
+    expect(page.locator("#sdxl-status")).to_contain_text("Done: 1 image")
+    expect(page.locator("#sdxl-summary")).to_contain_text("Refiner: tiny-sdxl-refiner ran the last 2 of 4 steps")
+    _screenshot(page, "ui-sdxl-refiner.png")
+    _choose(page, "#sdxl-model", "tiny-sdxl")  # the switch goes off with the row: no leftover refiner request
+    expect(row).to_be_hidden()
+    page.click("#sdxl-generate")
+    expect(page.locator("#sdxl-status")).to_contain_text("Done: 1 image")
+    expect(page.locator("#sdxl-summary")).not_to_contain_text("Refiner")

@@ -100,6 +100,8 @@ def result_markdown(result: GenerationResult) -> str:
         f"**Peak memory:** {peak_text(result.peak_memory_bytes)}",
         *(["**LoRAs:** " + ", ".join(f"{name} × {scale:g}" for name, scale in result.request.loras)]
           if result.request.loras else []),
+        *([f"**Refiner:** {result.refiner_id} ran the last {t.refiner_steps} of {len(t.steps_ms)} steps "
+           f"(hand-off at {result.request.refiner:g})"] if result.refiner_id else []),
         f"**Timings:** text encoders {fmt_ms(t.text_encoders_ms)} · {len(t.steps_ms)} steps × "
         f"{fmt_ms(t.mean_step_ms)} = {fmt_ms(t.denoise_ms)} · VAE {fmt_ms(t.vae_ms)} · **total {fmt_ms(t.total_ms)}**"
         + (f" (+ loading {fmt_ms(t.load_ms)})" if t.load_ms else ""),

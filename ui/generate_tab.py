@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 
 import gradio as gr
 
 from pipelines.families import FAMILIES
 from pipelines.image_input import ONLY_MASKED_PADDING
 from pipelines.registry import Family, ModelSpec
-from pipelines.request import DEFAULT_MASK_BLUR, DEFAULT_STRENGTH, MAX_MASK_BLUR
+from pipelines.request import DEFAULT_MASK_BLUR, DEFAULT_REFINER_SWITCH, DEFAULT_STRENGTH, MAX_MASK_BLUR
 from pipelines.schedulers import recorded_name, sampler_names
 
 from .errors import ui_error
@@ -118,6 +119,14 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
             cached = gr.Checkbox(False, label="Fast (cached): some middle steps reuse the model's last output "
                                               "(about 1.6x fewer model runs from 8 steps up; the image changes a little)",
                                  elem_id=f"{prefix}-cached")
+            refiner_row = refiner_on = refiner_switch = None
+            if sdxl:  # shown for models that name a refiner (sdxl-base-1.0)
+                with gr.Row(visible=bool(spec and spec.refiner), elem_id=f"{prefix}-refiner-row") as refiner_row:
+                    refiner_on = gr.Checkbox(False, label=refiner_label(spec), elem_id=f"{prefix}-refiner",
+                                             info="finishes the last steps from the base's latents")
+                    refiner_switch = NumberSlider(0.05, 0.95, DEFAULT_REFINER_SWITCH, step=0.05, label="Hand-off at",
+                                                  info="the base runs this fraction of the steps",
+                                                  elem_id=f"{prefix}-refiner-switch")
             with gr.Accordion("Input image (image to image, inpainting)", open=False, elem_id=f"{prefix}-input-box"):
                 gr.Markdown("The input is scaled to cover the width x height above and its centre is kept. Paint "
                             "over it to repaint only there (inpainting); the rest of the picture stays as it was.",
@@ -180,10 +189,14 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
             if not s.supports_negative_prompt:
                 negative_update["value"] = ""  # a hidden leftover would make the request fail
             updates.append(gr.update(**negative_update))
+            # A hidden, checked leftover would make the request fail: the switch goes off with the row.
+            updates += [gr.update(visible=bool(s.refiner)),
+                        gr.update(label=refiner_label(s)) if s.refiner else gr.update(value=False)]
         return updates
 
     model.input(run_once(on_model), model,
-                [model_note, width, height, steps, guidance, num_images, examples, sampler] + ([negative] if sdxl else []),
+                [model_note, width, height, steps, guidance, num_images, examples, sampler]
+                + ([negative, refiner_row, refiner_on] if sdxl else []),
                 api_visibility="undocumented", concurrency_limit=None, show_progress="hidden")
     examples.click(lambda sample: sample[0], examples, prompt, api_visibility="private", concurrency_limit=None,
                    show_progress="hidden")
@@ -192,13 +205,13 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
     cleared = (None, None, None, "", None)  # after an error no earlier result stays on show as if it were new
 
     def run(session: str | None, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p, sampler_name,
-            editor, strength_value, blur, only, lora_values, fast, progress):
+            editor, strength_value, blur, only, lora_values, fast, refiner_value, progress):
         if not (prompt_text or "").strip():
             raise gr.Error(empty_prompt_hint(service.choice(model_name, family).spec), print_exception=False)
         image, mask = image_and_mask(editor)
         request = service.build_request(family, model_name, prompt_text, negative_text, w, h, n_steps, g, s, n, p,
                                         sampler_name, image, strength_value, mask, blur, only,
-                                        chosen_loras(lora_values), cache=fast)
+                                        chosen_loras(lora_values), refiner_value, cache=fast)
         name = service.choice_for(request).name
         started = time.perf_counter()
         task = service.start_generate(request, session=session)
@@ -224,11 +237,13 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
         def generate_sdxl(model, prompt, negative_prompt="", width=None, height=None, steps=None, guidance=None,
                           seed=-1, num_images=1, precision=None, sampler="", input_image=None,
                           strength=DEFAULT_STRENGTH, mask_blur=DEFAULT_MASK_BLUR, only_masked=False, lora="",
-                          lora_scale=1.0, lora_2="", lora_2_scale=1.0, cached=False, request: gr.Request = None,
-                          progress=gr.Progress()):
+                          lora_scale=1.0, lora_2="", lora_2_scale=1.0, cached=False, refiner=False,
+                          refiner_switch=DEFAULT_REFINER_SWITCH, request: gr.Request = None, progress=gr.Progress()):
             yield from run(session_of(request), model, prompt, negative_prompt, width, height, steps, guidance, seed,
                            num_images, precision, sampler, input_image, strength, mask_blur, only_masked,
-                           (lora, lora_scale, lora_2, lora_2_scale), cached, progress)
+                           (lora, lora_scale, lora_2, lora_2_scale), cached,
+                           (DEFAULT_REFINER_SWITCH if refiner_switch in (None, "") else refiner_switch)
+                           if refiner else None, progress)
         generate = generate_sdxl
     else:
         @run_with_errors(len(outputs), cleared)
@@ -238,12 +253,13 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
                           lora_2_scale=1.0, cached=False, request: gr.Request = None, progress=gr.Progress()):
             yield from run(session_of(request), model, prompt, "", width, height, steps, guidance, seed, num_images,
                            precision, sampler, input_image, strength, mask_blur, only_masked,
-                           (lora, lora_scale, lora_2, lora_2_scale), cached, progress)
+                           (lora, lora_scale, lora_2, lora_2_scale), cached, None, progress)
         generate = generate_flux
 
     inputs = [model, prompt] + ([negative] if sdxl else []) + [width, height, steps, guidance, seed, num_images,
                                                                 precision, sampler, input_image, strength, mask_blur,
-                                                                only_masked, *loras.inputs, cached]
+                                                                only_masked, *loras.inputs, cached] \
+        + ([refiner_on, refiner_switch] if sdxl else [])
     # The last run's status line goes at once, in the browser, so a stale "Done" or error never describes this run.
     event = button.click(None, None, status, js="() => ''", queue=False).then(
         generate, inputs, outputs, api_name=f"generate_{prefix}", concurrency_id=GPU_CONCURRENCY_ID,
@@ -269,7 +285,8 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
             [s.get("width"), s.get("height"), s.get("steps"), s.get("guidance"), item.seed, s.get("num_images", 1),
              s.get("precision"), s.get("sampler", ""), gr.skip(),  # the input image is not in the PNG, only its hash
              s.get("strength") or DEFAULT_STRENGTH, s.get("mask_blur", DEFAULT_MASK_BLUR), s.get("only_masked", False),
-             *row_values(s.get("loras")), s.get("cache") == "fast"]
+             *row_values(s.get("loras")), s.get("cache") == "fast"] + \
+            ([s.get("refiner") is not None, s.get("refiner") or DEFAULT_REFINER_SWITCH] if sdxl else [])
         return values
 
     def input_of(item):
@@ -331,6 +348,12 @@ def run_once(fn):
             raise ui_error(exc, fn.__name__) from None
 
     return wrapper
+
+
+def refiner_label(spec: ModelSpec | None) -> str:
+    """The switch's label names the refiner (a local base names a folder; its name is enough)."""
+    name = Path(spec.refiner).name if spec and spec.refiner else "refiner"
+    return f"Refiner ({name})"
 
 
 def _negative_placeholder(spec: ModelSpec | None) -> str:

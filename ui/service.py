@@ -66,6 +66,9 @@ def offered_models(models: Sequence[str] | None = None) -> tuple[ModelChoice, ..
                                         "nor a folder in the Hugging Face pipeline layout.")
             folder = folder.resolve()
             spec = read_local_spec(folder)
+            if spec.is_refiner:
+                raise UnknownModelError(f"--models: {item!r} is a refiner; offer its base model (the refiner is a "
+                                        "switch on the base's tab when the base's prism.json names it).")
             choice = ModelChoice(spec.id, str(folder), spec)
         if choice.name in out:
             raise UnknownModelError(f"--models: two models are named {choice.name!r}; rename one of the folders.")
@@ -243,9 +246,10 @@ class PrismService:
                       width: Any, height: Any, steps: Any, guidance: Any, seed: Any, num_images: Any,
                       precision: str, sampler: str | None = "", image: Any = None, strength: Any = None,
                       mask: Any = None, mask_blur: Any = DEFAULT_MASK_BLUR, only_masked: bool = False,
-                      loras: tuple = (), cache: Any = "off") -> GenerationRequest:
+                      loras: tuple = (), refiner: Any = None, cache: Any = "off") -> GenerationRequest:
         """A request from widget values (None or -1 seed: random; empty size/steps/guidance: the model's default).
-        `image` and `mask` are decoded images or files; `resolve_request` reads and checks them."""
+        `image` and `mask` are decoded images or files; `resolve_request` reads and checks them. `refiner`: the
+        hand-off fraction when the refiner is on, else None."""
         choice = self.choice(model, family)
         seed = None if seed in (None, "", -1, -1.0) else seed
         return GenerationRequest(
@@ -255,7 +259,7 @@ class PrismService:
             num_images=1 if num_images in (None, "") else num_images, sampler=sampler or "", image=image,
             strength=_blank_none(strength) if image is not None else None, mask=mask,
             mask_blur=DEFAULT_MASK_BLUR if mask_blur in (None, "") else mask_blur, only_masked=bool(only_masked),
-            loras=tuple(loras), cache=cache)
+            loras=tuple(loras), refiner=_blank_none(refiner), cache=cache)
 
     def lora_names(self) -> list[str]:
         """The LoRAs in the manager's loras/ folder, by name."""

@@ -26,6 +26,19 @@ def weights_of(name: str) -> str:
     return "vae" if name == VAE_ENCODER else name
 
 
+# A job with a refiner reads the refiner's own parts under these names (its denoiser and scheduler); the text
+# encoder and VAE it shares with the base are the base's, loaded once.
+REFINER_PREFIX = "refiner_"
+
+
+def part_owner(spec: "ModelSpec", name: str, refiner: "ModelSpec | None") -> tuple["ModelSpec", str]:
+    """The model and component a job's part `name` is: `refiner_unet` is the refiner's `unet`."""
+    if name.startswith(REFINER_PREFIX):
+        assert refiner is not None, f"{name} needs a refiner"
+        return refiner, name[len(REFINER_PREFIX):]
+    return spec, name
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     kind: Family
@@ -70,7 +83,10 @@ class ModelFamily:
             return vae_decoder_io(spec.components["vae"].config)
         return self.denoiser_io(spec)
 
-    def stages(self, with_image: bool = False) -> tuple[tuple[str, ...], ...]:
-        """The components each stage needs resident at once, in order; the VAE encoder only for an input image."""
+    def stages(self, with_image: bool = False, with_refiner: bool = False) -> tuple[tuple[str, ...], ...]:
+        """The components each stage needs resident at once, in order; the VAE encoder only for an input image,
+        the refiner's denoiser (after the base's) only for a job with a refiner."""
         encode = ((VAE_ENCODER,),) if with_image else ()
-        return (("tokenizer", "tokenizer_2", *self.text_encoders), *encode, ("scheduler", self.denoiser), ("vae",))
+        refine = ((REFINER_PREFIX + "scheduler", REFINER_PREFIX + self.denoiser),) if with_refiner else ()
+        return (("tokenizer", "tokenizer_2", *self.text_encoders), *encode, ("scheduler", self.denoiser), *refine,
+                ("vae",))

@@ -2,13 +2,14 @@
 and classifier-free guidance, a VAE.
 
 Follows diffusers' StableDiffusionXLPipeline (with an input image StableDiffusionXLImg2ImgPipeline, with a
-mask StableDiffusionXLInpaintPipeline on the base model's 4-channel UNet) step for step (tests compare
-them image for image)
+mask StableDiffusionXLInpaintPipeline on the base model's 4-channel UNet, with a refiner the hand-off in
+sdxl_refiner.py) step for step (tests compare them image for image)
 and reads its components through `Parts`, like the Flux loop.
 """
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from types import MappingProxyType
 
 import torch
@@ -21,19 +22,26 @@ from ..request import GenerationRequest
 from ..run_context import Parts, RunContext, Stopwatch
 from ..sampling import (FamilyOutput, check_finite, family_output, seed_generators, seeded_noise, stage_timings,
                         tokenize, truncation_warning)
-from .family import ModelFamily
+from . import sdxl_refiner
+from .family import REFINER_PREFIX, ModelFamily
 from ..schedulers import Sampler, make_scheduler
-from ..step_cache import StepCache
+from ..step_cache import NO_CACHE, StepCache
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 def _encode(parts: Parts, prompt: str, max_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Both encoders' penultimate hidden states side by side, OpenCLIP-bigG's pooled output, whether it was cut."""
     ids_1, cut = tokenize(parts.get("tokenizer"), prompt, max_length)
-    ids_2, _ = tokenize(parts.get("tokenizer_2"), prompt, max_length)
     hidden_1 = parts.get("text_encoder")(input_ids=ids_1.to(device))
-    hidden_2, pooled = parts.get("text_encoder_2")(input_ids=ids_2.to(device))
+    hidden_2, pooled = _encode_2(parts, prompt, max_length, device)
     return torch.cat([hidden_1, hidden_2.to(hidden_1.dtype)], dim=-1), pooled, cut
+
+
+def _encode_2(parts: Parts, prompt: str, max_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """OpenCLIP-bigG alone (`text_encoder_2`): what the refiner reads."""
+    ids_2, _ = tokenize(parts.get("tokenizer_2"), prompt, max_length)
+    return parts.get("text_encoder_2")(input_ids=ids_2.to(device))
 
 
 def first_step(steps: int, strength: float) -> int:
@@ -47,6 +55,7 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     warnings: list[str] = []
     clock = Stopwatch(device)
     guided = req.guidance > 1.0  # classifier-free guidance doubles the UNet batch
+    refine = req.refiner is not None
 
     # 1. Encode the prompt (and the negative prompt; an empty one is zeros, as SDXL was trained).
     ctx.report("text", 0, 1, "encoding the prompt")
@@ -59,6 +68,9 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
             neg_text, neg_pooled, _ = _encode(parts, req.negative_prompt, spec.max_prompt_tokens, device)
         elif guided:
             neg_text, neg_pooled = torch.zeros_like(text), torch.zeros_like(pooled)
+        if refine:  # the refiner reads text_encoder_2's part; an empty negative prompt is encoded, not zeros
+            hidden_2 = text[..., -spec.components["text_encoder_2"].config["hidden_size"]:]
+            refiner_negative = _encode_2(parts, req.negative_prompt, spec.max_prompt_tokens, device) if guided else None
     t_text = clock.mark()
     parts.done_with(*TEXT_ENCODERS)
     if cut:
@@ -74,6 +86,16 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     timesteps = scheduler.timesteps[start:]
+    if refine:  # the base stops at the switch; the refiner's own scheduler runs the rest of the same schedule
+        timesteps = sdxl_refiner.base_part(timesteps, req.refiner, scheduler.config.num_train_timesteps)
+        refiner_scheduler = make_scheduler(parts.get(REFINER_PREFIX + "scheduler"), spec.family, req.sampler)
+        refiner_scheduler.set_timesteps(req.steps, device=device)
+        refiner_first = sdxl_refiner.refiner_start(refiner_scheduler, req.refiner)
+        if hasattr(refiner_scheduler, "set_begin_index"):
+            refiner_scheduler.set_begin_index(refiner_first)
+        refiner_timesteps = refiner_scheduler.timesteps[refiner_first:]
+        sdxl_refiner.check_split(len(timesteps), len(refiner_timesteps), req.refiner, req.steps)
+    total_steps = len(timesteps) + (len(refiner_timesteps) if refine else 0)
 
     # 3. Starting latents: noise, or the encoded input image with noise added to the first step's level.
     generators = seed_generators(seeds)
@@ -105,32 +127,34 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
         cond = dict(encoder_hidden_states=torch.cat([neg_text.to(dtype).repeat(n, 1, 1), cond["encoder_hidden_states"]]),
                     text_embeds=torch.cat([neg_pooled.to(dtype).repeat(n, 1), cond["text_embeds"]]),
                     time_ids=time_ids.repeat(2 * n, 1))
-    step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
-    # 4. Denoise.
-    unet = parts.get("unet")
+    def keep_outside_mask(i: int, latents: torch.Tensor) -> torch.Tensor:
+        """Outside the mask, the input image noised to the next step's level."""
+        kept = image_latents if i == len(timesteps) - 1 else scheduler.add_noise(image_latents, noise,
+                                                                                 timesteps[i + 1:i + 2])
+        return (1 - mask) * kept + mask * latents
+
+    # 4. Denoise (with a refiner, the base's part of the schedule, then the refiner's from the base's latents).
     cache = StepCache.named(req.cache)
     if cache.note(len(timesteps)):
         warnings.append(cache.note(len(timesteps)))
     step_marks = [clock.mark()]
-    with torch.inference_mode():
-        for i, t in enumerate(timesteps):
-            ctx.check_cancelled()
-            if i == 0 or cache.computes(i, len(timesteps)):  # else the last guided prediction again (step caching)
-                model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-                eps = unet(sample=model_in, timestep=t, **cond)
-                if guided:
-                    eps_uncond, eps_text = eps.chunk(2)
-                    eps = eps_uncond + req.guidance * (eps_text - eps_uncond)
-            latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
-            if mask is not None:  # outside the mask, the input image noised to the next step's level
-                kept = image_latents if i == len(timesteps) - 1 else \
-                    scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
-                latents = (1 - mask) * kept + mask * latents
-            step_marks.append(clock.mark())
-            clock.wait(step_marks[-1])
-            ctx.report("denoise", i + 1, len(timesteps))
+    latents = _denoise(parts.get("unet"), scheduler, timesteps, latents, cond, req.guidance if guided else None,
+                       generators, ctx, clock, step_marks, (0, total_steps),
+                       keep_outside_mask if mask is not None else None, cache)
     check_finite(latents, "UNet", "Try bf16, or a lower guidance.")
+    refiner_marks = []
+    if refine:
+        parts.done_with("unet")  # on a tight budget the refiner may take the base UNet's place
+        refiner_unet = parts.get(REFINER_PREFIX + "unet")
+        refiner_cond = sdxl_refiner.conditioning(hidden_2, pooled, refiner_negative, n, req.height, req.width,
+                                                 parts.dtype(REFINER_PREFIX + "unet"), device)
+        refiner_marks = [clock.mark()]
+        latents = _denoise(refiner_unet, refiner_scheduler, refiner_timesteps,
+                           latents.to(parts.dtype(REFINER_PREFIX + "unet")), refiner_cond,
+                           req.guidance if guided else None, generators, ctx, clock, refiner_marks,
+                           (len(timesteps), total_steps), cache=cache)
+        check_finite(latents, "refiner UNet", "Try bf16, or a lower guidance.")
 
     # 5. Decode (the SDXL VAE overflows in fp16; the component plan loads it in fp32 then).
     ctx.report("vae", 0, 1, "decoding")
@@ -143,20 +167,58 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
 
     encode = (t_encode, t_encoded) if req.image is not None else None
     timings = stage_timings(clock, t_start, t_text, step_marks, t_vae, t_end, encode)
+    if refine:
+        refined = tuple(clock.ms(a, b) for a, b in zip(refiner_marks, refiner_marks[1:]))
+        timings = replace(timings, steps_ms=timings.steps_ms + refined, refiner_steps=len(refined))
     return family_output(decoded, timings, canvas, warnings)
+
+
+def _denoise(unet, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, cond: dict, guidance: float | None,
+             generators: list[torch.Generator], ctx: RunContext, clock: Stopwatch, marks: list,
+             progress: tuple[int, int], blend=None, cache: StepCache = NO_CACHE) -> torch.Tensor:
+    """The UNet over `timesteps` (classifier-free guidance at `guidance`; None: unguided); `blend(i, latents)`
+    after each step (inpainting). `progress`: steps done before these, and the job's total. Steps `cache` skips
+    reuse the last guided prediction (step caching), counted within these `timesteps`."""
+    step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    done, total = progress
+    with torch.inference_mode():
+        for i, t in enumerate(timesteps):
+            ctx.check_cancelled()
+            if i == 0 or cache.computes(i, len(timesteps)):
+                model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if guidance is not None else latents, t)
+                eps = unet(sample=model_in, timestep=t, **cond)
+                if guidance is not None:
+                    eps_uncond, eps_text = eps.chunk(2)
+                    eps = eps_uncond + guidance * (eps_text - eps_uncond)
+            latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+            if blend is not None:
+                latents = blend(i, latents)
+            marks.append(clock.mark())
+            clock.wait(marks[-1])
+            ctx.report("denoise", done + i + 1, total)
+    return latents
 
 
 def denoiser_io(spec: ModelSpec) -> GraphIO:
     """The UNet's inputs and outputs, as `generate` calls it."""
     tokens = spec.max_prompt_tokens
     cfg = spec.components["unet"].config
-    time_dims = 6 * cfg["addition_time_embed_dim"]
+    time_ids = len(_time_ids_layout(spec))
+    time_dims = time_ids * cfg["addition_time_embed_dim"]
     return GraphIO((TensorSpec("sample", ("batch", cfg["in_channels"], "lat_h", "lat_w"), "compute"),
                     TensorSpec("timestep", (), "float32"),  # scheduler.timesteps[i]: a 0-d float32 tensor
                     TensorSpec("encoder_hidden_states", ("batch", tokens, cfg["cross_attention_dim"]), "compute"),
                     TensorSpec("text_embeds", ("batch", cfg["projection_class_embeddings_input_dim"] - time_dims),
                                "compute"),
-                    TensorSpec("time_ids", ("batch", 6), "compute")), ("noise",))
+                    TensorSpec("time_ids", ("batch", time_ids), "compute")), ("noise",))
+
+
+def _time_ids_layout(spec: ModelSpec) -> tuple[str, ...]:
+    """What the UNet's size conditioning holds: the base's original size, crop and target size; the refiner's
+    original size, crop and aesthetic score (diffusers' `requires_aesthetics_score`)."""
+    if spec.is_refiner:
+        return ("height", "width", "crop_top", "crop_left", "aesthetic_score")
+    return ("height", "width", "crop_top", "crop_left", "target_height", "target_width")
 
 
 SAMPLERS = (

@@ -110,7 +110,8 @@ class TensorRTBackend:
         build = DevicePolicy.for_target(policy.capability)  # the export runs as the engine will
         if name != spec.denoiser or precision.is_16bit:
             return estimate_bytes(spec, name, precision, build)
-        return sum(estimate_bytes(spec, part, build.sixteen_bit, build) for part in family_of(spec).adapters)
+        return sum(estimate_bytes(spec, part, build.sixteen_bit, build) for part in family_of(spec).adapters
+                   if part in spec.components)  # a refiner has no text_encoder
 
     def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, policy: DevicePolicy,
              source: WeightSource, ctx: RunContext | None = None, loras: LoraSet = NO_LORAS) -> LoadedComponent:

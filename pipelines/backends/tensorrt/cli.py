@@ -25,7 +25,10 @@ from .trt_api import BuildFailed, BuildRefused, TensorRTUnavailable, import_trt
 
 
 def default_components(spec: ModelSpec) -> list[str]:
-    """What text-to-image runs: the family's graph components (vae_encoder only on request)."""
+    """What text-to-image runs: the family's graph components (vae_encoder only on request). A refiner's text
+    encoder and VAE are its base's: only its denoiser is its own."""
+    if spec.is_refiner:
+        return [spec.denoiser]
     return list(family_of(spec).adapters)
 
 

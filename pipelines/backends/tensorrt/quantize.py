@@ -40,8 +40,9 @@ from ...loading import WeightSource, load_component
 from ...lora import NO_LORAS, LoraSet
 from ..torch_lora import fuse_into
 from ...precision import Backend, Precision
-from ...registry import ModelSpec
-from ...request import GenerationRequest, resolve_request
+from ...families.family import REFINER_PREFIX, part_owner
+from ...registry import ModelSpec, base_of
+from ...request import DEFAULT_REFINER_SWITCH, GenerationRequest, resolve_request
 from ...run_context import RunContext
 from ...sampling import NumericsError
 from . import qdq
@@ -101,6 +102,8 @@ class QuantRecipe:
         keep = family_of(spec).keep_16bit
         full = {**asdict(r), "precision": r.precision.value, "keep_16bit": list(keep), "version": RECIPE_VERSION,
                 "format": _FORMATS[r.precision][1], "prompts_sha256": hashlib.sha256(PROMPTS_FILE.read_bytes()).hexdigest()}
+        if spec.is_refiner:  # calibrated on its base's trajectories, from the usual hand-off
+            full.update(base=spec.base, handoff=DEFAULT_REFINER_SWITCH)
         digest = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:8]
         return f"{r.fmt}-{r.algorithm}-cal{r.prompts}x{r.steps}-{r.width}x{r.height}-{digest}"
 
@@ -117,25 +120,28 @@ def apply_quantization(model: nn.Module, fmt: str, amax: dict[str, float]) -> in
 
 
 class _CalibrationParts:
-    """The `Parts` the family loop reads: 16-bit encoders and VAE on the device, and the denoiser being calibrated."""
+    """The `Parts` the family loop reads: 16-bit encoders and VAE on the device, and the denoiser being calibrated
+    (`calibrated`: its part name in the loop; a refiner's UNet is `refiner_unet` in its base's loop)."""
 
     def __init__(self, spec: ModelSpec, precision: Precision, device: str, source: WeightSource, denoiser: nn.Module,
-                 policy: DevicePolicy, loras: LoraSet = NO_LORAS):
+                 policy: DevicePolicy, loras: LoraSet = NO_LORAS, calibrated: str | None = None,
+                 refiner: ModelSpec | None = None):
         self.spec, self.precision, self.device, self.source = spec, precision, device, source
-        self.policy, self.loras = policy, loras
-        self._loaded: dict[str, Any] = {spec.denoiser: denoiser}
+        self.policy, self.loras, self.refiner = policy, loras, refiner
+        self._loaded: dict[str, Any] = {calibrated or spec.denoiser: denoiser}
 
     def get(self, name: str) -> Any:
         if name not in self._loaded:
-            dtype = self.policy.component_dtype(self.spec, name, self.precision)
-            obj = load_component(self.spec, name, dtype=dtype or torch.float32, device=self.device, source=self.source)
-            if name not in LIGHT_PARTS:
-                fuse_into(obj, self.loras, name)
-            self._loaded[name] = obj if name in LIGHT_PARTS else family_of(self.spec).adapters[name](obj).eval()
+            spec, component = part_owner(self.spec, name, self.refiner)
+            dtype = self.policy.component_dtype(spec, component, self.precision)
+            obj = load_component(spec, component, dtype=dtype or torch.float32, device=self.device, source=self.source)
+            if component not in LIGHT_PARTS:
+                fuse_into(obj, self.loras if spec is self.spec else NO_LORAS, component)
+            self._loaded[name] = obj if component in LIGHT_PARTS else family_of(spec).adapters[component](obj).eval()
         return self._loaded[name]
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.policy.component_dtype(self.spec, name, self.precision)
+        return self.policy.component_dtype(*part_owner(self.spec, name, self.refiner), self.precision)
 
     def done_with(self, *names: str) -> None:
         """Kept: the encoders serve every calibration prompt."""
@@ -153,6 +159,14 @@ def calibrate(spec: ModelSpec, recipe: QuantRecipe, source: WeightSource, device
         raise MissingPackageError("FP8/FP4 engines are calibrated with NVIDIA ModelOpt (nvidia-modelopt), which does not "
                                   "import here. Install with: pip install -r requirements-tensorrt.txt") from exc
 
+    # A refiner is calibrated where it runs: in its base's loop, from the base's latents at the usual hand-off.
+    loop_spec, calibrated, handoff = spec, None, None
+    if spec.is_refiner:
+        loop_spec = base_of(spec)
+        if loop_spec is None:
+            raise ValueError(f"{spec.id} is a refiner and no base model names it; its FP8/FP4 engine is calibrated in "
+                             "its base's loop: run a job on the base with the refiner on.")
+        calibrated, handoff = REFINER_PREFIX + spec.denoiser, DEFAULT_REFINER_SWITCH
     recipe = recipe.resolved(spec)
     # Calibrated as the engine will compute: a GPU's dtypes (a bf16 one when exporting on a CPU).
     policy = DevicePolicy.for_target(capability)
@@ -179,13 +193,15 @@ def calibrate(spec: ModelSpec, recipe: QuantRecipe, source: WeightSource, device
     non_finite = []
 
     def forward_loop(model: nn.Module) -> None:
-        parts = _CalibrationParts(spec, recipe.precision, device, source, model, policy, loras)
+        parts = _CalibrationParts(loop_spec, recipe.precision, device, source, model, policy, loras, calibrated,
+                                  spec if calibrated else None)
         for i, prompt in enumerate(prompts[:recipe.prompts]):
             request = resolve_request(GenerationRequest(
-                prompt=prompt, model=spec.id, precision=run_precision, width=recipe.width, height=recipe.height,
-                steps=recipe.steps, guidance=recipe.guidance, seed=recipe.seed + i), spec, capability, Backend.TORCH)
+                prompt=prompt, model=loop_spec.id, precision=run_precision, width=recipe.width, height=recipe.height,
+                steps=recipe.steps, guidance=recipe.guidance, seed=recipe.seed + i, refiner=handoff), loop_spec,
+                capability, Backend.TORCH)
             try:
-                family.generate(spec, parts, request, run_ctx)
+                family.generate(loop_spec, parts, request, run_ctx)
             except NumericsError:
                 # The ranges were already observed step by step; only the final image is not finite (random
                 # weights do this). Layers whose range is not finite stay 16-bit below.
