@@ -6,6 +6,7 @@ asking which family a model is, so a new family is one module that builds a `Mod
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
@@ -24,6 +25,13 @@ if TYPE_CHECKING:
 def weights_of(name: str) -> str:
     """The model component whose weights component `name` is built from."""
     return "vae" if name == VAE_ENCODER else name
+
+
+class ImageUse(str, Enum):
+    """What a family's loop does with an input image."""
+
+    START = "start"  # optional: image to image and inpainting start from it noised to `strength`
+    CONTEXT = "context"  # required: the image being edited; its tokens condition every step (no strength, no mask)
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,10 @@ class ModelFamily:
     # components a LoRA may change, by the key prefix diffusers gives them.
     lora_reader: str = ""
     lora_components: tuple[str, ...] = ()
+    image_use: ImageUse = ImageUse.START
+    # CONTEXT families: the (width, height) an input image of a given size is resized to, which is also the
+    # output's size when the request names none.
+    context_size: Callable[["ModelSpec", tuple[int, int]], tuple[int, int]] | None = None
 
     def adapter(self, name: str) -> type[nn.Module]:
         return VaeEncoder if name == VAE_ENCODER else self.adapters[name]

@@ -35,6 +35,8 @@ from ...device_policy import LIGHT_PARTS, DevicePolicy
 from ...errors import MissingPackageError
 from ..contract import CALIBRATION_PROMPTS
 from ...families import family_of
+from ...families.family import ImageUse, weights_of
+from ...image_input import random_image
 from ...quant import quantizable_linears
 from ...loading import WeightSource, load_component
 from ...lora import NO_LORAS, LoraSet
@@ -128,10 +130,11 @@ class _CalibrationParts:
     def get(self, name: str) -> Any:
         if name not in self._loaded:
             dtype = self.policy.component_dtype(self.spec, name, self.precision)
-            obj = load_component(self.spec, name, dtype=dtype or torch.float32, device=self.device, source=self.source)
+            weights = weights_of(name)  # the VAE encoder (an edit's input image) is built from the VAE's weights
+            obj = load_component(self.spec, weights, dtype=dtype or torch.float32, device=self.device, source=self.source)
             if name not in LIGHT_PARTS:
-                fuse_into(obj, self.loras, name)
-            self._loaded[name] = obj if name in LIGHT_PARTS else family_of(self.spec).adapters[name](obj).eval()
+                fuse_into(obj, self.loras, weights)
+            self._loaded[name] = obj if name in LIGHT_PARTS else family_of(self.spec).adapter(name)(obj).eval()
         return self._loaded[name]
 
     def dtype(self, name: str) -> torch.dtype:
@@ -181,9 +184,14 @@ def calibrate(spec: ModelSpec, recipe: QuantRecipe, source: WeightSource, device
     def forward_loop(model: nn.Module) -> None:
         parts = _CalibrationParts(spec, recipe.precision, device, source, model, policy, loras)
         for i, prompt in enumerate(prompts[:recipe.prompts]):
+            # A family that edits an input image gets one of random pixels at the calibration size: the context
+            # tokens' ranges are then observed too (no photograph ships with Prism).
+            image = random_image(recipe.width, recipe.height, recipe.seed + i) \
+                if family.image_use is ImageUse.CONTEXT else None
             request = resolve_request(GenerationRequest(
                 prompt=prompt, model=spec.id, precision=run_precision, width=recipe.width, height=recipe.height,
-                steps=recipe.steps, guidance=recipe.guidance, seed=recipe.seed + i), spec, capability, Backend.TORCH)
+                steps=recipe.steps, guidance=recipe.guidance, seed=recipe.seed + i, image=image), spec, capability,
+                Backend.TORCH)
             try:
                 family.generate(spec, parts, request, run_ctx)
             except NumericsError:
