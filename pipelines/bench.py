@@ -21,9 +21,12 @@ import torch
 from .backends.contract import TorchOptions
 from .commands import chosen_model, request_from_args
 from .config import manager_config
+from .families import family_of
+from .families.family import ImageUse
 from .gpu import GiB
+from .image_input import random_image
 from .manager import PipelineManager
-from .registry import resolve_spec
+from .registry import ModelSpec, resolve_spec
 from .request import DEFAULT_STRENGTH
 
 
@@ -50,6 +53,12 @@ def _measure(manager: PipelineManager, args: argparse.Namespace, model: str, pre
     request = request_from_args(args, model, precision)
     if request.seed is None:
         request = replace(request, seed=0)  # every run renders the same image
+    if request.image is None and family_of(resolve_spec(model)).image_use is ImageUse.CONTEXT:
+        # An edit model needs an input: random pixels at the requested size (the step time depends on the
+        # token counts, not on what the picture shows).
+        spec = resolve_spec(model)
+        request = replace(request, image=random_image(args.width or spec.default_width,
+                                                      args.height or spec.default_height))
     first = manager.generate(request)
     for _ in range(max(args.warmup - 1, 0)):
         manager.generate(request)
@@ -93,7 +102,7 @@ def run_bench(args: argparse.Namespace) -> int:
         manager.close()
         if baseline is not None:
             baseline.close()
-    report = _report(args, manager, spec.id, rows, baselines)
+    report = _report(args, manager, spec, rows, baselines)
     print(report)
     if args.json_out:
         with open(args.json_out, "w") as f:
@@ -110,12 +119,18 @@ def _today() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d")
 
 
-def _report(args, manager: PipelineManager, model: str, rows: list[BenchRow], baselines: dict[str, BenchRow]) -> str:
+def _report(args, manager: PipelineManager, spec: ModelSpec, rows: list[BenchRow], baselines: dict[str, BenchRow]) -> str:
     info = manager.info
+    model, edits = spec.id, family_of(spec).image_use is ImageUse.CONTEXT
+    if edits:  # the input's tokens ride along with the noise's at every step
+        task = f", an edit of {'the input image' if args.image else 'a random-pixel input'}"
+    elif args.image:
+        task = f", image to image at strength {args.strength or DEFAULT_STRENGTH:g}" + (" with a mask" if args.mask else "")
+    else:
+        task = ""
     lines = [
         f"### {model} {rows[0].steps if rows else '?'} steps, {args.width or 'default'}x{args.height or 'default'}, "
-        f"batch {args.num_images}" + (f", image to image at strength {args.strength or DEFAULT_STRENGTH:g}"
-                                      + (" with a mask" if args.mask else "") if args.image else ""),
+        f"batch {args.num_images}{task}",
         f"- card: {info.name} (compute capability {info.capability_text}); torch {torch.__version__}; "
         f"{platform.machine()}; date {_today()}",
         f"- command: `{_command()}`",
@@ -130,7 +145,7 @@ def _report(args, manager: PipelineManager, model: str, rows: list[BenchRow], ba
         base = baselines.get(row.baseline) if row.baseline else None
         ratio = f"{base.step_ms / row.step_ms:.2f}x" if base and row.step_ms else "-"
         peak = f"{row.peak_gib:.1f}" if row.peak_gib is not None else "n/a"
-        encoder = f"{row.vae_encoder_ms:.0f}" if args.image else "-"
+        encoder = f"{row.vae_encoder_ms:.0f}" if args.image or edits else "-"
         lines.append(f"| {row.label} | {row.runs_as} | {row.text_ms:.0f} | {encoder} | {row.step_ms:.1f} | {row.vae_ms:.0f} | "
                      f"{row.total_ms:.0f} | {row.wall_ms:.0f} | {row.load_ms / 1000:.1f} | {peak} | {ratio} |")
     return "\n".join(lines)

@@ -254,3 +254,38 @@ def test_the_app_keeps_serving_after_bad_edits(tiny_kontext, cpu_manager):
     with pytest.raises(RequestError):
         cpu_manager.generate(_edit(tiny_kontext, image=b"junk"))
     assert cpu_manager.generate(_edit(tiny_kontext, image=circle_on_blue(32, 32))).images
+
+
+# --------------------------------------------------------------------------- CLI
+
+def test_cli_edits_an_image(tiny_kontext, tmp_path):
+    from test_core_cli import run_cli
+
+    from pipelines.pngmeta import read_png_metadata
+
+    source = tmp_path / "in.png"
+    circle_on_blue(40, 56).save(source)
+    out = tmp_path / "edit.png"
+    proc = run_cli("generate", "make the circle blue", "--model", str(tiny_kontext), "--image", str(source),
+                   "--steps", "2", "--seed", "4", "--device", "cpu", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(out).size == (32, 32)  # the tiny model's preferred size
+    settings = read_png_metadata(out)["settings"]
+    assert settings["prompt"] == "make the circle blue" and "strength" not in settings
+    assert settings["input_image_sha256"] == read_image(source).sha256
+
+    refused = run_cli("generate", "make the circle blue", "--model", str(tiny_kontext), "--device", "cpu",
+                      "--out", str(tmp_path / "none.png"))
+    assert refused.returncode == 2 and "give it an input image" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_bench_makes_a_random_input_for_an_edit_model(tiny_kontext):
+    from test_core_cli import run_cli
+
+    proc = run_cli("bench", "make the circle blue", "--model", str(tiny_kontext), "--steps", "2", "--runs", "1",
+                   "--warmup", "1", "--no-baseline", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "an edit of a random-pixel input" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| prism bf16"))
+    assert row.split("|")[4].strip() != "-"  # the VAE encoder's time is reported
