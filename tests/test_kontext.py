@@ -183,6 +183,18 @@ def test_default_model_falls_back_to_the_demo_when_it_is_there(monkeypatch, tmp_
     assert model == "demo-kontext" and "flux.1-kontext-dev" in note
 
 
+def test_no_family_named_never_defaults_to_an_editing_model(monkeypatch):
+    """`generate "a prompt"` with no --model: even with only Kontext's weights cached, a model that needs no image."""
+    from pipelines import loading
+    from pipelines.loading import HubOptions, default_model
+    from pipelines.registry import Family
+
+    monkeypatch.setattr(loading, "is_available_locally", lambda spec, hub: spec.id == "flux.1-kontext-dev")
+    model, _ = default_model(hub=HubOptions())
+    assert model != "flux.1-kontext-dev"
+    assert default_model(Family.KONTEXT, HubOptions())[0] == "flux.1-kontext-dev"
+
+
 # --------------------------------------------------------------------------- bad input
 
 def _png(image: Image.Image, **kwargs) -> bytes:
