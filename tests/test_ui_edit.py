@@ -107,6 +107,25 @@ def test_api_compare_on_an_edit_uses_the_input_image(client, source):
     assert Image.open(out[0]).size == (32, 32)
 
 
+def test_openai_edits_endpoint_runs_a_kontext_edit(app, source):
+    """POST /v1/images/edits with a Kontext model: an edit of the uploaded picture (OpenAI's own edit verb)."""
+    import base64
+    import io
+
+    import httpx
+
+    url = app[0] + "v1/images/edits"
+    form = {"model": (None, "tiny-kontext"), "prompt": (None, "make the circle blue"), "seed": (None, "2"),
+            "num_inference_steps": (None, "2"), "image": ("in.png", source.read_bytes(), "image/png")}
+    answer = httpx.post(url, files=form, timeout=120)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    picture = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
+    assert picture.size == (32, 32) and body["prism"]["input_image_sha256"] and "strength" not in body["prism"]
+    refused = httpx.post(url, files={**form, "strength": (None, "0.5")}, timeout=120)
+    assert refused.status_code == 400 and "takes no strength" in refused.json()["error"]["message"]
+
+
 @pytest.fixture(scope="module")
 def page(app):
     from playwright.sync_api import expect, sync_playwright
