@@ -89,6 +89,7 @@ def build_edit_tab(service: PrismService) -> None:
                 details = gr.JSON(label="Details", elem_id=f"{PREFIX}-details")
     with gr.Accordion("History of this session (click an edit, then reuse its settings or edit it further)", open=True):
         history_gallery = gr.Gallery(label="History", columns=8, height=200, object_fit="contain", format="png",
+                                     allow_preview=False,  # a click picks an edit (as on the other tabs)
                                      elem_id=f"{PREFIX}-history", elem_classes=["prism-history"],
                                      buttons=["download", "fullscreen"], interactive=False)
         with gr.Row():
