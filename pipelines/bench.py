@@ -82,7 +82,10 @@ def run_bench(args: argparse.Namespace) -> int:
     model = chosen_model(args)
     spec = resolve_spec(model)
     manager = PipelineManager(manager_config(args, lora_paths=True))
-    baseline = None if args.no_baseline else PipelineManager(manager_config(args, backend="torch", torch=TorchOptions(),
+    # compile=False spelled out: the default (None) compiles on CUDA, which made this "eager" baseline a
+    # compiled one after compile became the default (2026-12-01: SDXL 35.9 ms "eager" = compiled speed).
+    eager = TorchOptions(compile=False)
+    baseline = None if args.no_baseline else PipelineManager(manager_config(args, backend="torch", torch=eager,
                                                                             lora_paths=True))
     rows: list[BenchRow] = []
     baselines: dict[str, BenchRow] = {}

@@ -151,6 +151,12 @@ def load_component(spec: ModelSpec, name: str, *, dtype: torch.dtype, device: to
 
     is_module = not (name.startswith("scheduler") or name.startswith("tokenizer"))
     if not source.random_weights:
+        from .downloads import fetch_component
+        from .run_context import current_context
+
+        ctx = current_context()
+        if ctx is not None:  # inside a job: download first with byte progress and Stop (see downloads.py)
+            fetch_component(spec, name, source, ctx)
         with translate_hub_errors(spec, source.hub):
             if not is_module:
                 return cls.from_pretrained(**_pretrained_args(spec, name, source))

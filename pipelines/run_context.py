@@ -17,7 +17,7 @@ class JobCancelled(Exception):
 
 @dataclass(frozen=True)
 class Progress:
-    stage: str  # "queue" | "load" | "build" | "compile" | "text" | "denoise" | "vae"
+    stage: str  # "queue" | "download" | "load" | "build" | "compile" | "text" | "denoise" | "vae"
     done: int
     total: int
     message: str = ""

@@ -140,6 +140,7 @@ def test_stop_says_what_it_did():
 
     assert stop_message(None) == "Nothing to stop." and stop_message("denoise") == "Stopped."
     assert "will finish loading first" in stop_message("load") and "will finish loading first" in stop_message("build")
+    assert stop_message("download").startswith("Stopped the download") and "resumes" in stop_message("download")
     assert fmt_bytes(3 * 2**30) == "3.00 GiB" and fmt_bytes(None) == "n/a"
 
 

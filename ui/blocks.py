@@ -30,6 +30,11 @@ PRISM_CSS = """
 .prism-images .grid-wrap .grid-container { height: 100%; }
 .prism-images .grid-wrap .thumbnail-item { aspect-ratio: auto; }
 .prism-compare img { width: 100%; height: 100%; object-fit: contain; }
+/* History: a strip of small whole thumbnails. Gradio stretches two or three items across the whole width
+   (each cropped to a wide cell), whatever `columns` says. */
+.prism-history .grid-container { grid-template-columns: repeat(auto-fill, 120px) !important; }
+.prism-history .thumbnail-item { width: 120px; height: 120px; }
+.prism-history .thumbnail-item img { object-fit: contain; }
 .prism-status p { margin: 0.2em 0; }
 """
 

@@ -148,7 +148,10 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
             with gr.Accordion("Details (JSON)", open=False):
                 details = gr.JSON(label="Details", elem_id=f"{prefix}-details")
     with gr.Accordion("History of this session (click an image, then reuse its settings or seed)", open=True):
+        # allow_preview=False: a click picks a thumbnail (and highlights it) instead of opening Gradio's preview,
+        # which showed the picked image enlarged and cropped over a blurred copy of the strip.
         history_gallery = gr.Gallery(label="History", columns=8, height=200, object_fit="contain", format="png",
+                                     allow_preview=False,
                                      elem_id=f"{prefix}-history", elem_classes=["prism-history"],
                                      buttons=["download", "fullscreen"], interactive=False)
         with gr.Row():
@@ -294,6 +297,9 @@ def stop_message(stage: str | None) -> str:
     """What Stop did, given the stage the job was in (None: nothing was running)."""
     if stage is None:
         return "Nothing to stop."
+    if stage == "download":  # every chunk checks Stop (pipelines/downloads.py)
+        return ("Stopped the download. What has arrived stays in the Hugging Face cache; the next job resumes "
+                "from there.")
     if stage in ("load", "build"):  # a load or engine build runs to its end; the job stops right after it
         return ("Stopping: the model is still loading and will finish loading first (it stays loaded for the next "
                 "job); then the job stops.")
