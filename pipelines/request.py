@@ -47,7 +47,8 @@ class GenerationRequest:
     num_images: int = 1
     backend: str = "auto"  # auto | torch | tensorrt
     # Image to image: the input (pipelines.image_input.read_image) and how much of it is repainted, from
-    # 0 (keep it) to 1 (ignore it); None: DEFAULT_STRENGTH.
+    # 0 (keep it) to 1 (ignore it); None: DEFAULT_STRENGTH. For a model that edits images (Kontext) the image
+    # is required and the picture the prompt's instruction changes; it takes no strength.
     image: "InputImage | None" = None
     strength: float | None = None
     # Inpainting: a mask of the input's size, white = repaint; its blur in pixels for pasting the result back;
