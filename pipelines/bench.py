@@ -27,10 +27,13 @@ from .backends.torch_backend import lever_states
 from .commands import chosen_model, request_from_args
 from .config import manager_config
 from .errors import user_message
+from .families import family_of
+from .families.family import ImageUse
 from .gpu import GiB
+from .image_input import random_image
 from .manager import PipelineManager
 from .precision import Precision
-from .registry import resolve_spec
+from .registry import ModelSpec, resolve_spec
 from .request import DEFAULT_STRENGTH
 
 SUITE = ("flux.1-dev", "flux.1-schnell", "sdxl-base-1.0", "sdxl-turbo")
@@ -95,6 +98,12 @@ def _measure_or_raise(manager: PipelineManager, args: argparse.Namespace, model:
     request = replace(request_from_args(args, model, precision), cache=cache)  # --cache fast adds its own rows
     if request.seed is None:
         request = replace(request, seed=0)  # every run renders the same image
+    if request.image is None and family_of(resolve_spec(model)).image_use is ImageUse.CONTEXT:
+        # An edit model needs an input: random pixels at the requested size (the step time depends on the
+        # token counts, not on what the picture shows).
+        spec = resolve_spec(model)
+        request = replace(request, image=random_image(args.width or spec.default_width,
+                                                      args.height or spec.default_height))
     first = manager.generate(request)
     for _ in range(max(args.warmup - 1, 0)):
         manager.generate(request)
@@ -145,7 +154,7 @@ def run_bench(args: argparse.Namespace) -> int:
             if m is not None:
                 m.close()
     for model, (rows, baselines) in results.items():
-        print(_report(args, manager, resolve_spec(model).id, rows, baselines) + "\n")
+        print(_report(args, manager, resolve_spec(model), rows, baselines) + "\n")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"models": {model: {"rows": [asdict(r) for r in rows],
@@ -198,12 +207,18 @@ def _today() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d")
 
 
-def _report(args, manager: PipelineManager, model: str, rows: list[BenchRow], baselines: dict[str, BenchRow]) -> str:
+def _report(args, manager: PipelineManager, spec: ModelSpec, rows: list[BenchRow], baselines: dict[str, BenchRow]) -> str:
     info = manager.info
+    model, edits = spec.id, family_of(spec).image_use is ImageUse.CONTEXT
+    if edits:  # the input's tokens ride along with the noise's at every step
+        task = f", an edit of {'the input image' if args.image else 'a random-pixel input'}"
+    elif args.image:
+        task = f", image to image at strength {args.strength or DEFAULT_STRENGTH:g}" + (" with a mask" if args.mask else "")
+    else:
+        task = ""
     lines = [
         f"### {model} {rows[0].steps if rows else '?'} steps, {args.width or 'default'}x{args.height or 'default'}, "
-        f"batch {args.num_images}" + (f", image to image at strength {args.strength or DEFAULT_STRENGTH:g}"
-                                      + (" with a mask" if args.mask else "") if args.image else "")
+        f"batch {args.num_images}{task}"
         + (f", base + refiner (switch at {args.refiner:g}; steps counts both)" if args.refiner is not None else ""),
         f"- card: {info.name} (compute capability {info.capability_text}); torch {torch.__version__}; "
         f"{platform.machine()}; date {_today()}",
@@ -225,7 +240,7 @@ def _report(args, manager: PipelineManager, model: str, rows: list[BenchRow], ba
         ratio = (f"{base.step_ms / row.step_ms:.2f}x / {base.total_ms / row.total_ms:.2f}x"
                  if base and row.step_ms and row.total_ms else "-")
         peak = f"{row.peak_gib:.1f}" if row.peak_gib is not None else "n/a"
-        encoder = f"{row.vae_encoder_ms:.0f}" if args.image else "-"
+        encoder = f"{row.vae_encoder_ms:.0f}" if args.image or edits else "-"
         lines.append(f"| {row.label} | {row.runs_as} | {row.text_ms:.0f} | {encoder} | {row.step_ms:.1f} | {row.vae_ms:.0f} | "
                      f"{row.total_ms:.0f} | {row.wall_ms:.0f} | {row.load_ms / 1000:.1f} | {peak} | {ratio} | "
                      f"{difference_text(row)} |")

@@ -20,7 +20,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 def _add_request_args(p: argparse.ArgumentParser, multi_precision: bool = False) -> None:
     p.add_argument("--model", default=None, nargs="+" if multi_precision else None,
-                   help="registry id (flux.1-dev, flux.1-schnell, sdxl-base-1.0, sdxl-turbo, demo-flux, demo-sdxl) "
+                   help="registry id (flux.1-dev, flux.1-schnell, flux.1-kontext-dev, sdxl-base-1.0, sdxl-turbo, "
+                        "demo-flux, demo-sdxl, demo-kontext) "
                         "or a local folder in the Hugging Face pipeline layout (default: the best model available here)"
                         + ("; several run one after another" if multi_precision else ""))
     choices = [p_.value for p_ in Precision]
@@ -39,7 +40,8 @@ def _add_request_args(p: argparse.ArgumentParser, multi_precision: bool = False)
     p.add_argument("--sampler", default="", help="e.g. 'DPM++ 2M Karras' (SDXL) or 'Euler Karras' (Flux); "
                                                   "default: the model's own scheduler")
     p.add_argument("--image", default=None, help="input image for image to image (fitted to the size: scaled to "
-                                                 "cover it, centre cropped)")
+                                                 "cover it, centre cropped), or the image an edit model "
+                                                 "(flux.1-kontext-dev, demo-kontext) changes as the prompt says")
     p.add_argument("--strength", type=float, default=None,
                    help="with --image: how much to repaint, above 0 up to 1 (default 0.6)")
     p.add_argument("--mask", default=None, help="with --image: inpaint where this mask is white (same size as the image)")

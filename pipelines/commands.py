@@ -102,7 +102,7 @@ def run_cache(args: argparse.Namespace) -> int:
 def run_models(args: argparse.Namespace) -> int:
     for spec in HUB_MODELS + demo_specs() + REFINER_MODELS:  # refiners last: switches of their base, not models
         here = "weights here" if is_available_locally(spec) else ("gated, download" if spec.gated else "download")
-        print(f"{spec.id:16} {spec.family.value:5} {here:16} {spec.description}")
+        print(f"{spec.id:18} {spec.family.value:7} {here:16} {spec.description}")
     return 0
 
 

@@ -105,6 +105,25 @@ class FluxDenoiser(nn.Module):
                                 txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
 
 
+class KontextDenoiser(nn.Module):
+    """FLUX.1 Kontext `transformer`: velocity for the packed noise latents, with the input image's packed latents
+    appended after them as tokens of their own (`image_ids`, first coordinate 1); the prediction for the image's
+    tokens is cut off here, so the engine's output is the noise tokens' alone (diffusers' FluxKontextPipeline)."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states: torch.Tensor, image_latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                pooled_projections: torch.Tensor, timestep: torch.Tensor, img_ids: torch.Tensor,
+                image_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.transformer(hidden_states=torch.cat([hidden_states, image_latents], dim=1),
+                               encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+                               timestep=timestep, img_ids=torch.cat([img_ids, image_ids], dim=0), txt_ids=txt_ids,
+                               guidance=guidance, return_dict=False)[0]
+        return out[:, :hidden_states.shape[1]]
+
+
 class SdxlDenoiser(nn.Module):
     """SDXL `unet`: noise prediction with text_time conditioning."""
 

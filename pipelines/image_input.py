@@ -74,6 +74,13 @@ def read_image(source: bytes | str | Path | Image.Image | InputImage, what: str 
     return InputImage(rgb, hashlib.sha256(source).hexdigest(), notes)
 
 
+def random_image(width: int, height: int, seed: int = 0) -> InputImage:
+    """An RGB image of uniformly random pixels from `seed`: the input where a measurement needs one and no picture
+    is given (benchmarks and FP8/FP4 calibration of a model that edits images)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return read_image(Image.fromarray(pixels, "RGB"))
+
+
 def _check_size(size: tuple[int, int], what: str) -> None:
     w, h = size
     if w < 1 or h < 1 or max(w, h) > MAX_INPUT_SIDE or w * h > MAX_INPUT_PIXELS:

@@ -189,9 +189,12 @@ def default_model(family: Family | None = None, hub: HubOptions = HubOptions()) 
 
     The note says what was chosen and how to get the real model, for the CLI and the UI to show.
     """
+    from .families import FAMILIES
+    from .families.family import ImageUse
     from .registry import HUB_MODELS, demo_specs
 
-    families = [family] if family else list(Family)
+    # With no family named, a model that draws from a prompt alone (an editing model needs an input image).
+    families = [family] if family else [f for f in Family if FAMILIES[f].image_use is ImageUse.START]
     for fam in families:
         for spec in HUB_MODELS:
             if spec.family is fam and is_available_locally(spec, hub):

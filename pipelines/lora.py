@@ -340,7 +340,11 @@ def model_layer(layer: str, names: Mapping[str, object] | Iterable[str]) -> str 
 def load_set(loras: Iterable[tuple[str, float]], spec: ModelSpec, library: LoraLibrary) -> LoraSet:
     """The request's LoRAs read, converted and checked against `spec`: a one-line LoraError before model work."""
     items = []
-    for name, scale in check_loras(loras):
+    loras = check_loras(loras)
+    if loras and not FAMILIES[spec.family].lora_reader:
+        raise LoraError(f"{spec.id} takes no LoRAs yet ({spec.family.label} LoRAs are not supported); "
+                        "clear the LoRA rows and any <lora:...> in the prompt.")
+    for name, scale in loras:
         lora = read_lora(library.path_of(name), spec)
         check_against(lora, spec)
         items.append(AppliedLora(lora, scale))

@@ -19,11 +19,12 @@ DEMO_MODELS_DIR = REPO_ROOT / "models"
 class Family(str, Enum):
     FLUX = "flux"
     SDXL = "sdxl"
+    KONTEXT = "kontext"  # FLUX.1 Kontext: a Flux transformer that edits an input image by instruction
 
     @property
     def label(self) -> str:
         """The name people know the family by (its tab in the app)."""
-        return {"flux": "Flux.1", "sdxl": "SDXL"}[self.value]
+        return {"flux": "Flux.1", "sdxl": "SDXL", "kontext": "FLUX.1 Kontext"}[self.value]
 
 
 # model_index.json `_class_name` -> family; how a local Hugging Face-layout folder says what it is.
@@ -31,7 +32,16 @@ PIPELINE_CLASS_FAMILY = {
     "FluxPipeline": Family.FLUX,
     "StableDiffusionXLPipeline": Family.SDXL,
     "StableDiffusionXLImg2ImgPipeline": Family.SDXL,  # how the SDXL refiner's folder names itself
+    "FluxKontextPipeline": Family.KONTEXT,
 }
+
+# The sizes FLUX.1 Kontext was trained at (width, height): an input image is resized to the one nearest its
+# aspect ratio (diffusers' PREFERRED_KONTEXT_RESOLUTIONS, from BFL's reference code; a test keeps them equal).
+PREFERRED_KONTEXT_RESOLUTIONS = (
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
+    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
+    (1568, 672),
+)
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,8 @@ class ModelSpec:
     # A refiner reached through its base (`refiner_of`): the base's registry id or folder, so what a refiner alone
     # cannot do (calibrating FP8/FP4 engines over real trajectories) can run the pair.
     base: str | None = None
+    # Edit models: the (width, height) sizes an input image is resized to, the one nearest its aspect ratio.
+    preferred_sizes: tuple[tuple[int, int], ...] = ()
 
     @property
     def license_url(self) -> str | None:
@@ -226,6 +238,7 @@ def _sdxl_refiner_components() -> dict[str, ComponentSpec]:
 
 FLUX_DEFAULTS = dict(family=Family.FLUX, size=SizeLimits(16, 256, 2048), supports_negative_prompt=False)
 SDXL_DEFAULTS = dict(family=Family.SDXL, size=SizeLimits(8, 256, 2048), max_prompt_tokens=77)
+KONTEXT_DEFAULTS = {**FLUX_DEFAULTS, "family": Family.KONTEXT}
 
 HUB_MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(id="flux.1-dev", repo="black-forest-labs/FLUX.1-dev", gated=True,
@@ -236,6 +249,13 @@ HUB_MODELS: tuple[ModelSpec, ...] = (
               description="FLUX.1 [schnell]: 12B timestep-distilled transformer, 1-4 steps (Apache-2.0).",
               components=_flux_components(False, 256), default_steps=4, default_guidance=0.0,
               max_prompt_tokens=256, **FLUX_DEFAULTS),
+    # Kontext's components are FLUX.1-dev's architecture (guidance-distilled transformer, CLIP-L, T5-XXL, the
+    # same VAE); what differs is the loop: the input image's tokens ride along with the noise tokens.
+    ModelSpec(id="flux.1-kontext-dev", repo="black-forest-labs/FLUX.1-Kontext-dev", gated=True,
+              description="FLUX.1 Kontext [dev]: 12B editing transformer, changes an input image by an instruction "
+                          "(non-commercial license).",
+              components=_flux_components(True, 512), default_steps=28, default_guidance=2.5,
+              max_prompt_tokens=512, preferred_sizes=PREFERRED_KONTEXT_RESOLUTIONS, **KONTEXT_DEFAULTS),
     ModelSpec(id="sdxl-base-1.0", repo="stabilityai/stable-diffusion-xl-base-1.0",
               description="Stable Diffusion XL base 1.0: 2.6B UNet with classifier-free guidance.",
               components=_sdxl_components(EULER_SDXL, 128), default_steps=30, default_guidance=5.0,
@@ -286,17 +306,31 @@ def read_local_spec(folder: Path, model_id: str | None = None) -> ModelSpec:
         config = _read_component_config(folder / name)
         components[name] = ComponentSpec(library, cls, config)
 
-    base = FLUX_DEFAULTS if family is Family.FLUX else SDXL_DEFAULTS
+    base = {Family.FLUX: FLUX_DEFAULTS, Family.SDXL: SDXL_DEFAULTS, Family.KONTEXT: KONTEXT_DEFAULTS}[family]
     spec = ModelSpec(id=model_id or folder.name, local_dir=folder, components=components,
                      description=f"Local {class_name} from {folder}",
                      is_refiner=bool(index.get("requires_aesthetics_score", False)), **base)
-    if family is Family.FLUX and not components.get("transformer", ComponentSpec("", "")).config.get("guidance_embeds", True):
+    guided = components.get("transformer", ComponentSpec("", "")).config.get("guidance_embeds", True)
+    if family is Family.FLUX and not guided:
         spec = replace(spec, default_steps=4, default_guidance=0.0, max_prompt_tokens=256)
     elif family is Family.FLUX:
         spec = replace(spec, max_prompt_tokens=512)
+    elif family is Family.KONTEXT:
+        spec = replace(spec, max_prompt_tokens=512, default_guidance=2.5 if guided else 0.0)
     else:
         spec = replace(spec, default_steps=30, default_guidance=5.0, supports_negative_prompt=True)
-    return _apply_overrides(spec, folder / SPEC_OVERRIDES_FILE)
+    spec = _apply_overrides(spec, folder / SPEC_OVERRIDES_FILE)
+    if family is Family.KONTEXT and not spec.preferred_sizes:
+        spec = replace(spec, preferred_sizes=_kontext_sizes(spec))
+    return spec
+
+
+def _kontext_sizes(spec: ModelSpec) -> tuple[tuple[int, int], ...]:
+    """A Kontext folder at the real model's native 1024x1024 takes its inputs at Kontext's trained sizes; a
+    smaller one (the embedded demo, trained on 64x64 pictures only) at its own default size."""
+    if (spec.default_width, spec.default_height) == (1024, 1024):
+        return PREFERRED_KONTEXT_RESOLUTIONS
+    return ((spec.default_width, spec.default_height),)
 
 
 def _read_component_config(sub: Path) -> dict[str, Any]:
@@ -312,6 +346,8 @@ def _apply_overrides(spec: ModelSpec, path: Path) -> ModelSpec:
     raw = json.loads(path.read_text())
     if "size" in raw:
         raw["size"] = SizeLimits(**raw["size"])
+    if "preferred_sizes" in raw:
+        raw["preferred_sizes"] = tuple((int(w), int(h)) for w, h in raw["preferred_sizes"])
     allowed = {f for f in ModelSpec.__dataclass_fields__} - {"components", "family", "local_dir", "id", "base"}
     unknown = set(raw) - allowed
     if unknown:
@@ -322,7 +358,7 @@ def _apply_overrides(spec: ModelSpec, path: Path) -> ModelSpec:
 def demo_specs(models_dir: Path = DEMO_MODELS_DIR) -> tuple[ModelSpec, ...]:
     """The embedded demo models that ship in the repository, when their weights are present."""
     specs = []
-    for name in ("demo-flux", "demo-sdxl"):
+    for name in ("demo-flux", "demo-sdxl", "demo-kontext"):  # demo-kontext: when its trained weights have landed
         folder = models_dir / name
         if (folder / "model_index.json").is_file():
             specs.append(read_local_spec(folder, model_id=name))

@@ -49,7 +49,8 @@ class GenerationRequest:
     num_images: int = 1
     backend: str = "auto"  # auto | torch | tensorrt
     # Image to image: the input (pipelines.image_input.read_image) and how much of it is repainted, from
-    # 0 (keep it) to 1 (ignore it); None: DEFAULT_STRENGTH.
+    # 0 (keep it) to 1 (ignore it); None: DEFAULT_STRENGTH. For a model that edits images (Kontext) the image
+    # is required and the picture the prompt's instruction changes; it takes no strength.
     image: "InputImage | None" = None
     strength: float | None = None
     # Inpainting: a mask of the input's size, white = repaint; its blur in pixels for pasting the result back;
@@ -70,9 +71,9 @@ class GenerationRequest:
         d = asdict(replace(self, image=None, mask=None))
         d["precision"] = Precision.parse(self.precision).value
         del d["image"], d["mask"]
-        if self.image is None:
+        if self.strength is None:  # no input image, or an edit (which has no strength)
             del d["strength"]
-        else:
+        if self.image is not None:
             d["input_image_sha256"] = self.image.sha256
         if self.mask is None:
             del d["mask_blur"], d["only_masked"]
@@ -146,7 +147,8 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
 
     LoRA names and scales are checked here (and `<lora:...>` tags moved out of the prompt); whether the
     files exist and fit the model is `pipelines.lora.load_set`, which the manager runs next."""
-    from .lora import check_loras, parse_prompt  # pipelines.lora imports this module
+    from .families import family_of  # the family modules and pipelines.lora import this module
+    from .lora import check_loras, parse_prompt
 
     if spec.is_refiner:
         bases = [s.id for s in HUB_MODELS if s.refiner == spec.id] or ["its SDXL base model"]
@@ -160,8 +162,11 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
         precision = Precision.parse(req.precision)
     except ValueError as e:
         raise RequestError(str(e)) from None
-    width = spec.default_width if req.width is None else _as_int("width", req.width)
-    height = spec.default_height if req.height is None else _as_int("height", req.height)
+    default_size, edit = (spec.default_width, spec.default_height), _edit_input(req, spec, prompt)
+    if edit is not None:  # an edit's output is, unless asked otherwise, the size its input is resized to
+        default_size = family_of(spec).context_size(spec, edit.size)
+    width = default_size[0] if req.width is None else _as_int("width", req.width)
+    height = default_size[1] if req.height is None else _as_int("height", req.height)
     steps = spec.default_steps if req.steps is None else _as_int("steps", req.steps)
     guidance = spec.default_guidance if req.guidance is None else _as_float("guidance", req.guidance)
     num_images = _as_int("number of images", req.num_images)
@@ -182,8 +187,8 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
         raise RequestError(f"A negative prompt only acts when guidance is above 1 (it is {guidance:g}); "
                            "raise guidance or clear the negative prompt.")
 
-    strength, image = None, None
-    if req.image is not None:
+    strength, image = None, edit
+    if req.image is not None and edit is None:
         from .image_input import read_image  # it raises RequestError, defined here
 
         image = read_image(req.image)
@@ -248,6 +253,27 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
                    steps=steps, guidance=guidance, seed=seed, num_images=num_images, sampler=sampler, image=image,
                    strength=strength, mask=mask, mask_blur=mask_blur, only_masked=bool(req.only_masked), loras=loras,
                    cache=cache, refiner=refiner)
+
+
+def _edit_input(req: GenerationRequest, spec: ModelSpec, prompt: str) -> "InputImage | None":
+    """For a model that edits its input image (ImageUse.CONTEXT): the image, read and checked, after the
+    request's other image fields are checked against an edit's; None for every other model."""
+    from .families import family_of
+    from .families.family import ImageUse
+    from .image_input import read_image
+
+    if family_of(spec).image_use is not ImageUse.CONTEXT:
+        return None
+    if req.image is None:
+        raise RequestError(f"{spec.id} edits an image: give it an input image and an instruction saying what to change.")
+    if not prompt.strip():
+        raise RequestError("The instruction is empty: say what to change in the image, e.g. \"make the sky red\".")
+    if req.strength is not None:
+        raise RequestError(f"{spec.id} takes no strength (an edit always runs every step, guided by the whole input "
+                           "image); clear strength.")
+    if req.mask is not None or req.only_masked:
+        raise RequestError(f"{spec.id} takes no mask (the instruction says what to change); clear the mask.")
+    return read_image(req.image)
 
 
 def check_prompt(name: str, text: Any) -> None:

@@ -26,6 +26,13 @@ def tiny_flux_schnell(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_kontext(tmp_path_factory) -> Path:
+    from diffusers import FluxKontextPipeline
+
+    return save_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-kontext", seed=1, pipeline=FluxKontextPipeline)
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 

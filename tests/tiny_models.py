@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline,
                        FluxPipeline, FluxTransformer2DModel, StableDiffusionXLImg2ImgPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -27,7 +27,9 @@ def _clip_config(vocab: int, projection: int = 32) -> CLIPTextConfig:
                           bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu")
 
 
-def save_tiny_flux(folder: Path, guidance_embeds: bool = True, seed: int = 0) -> Path:
+def save_tiny_flux(folder: Path, guidance_embeds: bool = True, seed: int = 0, pipeline: type = FluxPipeline) -> Path:
+    """A tiny Flux.1 pipeline folder; `pipeline=FluxKontextPipeline` saves the same components as a Kontext model
+    (Kontext's transformer is a FluxTransformer2DModel like FLUX.1-dev's)."""
     torch.manual_seed(seed)
     clip_tok = build_clip_tokenizer(WORDS, 77)
     t5_tok = build_t5_tokenizer(WORDS, 32)
@@ -44,7 +46,7 @@ def save_tiny_flux(folder: Path, guidance_embeds: bool = True, seed: int = 0) ->
                                              num_layers=2, feed_forward_proj="gated-gelu", decoder_start_token_id=0))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0 if guidance_embeds else 1.0,
                                                 use_dynamic_shifting=guidance_embeds)
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tok,
+    pipe = pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tok,
                         text_encoder_2=text_encoder_2, tokenizer_2=t5_tok, transformer=transformer)
     pipe.save_pretrained(folder)
     (folder / "prism.json").write_text(json.dumps({**LIMITS, "max_prompt_tokens": 32}))

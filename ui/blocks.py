@@ -1,4 +1,4 @@
-"""`create_demo(service) -> gr.Blocks`: the four tabs over a PrismService. Builds widgets only; nothing
+"""`create_demo(service) -> gr.Blocks`: the tabs over a PrismService. Builds widgets only; nothing
 loads until a request arrives."""
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ from typing import Any
 
 import gradio as gr
 
+from pipelines.families import FAMILIES
+from pipelines.families.family import ImageUse
 from pipelines.registry import Family
 
 from .compare_tab import build_compare_tab
+from .edit_tab import build_edit_tab
 from .errors import one_line, ui_error
 from .generate_tab import build_generate_tab
 from .service import PrismService
@@ -76,11 +79,15 @@ def parameter_names(block_fn: Any) -> list[str]:
 def create_demo(service: PrismService, title: str = "Prism") -> gr.Blocks:
     # Analytics off: Gradio would otherwise contact api.gradio.app (telemetry, version check) at startup.
     with PrismBlocks(title=title, analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
-        gr.Markdown(f"# {title}\nFlux.1 and SDXL at 16-bit, FP8 and FP4 on {service.manager.info.name}.")
+        gr.Markdown(f"# {title}\nFlux.1, SDXL and FLUX.1 Kontext editing at 16-bit, FP8 and FP4 on "
+                    f"{service.manager.info.name}.")
         with gr.Tabs():
             for family in Family:
-                with gr.Tab(family.label, id=family.value):
-                    build_generate_tab(service, family)
+                if FAMILIES[family].image_use is ImageUse.START:  # families that edit an image share the Edit tab
+                    with gr.Tab(family.label, id=family.value):
+                        build_generate_tab(service, family)
+            with gr.Tab("Edit", id="edit"):
+                build_edit_tab(service)
             with gr.Tab("Compare", id="compare"):
                 build_compare_tab(service)
             with gr.Tab("System", id="system") as system:

@@ -67,9 +67,10 @@ def build_compare_tab(service: PrismService) -> None:
                     guidance = NumberSlider(0, spec.max_guidance if spec else 30,
                                          spec.default_guidance if spec else 3.5, step=0.1, label="Guidance",
                                          elem_id="compare-guidance")
-            with gr.Accordion("Input image (image to image)", open=False):
+            with gr.Accordion("Input image (image to image; the image an edit model changes)", open=False):
                 with gr.Row():
-                    input_image = gr.Image(type="pil", label="Input image (scaled to cover the size, centre kept)",
+                    input_image = gr.Image(type="pil", label="Input image (image to image: scaled to cover the size, "
+                                                             "centre kept; an edit model takes it at its preferred size)",
                                            sources=["upload", "clipboard"], height=200, elem_id="compare-input-image")
                     strength = NumberSlider(0.05, 1, DEFAULT_STRENGTH, step=0.05, label="Strength",
                                             info="0 keeps the input, 1 ignores it", elem_id="compare-strength")
@@ -152,7 +153,7 @@ def build_compare_tab(service: PrismService) -> None:
         job_request = GenerationRequest(prompt=prompt or "", model=choice.model,
                                         seed=None if seed in (None, -1) else seed,
                                         width=width, height=height, steps=steps, guidance=guidance, image=input_image,
-                                        strength=strength if input_image is not None else None,
+                                        strength=service.strength_for(choice, input_image, strength),
                                         loras=chosen_loras((lora, lora_scale, lora_2, lora_2_scale)))
         started = time.perf_counter()
         task = service.start_compare(job_request, list(precisions), session=session_of(request))

@@ -139,8 +139,10 @@ class OpenAIImages:
         except RequestError as exc:
             raise ApiError(404, str(exc), param="model", code="model_not_found") from None
 
-    def request_from_fields(self, fields: Mapping[str, Any], extra: tuple[str, ...] = ()) -> GenerationRequest:
-        """One checked GenerationRequest from OpenAI-style fields (JSON values, or strings from a form)."""
+    def request_from_fields(self, fields: Mapping[str, Any], extra: tuple[str, ...] = (),
+                            image: Any = None) -> GenerationRequest:
+        """One checked GenerationRequest from OpenAI-style fields (JSON values, or strings from a form), with the
+        edit's input image when there is one (a model that edits images, such as Kontext, needs it to check)."""
         given = {k: v for k, v in fields.items() if v is not None}
         for name, why in NOT_YET.items():
             if name in given:
@@ -176,7 +178,7 @@ class OpenAIImages:
         req = GenerationRequest(
             prompt=prompt, model=choice.model, precision=given.get("precision") or self.service.default_precision().value,
             negative_prompt=negative, width=width, height=height, steps=steps, guidance=given.get("guidance_scale"),
-            seed=given.get("seed"), num_images=given.get("n", 1))
+            seed=given.get("seed"), num_images=given.get("n", 1), image=image)
         try:
             self.service.check(req)  # every field the way the UI's are checked, before anything is queued
         except RequestError as exc:
@@ -203,7 +205,7 @@ class OpenAIImages:
         if mask is not None and mask.size != images[0].size:
             raise ApiError(400, f"mask is {mask.size[0]}x{mask.size[1]} but the image is "
                                 f"{images[0].size[0]}x{images[0].size[1]}; they must be the same size.", param="mask")
-        req = self.request_from_fields(fields, extra=("input_fidelity",) + EDIT_FIELDS)
+        req = self.request_from_fields(fields, extra=("input_fidelity",) + EDIT_FIELDS, image=images[0])
         # Our own fields (form values are text; resolve_request checks and converts them).
         req = replace(req, **{k: fields[k] for k in EDIT_FIELDS if fields.get(k) not in (None, "")})
         return EditInputs(images, mask, req)

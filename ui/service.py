@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from pipelines.backends import choose_backend
 from pipelines.compare import Comparison, run_comparison
+from pipelines.families import FAMILIES
+from pipelines.families.family import ImageUse
 from pipelines.loading import HubOptions, ModelAccessError, default_model, is_available_locally
 from pipelines.manager import ModelInUseError
 from pipelines.pngmeta import png_bytes, save_png
@@ -257,9 +259,20 @@ class PrismService:
             negative_prompt=negative_prompt or "", width=_blank_none(width), height=_blank_none(height),
             steps=_blank_none(steps), guidance=_blank_none(guidance), seed=seed,
             num_images=1 if num_images in (None, "") else num_images, sampler=sampler or "", image=image,
-            strength=_blank_none(strength) if image is not None else None, mask=mask,
+            strength=self.strength_for(choice, image, strength), mask=mask,
             mask_blur=DEFAULT_MASK_BLUR if mask_blur in (None, "") else mask_blur, only_masked=bool(only_masked),
             loras=tuple(loras), refiner=_blank_none(refiner), cache=cache)
+
+    def strength_for(self, choice: ModelChoice, image: Any, strength: Any) -> Any:
+        """The strength a request carries: an image-to-image input's; none without an image, nor for a model
+        that edits its input (it runs every step: the widget's value is not its to take)."""
+        if image is None or FAMILIES[choice.family].image_use is ImageUse.CONTEXT:
+            return None
+        return _blank_none(strength)
+
+    def edit_choices(self) -> list[ModelChoice]:
+        """The offered models that edit an input image by instruction (the Edit tab's)."""
+        return [c for c in self.models if FAMILIES[c.family].image_use is ImageUse.CONTEXT]
 
     def lora_names(self) -> list[str]:
         """The LoRAs in the manager's loras/ folder, by name."""

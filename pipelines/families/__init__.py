@@ -7,9 +7,10 @@ from __future__ import annotations
 from ..registry import Family, ModelSpec
 from .family import ModelFamily
 from .flux import FLUX
+from .kontext import KONTEXT
 from .sdxl import SDXL
 
-FAMILIES: dict[Family, ModelFamily] = {f.kind: f for f in (FLUX, SDXL)}
+FAMILIES: dict[Family, ModelFamily] = {f.kind: f for f in (FLUX, SDXL, KONTEXT)}
 
 
 def family_of(spec: ModelSpec) -> ModelFamily:

@@ -6,6 +6,7 @@ asking which family a model is, so a new family is one module that builds a `Mod
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
@@ -39,6 +40,13 @@ def part_owner(spec: "ModelSpec", name: str, refiner: "ModelSpec | None") -> tup
     return spec, name
 
 
+class ImageUse(str, Enum):
+    """What a family's loop does with an input image."""
+
+    START = "start"  # optional: image to image and inpainting start from it noised to `strength`
+    CONTEXT = "context"  # required: the image being edited; its tokens condition every step (no strength, no mask)
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     kind: Family
@@ -68,6 +76,10 @@ class ModelFamily:
     # components a LoRA may change, by the key prefix diffusers gives them.
     lora_reader: str = ""
     lora_components: tuple[str, ...] = ()
+    image_use: ImageUse = ImageUse.START
+    # CONTEXT families: the (width, height) an input image of a given size is resized to, which is also the
+    # output's size when the request names none.
+    context_size: Callable[["ModelSpec", tuple[int, int]], tuple[int, int]] | None = None
 
     def adapter(self, name: str) -> type[nn.Module]:
         return VaeEncoder if name == VAE_ENCODER else self.adapters[name]

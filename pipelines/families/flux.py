@@ -8,7 +8,9 @@ once the prompt is encoded, and swap a TensorRT engine in for any component.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ from ..sampling import (FamilyOutput, check_finite, family_output, seed_generato
                         tokenize, truncation_warning)
 from .family import ModelFamily
 from ..schedulers import Sampler, make_scheduler
-from ..step_cache import StepCache
+from ..step_cache import NO_CACHE, StepCache
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 CLIP_TOKENS = graphs.CLIP_TOKENS
@@ -54,16 +56,19 @@ def first_step(steps: int, strength: float) -> int:
     return int(max(steps - min(steps * strength, steps), 0))
 
 
-def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunContext) -> FamilyOutput:
-    device, n = ctx.device, req.num_images
-    seeds = tuple(req.seed + i for i in range(n))
-    warnings: list[str] = []
-    clock = Stopwatch(device)
+@dataclass(frozen=True)
+class EncodedPrompt:
+    pooled: torch.Tensor  # CLIP-L pooled (1, D)
+    text: torch.Tensor  # T5 hidden states (1, S, D)
+    warnings: tuple[str, ...]  # about prompts cut to fit
+    marks: tuple  # clock marks around the encoding (loading excluded: it is the job's load time)
 
-    # 1. Encode the prompt once; every image of the batch shares it.
-    ctx.report("text", 0, 1, "encoding the prompt")
-    clip_ids, cut_clip = tokenize(parts.get("tokenizer"), req.prompt, CLIP_TOKENS)
-    t5_ids, cut_t5 = tokenize(parts.get("tokenizer_2"), req.prompt, spec.max_prompt_tokens)
+
+def encode_prompt(spec: ModelSpec, parts: Parts, prompt: str, device: torch.device, clock: Stopwatch) -> EncodedPrompt:
+    """The prompt through CLIP-L and T5; the text encoders are released after."""
+    warnings = []
+    clip_ids, cut_clip = tokenize(parts.get("tokenizer"), prompt, CLIP_TOKENS)
+    t5_ids, cut_t5 = tokenize(parts.get("tokenizer_2"), prompt, spec.max_prompt_tokens)
     if cut_t5:
         warnings.append(truncation_warning("T5", spec.max_prompt_tokens))
     elif cut_clip:
@@ -75,39 +80,35 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
         text = t5(input_ids=t5_ids.to(device))
     t_text = clock.mark()
     parts.done_with(*TEXT_ENCODERS)
+    return EncodedPrompt(pooled, text, tuple(warnings), (t_start, t_text))
 
-    # 2. Schedule; an input image starts it part way, where `strength` of the noise is left.
-    dtype = parts.dtype("transformer")
+
+def latent_grid(spec: ModelSpec, width: int, height: int) -> tuple[int, int]:
+    """Latent (height, width) for an image size: even, so 2x2 patches pack."""
     scale = spec.vae_scale_factor
-    h, w = 2 * (req.height // (scale * 2)), 2 * (req.width // (scale * 2))
-    channels = spec.components["transformer"].config["in_channels"] // 4
+    return 2 * (height // (scale * 2)), 2 * (width // (scale * 2))
+
+
+def scaled_latents(spec: ModelSpec, encoded: torch.Tensor) -> torch.Tensor:
+    """VAE latents to the transformer's scale (shifted, then scaled)."""
+    vae_config = spec.components["vae"].config
+    return (encoded - vae_config.get("shift_factor", 0.0)) * vae_config["scaling_factor"]
+
+
+def flow_schedule(spec: ModelSpec, parts: Parts, req: GenerationRequest, h: int, w: int, device: torch.device):
+    """A fresh scheduler for the job, its sigmas shifted for the number of noise tokens (FluxPipeline's mu)."""
     scheduler = make_scheduler(parts.get("scheduler"), spec.family, req.sampler)  # fresh state per job
     cfg = scheduler.config
     mu = calculate_shift((h // 2) * (w // 2), cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                          cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-    sigmas = np.linspace(1.0, 1 / req.steps, req.steps)
-    scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
-    start = first_step(req.steps, req.strength) if req.image is not None else 0
-    scheduler.set_begin_index(start)
-    timesteps = scheduler.timesteps[start:]
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / req.steps, req.steps), mu=mu, device=device)
+    return scheduler
 
-    # 3. Starting latents: noise, or the encoded input image with noise mixed in to the first step's level.
-    generators = seed_generators(seeds)
-    canvas = mask = None
-    t_encode = clock.mark()
-    if req.image is not None:
-        ctx.report("encode", 0, 1, "encoding the input image")
-        canvas = prepare_canvas(req.image, req.mask, req.width, req.height, req.mask_blur, req.only_masked)
-        vae_config = spec.components["vae"].config
-        with torch.inference_mode():
-            encoded = encode_input(parts, canvas.image, generators, device)
-        parts.done_with(VAE_ENCODER)
-        image_latents = pack(((encoded - vae_config.get("shift_factor", 0.0)) * vae_config["scaling_factor"]).to(dtype))
-    t_encoded = clock.mark()
-    noise = pack(seeded_noise(generators, (channels, h, w), device, dtype))
-    latents = noise if canvas is None else scheduler.scale_noise(image_latents, timesteps[:1].repeat(n), noise)
-    if canvas is not None and canvas.mask is not None:  # inpainting: 1 where the step's result is kept
-        mask = pack(latent_mask(canvas.mask, h, w, device, dtype).repeat(n, channels, 1, 1))
+
+def text_conditioning(spec: ModelSpec, prompt: EncodedPrompt, req: GenerationRequest, h: int, w: int,
+                      device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The transformer's inputs besides the latents and the timestep, for a batch of `req.num_images`."""
+    n, pooled, text = req.num_images, prompt.pooled, prompt.text
     cond = dict(
         encoder_hidden_states=text.to(dtype).repeat(n, 1, 1),
         pooled_projections=pooled.to(dtype).repeat(n, 1),
@@ -116,12 +117,17 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     )
     if spec.components["transformer"].config.get("guidance_embeds", False):
         cond["guidance"] = torch.full([n], req.guidance, device=device, dtype=torch.float32)
+    return cond
 
-    # 4. Denoise.
+
+def denoise(parts: Parts, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, cond: dict, ctx: RunContext,
+            clock: Stopwatch, blend: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+            cache: StepCache = NO_CACHE):
+    """The flow-matching loop: (final latents, a clock mark before and after every step). `blend(i, latents)`,
+    when given, rewrites the latents after step i (inpainting keeps the input outside the mask); steps `cache`
+    skips reuse the last velocity (step caching)."""
+    n, dtype = latents.shape[0], latents.dtype
     denoiser = parts.get("transformer")
-    cache = StepCache.named(req.cache)
-    if cache.note(len(timesteps)):
-        warnings.append(cache.note(len(timesteps)))
     step_marks = [clock.mark()]
     with torch.inference_mode():
         for i, t in enumerate(timesteps):
@@ -129,16 +135,18 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
             if i == 0 or cache.computes(i, len(timesteps)):  # else the last velocity again (step caching)
                 velocity = denoiser(hidden_states=latents, timestep=(t.expand(n).to(dtype) / 1000), **cond)
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
-            if mask is not None:  # outside the mask, the input image noised to the next step's level
-                kept = image_latents if i == len(timesteps) - 1 else \
-                    scheduler.scale_noise(image_latents, timesteps[i + 1:i + 2], noise)
-                latents = (1 - mask) * kept + mask * latents
+            if blend is not None:
+                latents = blend(i, latents)
             step_marks.append(clock.mark())
             clock.wait(step_marks[-1])
             ctx.report("denoise", i + 1, len(timesteps))
     check_finite(latents, "transformer", "Try bf16, or a lower guidance.")
+    return latents, step_marks
 
-    # 5. Decode.
+
+def decode(spec: ModelSpec, parts: Parts, latents: torch.Tensor, h: int, w: int, ctx: RunContext,
+           clock: Stopwatch) -> tuple[torch.Tensor, tuple]:
+    """Packed latents to pixels in [-1, 1], checked finite; and the clock marks around the decoding."""
     ctx.report("vae", 0, 1, "decoding")
     vae = parts.get("vae")
     vae_config = spec.components["vae"].config
@@ -148,10 +156,60 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
         decoded = vae(latents=unscaled.to(parts.dtype("vae")))
     t_end = clock.mark()
     check_finite(decoded, "VAE decoder", "Try bf16.")
+    return decoded, (t_vae, t_end)
+
+
+def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunContext) -> FamilyOutput:
+    device, n = ctx.device, req.num_images
+    seeds = tuple(req.seed + i for i in range(n))
+    clock = Stopwatch(device)
+
+    # 1. Encode the prompt once; every image of the batch shares it.
+    ctx.report("text", 0, 1, "encoding the prompt")
+    prompt = encode_prompt(spec, parts, req.prompt, device, clock)
+
+    # 2. Schedule; an input image starts it part way, where `strength` of the noise is left.
+    dtype = parts.dtype("transformer")
+    h, w = latent_grid(spec, req.width, req.height)
+    channels = spec.components["transformer"].config["in_channels"] // 4
+    scheduler = flow_schedule(spec, parts, req, h, w, device)
+    start = first_step(req.steps, req.strength) if req.image is not None else 0
+    scheduler.set_begin_index(start)
+    timesteps = scheduler.timesteps[start:]
+
+    # 3. Starting latents: noise, or the encoded input image with noise mixed in to the first step's level.
+    generators = seed_generators(seeds)
+    canvas = blend = None
+    t_encode = clock.mark()
+    if req.image is not None:
+        ctx.report("encode", 0, 1, "encoding the input image")
+        canvas = prepare_canvas(req.image, req.mask, req.width, req.height, req.mask_blur, req.only_masked)
+        with torch.inference_mode():
+            encoded = encode_input(parts, canvas.image, generators, device)
+        parts.done_with(VAE_ENCODER)
+        image_latents = pack(scaled_latents(spec, encoded).to(dtype))
+    t_encoded = clock.mark()
+    noise = pack(seeded_noise(generators, (channels, h, w), device, dtype))
+    latents = noise if canvas is None else scheduler.scale_noise(image_latents, timesteps[:1].repeat(n), noise)
+    if canvas is not None and canvas.mask is not None:  # inpainting: 1 where the step's result is kept
+        mask = pack(latent_mask(canvas.mask, h, w, device, dtype).repeat(n, channels, 1, 1))
+
+        def blend(i: int, latents: torch.Tensor) -> torch.Tensor:  # outside the mask, the input noised to step i+1
+            kept = image_latents if i == len(timesteps) - 1 else \
+                scheduler.scale_noise(image_latents, timesteps[i + 1:i + 2], noise)
+            return (1 - mask) * kept + mask * latents
+    cond = text_conditioning(spec, prompt, req, h, w, device, dtype)
+
+    # 4. Denoise.
+    cache = StepCache.named(req.cache)
+    latents, step_marks = denoise(parts, scheduler, timesteps, latents, cond, ctx, clock, blend, cache)
+
+    # 5. Decode.
+    decoded, (t_vae, t_end) = decode(spec, parts, latents, h, w, ctx, clock)
 
     encode = (t_encode, t_encoded) if req.image is not None else None
-    timings = stage_timings(clock, t_start, t_text, step_marks, t_vae, t_end, encode)
-    return family_output(decoded, timings, canvas, warnings)
+    timings = stage_timings(clock, *prompt.marks, step_marks, t_vae, t_end, encode)
+    return family_output(decoded, timings, canvas, [*prompt.warnings, *filter(None, [cache.note(len(timesteps))])])
 
 
 def denoiser_io(spec: ModelSpec) -> GraphIO:

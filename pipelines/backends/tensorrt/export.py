@@ -60,7 +60,7 @@ class ComponentIO:
 
 EXPORTERS: dict[type[nn.Module], str] = {
     graphs.ClipPooled: "dynamo", graphs.ClipPenultimate: "dynamo", graphs.ClipPenultimateAndProjection: "dynamo",
-    graphs.T5Hidden: "dynamo", graphs.FluxDenoiser: "dynamo",
+    graphs.T5Hidden: "dynamo", graphs.FluxDenoiser: "dynamo", graphs.KontextDenoiser: "dynamo",
     graphs.SdxlDenoiser: "torchscript", graphs.VaeDecoder: "torchscript", graphs.VaeEncoder: "torchscript",
 }
 
@@ -140,6 +140,9 @@ def dimension_ranges(spec: ModelSpec, io: ComponentIO, ranges: ShapeRanges) -> d
         "img_h": ranges.height, "img_w": ranges.width,
         # Flux packs 2x2 latent patches into one token.
         "img_tokens": tuple((h // 2) * (w // 2) for h, w in zip(lat_h, lat_w)),
+        # Kontext's input-image tokens, appended to the noise tokens: an input within the same size range (its
+        # preferred sizes are), so the transformer's profile spans up to twice the tokens of text to image.
+        "ctx_tokens": tuple((h // 2) * (w // 2) for h, w in zip(lat_h, lat_w)),
     }
 
 
@@ -155,7 +158,7 @@ def profile(spec: ModelSpec, io: ComponentIO, ranges: ShapeRanges) -> dict[str, 
 
 # Small sample sizes for tracing: distinct values so no two symbolic dimensions look equal, all >= 2
 # so torch.export keeps them symbolic, divisible by the UNet's and VAE's downsampling.
-EXPORT_DIMS = {"batch": 2, "lat_h": 8, "lat_w": 12, "img_tokens": 24, "img_h": 64, "img_w": 96}
+EXPORT_DIMS = {"batch": 2, "lat_h": 8, "lat_w": 12, "img_tokens": 24, "ctx_tokens": 20, "img_h": 64, "img_w": 96}
 
 
 def sample_inputs(io: ComponentIO, dtype: torch.dtype, device: torch.device | str, vocab: int = 100,

@@ -35,12 +35,13 @@ from ...device_policy import LIGHT_PARTS, DevicePolicy
 from ...errors import MissingPackageError
 from ..contract import CALIBRATION_PROMPTS
 from ...families import family_of
+from ...families.family import REFINER_PREFIX, ImageUse, part_owner, weights_of
+from ...image_input import random_image
 from ...quant import quantizable_linears
 from ...loading import WeightSource, load_component
 from ...lora import NO_LORAS, LoraSet
 from ..torch_lora import fuse_into
 from ...precision import Backend, Precision
-from ...families.family import REFINER_PREFIX, part_owner
 from ...registry import ModelSpec, base_of
 from ...request import DEFAULT_REFINER_SWITCH, GenerationRequest, resolve_request
 from ...run_context import RunContext
@@ -134,10 +135,11 @@ class _CalibrationParts:
         if name not in self._loaded:
             spec, component = part_owner(self.spec, name, self.refiner)
             dtype = self.policy.component_dtype(spec, component, self.precision)
-            obj = load_component(spec, component, dtype=dtype or torch.float32, device=self.device, source=self.source)
+            weights = weights_of(component)  # the VAE encoder (an edit's input image) is built from the VAE's weights
+            obj = load_component(spec, weights, dtype=dtype or torch.float32, device=self.device, source=self.source)
             if component not in LIGHT_PARTS:
-                fuse_into(obj, self.loras if spec is self.spec else NO_LORAS, component)
-            self._loaded[name] = obj if component in LIGHT_PARTS else family_of(spec).adapters[component](obj).eval()
+                fuse_into(obj, self.loras if spec is self.spec else NO_LORAS, weights)
+            self._loaded[name] = obj if component in LIGHT_PARTS else family_of(spec).adapter(component)(obj).eval()
         return self._loaded[name]
 
     def dtype(self, name: str) -> torch.dtype:
@@ -196,10 +198,14 @@ def calibrate(spec: ModelSpec, recipe: QuantRecipe, source: WeightSource, device
         parts = _CalibrationParts(loop_spec, recipe.precision, device, source, model, policy, loras, calibrated,
                                   spec if calibrated else None)
         for i, prompt in enumerate(prompts[:recipe.prompts]):
+            # A family that edits an input image gets one of random pixels at the calibration size: the context
+            # tokens' ranges are then observed too (no photograph ships with Prism).
+            image = random_image(recipe.width, recipe.height, recipe.seed + i) \
+                if family.image_use is ImageUse.CONTEXT else None
             request = resolve_request(GenerationRequest(
                 prompt=prompt, model=loop_spec.id, precision=run_precision, width=recipe.width, height=recipe.height,
-                steps=recipe.steps, guidance=recipe.guidance, seed=recipe.seed + i, refiner=handoff), loop_spec,
-                capability, Backend.TORCH)
+                steps=recipe.steps, guidance=recipe.guidance, seed=recipe.seed + i, refiner=handoff, image=image),
+                loop_spec, capability, Backend.TORCH)
             try:
                 family.generate(loop_spec, parts, request, run_ctx)
             except NumericsError:
