@@ -21,9 +21,28 @@ EXPECTED_ALL_CORRECT = 0.8  # every attribute right: stricter than the issue's 8
 
 def test_demo_models_ship_within_the_size_budget():
     files = [p for p in DEMO_MODELS_DIR.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 20 * 1024 * 1024
-    for name, component in (("demo-flux", "transformer"), ("demo-sdxl", "unet")):
+    assert sum(p.stat().st_size for p in files) <= 40 * 1024 * 1024  # all demo models together
+    kontext = [p for p in (DEMO_MODELS_DIR / "demo-kontext").rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in kontext) <= 15 * 1024 * 1024
+    for name, component in (("demo-flux", "transformer"), ("demo-sdxl", "unet"), ("demo-kontext", "transformer")):
         assert (DEMO_MODELS_DIR / name / component / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_demo_kontext_makes_the_edits_its_table_claims(cpu_manager):
+    """10 fixed held-out edits through the manager (what the Edit tab runs), edit i at seed i. Measured on this
+    suite's CPU torch (2026-12-01): 4 of 10 right (both background edits, a removal, a colour change); the
+    200-edit table in BENCHMARKS.md gives the per-kind rates. The bound sits a little below the measurement."""
+    from pipelines.demo.architectures import IMAGE_SIZE
+    from pipelines.demo.edits import held_out_edits
+    from pipelines.demo.evaluate_edits import edit_accuracy
+    from pipelines.demo.scenes import render
+
+    edits = held_out_edits(10)
+    images = [cpu_manager.generate(GenerationRequest(prompt=e.instruction, model="demo-kontext", seed=i,
+                                                     image=render(e.source, IMAGE_SIZE))).images[0]
+              for i, e in enumerate(edits)]
+    accuracy = edit_accuracy(images, edits)
+    assert accuracy["all"] >= 0.3 and accuracy["background"] == 1.0, accuracy
 
 
 @pytest.mark.parametrize("model,family,denoiser", [("demo-flux", Family.FLUX, "transformer"),
