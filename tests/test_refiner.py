@@ -268,7 +268,8 @@ def test_bench_measures_base_and_refiner_end_to_end(tiny_sdxl_pair, tmp_path):
                           text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "base + refiner (switch at 0.5; steps counts both)" in proc.stdout
-    row = json.loads(out.read_text())["rows"][0]
+    (model,) = json.loads(out.read_text())["models"].values()  # one model benched
+    row = model["rows"][0]
     assert row["steps"] == 4 and row["total_ms"] > 0 and "--refiner 0.5" in json.loads(out.read_text())["command"]
 
 
