@@ -203,8 +203,8 @@ def default_model(family: Family | None = None, hub: HubOptions = HubOptions()) 
         for spec in demo_specs():
             if spec.family is fam:
                 real = next(s for s in HUB_MODELS if s.family is fam)
-                return spec.id, (f"No {fam.value.upper()} weights found locally: using the embedded {spec.id} model "
-                                 f"(it draws simple shapes). Choose {real.id} to download the real model "
+                return spec.id, (f"No {fam.label} weights found locally: using the embedded {spec.id} model "
+                                 f"(it knows only simple coloured shapes). Choose {real.id} to download the real model "
                                  f"(needs network{' and a Hugging Face token' if real.gated else ''}), or pass a local folder.")
     raise ModelAccessError("No model weights are available here and the embedded demo models are missing; "
                            "pass --model with a registry id (downloads it) or a local folder.")

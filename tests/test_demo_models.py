@@ -60,7 +60,7 @@ def test_without_real_weights_the_default_is_the_demo_model_and_says_so(tmp_path
     empty_cache = HubOptions(cache_dir=str(tmp_path))
     model, note = default_model(Family.FLUX, empty_cache)
     assert model == "demo-flux"
-    assert "No FLUX weights found locally" in note and "flux.1-dev" in note
+    assert "No Flux.1 weights found locally" in note and "flux.1-dev" in note
     model, note = default_model(Family.SDXL, empty_cache)
     assert model == "demo-sdxl" and "sdxl-base-1.0" in note
 
