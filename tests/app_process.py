@@ -20,11 +20,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(*args: str, env: dict[str, str] | None = None):
-    """Yields (url, process, output lines so far) once the app says it is running; kills it if still alive after."""
+def running_app(*args: str, env: dict[str, str] | None = None, preexec_fn=None):
+    """Yields (url, process, output lines so far) once the app says it is running; kills it if still alive after.
+    `preexec_fn` runs in the child before the app starts (e.g. to start it the way a background job would)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     lines: list[str] = []
     ready = threading.Event()

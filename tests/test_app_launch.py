@@ -109,6 +109,16 @@ def test_auth_refuses_requests_without_credentials(tiny_flux):
     assert proc.returncode == 0, "".join(lines[-20:])  # Ctrl-C is a clean stop, not a crash
 
 
+def test_sigint_stops_the_app_even_when_started_with_sigint_ignored(tiny_flux):
+    """A background job of a non-interactive shell (`bash scripts/run_app.sh &` in a script, a nohup'd CI run)
+    starts with SIGINT ignored; `kill -INT` must still stop the app cleanly."""
+    ignore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
+    with running_app("--device", "cpu", "--models", str(tiny_flux), preexec_fn=ignore_sigint) as (url, proc, lines):
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    assert proc.returncode == 0, "".join(lines[-20:])
+
+
 def test_output_folder_and_its_size_cap_are_options(tmp_path):
     opts = options_from_args(["--output-dir", str(tmp_path), "--outputs-max-size", "500MB"])
     assert opts.output_dir == tmp_path and opts.outputs_max_bytes == 500 * 1000**2

@@ -296,6 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipelines.errors import user_message
 
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    # SIGINT stops the app even where it was inherited as ignored: a background job of a non-interactive shell
+    # (`cmd &` in a script, nohup'd CI) starts with SIGINT ignored, and Python then installs no Ctrl-C handler;
+    # seen 2026-12-01: `kill -INT` left such an app serving until killed. Servers (uvicorn, gunicorn) do the same.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         start(opts)
     except KeyboardInterrupt:
