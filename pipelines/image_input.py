@@ -194,6 +194,17 @@ def prepare_canvas(image: InputImage, mask: InputImage | None, width: int, heigh
     return Canvas(crop(image.image), crop(grey), image.image, blurred, region)
 
 
+def encode_request_image(parts, req, generators: list[torch.Generator], ctx) -> tuple[Canvas, torch.Tensor]:
+    """Image to image and inpainting, the same in every family: the request's image (and mask) fitted to its
+    size, then VAE-encoded (unscaled latents); the encoder is done with afterwards."""
+    ctx.report("encode", 0, 1, "encoding the input image")
+    canvas = prepare_canvas(req.image, req.mask, req.width, req.height, req.mask_blur, req.only_masked)
+    with torch.inference_mode():
+        encoded = encode_input(parts, canvas.image, generators, ctx.device)
+    parts.done_with(VAE_ENCODER)
+    return canvas, encoded
+
+
 def mask_region(mask: Image.Image, aspect: float, padding: int) -> tuple[int, int, int, int]:
     """The mask's bounding box grown by `padding`, then widened or heightened towards `aspect` (width / height)
     within the image, so the region scales to the requested size with little distortion."""

@@ -15,8 +15,8 @@ from types import MappingProxyType
 import torch
 
 from .. import graphs
-from ..graphs import VAE_ENCODER, GraphIO, TensorSpec
-from ..image_input import encode_input, latent_mask, prepare_canvas
+from ..graphs import GraphIO, TensorSpec
+from ..image_input import encode_request_image, latent_mask
 from ..registry import Family, ModelSpec
 from ..request import GenerationRequest
 from ..run_context import Parts, RunContext, Stopwatch
@@ -103,11 +103,7 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     lat_shape = (channels, req.height // scale, req.width // scale)
     t_encode = clock.mark()
     if req.image is not None:
-        ctx.report("encode", 0, 1, "encoding the input image")
-        canvas = prepare_canvas(req.image, req.mask, req.width, req.height, req.mask_blur, req.only_masked)
-        with torch.inference_mode():
-            encoded = encode_input(parts, canvas.image, generators, device)
-        parts.done_with(VAE_ENCODER)
+        canvas, encoded = encode_request_image(parts, req, generators, ctx)
         image_latents = spec.components["vae"].config["scaling_factor"] * encoded.to(dtype)
     t_encoded = clock.mark()
     noise = seeded_noise(generators, lat_shape, device, dtype)
