@@ -143,6 +143,30 @@ def test_training_batches_render_the_edits_they_name():
     assert batch.ids_clip.tolist() == clip(instructions, padding="max_length", max_length=77).input_ids
 
 
+def test_loss_weights_mark_the_tokens_a_shape_touches_before_or_after_the_edit():
+    """The editor's loss weighs the tokens where the source or the target has a shape; tokens in pack's order."""
+    from pipelines.demo.kontext_train import TOKEN_PIXELS, shape_token_weights
+    from pipelines.demo.train import SHAPE_WEIGHT
+    from pipelines.families.flux import pack
+
+    sources, targets = torch.full((2, 3, 64, 64), -1.0), torch.full((2, 3, 64, 64), -1.0)
+    sources[0, :, 20:23, 41:44] = 1.0  # in token row 2, column 5 (8-pixel tokens)
+    targets[0, :, 50:52, 9:11] = 1.0  # a shape added in token row 6, column 1
+    targets[1] = 0.5  # a new background colour alone: no token is a shape's
+    weights = shape_token_weights(sources, targets)
+    assert weights.shape == (2, (64 // TOKEN_PIXELS) ** 2)
+    # Which token a pixel lands in, as pack orders tokens: mark two latent cells and see where they go.
+    marks = torch.zeros(1, 1, 16, 16)
+    marks[0, 0, 21 // 4, 42 // 4] = 1.0
+    marks[0, 0, 51 // 4, 10 // 4] = 2.0
+    order = pack(marks.repeat(1, 1, 1, 1))[0].amax(1)
+    heavy = {int(i) for i in torch.nonzero(weights[0] > 1).flatten()}
+    assert {int(torch.nonzero(order == 1)[0]), int(torch.nonzero(order == 2)[0])} <= heavy
+    assert len(heavy) <= 8  # the two tokens and, within 2 pixels, their neighbours only
+    assert weights[0].max() == 1 + SHAPE_WEIGHT and weights[0].min() == 1.0
+    assert torch.equal(weights[1], torch.ones(64))
+
+
 def test_workers_draw_the_same_batches_as_the_main_process():
     """The GPU run draws edits in spawned workers; batch k is the same whichever process draws it."""
     from pipelines.demo.kontext_train import EditStream

@@ -29,10 +29,12 @@ from ..families.flux import image_ids, pack
 from .architectures import (IMAGE_SIZE, T5_TOKENS, FluxParts, clip_tokenizer, editor_tokenizers, t5_tokenizer,
                             with_instruction_words)
 from .edits import sample_edits
-from .train import Batch, SceneStream, TrainConfig, _autocast, _train_denoiser, load_parts, render_arrays, scene_arrays
+from .train import (SHAPE_WEIGHT, Batch, SceneStream, TrainConfig, _autocast, _train_denoiser, load_parts, render_arrays,
+                    scene_arrays)
 
 MAX_MODEL_BYTES = 15 * 2**20
 MODEL_NAME = "demo-kontext"
+TOKEN_PIXELS = 8  # a packed token covers 8x8 pixels: the VAE's 4x downsampling, then 2x2 latents a token
 
 
 @dataclass
@@ -111,8 +113,24 @@ def context_tokens(vae, encoded, rows: slice = slice(None)) -> torch.Tensor:
     return pack((encoded.mode()[rows].float() - vae.config.shift_factor) * vae.config.scaling_factor)
 
 
+def shape_token_weights(sources: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, tokens) loss weights in `pack`'s token order: 1 + SHAPE_WEIGHT where a shape is (or was, or will be)
+    within a token or 2 pixels of it, 1 elsewhere.
+
+    Why: a 64x64 scene's one or two shapes touch 2-6 of its 64 tokens, so an unweighted loss is nearly all
+    flat background. demo-kontext trained unweighted (3029 steps of 1024) made the asked edit but drew the
+    shapes as blobs: 35.5% of 200 held-out edits right, shape kinds the most common miss."""
+    def on_shape(images: torch.Tensor) -> torch.Tensor:  # the corner pixel is background (see train._shape_weights)
+        return (images - images[:, :, :1, :1]).abs().amax(1, keepdim=True) > 0.02
+
+    either = (on_shape(sources) | on_shape(targets)).float()
+    near = F.max_pool2d(either, 5, stride=1, padding=2)
+    return 1.0 + SHAPE_WEIGHT * F.max_pool2d(near, TOKEN_PIXELS).flatten(1)
+
+
 def kontext_loss(parts: FluxParts, device: str):
-    """Rectified flow on the target latents, the source's latent tokens appended as FluxKontextPipeline does."""
+    """Rectified flow on the target latents, the source's latent tokens appended as FluxKontextPipeline does;
+    the squared error of each target token weighted by `shape_token_weights`."""
     vae = parts.vae
     mean, std = vae.config.shift_factor, 1.0 / vae.config.scaling_factor
     ids = kontext_ids(device)
@@ -133,7 +151,9 @@ def kontext_loss(parts: FluxParts, device: str):
             velocity = parts.transformer(hidden_states=torch.cat([noisy, source_tokens], 1), encoder_hidden_states=text,
                                          pooled_projections=pooled, timestep=t, img_ids=ids, txt_ids=txt_ids,
                                          return_dict=False)[0]
-        return F.mse_loss(velocity[:, :target_tokens.shape[1]].float(), noise - target_tokens)
+        error = (velocity[:, :target_tokens.shape[1]].float() - (noise - target_tokens)) ** 2
+        weights = shape_token_weights(batch.sources, batch.images)
+        return (error.mean(2) * weights).sum() / weights.sum()
 
     return loss_of
 
