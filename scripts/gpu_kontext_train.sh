@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
-# Train demo-kontext on the lent GPU across two calls on a warm machine (one call may run 10 minutes at most).
-#   call 1: bash scripts/gpu_kontext_train.sh start MINUTES   (starts training detached, watches it ~9 minutes)
-#   call 2: bash scripts/gpu_kontext_train.sh finish          (waits for it, packs the model and log into one tar)
-# Results come back as one tar: $OUT brings back a limited number of files, and a trained model was lost that way.
+# Train demo-kontext on the lent GPU within one device call (a call may run 10 minutes at most):
+#   bash scripts/gpu_kontext_train.sh MINUTES [EVAL_EDITS]
+# trains from models/demo-kontext for MINUTES, packs the model and log into $OUT/kontext.tar at once, then
+# scores EVAL_EDITS held-out edits (default 60) on the GPU with what time the call has left.
+# One call, not a detached job across two: the machine is released 30 s after a call, and a run left
+# training between calls was lost that way (2026-12-01). The model is packed before the evaluation so a
+# call that runs out of time still brings it back; one tar because $OUT brings back a limited number of files.
 set -euo pipefail
+minutes=${1:?training minutes}
+eval_edits=${2:-60}
 work=/tmp/kontext-train
-case "$1" in
-  start)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      .whl/diffusers*.whl .whl/importlib_metadata*.whl
-    mkdir -p "$work"
-    cp -r . "$work/src"
-    (cd "$work/src" && PYTHONPATH=/tmp/site nohup python3 -m pipelines.demo train --family kontext \
-      --init models/demo-kontext --out "$work/out" --minutes "$2" --batch 1024 --workers 14 --eval-edits 60 \
-      > "$work/train.log" 2>&1; echo "exit $?" >> "$work/train.log") &
-    for _ in $(seq 54); do sleep 10; done
-    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv > "$OUT/gpu.csv" || true
-    cp "$work/train.log" "$OUT/train-part1.log" ;;
-  finish)
-    until grep -q "^exit " "$work/train.log"; do sleep 5; done
-    tar -C "$work" -cf "$OUT/kontext.tar" out train.log ;;
-esac
+started=$SECONDS
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .whl/diffusers*.whl .whl/importlib_metadata*.whl
+export PYTHONPATH=/tmp/site
+rm -rf "$work" && mkdir -p "$work"
+python3 -m pipelines.demo train --family kontext --init models/demo-kontext --out "$work/out" --minutes "$minutes" \
+  --batch 1024 --workers 14 --eval-edits 0 2>&1 | tee "$work/train.log"
+tar -C "$work" -cf "$OUT/kontext.tar" out train.log
+echo "packed after $((SECONDS - started)) s"
+left=$((585 - SECONDS + started))
+timeout "$left" python3 -m pipelines.demo evaluate-edits --model "$work/out/demo-kontext" --n "$eval_edits" \
+  --precision bf16 --device cuda --markdown "$OUT/eval.md" 2>&1 | tail -20 || echo "evaluation stopped after ${left} s"
