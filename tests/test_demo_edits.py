@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -261,6 +263,21 @@ def test_training_resumes_from_a_saved_editor(trained, tmp_path):
     assert after.text_encoder.config.vocab_size == before.text_encoder.config.vocab_size
 
 
+def test_zero_minutes_of_training_saves_the_editor_unchanged(trained, tmp_path):
+    """`--minutes 0` is how a decoder-only run (`--decoder-minutes`) leaves the transformer as it was."""
+    from safetensors.torch import load_file
+
+    from pipelines.demo.kontext_train import train_kontext
+    from pipelines.demo.train import TrainConfig
+
+    folder = train_kontext(TrainConfig(family="kontext", out_dir=tmp_path, device="cpu", batch=4, denoiser_minutes=0.0,
+                                       workers=0), trained[0], log=lambda _: None, eval_edits=0)
+    assert json.loads((folder / "TRAINING.json").read_text())["edit_steps"] == 3
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    before, after = load_file(trained[0] / weights), load_file(folder / weights)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_training_feeds_the_transformer_as_flux_kontext_pipeline_does(trained):
     """Capture what FluxKontextPipeline hands the transformer; the trainer builds the same ids and source tokens."""
     from diffusers import FluxKontextPipeline
@@ -287,13 +304,60 @@ def test_evaluate_edits_prints_a_table_per_precision(trained, capsys):
     from pipelines.demo.evaluate_edits import main
 
     main(["--model", str(trained[0]), "--n", "2", "--precision", "bf16", "fp8", "--steps", "2", "--device", "cpu"])
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("|")]
     assert table[0] == "| precision | runs as | edits | all kinds | colour | kind | move | background | add | remove |"
     cells = [row.strip("| ").split(" | ") for row in table[2:]]
     assert [(c[0], c[2]) for c in cells] == [("bf16", "2"), ("fp8", "2")]
     assert cells[1][1].startswith("FP8")
     # Two edits are a colour and a kind change (the kinds in turn); kinds not evaluated show "-".
     assert all(c[4].endswith("%") and c[5].endswith("%") and c[6:] == ["-"] * 4 for c in cells)
+    assert re.search(r"^VAE round trip of the 2 target scenes: \d+\.\d% all correct", out, re.M)
+
+
+class _RoundTripVae(torch.nn.Module):
+    """A stand-in VAE whose round trip hands the pixels back unchanged, or flattened to their mean colour."""
+
+    def __init__(self, flatten: bool):
+        super().__init__()
+        self.flatten, self.weight = flatten, torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, pixels):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: pixels))
+
+    def decode(self, latents):
+        return SimpleNamespace(sample=latents.mean((2, 3), keepdim=True).expand_as(latents) if self.flatten else latents)
+
+
+@pytest.mark.parametrize("flatten,expected", [(False, 1.0), (True, 0.0)])
+def test_round_trip_accuracy_scores_the_decoded_targets(flatten, expected):
+    from pipelines.demo.evaluate_edits import round_trip_accuracy
+
+    assert round_trip_accuracy(_RoundTripVae(flatten), held_out_edits(12), "cpu") == expected
+
+
+def test_decoder_training_changes_the_decoder_and_keeps_the_encoder():
+    """So the latents, and with them a transformer trained on them, stay valid."""
+    from diffusers import AutoencoderKL
+
+    from pipelines.demo.kontext_train import EditStream, sharpen_decoder
+    from pipelines.demo.train import TrainConfig
+
+    vae = AutoencoderKL.from_pretrained(DEMO_FLUX / "vae", dtype=torch.float32)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    stream, lines = EditStream(0, 2, "cpu"), []
+    try:
+        sharpen_decoder(vae, stream, TrainConfig(family="kontext", out_dir=Path("unused"), device="cpu", vae_steps=2,
+                                                 decoder_minutes=1.0, log_every=1), lines.append, checked_edits=4)
+    finally:
+        stream.close()
+    after = vae.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("decoder."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert not any(p.requires_grad for p in vae.parameters())
+    assert [line.split(":")[0] for line in lines[:2]] == ["decoder step 0", "decoder step 1"]
+    assert re.fullmatch(r"decoder: 2 steps; round trips of 4 held-out edit targets \d+\.\d% -> \d+\.\d% all correct",
+                        lines[-1]), lines[-1]
 
 
 # --- bad input: one line that says what to change, no stack trace ------------------------------------

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -23,6 +24,7 @@ from ..cpu_math import CpuMath, measure_cpu_math
 from ..families.flux import FLUX
 from ..precision import FP4_WEIGHTS_ONLY, Backend, Precision, SupportLevel, precision_support
 from ..quant import quantize_linears
+from ..sampling import decoded_to_images
 from .architectures import IMAGE_SIZE, T5_TOKENS
 from .edits import Edit, EditKind, held_out_edits
 from .scenes import render
@@ -52,6 +54,19 @@ def edit_accuracy(images: Sequence[Image.Image], edits: Sequence[Edit]) -> dict[
         if mine:
             rates[kind.value] = sum(mine) / len(mine)
     return rates
+
+
+def round_trip_accuracy(vae, edits: Sequence[Edit], device: str) -> float:
+    """All-correct rate of the edits' TARGET scenes encoded and decoded by `vae`: the most an editor that draws
+    through this VAE can score on them."""
+    targets = torch.stack([torch.from_numpy(np.asarray(render(edit.target, IMAGE_SIZE), np.float32))
+                           for edit in edits]).permute(0, 3, 1, 2) / 127.5 - 1.0
+    parameter = next(vae.parameters())
+    with torch.no_grad():
+        latents = vae.encode(targets.to(device, parameter.dtype)).latent_dist.mode()
+        decoded = vae.decode(latents).sample
+    return sum(score(image, edit.target).all_correct
+               for image, edit in zip(decoded_to_images(decoded), edits)) / len(edits)
 
 
 def load_editor(folder: Path, precision: str, device: str, cpu: CpuMath | None = None):
@@ -99,6 +114,16 @@ def evaluate_edits(folder: Path, n: int, device: str, precisions: Sequence[str] 
     return rows
 
 
+def ceiling_line(folder: Path, n: int, device: str) -> str:
+    """One sentence with `round_trip_accuracy` of the saved pipeline's VAE on the same `n` held-out edits."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).to(device).eval()
+    rate = round_trip_accuracy(vae, held_out_edits(n), device)
+    return (f"VAE round trip of the {n} target scenes: {rate:.1%} all correct (the most an editor drawing through "
+            "this VAE can score).")
+
+
 def markdown(rows: Sequence[EditEvalRow]) -> str:
     kinds = [k.value for k in EditKind]
     lines = ["| precision | runs as | edits | all kinds | " + " | ".join(kinds) + " |",
@@ -131,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     for row in rows:
         print(json.dumps(asdict(row)), flush=True)
-    table = markdown(rows)
+    table = markdown(rows) + "\n\n" + ceiling_line(folder, args.n, args.device)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")

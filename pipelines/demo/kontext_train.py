@@ -2,6 +2,8 @@
 
     python -m pipelines.demo train --family kontext --init models/demo-flux --out models --minutes 6 --workers 12
     python -m pipelines.demo train --family kontext --init models/demo-kontext --out models --minutes 6   # train on
+    python -m pipelines.demo train --family kontext --init models/demo-kontext --out models --minutes 0 \
+        --decoder-minutes 3   # sharpen the VAE decoder only (`sharpen_decoder`)
 
 What changes from demo-flux: its tokenizers learn the instruction words ("make", "turn", "into", ...) as
 whole-word tokens after the existing ids, and both text encoders' embedding tables grow to match (new
@@ -28,9 +30,9 @@ import torch.nn.functional as F
 from ..families.flux import image_ids, pack
 from .architectures import (IMAGE_SIZE, T5_TOKENS, FluxParts, clip_tokenizer, editor_tokenizers, t5_tokenizer,
                             with_instruction_words)
-from .edits import sample_edits
+from .edits import held_out_edits, sample_edits
 from .train import (SHAPE_WEIGHT, Batch, SceneStream, TrainConfig, _autocast, _train_denoiser, load_parts, render_arrays,
-                    scene_arrays)
+                    scene_arrays, train_decoder)
 
 MAX_MODEL_BYTES = 15 * 2**20
 MODEL_NAME = "demo-kontext"
@@ -201,6 +203,24 @@ def previous_edit_steps(init: Path) -> int:
     return int(json.loads(record.read_text()).get("edit_steps", 0)) if record.is_file() else 0
 
 
+def sharpen_decoder(vae, stream: EditStream, cfg: TrainConfig, log, checked_edits: int = 200) -> None:
+    """`train.train_decoder` on the sources and targets of edit batches, logging the round-trip accuracy of
+    `checked_edits` held-out edit targets before and after (the ceiling of the editor's accuracy)."""
+    from .evaluate_edits import round_trip_accuracy
+
+    checked = held_out_edits(checked_edits)
+    before = round_trip_accuracy(vae, checked, cfg.device)
+
+    def images_of() -> torch.Tensor:
+        batch = stream.next()
+        return torch.cat([batch.sources, batch.images])
+
+    steps = train_decoder(vae, images_of, cfg, log)
+    after = round_trip_accuracy(vae, checked, cfg.device)
+    log(f"decoder: {steps} steps; round trips of {len(checked)} held-out edit targets {before:.1%} -> {after:.1%} "
+        "all correct")
+
+
 def train_kontext(cfg: TrainConfig, init: Path, log=print, eval_edits: int = 60) -> Path:
     """Fine-tune demo-flux (or a demo-kontext) at `init` into the editor, save it under cfg.out_dir as
     demo-kontext and log the all-correct rate of `eval_edits` held-out edits through FluxKontextPipeline."""
@@ -214,6 +234,8 @@ def train_kontext(cfg: TrainConfig, init: Path, log=print, eval_edits: int = 60)
     # A resumed run draws new batches: the stream's seed moves on by the steps already taken.
     stream = EditStream(cfg.seed + 30_000 + previous, cfg.batch, cfg.device, workers=cfg.workers)
     try:
+        if cfg.decoder_minutes > 0:
+            sharpen_decoder(parts.vae, stream, cfg, log)
         steps = _train_denoiser("kontext", [parts.text_encoder, parts.text_encoder_2, parts.transformer],
                                 kontext_loss(parts, cfg.device), stream, cfg, log)
     finally:

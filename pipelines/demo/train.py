@@ -66,6 +66,8 @@ class TrainConfig:
     log_every: int = 250
     workers: int = 0  # processes drawing scenes ahead of the GPU
     resume: Path | None = None  # continue training a saved demo model (text encoders + denoiser; VAE kept)
+    decoder_minutes: float = 0.0  # kontext only: fine-tune the VAE decoder, encoder frozen (`train_decoder`)
+    decoder_lr: float = 3e-4
 
 
 @dataclass
@@ -196,7 +198,7 @@ class Budget:
         return time.monotonic() - self.started
 
     def progress(self, step: int) -> float:
-        return min(1.0, max(step / self.steps, self.elapsed() / self.seconds))
+        return min(1.0, max(step / self.steps, self.elapsed() / self.seconds if self.seconds > 0 else 1.0))
 
     def done(self, step: int) -> bool:
         return self.progress(step) >= 1.0
@@ -241,6 +243,42 @@ def _shape_weights(images: torch.Tensor) -> torch.Tensor:
     return 1.0 + SHAPE_WEIGHT * F.max_pool2d(on_shape, 3, stride=1, padding=1)
 
 
+def _reconstruction_loss(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Squared plus half absolute error, shapes weighted by `_shape_weights`."""
+    error = recon.float() - images
+    weights = _shape_weights(images)
+    return ((error ** 2 + 0.5 * error.abs()) * weights).mean() / weights.mean()
+
+
+def train_decoder(vae, images_of, cfg: TrainConfig, log) -> int:
+    """Fine-tune the VAE's decoder on `images_of()` batches with the encoder frozen; returns the steps taken.
+
+    The latents stay exactly what they were, so a denoiser trained on them stays valid. Why: the demo VAE
+    (2 minutes of training) is the ceiling of what its models draw: round trips of the 200 held-out edit
+    targets scored 80.5% all correct (2026-12-02), the misses small stars decoded as blunt pentagons."""
+    vae.to(cfg.device).eval().requires_grad_(False)
+    vae.decoder.train().requires_grad_(True)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    budget, step = Budget(cfg.vae_steps, cfg.decoder_minutes), 0
+    while not budget.done(step):
+        for group in opt.param_groups:
+            group["lr"] = cfg.decoder_lr * _schedule(step, budget.progress(step), 100)
+        images = images_of()
+        with torch.no_grad(), _autocast(cfg.device):
+            # Sampled, not the mean: the decoder also meets latents a denoiser drew, never exactly the encoder's.
+            latents = vae.encode(images).latent_dist.sample()
+        with _autocast(cfg.device):
+            recon = vae.decode(latents).sample
+        loss = _reconstruction_loss(recon, images)
+        _optimise(opt, params, loss)
+        if step % cfg.log_every == 0:
+            log(f"decoder step {step}: loss {loss.item():.4f} ({budget.elapsed():.0f} s)")
+        step += 1
+    vae.eval().requires_grad_(False)
+    return step
+
+
 def train_vae(vae, stream: SceneStream, cfg: TrainConfig, log) -> tuple[float, float]:
     """Returns (mean, std) of the latents, for the pipeline's shift and scaling factors."""
     vae.to(cfg.device).train()
@@ -253,9 +291,7 @@ def train_vae(vae, stream: SceneStream, cfg: TrainConfig, log) -> tuple[float, f
         with _autocast(cfg.device):
             posterior = vae.encode(images).latent_dist
             recon = vae.decode(posterior.sample()).sample
-        error = recon.float() - images
-        weights = _shape_weights(images)
-        loss = ((error ** 2 + 0.5 * error.abs()) * weights).mean() / weights.mean() + 1e-6 * posterior.kl().mean()
+        loss = _reconstruction_loss(recon, images) + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -449,7 +485,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--minutes", type=float, default=3.0, help="denoiser training time per model")
     parser.add_argument("--vae-minutes", type=float, default=2.0, help="VAE training time per new model")
-    parser.add_argument("--vae-steps", type=int, default=100_000, help="VAE step cap")
+    parser.add_argument("--vae-steps", type=int, default=100_000, help="VAE (and decoder) step cap")
+    parser.add_argument("--decoder-minutes", type=float, default=0.0,
+                        help="kontext only: fine-tune the VAE decoder this long first, the encoder (so the latents) kept")
     parser.add_argument("--max-steps", type=int, default=100_000, help="denoiser step cap")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--vae-batch", type=int, default=256)
@@ -474,6 +512,7 @@ def main(argv: list[str] | None = None) -> None:
 
             train_kontext(TrainConfig(family=family, out_dir=Path(args.out), device=args.device, batch=args.batch,
                                       denoiser_minutes=args.minutes, max_denoiser_steps=args.max_steps,
+                                      vae_steps=args.vae_steps, decoder_minutes=args.decoder_minutes,
                                       workers=args.workers, lr=args.lr, ema=args.ema),
                           Path(args.init), log=lambda m: print(m, flush=True), eval_edits=args.eval_edits)
             continue
