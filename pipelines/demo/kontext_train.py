@@ -7,11 +7,12 @@
 
 What changes from demo-flux: its tokenizers learn the instruction words ("make", "turn", "into", ...) as
 whole-word tokens after the existing ids, and both text encoders' embedding tables grow to match (new
-rows start at the mean of the old ones; known words keep their ids and rows). The VAE is
-frozen; the transformer and both text encoders train on rectified flow, as demo-flux did, with the
-source image as context exactly as diffusers' FluxKontextPipeline feeds it: the source's latent mean
-(the pipeline's `sample_mode="argmax"`), shifted and scaled, packed into tokens appended after the noisy
-target tokens, with position ids whose first coordinate is 1; the velocity is read off the first half.
+rows start at the mean of the old ones; known words keep their ids and rows). The VAE's encoder is
+always frozen (its decoder trains only with --decoder-minutes, `sharpen_decoder`); the transformer and
+both text encoders train on rectified flow, as demo-flux did, with the source image as context exactly as
+diffusers' FluxKontextPipeline feeds it: the source's latent mean (the pipeline's `sample_mode="argmax"`),
+shifted and scaled, packed into tokens appended after the noisy target tokens, with position ids whose first
+coordinate is 1; the velocity is read off the first half.
 
 Saved in the Hugging Face layout of FluxKontextPipeline (same components as demo-flux); the log ends with
 the all-correct rate of a few held-out edits rendered through that pipeline.
@@ -122,7 +123,8 @@ def shape_token_weights(sources: torch.Tensor, targets: torch.Tensor) -> torch.T
     Why: a 64x64 scene's one or two shapes touch 2-6 of its 64 tokens, so an unweighted loss is nearly all
     flat background. demo-kontext trained unweighted (3029 steps of 1024) made the asked edit but drew the
     shapes as blobs: 35.5% of 200 held-out edits right, shape kinds the most common miss. Trained on with
-    these weights (3 x 7.5 minutes on an H200, 2026-12-02): 64.0% (BENCHMARKS.md)."""
+    these weights (3 x 7.5 minutes on an H200, 2026-12-02): 64.0%, and 66.0% after `sharpen_decoder`
+    (BENCHMARKS.md)."""
     def on_shape(images: torch.Tensor) -> torch.Tensor:  # the corner pixel is background (see train._shape_weights)
         return (images - images[:, :, :1, :1]).abs().amax(1, keepdim=True) > 0.02
 
