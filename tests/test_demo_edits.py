@@ -365,15 +365,18 @@ def test_decoder_training_changes_the_decoder_and_keeps_the_encoder():
 @pytest.mark.parametrize("argv,message", [
     (["--family", "kontext"], "pass --init models/demo-flux"),
     (["--family", "kontext", "--init", "{tmp}"], "is not a saved demo-flux pipeline"),
+    (["--family", "flux", "--decoder-minutes", "2"], "use it with --family kontext"),
+    (["--family", "kontext", "--init", str(DEMO_FLUX), "--decoder-minutes", "-1"], "must be 0 or more"),
+    (["--family", "kontext", "--init", str(DEMO_FLUX), "--minutes", "-0.5"], "must be 0 or more"),
 ])
-def test_train_kontext_rejects_a_missing_or_wrong_init(tmp_path, capsys, argv, message):
+def test_train_kontext_rejects_bad_arguments(tmp_path, capsys, argv, message):
     from pipelines.demo.train import main
 
     with pytest.raises(SystemExit) as exit_:
         main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--out", str(tmp_path), "--device", "cpu"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and "Traceback" not in err
-    assert not (tmp_path / "demo-kontext").exists()
+    assert not any(tmp_path.glob("demo-*"))
 
 
 @pytest.mark.parametrize("argv,message", [

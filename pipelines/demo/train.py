@@ -500,6 +500,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="kontext only: held-out edits scored through FluxKontextPipeline at the end (0: none)")
     parser.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 2)))
     args = parser.parse_args(argv)
+    if args.minutes < 0 or args.decoder_minutes < 0:
+        parser.error(f"--minutes and --decoder-minutes must be 0 or more, got {args.minutes} and {args.decoder_minutes}")
+    if args.decoder_minutes and "kontext" not in args.family:
+        parser.error("--decoder-minutes sharpens demo-kontext's VAE decoder: use it with --family kontext")
     if "kontext" in args.family:
         from .kontext_train import check_init
 
