@@ -488,7 +488,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-minutes", type=float, default=2.0, help="VAE training time per new model")
     parser.add_argument("--vae-steps", type=int, default=100_000, help="VAE (and decoder) step cap")
     parser.add_argument("--decoder-minutes", type=float, default=0.0,
-                        help="kontext only: fine-tune the VAE decoder this long first, the encoder (so the latents) kept")
+                        help="kontext only: fine-tune the VAE decoder this long first, "
+                             "the encoder (so the latents) kept")
     parser.add_argument("--max-steps", type=int, default=100_000, help="denoiser step cap")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--vae-batch", type=int, default=256)
@@ -501,7 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 2)))
     args = parser.parse_args(argv)
     if args.minutes < 0 or args.decoder_minutes < 0:
-        parser.error(f"--minutes and --decoder-minutes must be 0 or more, got {args.minutes} and {args.decoder_minutes}")
+        parser.error("--minutes and --decoder-minutes must be 0 or more, "
+                     f"got {args.minutes} and {args.decoder_minutes}")
     if args.decoder_minutes and "kontext" not in args.family:
         parser.error("--decoder-minutes sharpens demo-kontext's VAE decoder: use it with --family kontext")
     if "kontext" in args.family:
