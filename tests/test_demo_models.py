@@ -30,7 +30,7 @@ def test_demo_models_ship_within_the_size_budget():
 
 def test_demo_kontext_makes_the_edits_its_table_claims(cpu_manager):
     """10 fixed held-out edits through the manager (what the Edit tab runs), edit i at seed i. Measured on this
-    suite's CPU torch (2026-12-02): 8 of 10 right (the misses: a change of kind and an added shape); the
+    suite's CPU torch (2026-12-02): 9 of 10 right (the miss: a change of kind); the
     200-edit table in BENCHMARKS.md gives the per-kind rates. The bound sits a little below the measurement."""
     from pipelines.demo.architectures import IMAGE_SIZE
     from pipelines.demo.edits import held_out_edits
@@ -42,7 +42,7 @@ def test_demo_kontext_makes_the_edits_its_table_claims(cpu_manager):
                                                      image=render(e.source, IMAGE_SIZE))).images[0]
               for i, e in enumerate(edits)]
     accuracy = edit_accuracy(images, edits)
-    assert accuracy["all"] >= 0.7 and accuracy["background"] == 1.0, accuracy
+    assert accuracy["all"] >= 0.8 and accuracy["background"] == 1.0, accuracy
 
 
 @pytest.mark.parametrize("model,family,denoiser", [("demo-flux", Family.FLUX, "transformer"),
