@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -24,11 +23,11 @@ from ..cpu_math import CpuMath, measure_cpu_math
 from ..families.flux import FLUX
 from ..precision import FP4_WEIGHTS_ONLY, Backend, Precision, SupportLevel, precision_support
 from ..quant import quantize_linears
-from ..sampling import decoded_to_images
 from .architectures import IMAGE_SIZE, T5_TOKENS
 from .edits import Edit, EditKind, held_out_edits
 from .scenes import render
 from .scorer import score
+from .train import vae_round_trip
 
 PRECISIONS = ("bf16", "fp8", "fp4")
 
@@ -59,14 +58,8 @@ def edit_accuracy(images: Sequence[Image.Image], edits: Sequence[Edit]) -> dict[
 def round_trip_accuracy(vae, edits: Sequence[Edit], device: str) -> float:
     """All-correct rate of the edits' TARGET scenes encoded and decoded by `vae`: the most an editor that draws
     through this VAE can score on them."""
-    targets = torch.stack([torch.from_numpy(np.asarray(render(edit.target, IMAGE_SIZE), np.float32))
-                           for edit in edits]).permute(0, 3, 1, 2) / 127.5 - 1.0
-    parameter = next(vae.parameters())
-    with torch.no_grad():
-        latents = vae.encode(targets.to(device, parameter.dtype)).latent_dist.mode()
-        decoded = vae.decode(latents).sample
-    return sum(score(image, edit.target).all_correct
-               for image, edit in zip(decoded_to_images(decoded), edits)) / len(edits)
+    decoded = vae_round_trip(vae, [edit.target for edit in edits], device)
+    return sum(score(image, edit.target).all_correct for image, edit in zip(decoded, edits)) / len(edits)
 
 
 def load_editor(folder: Path, precision: str, device: str, cpu: CpuMath | None = None):

@@ -307,14 +307,19 @@ def train_vae(vae, stream: SceneStream, cfg: TrainConfig, log) -> tuple[float, f
     return float(latents.mean()), float(latents.std())
 
 
+def vae_round_trip(vae, scenes: list, device: str) -> tuple:
+    """The scenes rendered, encoded to their latent mean and decoded by `vae`, as RGB images."""
+    images = torch.stack([torch.from_numpy(np.asarray(render(scene, IMAGE_SIZE), np.float32))
+                          for scene in scenes]).permute(0, 3, 1, 2) / 127.5 - 1.0
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(images.to(device, next(vae.parameters()).dtype)).latent_dist.mode()).sample
+    return decoded_to_images(recon)
+
+
 def reconstruction_adherence(vae, device: str, n: int = 200) -> float:
     """Prompt adherence of VAE round trips of the held-out scenes: the ceiling for the denoiser."""
     captions = held_out_captions(n)
-    images = torch.stack([torch.from_numpy(np.asarray(render(parse_caption(c), IMAGE_SIZE), np.float32))
-                          for c in captions]).permute(0, 3, 1, 2).to(device) / 127.5 - 1.0
-    with torch.no_grad():
-        recon = vae.decode(vae.encode(images.to(vae.dtype)).latent_dist.mean).sample
-    return adherence(decoded_to_images(recon), captions)["mean_fraction"]
+    return adherence(vae_round_trip(vae, [parse_caption(c) for c in captions], device), captions)["mean_fraction"]
 
 
 def _train_denoiser(name: str, modules: list, loss_of, stream: SceneStream, cfg: TrainConfig, log) -> int:
