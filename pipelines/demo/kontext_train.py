@@ -123,8 +123,8 @@ def shape_token_weights(sources: torch.Tensor, targets: torch.Tensor) -> torch.T
     Why: a 64x64 scene's one or two shapes touch 2-6 of its 64 tokens, so an unweighted loss is nearly all
     flat background. demo-kontext trained unweighted (3029 steps of 1024) made the asked edit but drew the
     shapes as blobs: 35.5% of 200 held-out edits right, shape kinds the most common miss. Trained on with
-    these weights (3 x 7.5 minutes on an H200, 2026-12-02): 64.0%, and 66.5% after `sharpen_decoder`
-    (BENCHMARKS.md)."""
+    these weights (3 x 7.5 minutes on an H200, 2026-12-02): 64.0%; 66.5% after `sharpen_decoder`; 74.5% after
+    3 x 7.5 minutes more (BENCHMARKS.md)."""
     def on_shape(images: torch.Tensor) -> torch.Tensor:  # the corner pixel is background (see train._shape_weights)
         return (images - images[:, :, :1, :1]).abs().amax(1, keepdim=True) > 0.02
 
