@@ -102,6 +102,25 @@ def fast_16bit_cpu():
 
 
 @pytest.fixture(scope="session")
+def fp32_cpu_manager():
+    """A manager on this CPU that computes 16-bit precisions in FP32 (16-bit weights upcast), whatever the CPU.
+
+    For pixel parity with diffusers: both sides in FP32 agree to a level on any CPU, while bf16 arithmetic does
+    not (on a 2-core AVX2 EPYC without native bf16, 2026-12-02, SDXL image to image and the refiner hand-off came
+    2-9 levels from diffusers' bf16 pipelines; on CPUs with bf16 kernels they had agreed to one level)."""
+    from dataclasses import replace
+
+    from pipelines.cpu_math import FAST_CPU
+    from pipelines.gpu import probe_device
+    from pipelines.manager import ManagerConfig, PipelineManager
+
+    no_fast_16bit = replace(FAST_CPU, fast_bf16=False, fast_fp16=False)
+    manager = PipelineManager(ManagerConfig(device="cpu"), device_info=replace(probe_device("cpu"), cpu_math=no_fast_16bit))
+    yield manager
+    manager.close()
+
+
+@pytest.fixture(scope="session")
 def cpu_manager():
     from pipelines.manager import ManagerConfig, PipelineManager
 

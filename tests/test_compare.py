@@ -9,6 +9,7 @@ from pipelines.manager import ManagerConfig, PipelineManager
 from pipelines.precision import Precision
 from pipelines.registry import read_local_spec
 from pipelines.request import GenerationRequest, RequestError
+from conftest import fast_16bit_cpu
 
 SMALL = dict(width=32, height=32, steps=1)  # one step keeps each run around a second on a shared CPU
 
@@ -20,7 +21,7 @@ def flux_dir(tiny_flux):
 
 @pytest.fixture(scope="module")
 def manager():
-    m = PipelineManager(ManagerConfig(device="cpu"))
+    m = PipelineManager(ManagerConfig(device="cpu"), device_info=fast_16bit_cpu())
     yield m
     m.close()
 

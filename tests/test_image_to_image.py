@@ -35,8 +35,10 @@ def circle_on_blue(width: int, height: int) -> Image.Image:
 
 
 @pytest.mark.parametrize("kind,strength", [("flux", 0.6), ("sdxl", 0.7)])
-def test_matches_the_diffusers_img2img_pipeline(kind, strength, request, cpu_manager, diffusers_encoder_on_contiguous_input):
-    """Same seed, same input, same strength: the same pixels as FluxImg2ImgPipeline / StableDiffusionXLImg2ImgPipeline."""
+def test_matches_the_diffusers_img2img_pipeline(kind, strength, request, fp32_cpu_manager,
+                                               diffusers_encoder_on_contiguous_input):
+    """Same seed, same input, same strength: the same pixels as FluxImg2ImgPipeline / StableDiffusionXLImg2ImgPipeline
+    (bf16 weights, both computing in FP32: see the fixture)."""
     from diffusers import FluxImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
     folder = request.getfixturevalue(f"tiny_{kind}")
@@ -44,10 +46,10 @@ def test_matches_the_diffusers_img2img_pipeline(kind, strength, request, cpu_man
                   else (StableDiffusionXLImg2ImgPipeline, {}))
     guidance = 3.5 if kind == "flux" else 5.0
     source = circle_on_blue(32, 48)  # already the requested size: both sides use it unresized
-    ours = cpu_manager.generate(GenerationRequest(prompt="a red circle", model=str(folder), precision="bf16", seed=7,
-                                                  steps=5, guidance=guidance, width=32, height=48,
-                                                  image=read_image(source), strength=strength))
-    pipe = cls.from_pretrained(folder, dtype=torch.bfloat16)
+    ours = fp32_cpu_manager.generate(GenerationRequest(prompt="a red circle", model=str(folder), precision="bf16",
+                                                       seed=7, steps=5, guidance=guidance, width=32, height=48,
+                                                       image=read_image(source), strength=strength))
+    pipe = cls.from_pretrained(folder, dtype=torch.bfloat16).to(torch.float32)
     theirs = pipe("a red circle", image=source, strength=strength, num_inference_steps=5, guidance_scale=guidance,
                   width=32, height=48, generator=[torch.Generator().manual_seed(7)], **extra).images
     # diffusers rounds its [0, 1] conversion in bf16, we in fp32: at most one level apart.
@@ -132,7 +134,7 @@ def square_mask(width: int, height: int, box: tuple[int, int, int, int]) -> Imag
 
 
 @pytest.mark.parametrize("kind,strength", [("flux", 0.8), ("sdxl", 1.0), ("sdxl", 0.8)])
-def test_inpainting_matches_the_diffusers_inpaint_pipeline(kind, strength, request, cpu_manager,
+def test_inpainting_matches_the_diffusers_inpaint_pipeline(kind, strength, request, fp32_cpu_manager,
                                                           diffusers_encoder_on_contiguous_input):
     """Inside the mask our pixels are FluxInpaintPipeline's / StableDiffusionXLInpaintPipeline's; outside it,
     with no blur, they are the input's own (we paste the result back; diffusers returns the VAE's round trip)."""
@@ -143,10 +145,10 @@ def test_inpainting_matches_the_diffusers_inpaint_pipeline(kind, strength, reque
                   else (StableDiffusionXLInpaintPipeline, {}))
     guidance = 3.5 if kind == "flux" else 5.0
     source, mask = circle_on_blue(32, 48), square_mask(32, 48, (8, 16, 23, 39))
-    ours = cpu_manager.generate(GenerationRequest(prompt="a red circle", model=str(folder), precision="bf16", seed=7,
-                                                  steps=5, guidance=guidance, width=32, height=48, image=source,
-                                                  mask=mask, mask_blur=0, strength=strength))
-    pipe = cls.from_pretrained(folder, dtype=torch.bfloat16)
+    ours = fp32_cpu_manager.generate(GenerationRequest(prompt="a red circle", model=str(folder), precision="bf16",
+                                                       seed=7, steps=5, guidance=guidance, width=32, height=48,
+                                                       image=source, mask=mask, mask_blur=0, strength=strength))
+    pipe = cls.from_pretrained(folder, dtype=torch.bfloat16).to(torch.float32)  # FP32 compute, as the fixture
     theirs = pipe("a red circle", image=source, mask_image=mask, strength=strength, num_inference_steps=5,
                   guidance_scale=guidance, width=32, height=48, generator=[torch.Generator().manual_seed(7)],
                   **extra).images[0]

@@ -18,6 +18,7 @@ from pipelines.quant import quantize_linears
 from pipelines.registry import read_local_spec
 from pipelines.request import GenerationRequest, RequestError, resolve_request
 from tests.tiny_loras import FLUX_LAYERS, SDXL_TE, SDXL_UNET, write_kohya, write_peft
+from conftest import fast_16bit_cpu
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def lora_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def manager(lora_dir):
-    m = PipelineManager(ManagerConfig(device="cpu", lora_dir=lora_dir))
+    m = PipelineManager(ManagerConfig(device="cpu", lora_dir=lora_dir), device_info=fast_16bit_cpu())
     yield m
     m.close()
 

@@ -14,6 +14,7 @@ from pipelines.registry import resolve_spec
 from pipelines.request import GenerationRequest
 from pipelines.residency import InsufficientMemoryError
 from pipelines.run_context import JobCancelled
+from conftest import fast_16bit_cpu
 
 
 def need_bytes(manager, model: str, precision: str) -> int:
@@ -35,7 +36,7 @@ def manager_with_budget():
 
     def make(budget: int, backend=None, **config):
         m = PipelineManager(ManagerConfig(device="cpu", memory_budget=f"{budget}B", **config),
-                            backends={Backend.TORCH: backend} if backend else None)
+                            backends={Backend.TORCH: backend} if backend else None, device_info=fast_16bit_cpu())
         made.append(m)
         return m
 

@@ -35,9 +35,10 @@ def _diffusers_hand_off(base: Path, refiner: Path, switch: float, image=None, **
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     first_cls = StableDiffusionXLPipeline if image is None else StableDiffusionXLImg2ImgPipeline
-    first = first_cls.from_pretrained(base, dtype=torch.bfloat16)
+    # bf16 weights computing in FP32, as `fp32_cpu_manager` does.
+    first = first_cls.from_pretrained(base, dtype=torch.bfloat16).to(torch.float32)
     second = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner, text_encoder_2=first.text_encoder_2,
-                                                              vae=first.vae, dtype=torch.bfloat16)
+                                                              vae=first.vae, dtype=torch.bfloat16).to(torch.float32)
     generator = torch.Generator().manual_seed(kwargs.pop("seed"))
     size = {} if image is None else {"image": image, "strength": kwargs.pop("strength")}
     latents = first(**kwargs, **size, generator=[generator], denoising_end=switch, output_type="latent").images
@@ -46,7 +47,7 @@ def _diffusers_hand_off(base: Path, refiner: Path, switch: float, image=None, **
 
 
 @pytest.mark.parametrize("case", ["text to image", "image to image, negative prompt"])
-def test_matches_the_diffusers_base_to_refiner_hand_off(case, tiny_sdxl_pair, cpu_manager,
+def test_matches_the_diffusers_base_to_refiner_hand_off(case, tiny_sdxl_pair, fp32_cpu_manager,
                                                         diffusers_encoder_on_contiguous_input):
     base, refiner = tiny_sdxl_pair
     settings = dict(prompt="a red circle", num_inference_steps=10, guidance_scale=5.0, width=32, height=48, seed=7)
@@ -54,7 +55,7 @@ def test_matches_the_diffusers_base_to_refiner_hand_off(case, tiny_sdxl_pair, cp
     if case != "text to image":
         image = circle_on_blue(32, 48)
         settings.update(negative_prompt="blue", strength=0.9)
-    ours = cpu_manager.generate(GenerationRequest(
+    ours = fp32_cpu_manager.generate(GenerationRequest(
         prompt=settings["prompt"], model=str(base), precision="bf16", seed=7, steps=10, guidance=5.0, width=32,
         height=48, refiner=0.8, negative_prompt=settings.get("negative_prompt", ""),
         image=image, strength=settings.get("strength")))

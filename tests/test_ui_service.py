@@ -12,11 +12,12 @@ from pipelines.request import RequestError
 from pipelines.run_context import Progress
 from ui.formatting import fmt_bytes, precision_label, progress_text
 from ui.service import PrismService, offered_models
+from conftest import fast_16bit_cpu
 
 
 @pytest.fixture(scope="module")
 def service(tiny_flux, tiny_sdxl, tmp_path_factory):
-    manager = PipelineManager(ManagerConfig(device="cpu"))
+    manager = PipelineManager(ManagerConfig(device="cpu"), device_info=fast_16bit_cpu())
     yield PrismService(manager, offered_models([str(tiny_flux), str(tiny_sdxl), "flux.1-schnell"]),
                        output_dir=tmp_path_factory.mktemp("outputs"))
     manager.close()
@@ -172,7 +173,7 @@ def test_labels_say_each_fact_once():
     from ui.formatting import short_dtype
     from ui.system_tab import resident_rows, system_markdown
 
-    cpu = PipelineManager(ManagerConfig(device="cpu"))
+    cpu = PipelineManager(ManagerConfig(device="cpu"), device_info=fast_16bit_cpu())
     try:
         service = PrismService(cpu, [])
         labels = {p: precision_label(service.support(p)) for p in Precision}
