@@ -240,10 +240,14 @@ def _open_tab(page, name: str) -> None:
 
 
 def _screenshot(page, name: str) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect
 
     for close in page.locator(".toast-close").all():  # earlier, intended error toasts would hide the view
-        close.click()
+        try:
+            close.click(timeout=2_000)
+        except PlaywrightTimeout:  # the toast closed itself first (seen once in CI: a 90 s wait for a gone node)
+            pass
     expect(page.locator(".toast-close")).to_have_count(0, timeout=10_000)  # gone, not fading
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
