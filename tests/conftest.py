@@ -90,15 +90,16 @@ def worker_held(manager, model: str):
     job.result(timeout=60)
 
 
-def fast_16bit_cpu():
-    """This machine's CPU as a device, with fast 16-bit math assumed, so dtypes, labels and pixel checks do not
-    depend on the CPU CI lands on (tests/test_cpu_dtype.py covers CPUs without it)."""
+def fast_16bit_cpu(fast: bool = True):
+    """This machine's CPU as a device, with fast 16-bit math assumed (or, `fast=False`, assumed absent, so 16-bit
+    precisions compute in FP32), so dtypes, labels and pixel checks do not depend on the CPU CI lands on
+    (tests/test_cpu_dtype.py covers both kinds of CPU)."""
     from dataclasses import replace
 
     from pipelines.cpu_math import FAST_CPU
     from pipelines.gpu import probe_device
 
-    return replace(probe_device("cpu"), cpu_math=FAST_CPU)
+    return replace(probe_device("cpu"), cpu_math=replace(FAST_CPU, fast_bf16=fast, fast_fp16=fast))
 
 
 @pytest.fixture(scope="session")
@@ -108,14 +109,9 @@ def fp32_cpu_manager():
     For pixel parity with diffusers: both sides in FP32 agree to a level on any CPU, while bf16 arithmetic does
     not (on a 2-core AVX2 EPYC without native bf16, 2026-12-02, SDXL image to image and the refiner hand-off came
     2-9 levels from diffusers' bf16 pipelines; on CPUs with bf16 kernels they had agreed to one level)."""
-    from dataclasses import replace
-
-    from pipelines.cpu_math import FAST_CPU
-    from pipelines.gpu import probe_device
     from pipelines.manager import ManagerConfig, PipelineManager
 
-    no_fast_16bit = replace(FAST_CPU, fast_bf16=False, fast_fp16=False)
-    manager = PipelineManager(ManagerConfig(device="cpu"), device_info=replace(probe_device("cpu"), cpu_math=no_fast_16bit))
+    manager = PipelineManager(ManagerConfig(device="cpu"), device_info=fast_16bit_cpu(fast=False))
     yield manager
     manager.close()
 

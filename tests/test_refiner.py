@@ -60,7 +60,7 @@ def test_matches_the_diffusers_base_to_refiner_hand_off(case, tiny_sdxl_pair, fp
         height=48, refiner=0.8, negative_prompt=settings.get("negative_prompt", ""),
         image=image, strength=settings.get("strength")))
     theirs = _diffusers_hand_off(base, refiner, 0.8, image=image, **settings)
-    # diffusers rounds its [0, 1] conversion in bf16, we in fp32: at most one level apart.
+    # Both sides compute in FP32 from the same bf16 weights: at most one level apart.
     assert np.abs(_pixels(ours.images[0]) - _pixels(theirs)).max() <= 1
     # "leading" spacing, 10 steps: timesteps 901, 801, ..., 1; the base runs those at or above 200 (diffusers'
     # cutoff round(1000 - 0.8 x 1000)), the refiner the rest. Image to image at 0.9 starts at 801.
