@@ -3,7 +3,7 @@
 The UI, the CLI and Compare call `submit` / `generate` / `queue_position` / `status` / `unload` /
 `close` and read `info`, `config` and `engine_cache`, exactly as they do on a PipelineManager, so
 handing them a RayManager is the whole switch. Ray does the distributed work: Serve places one replica
-per GPU, keeps the queue (`max_queued_requests` answers "busy"), routes by model affinity
+per GPU, keeps the queue, routes by model affinity
 (router.py), streams progress back, cancels, health-checks and restarts replicas.
 """
 from __future__ import annotations
@@ -136,7 +136,8 @@ class RayManager:
                     "`ray status` works on its head machine, that its port (6379) is open to this machine, and, as "
                     "Ray requires tokens by default, that RAY_AUTH_MODE=token is set here with the head's "
                     "~/.ray/auth_token copied to this machine.") from None
-        self._waiting: list[RayJob] = []
+        self._waiting: list[RayJob] = []  # submitted, not yet started on a replica
+        self._in_flight = 0  # submitted, not yet finished
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._replicas_seen: dict[str, ReplicaStatus] = {}
@@ -205,9 +206,20 @@ class RayManager:
     # ------------------------------------------------------------------ submitting
 
     def submit(self, request: GenerationRequest, on_progress: Callable[[Progress], None] | None = None) -> RayJob:
-        """Send a job to the deployment. A full queue fails the job at once with QueueFullError ("busy")."""
+        """Send a job to the deployment, or raise QueueFullError at once when `max_queue` jobs already wait
+        beyond one running on each replica.
+
+        Counted here rather than left to Serve's `max_queued_requests`, which stays as the backstop: Serve's
+        count drops while a waiting request is tried on a replica that turns it away, and a request arriving
+        in that moment was accepted (seen in a clean-clone CI on a 2-core EPYC, 2026-12-02, with 2 running and
+        2 waiting). This process is the app's one door to the cluster, so its count is exact.
+        """
         job = RayJob(next(self._ids), request, on_progress)
         with self._lock:
+            if self._in_flight >= self.replica_count + self.config.max_queue:
+                raise QueueFullError(
+                    f"The server is busy: {self.config.max_queue} jobs are already waiting. Try again in a moment.")
+            self._in_flight += 1
             self._waiting.append(job)
             ahead = len(self._waiting) - 1
         job.report(Progress("queue", 0, 1, f"queued: {ahead} job(s) ahead" if ahead else "starting"))
@@ -263,6 +275,8 @@ class RayManager:
                 "The app is still running; its log has the details."))
         finally:
             self._leave_queue(job)
+            with self._lock:
+                self._in_flight -= 1
             for observe in self.job_observers:
                 try:
                     observe(job)
