@@ -4,6 +4,8 @@ requested size, and turn it into the tensor the VAE encoder takes.
 Everything here happens before any model work, and every failure is a one-line RequestError:
 - the pixel count is checked from the header, before decoding (a 30000x30000 PNG is a few kB on disk
   and 2.7 GB decoded);
+- a photo whose EXIF orientation says "rotated" is turned upright first, as browsers and viewers show it
+  (a phone's portrait JPEG is stored landscape with that tag);
 - conversions to RGB: transparency is composited over white; 16-bit greyscale is scaled to 8 bits;
   CMYK, palette and greyscale images are converted by Pillow; an animated image gives its first frame;
 - the image is fitted to the requested size by covering it and cropping the centre (aspect kept, as
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from .graphs import VAE_ENCODER
 from .request import RequestError
@@ -28,6 +30,7 @@ MAX_INPUT_SIDE = 8192  # far beyond any model's size; larger inputs are refused 
 MAX_INPUT_PIXELS = 40_000_000
 MAX_INPUT_BYTES = 100 * 2**20
 BACKGROUND = (255, 255, 255)  # what transparent pixels become
+ORIENTATION_TAG = 0x0112  # EXIF "Orientation": 1 upright, 2-8 mirrored and/or rotated
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,6 +100,9 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, tuple[str, ...]]:
         image.load()
     except Exception:  # Pillow raises OSError, SyntaxError, ValueError... for damaged data
         raise RequestError("The image file is truncated or damaged; save it again and retry.") from None
+    image, turned = upright(image)
+    if turned:
+        notes.append("turned upright as its EXIF orientation says")
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         values = np.asarray(image.convert("I"), dtype=np.float64)
         image = Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), "L")
@@ -109,6 +115,18 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, tuple[str, ...]]:
             notes.append("transparent areas were filled with white")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba)
     return image.convert("RGB"), tuple(notes)
+
+
+def upright(image: Image.Image) -> tuple[Image.Image, bool]:
+    """`image` as it is meant to be seen: rotated or mirrored by its EXIF orientation tag (1 = already
+    upright); and whether it was changed."""
+    try:
+        orientation = image.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # a damaged EXIF block: show the pixels as stored
+        return image, False
+    if orientation not in range(2, 9):
+        return image, False
+    return ImageOps.exif_transpose(image), True
 
 
 def _pixels_hash(image: Image.Image) -> str:

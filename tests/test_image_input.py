@@ -137,3 +137,32 @@ def test_conversions_are_reported_with_the_result(cpu_manager, tiny_flux):
     result = cpu_manager.generate(GenerationRequest(prompt="x", model=str(tiny_flux), width=32, height=32, steps=2,
                                                     image=encoded(rgba), strength=0.5))
     assert "Input image: transparent areas were filled with white." in result.warnings
+
+
+@pytest.mark.parametrize("orientation, fmt", [(6, "JPEG"), (8, "PNG"), (3, "WEBP")])
+def test_an_exif_rotated_photo_is_turned_upright(orientation, fmt):
+    """A phone's portrait photo: stored 40 wide and 20 high, its left half red, with EXIF orientation 6
+    ("rotate 90 clockwise to view"). Read as shown: 20 wide, 40 high, the red half on top."""
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = read_image(encoded(stored, fmt, exif=exif.tobytes()))
+    pixels = np.asarray(out.image).astype(int)
+    red = lambda p: p[0] > 200 and p[2] < 60  # noqa: E731
+    if orientation == 6:  # 90 clockwise: the left (red) half comes to the top
+        assert out.size == (20, 40) and red(pixels[5, 10]) and not red(pixels[35, 10])
+    elif orientation == 8:  # 90 anticlockwise: the left half goes to the bottom
+        assert out.size == (20, 40) and red(pixels[35, 10]) and not red(pixels[5, 10])
+    else:  # 180: the left half goes to the right
+        assert out.size == (40, 20) and red(pixels[10, 35]) and not red(pixels[10, 5])
+    assert "turned upright as its EXIF orientation says" in out.notes
+
+
+def test_an_upright_or_damaged_orientation_tag_changes_nothing():
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    for value in (1, 0, 9):
+        exif = Image.Exif()
+        exif[0x0112] = value
+        out = read_image(encoded(stored, "JPEG", exif=exif.tobytes()))
+        assert out.size == (40, 20) and out.notes == ()

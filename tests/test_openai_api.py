@@ -467,3 +467,19 @@ def test_access_rules():
     assert keyed.refusal("/v1/models", {"authorization": "Bearer k"}) is None
     assert keyed.refusal("/v1/models", {"authorization": "Basic k"}).status == 401
     assert ApiAccess().refusal("/metrics", {}) is None
+
+
+def test_an_exif_rotated_mask_is_turned_as_its_picture_is():
+    """OpenAI's alpha mask, stored 40x20 with its left half transparent (edit there) and EXIF orientation 6:
+    read upright, 20x40, the area to repaint (white) on top, as the picture with the same tag is turned."""
+    from ui.openai_api import _openai_mask
+    from pipelines.image_input import read_image
+
+    stored = Image.new("RGBA", (40, 20), (0, 0, 0, 255))
+    stored.paste((0, 0, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, format="PNG", exif=exif.tobytes())
+    mask = np.asarray(read_image(_openai_mask(buffer.getvalue()), "mask").image.convert("L"), dtype=int)
+    assert mask.shape == (40, 20) and mask[:20].min() == 255 and mask[20:].max() == 0

@@ -30,6 +30,8 @@ PRISM_CSS = """
 .prism-images .grid-wrap .grid-container { height: 100%; }
 .prism-images .grid-wrap .thumbnail-item { aspect-ratio: auto; }
 .prism-compare img { width: 100%; height: 100%; object-fit: contain; }
+/* An input image fills its box too: a 64x64 demo result chained with "Use as input" was drawn at 64 px. */
+.prism-input img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 /* History: a strip of small whole thumbnails. Gradio stretches two or three items across the whole width
    (each cropped to a wide cell), whatever `columns` says. */
 .prism-history .grid-container { grid-template-columns: repeat(auto-fill, 120px) !important; }

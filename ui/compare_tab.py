@@ -71,7 +71,8 @@ def build_compare_tab(service: PrismService) -> None:
                 with gr.Row():
                     input_image = gr.Image(type="pil", label="Input image (image to image: scaled to cover the size, "
                                                              "centre kept; an edit model takes it at its preferred size)",
-                                           sources=["upload", "clipboard"], height=200, elem_id="compare-input-image")
+                                           sources=["upload", "clipboard"], height=200, elem_id="compare-input-image",
+                                           elem_classes=["prism-input"])
                     strength = NumberSlider(0.05, 1, DEFAULT_STRENGTH, step=0.05, label="Strength",
                                             info="0 keeps the input, 1 ignores it", elem_id="compare-strength")
             loras = build_lora_picker(service, "compare")

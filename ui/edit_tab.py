@@ -43,7 +43,7 @@ def build_edit_tab(service: PrismService) -> None:
                                 elem_id=f"{PREFIX}-model")
             model_note = gr.Markdown(note, elem_id=f"{PREFIX}-model-note", elem_classes=["prism-note"])
             input_image = gr.Image(type="pil", label="Image to edit (upload or paste)", sources=["upload", "clipboard"],
-                                   height=300, elem_id=f"{PREFIX}-input-image", elem_classes=["prism-images"])
+                                   height=300, elem_id=f"{PREFIX}-input-image", elem_classes=["prism-input"])
             instruction = Prompt(label="Instruction", lines=2, max_lines=6, placeholder="What to change, e.g. "
                                  "\"make the circle blue\"", elem_id=f"{PREFIX}-instruction")
             with gr.Row():

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pipelines.errors import user_message
-from pipelines.image_input import InputImage, read_image
+from pipelines.image_input import InputImage, read_image, upright
 from pipelines.loading import ModelAccessError
 from pipelines.manager import Job, QueueFullError
 from pipelines.request import GenerationRequest, GenerationResult, RequestError
@@ -320,7 +320,7 @@ def _openai_mask(data: bytes) -> bytes | Image.Image:
         if "A" not in image.getbands():
             return data  # already white-on-black: read_image checks it like any upload
         read_image(data, "mask")  # the same size and format checks before the pixels are touched
-        alpha = image.convert("RGBA").getchannel("A")
+        alpha = upright(image)[0].convert("RGBA").getchannel("A")  # turned as the picture is
     except RequestError:
         raise
     except Exception:
