@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import add_engine_cache_arg, add_hub_args, add_runtime_args
 from .errors import user_message
+from .log_setup import configure_logging, drop_import_notices
 from .precision import Precision
 
 log = logging.getLogger("prism.cli")
@@ -138,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    drop_import_notices()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         if args.command == "generate":
             from .commands import run_generate

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipelines.config import add_runtime_args, manager_config
+from pipelines.log_setup import configure_logging, drop_import_notices
 
 log = logging.getLogger("prism.app")
 
@@ -286,13 +287,13 @@ def _stop_like_ctrl_c(signum: int, frame: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    drop_import_notices()
     try:
         opts = options_from_args(argv)
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO if opts.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(opts.verbose)
     from pipelines.errors import user_message
 
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)

@@ -1,0 +1,34 @@
+"""Start-up output: transformers' torchvision notice is dropped; every other warning still shows."""
+from __future__ import annotations
+
+import logging
+
+from pipelines.log_setup import drop_import_notices
+
+
+class Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_the_torchvision_notice_is_dropped_and_other_warnings_kept():
+    drop_import_notices()
+    noisy, ours, seen = logging.getLogger("transformers.utils.import_utils"), logging.getLogger("prism.app"), Collect()
+    # transformers' loggers do not propagate to the root logger: listen on each directly.
+    level = noisy.level  # conftest asks transformers for errors only
+    noisy.setLevel(logging.WARNING)
+    for logger in (noisy, ours):
+        logger.addHandler(seen)
+    try:
+        noisy.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`")
+        noisy.warning("Could not import module 'X'")
+        ours.warning("requires torchvision (not installed)")  # only transformers' logger is filtered
+    finally:
+        for logger in (noisy, ours):
+            logger.removeHandler(seen)
+        noisy.setLevel(level)
+    assert seen.messages == ["Could not import module 'X'", "requires torchvision (not installed)"]
