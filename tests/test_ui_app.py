@@ -518,6 +518,11 @@ def test_browser_history_keeps_every_result_and_puts_settings_back(page):
     page.fill("#sdxl-seed input", "-1")
     page.click("#sdxl-history-seed")
     expect(page.locator("#sdxl-seed input")).to_have_value("11")
+    # "Use as input" opens the closed input box, so the picture the next run starts from is on screen.
+    expect(page.locator("#sdxl-input-image")).to_be_hidden()
+    page.click("#sdxl-history-input")
+    expect(page.locator("#sdxl-input-image")).to_be_visible()
+    expect(page.locator("#sdxl-input-image img, #sdxl-input-image canvas").first).to_be_visible()
     _screenshot(page, "ui-sdxl-history.png")
 
 

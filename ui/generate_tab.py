@@ -127,7 +127,8 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
                     refiner_switch = NumberSlider(0.05, 0.95, DEFAULT_REFINER_SWITCH, step=0.05, label="Hand-off at",
                                                   info="the base runs this fraction of the steps",
                                                   elem_id=f"{prefix}-refiner-switch")
-            with gr.Accordion("Input image (image to image, inpainting)", open=False, elem_id=f"{prefix}-input-box"):
+            with gr.Accordion("Input image (image to image, inpainting)", open=False,
+                              elem_id=f"{prefix}-input-box") as input_box:
                 gr.Markdown("The input is scaled to cover the width x height above and its centre is kept. Paint "
                             "over it to repaint only there (inpainting); the rest of the picture stays as it was.",
                             elem_classes=["prism-note"])
@@ -292,7 +293,8 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
     def input_of(item):
         if item is None:
             raise gr.Error("Click an image in the history first.", print_exception=False)
-        return item.image_for_input
+        # Opened, so the user sees the picture the next Generate starts from (closed, nothing on screen changed).
+        return item.image_for_input, gr.Accordion(open=True)
 
     def seed_of(item):
         if item is None:
@@ -304,7 +306,7 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
     history_gallery.select(pick, history, [picked, picked_note], **quiet)
     reuse_settings.click(settings_of, picked, inputs, **quiet)
     reuse_history_seed.click(seed_of, picked, seed, **quiet)
-    use_as_input.click(input_of, picked, input_image, **quiet)
+    use_as_input.click(input_of, picked, [input_image, input_box], **quiet)
 
     def stop_job(request: gr.Request = None):
         return error_status(stop_message(service.cancel_session(session_of(request))))
