@@ -59,9 +59,10 @@ def test_api_image_to_image_records_the_input(client, tmp_path):
     from pipelines.image_input import read_image
 
     source = Image.new("RGB", (64, 48), (200, 30, 30))
-    files, _, seed, _, details, _ = client.predict(
+    files, _, seed, summary, details, _ = client.predict(
         "tiny-flux", "a red circle", 32, 32, 4, 3.5, 3, 1, "bf16", "", _editor(tmp_path, source), 0.5, 4, False,
         api_name="/generate_flux")
+    assert "**Input image:** 64×48 · image to image, strength 0.5" in summary
     settings = json.loads(Image.open(files[0]["image"] if isinstance(files[0], dict) else files[0]).text["prism"])
     assert settings["strength"] == 0.5 and settings["input_image_sha256"] == read_image(source).sha256
     assert "mask_sha256" not in settings and len(details["timings"]["steps_ms"]) == 2
@@ -71,9 +72,10 @@ def test_api_inpainting_takes_the_painted_layer_as_the_mask(client, tmp_path):
     source = Image.new("RGB", (32, 32), (20, 40, 200))
     layer = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
     layer.paste((255, 255, 255, 255), (8, 8, 24, 24))
-    files, _, _, _, details, _ = client.predict(
+    files, _, _, summary, details, _ = client.predict(
         "tiny-sdxl", "a yellow square", "", 32, 32, 3, 5.0, 1, 1, "bf16", "", _editor(tmp_path, source, layer), 1.0, 0,
         False, api_name="/generate_sdxl")
+    assert "**Input image:** 32×32 · inpainting where the mask is white, strength 1" in summary
     path = files[0]["image"] if isinstance(files[0], dict) else files[0]
     settings = json.loads(Image.open(path).text["prism"])
     assert settings["mask_sha256"] and settings["mask_blur"] == 0

@@ -100,6 +100,7 @@ def result_markdown(result: GenerationResult) -> str:
         f"**Peak memory:** {peak_text(result.peak_memory_bytes)}",
         *(["**LoRAs:** " + ", ".join(f"{name} × {scale:g}" for name, scale in result.request.loras)]
           if result.request.loras else []),
+        *input_lines(result.request),
         *([f"**Refiner:** {result.refiner_id} ran the last {t.refiner_steps} of {len(t.steps_ms)} steps "
            f"(hand-off at {result.request.refiner:g})"] if result.refiner_id else []),
         f"**Timings:** text encoders {fmt_ms(t.text_encoders_ms)} · "
@@ -109,6 +110,21 @@ def result_markdown(result: GenerationResult) -> str:
     ]
     lines += [f"⚠ {w}" for w in result.warnings]
     return "\n\n".join(lines)
+
+
+def input_lines(req) -> list[str]:
+    """What the picture started from, so a run from an input image set earlier (its box since closed) says so."""
+    if req.image is None:
+        return []
+    w, h = req.image.size
+    if req.strength is None:  # a model that edits images: it takes no strength
+        how = "changed by the instruction"
+    elif req.mask is not None:
+        how = (f"inpainting where the mask is white{' (only the masked region)' if req.only_masked else ''}, "
+               f"strength {req.strength:g}")
+    else:
+        how = f"image to image, strength {req.strength:g}"
+    return [f"**Input image:** {w}×{h} · {how}"]
 
 
 def compare_figures(entry: CompareEntry | None, reference: Precision | None) -> str:
