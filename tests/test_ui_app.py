@@ -344,6 +344,7 @@ def test_browser_compare_tab(page):
     expect(page.locator("#compare-figures-fp4")).to_contain_text("PSNR")
     expect(page.locator("#compare-figures-fp4")).to_contain_text("SSIM")
     assert _image_size(page, "#compare-heatmap-fp4 img") == (32, 32)
+    expect(page.locator("#compare-heatmap-16bit")).to_be_hidden()  # the reference has no difference map to show
     assert page.locator("#compare-image-fp8 img").count() == 0
     expect(page.locator("#compare-figures-fp8")).to_contain_text("Not selected")
     # the before/after slider holds the 16-bit and FP4 images; the heat maps have a visible scale

@@ -96,9 +96,11 @@ def build_compare_tab(service: PrismService) -> None:
                                        elem_id=f"compare-image-{key}", buttons=["download", "fullscreen"],
                                        elem_classes=["prism-compare"]))
                 figures.append(gr.Markdown("", label=f"{label} figures", elem_id=f"compare-figures-{key}"))
+                # The 16-bit column is the reference: its map would always be empty, so it is kept (the API's
+                # outputs stay in place) but not shown.
                 heatmaps.append(gr.Image(label=f"{label}: difference from 16-bit", type="pil", format="png",
                                          interactive=False, height=420, elem_id=f"compare-heatmap-{key}",
-                                         elem_classes=["prism-compare"]))
+                                         elem_classes=["prism-compare"], visible=value != SIXTEEN_BIT))
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             # Drag the divider: the 16-bit image on the left, the chosen precision on the right, same pixels.
