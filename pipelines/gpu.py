@@ -36,7 +36,7 @@ class DeviceInfo:
         return f"{self.capability[0]}.{self.capability[1]}" if self.capability else "n/a (CPU)"
 
     def describe(self) -> str:
-        kind = "unified memory shared with the CPU" if self.unified else ("GPU memory" if self.is_cuda else "system RAM")
+        kind = "system RAM" if not self.is_cuda else ("unified memory shared with the CPU" if self.unified else "GPU memory")
         return (f"{self.name} (compute capability {self.capability_text}), "
                 f"{self.free_bytes / GiB:.1f} of {self.total_bytes / GiB:.1f} GiB free ({kind})")
 

@@ -82,3 +82,15 @@ def test_the_app_refuses_a_bad_weight_streaming_budget_at_once():
     with pytest.raises(LaunchError, match="--weight-streaming-budget 'lots' is not a size"):
         options_from_args(["--weight-streaming-budget", "lots"])
     assert options_from_args(["--no-cuda-graphs"]).manager.tensorrt.cuda_graphs is False
+
+
+def test_each_device_names_the_memory_it_reports():
+    from pipelines.gpu import GiB, DeviceInfo
+
+    def kind(device: str, unified: bool) -> str:
+        return DeviceInfo(device, "X", None if device == "cpu" else (12, 1), 8 * GiB, 4 * GiB, unified).describe()
+
+    # A CPU is "unified" for residency (parking weights in RAM frees nothing), but its memory is plain RAM.
+    assert kind("cpu", True).endswith("4.0 of 8.0 GiB free (system RAM)")
+    assert kind("cuda:0", True).endswith("(unified memory shared with the CPU)")  # a DGX Spark
+    assert kind("cuda:0", False).endswith("(GPU memory)")
