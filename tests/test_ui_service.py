@@ -213,3 +213,24 @@ def test_outputs_folder_is_capped_by_size_and_keeps_foreign_folders(tmp_path):
     assert [h.seed for h in history] == [6, 5] and history[0].settings == {"seeds": [5, 6], "prompt": "a cat"}
     assert add_results(history, None, None) == history
     assert isinstance(history[0], HistoryItem) and history[0].image_for_input == "/o/2.png"
+
+
+def test_use_as_input_of_a_pruned_picture_says_so_in_one_line(tmp_path):
+    import gradio as gr
+
+    from ui.history import add_results, input_file, prune_outputs
+
+    old, new = tmp_path / "20261201-120000-00000001", tmp_path / "20261202-120000-00000002"
+    for batch in (old, new):
+        batch.mkdir()
+        (batch / "a.png").write_bytes(b"x" * 1000)
+    history = add_results([], [str(old / "a.png")], {"seeds": [1]})
+    history = add_results(history, [str(new / "a.png")], {"seeds": [2]})
+    assert input_file(history[1], "an image") == str(old / "a.png")
+    prune_outputs(tmp_path, max_bytes=1500)  # the older batch goes
+    with pytest.raises(gr.Error, match="no longer in the outputs folder") as caught:
+        input_file(history[1], "an image")
+    assert str(tmp_path) not in str(caught.value)  # no server path in the UI
+    assert input_file(history[0], "an image") == str(new / "a.png")
+    with pytest.raises(gr.Error, match="Click an edit in the history first"):
+        input_file(None, "an edit")

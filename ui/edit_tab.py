@@ -15,7 +15,7 @@ from pipelines.request import RequestError
 from .formatting import fmt_ms, result_details, result_markdown
 from .generate_tab import (GPU_CONCURRENCY_ID, error_status, precision_dropdown, run_once, run_with_errors,
                            sampler_choices, session_of, stop_message)
-from .history import add_results, gallery_value
+from .history import add_results, gallery_value, input_file
 from .inputs import NumberSlider, Prompt, WholeNumber, WholeSlider
 from .service import ModelChoice, PrismService
 
@@ -179,9 +179,7 @@ def build_edit_tab(service: PrismService) -> None:
                 s.get("precision"), s.get("sampler", "")]
 
     def input_of(item):
-        if item is None:
-            raise gr.Error("Click an edit in the history first.", print_exception=False)
-        return item.image_for_input
+        return input_file(item, "an edit")
 
     event.success(remember, [history, files, details], [history, history_gallery], **quiet)
     history_gallery.select(pick, history, [picked, picked_note], **quiet)

@@ -19,7 +19,7 @@ from pipelines.schedulers import recorded_name, sampler_names
 
 from .errors import ui_error
 from .examples import empty_prompt_hint, example_prompts
-from .history import add_results, gallery_value
+from .history import add_results, gallery_value, input_file
 from .formatting import fmt_ms, precision_info, precision_label, result_details, result_markdown
 from .input_image import image_and_mask
 from .inputs import NumberSlider, Prompt, WholeNumber, WholeSlider
@@ -291,10 +291,8 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
         return values
 
     def input_of(item):
-        if item is None:
-            raise gr.Error("Click an image in the history first.", print_exception=False)
         # Opened, so the user sees the picture the next Generate starts from (closed, nothing on screen changed).
-        return item.image_for_input, gr.Accordion(open=True)
+        return input_file(item, "an image"), gr.Accordion(open=True)
 
     def seed_of(item):
         if item is None:

@@ -34,6 +34,19 @@ class HistoryItem:
         return self.path
 
 
+def input_file(item: HistoryItem | None, what: str) -> str:
+    """The picked history item's file, for "Use as input"; a one-line gr.Error when none is picked or its file
+    has gone (the outputs folder deletes its oldest batches past its size cap)."""
+    import gradio as gr
+
+    if item is None:
+        raise gr.Error(f"Click {what} in the history first.", print_exception=False)
+    if not Path(item.image_for_input).is_file():
+        raise gr.Error("That picture's file is no longer in the outputs folder (the oldest are deleted once it is "
+                       "full); pick a newer one, or upload the picture.", print_exception=False)
+    return item.image_for_input
+
+
 def add_results(history: list[HistoryItem], files: list[str] | None, details: dict | None) -> list[HistoryItem]:
     """`history` with one run's images added in front (newest first); unchanged when the run made none."""
     if not files or not details:
