@@ -17,6 +17,9 @@ and its saving is known before the job runs (speed is measured with a fixed sche
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
+import torch
 
 OFF = "off"
 FAST = "fast"
@@ -33,6 +36,9 @@ class StepCache:
     final: int = 0
     every: int = 1  # 1: every step calls the denoiser (no caching)
     min_steps: int = 0  # shorter schedules call the denoiser every step: too few steps to spare one
+    # A skipped step takes the line through the last two computed outputs at its own time, rather than the
+    # last output as it was (first order instead of zeroth; TaylorSeer's idea at order 1).
+    extrapolate: bool = False
 
     @classmethod
     def named(cls, name: str) -> "StepCache":
@@ -59,6 +65,28 @@ class StepCache:
             return (f"Fast (cached) reuses steps only from {self.min_steps} steps up; these {steps} steps all ran "
                     "the model.")
         return None
+
+
+class StepOutputs:
+    """The denoiser's output at each step of one job under a StepCache: computed where the schedule says, else
+    made from the outputs computed before (the last one, or with `extrapolate` the line through the last two)."""
+
+    def __init__(self, cache: StepCache, steps: int):
+        self.cache, self.steps = cache, steps
+        self.computed: list[tuple[torch.Tensor, torch.Tensor]] = []  # the last two (time, output)
+
+    def at(self, i: int, t: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The output at step `i`, whose time is `t` (a tensor: no host synchronisation)."""
+        if i == 0 or self.cache.computes(i, self.steps):
+            out = compute()
+            self.computed = [*self.computed[-1:], (t, out)]
+            return out
+        (t1, last) = self.computed[-1]
+        if not self.cache.extrapolate or len(self.computed) < 2:
+            return last
+        t0, before = self.computed[0]
+        slope = (t.float() - t1.float()) / (t1.float() - t0.float())
+        return last + (last - before) * slope.to(last.dtype)
 
 
 NO_CACHE = StepCache()

@@ -84,3 +84,41 @@ def test_the_png_records_step_caching_and_an_uncached_png_does_not_mention_it():
     plain = read_png_metadata(png_bytes(image, {**settings, "cache": "off"}, 1))
     assert cached["settings"]["cache"] == "fast" and "Step cache: fast" in cached["parameters"]
     assert plain["settings"]["cache"] == "off" and "Step cache" not in plain["parameters"]
+
+
+@pytest.mark.parametrize("extrapolate", [False, True])
+def test_skipped_steps_reuse_the_last_output_or_extend_the_last_two(extrapolate):
+    """An output that changes linearly with time: holding gives the last computed value on a skipped step;
+    extrapolating gives the line through the last two, exactly."""
+    import torch
+
+    from pipelines.step_cache import StepOutputs
+
+    cache = StepCache("test", warmup=2, final=1, every=3, min_steps=4, extrapolate=extrapolate)
+    steps, computed = 9, []
+    times = torch.linspace(1.0, 0.1, steps)
+    outputs = StepOutputs(cache, steps)
+
+    def line(t):
+        computed.append(float(t))
+        return torch.full((2, 3), 5.0) + 4.0 * t
+
+    got = [outputs.at(i, t, lambda: line(t)) for i, t in enumerate(times)]
+    ran = [i for i in range(steps) if cache.computes(i, steps)]
+    assert ran == [0, 1, 2, 5, 8] and len(computed) == len(ran)
+    for i, t in enumerate(times):
+        if i in ran or extrapolate:
+            assert torch.allclose(got[i], line(t), atol=1e-5), i
+        else:
+            last = max(j for j in ran if j < i)
+            assert torch.equal(got[i], got[last]), i
+
+
+def test_extrapolation_waits_for_two_computed_outputs():
+    import torch
+
+    from pipelines.step_cache import StepOutputs
+
+    outputs = StepOutputs(StepCache("test", warmup=0, final=0, every=2, extrapolate=True), 4)
+    first = outputs.at(0, torch.tensor(1.0), lambda: torch.ones(2))
+    assert torch.equal(outputs.at(1, torch.tensor(0.5), lambda: torch.zeros(2)), first)  # one point: held

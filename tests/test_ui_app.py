@@ -525,6 +525,8 @@ def test_browser_history_keeps_every_result_and_puts_settings_back(page):
     expect(page.locator("#sdxl-input-image")).to_be_visible()
     expect(page.locator("#sdxl-input-image img, #sdxl-input-image canvas").first).to_be_visible()
     _screenshot(page, "ui-sdxl-history.png")
+    page.reload()  # a fresh form: the input image set here would turn the later SDXL tests into image to image
+    page.wait_for_selector("#flux-prompt textarea")
 
 
 def test_api_sampler_choice_is_recorded_in_the_png(client):

@@ -26,7 +26,7 @@ from ..sampling import (FamilyOutput, check_finite, family_output, seed_generato
                         tokenize, truncation_warning)
 from .family import ModelFamily
 from ..schedulers import Sampler, make_scheduler
-from ..step_cache import NO_CACHE, StepCache
+from ..step_cache import NO_CACHE, StepCache, StepOutputs
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 CLIP_TOKENS = graphs.CLIP_TOKENS
@@ -125,15 +125,16 @@ def denoise(parts: Parts, scheduler, timesteps: torch.Tensor, latents: torch.Ten
             cache: StepCache = NO_CACHE):
     """The flow-matching loop: (final latents, a clock mark before and after every step). `blend(i, latents)`,
     when given, rewrites the latents after step i (inpainting keeps the input outside the mask); steps `cache`
-    skips reuse the last velocity (step caching)."""
+    skips reuse earlier velocities (step caching)."""
     n, dtype = latents.shape[0], latents.dtype
     denoiser = parts.get("transformer")
+    outputs = StepOutputs(cache, len(timesteps))  # step caching: some steps reuse earlier velocities
     step_marks = [clock.mark()]
     with torch.inference_mode():
         for i, t in enumerate(timesteps):
             ctx.check_cancelled()
-            if i == 0 or cache.computes(i, len(timesteps)):  # else the last velocity again (step caching)
-                velocity = denoiser(hidden_states=latents, timestep=(t.expand(n).to(dtype) / 1000), **cond)
+            velocity = outputs.at(i, t, lambda: denoiser(hidden_states=latents, timestep=(t.expand(n).to(dtype) / 1000),
+                                                         **cond))
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             if blend is not None:
                 latents = blend(i, latents)

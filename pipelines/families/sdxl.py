@@ -25,7 +25,7 @@ from ..sampling import (FamilyOutput, check_finite, family_output, seed_generato
 from . import sdxl_refiner
 from .family import REFINER_PREFIX, ModelFamily
 from ..schedulers import Sampler, make_scheduler
-from ..step_cache import NO_CACHE, StepCache
+from ..step_cache import NO_CACHE, StepCache, StepOutputs
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -174,18 +174,23 @@ def _denoise(unet, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, co
              progress: tuple[int, int], blend=None, cache: StepCache = NO_CACHE) -> torch.Tensor:
     """The UNet over `timesteps` (classifier-free guidance at `guidance`; None: unguided); `blend(i, latents)`
     after each step (inpainting). `progress`: steps done before these, and the job's total. Steps `cache` skips
-    reuse the last guided prediction (step caching), counted within these `timesteps`."""
+    reuse earlier guided predictions (step caching), counted within these `timesteps`."""
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     done, total = progress
+    outputs = StepOutputs(cache, len(timesteps))  # step caching: some steps reuse earlier predictions
+
+    def predict(t: torch.Tensor) -> torch.Tensor:
+        model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if guidance is not None else latents, t)
+        eps = unet(sample=model_in, timestep=t, **cond)
+        if guidance is None:
+            return eps
+        eps_uncond, eps_text = eps.chunk(2)
+        return eps_uncond + guidance * (eps_text - eps_uncond)
+
     with torch.inference_mode():
         for i, t in enumerate(timesteps):
             ctx.check_cancelled()
-            if i == 0 or cache.computes(i, len(timesteps)):
-                model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if guidance is not None else latents, t)
-                eps = unet(sample=model_in, timestep=t, **cond)
-                if guidance is not None:
-                    eps_uncond, eps_text = eps.chunk(2)
-                    eps = eps_uncond + guidance * (eps_text - eps_uncond)
+            eps = outputs.at(i, t, lambda: predict(t))
             latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
             if blend is not None:
                 latents = blend(i, latents)
