@@ -1,7 +1,8 @@
-"""Step caching (opt-in, "Fast (cached)"): some denoising steps reuse the previous step's denoiser output.
+"""Step caching (opt-in, "Fast (cached)"): some denoising steps reuse or extend earlier denoiser outputs.
 
 A `StepCache` is a fixed schedule of which steps call the denoiser; the others reuse the last output (the
-velocity for Flux, the guided noise prediction for SDXL) and only the scheduler's update runs. Reusing an
+velocity for Flux, the guided noise prediction for SDXL), or extend the last two, and only the scheduler's
+update runs. Each family names its own "fast" schedule (`ModelFamily.fast_cache`), measured on its demo model. Reusing an
 output on a slowly changing stretch of the trajectory is what First-Block Cache / TeaCache / cache-dit's
 DBCache decide per step from a residual; a fixed schedule skips the same steps every time.
 
@@ -41,9 +42,9 @@ class StepCache:
     extrapolate: bool = False
 
     @classmethod
-    def named(cls, name: str) -> "StepCache":
-        """The schedule a request's `cache` names (checked by `check_name` first)."""
-        return FAST_CACHE if check_name(name) == FAST else NO_CACHE
+    def named(cls, name: str, fast: "StepCache") -> "StepCache":
+        """The schedule a request's `cache` names: `fast` (the family's) or none (checked by `check_name` first)."""
+        return fast if check_name(name) == FAST else NO_CACHE
 
     @property
     def active(self) -> bool:
@@ -58,6 +59,14 @@ class StepCache:
     def calls(self, steps: int) -> int:
         """Denoiser calls for a schedule of `steps` steps."""
         return sum(self.computes(i, steps) for i in range(steps))
+
+    def describe(self, steps: int) -> str:
+        """What the schedule does, for the switch's label: at `steps` steps, how many run the model."""
+        which = "every other middle step" if self.every == 2 else f"one middle step in {self.every}"
+        rest = "extend its last two outputs" if self.extrapolate else "reuse its last output"
+        saving = (f"{steps} steps run it {self.calls(steps)} times" if steps >= self.min_steps
+                  else f"from {self.min_steps} steps up; {steps} steps all run it")
+        return f"{which} runs the model, the others {rest} ({saving})"
 
     def note(self, steps: int) -> str | None:
         """Why a request for caching saved nothing, when it did not (shown as a warning)."""
@@ -90,9 +99,6 @@ class StepOutputs:
 
 
 NO_CACHE = StepCache()
-# 28 steps (Flux.1-dev): 3 + 12 + 2 = 17 model calls (1.65x fewer); 30 steps (SDXL): 18; 8 steps: 7.
-# Measured on the demo models (CPU, BENCHMARKS.md) against the uncached image at the same seed.
-FAST_CACHE = StepCache(FAST, warmup=3, final=2, every=2, min_steps=8)
 
 
 def check_name(name: object) -> str:

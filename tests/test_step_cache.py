@@ -7,30 +7,36 @@ import pytest
 from pipelines import imagemetrics
 from pipelines.registry import read_local_spec
 from pipelines.request import GenerationRequest, RequestError, resolve_request
-from pipelines.step_cache import FAST_CACHE, NO_CACHE, StepCache, check_name
+from pipelines.families.flux import FAST_CACHE as FLUX_FAST
+from pipelines.families.sdxl import FAST_CACHE as SDXL_FAST
+from pipelines.step_cache import NO_CACHE, StepCache, check_name
 
 STEPS = 10  # long enough for the fast schedule to skip steps (it starts at 8)
 
 
-def test_fast_schedule_runs_the_first_and_last_steps_and_every_other_between():
-    ran = [i for i in range(28) if FAST_CACHE.computes(i, 28)]
-    assert ran[:3] == [0, 1, 2] and ran[-2:] == [26, 27]
-    assert ran[3:-2] == list(range(3, 26, 2))
-    assert FAST_CACHE.calls(28) == len(ran) == 17
+def test_fast_schedules_run_the_first_and_last_steps_and_some_between():
+    ran = [i for i in range(30) if SDXL_FAST.computes(i, 30)]  # SDXL: every other step between
+    assert ran[:3] == [0, 1, 2] and ran[-2:] == [28, 29] and ran[3:-2] == list(range(3, 28, 2))
+    assert SDXL_FAST.calls(30) == len(ran) == 18 and not SDXL_FAST.extrapolate
+    ran = [i for i in range(28) if FLUX_FAST.computes(i, 28)]  # Flux: one step in four between, extrapolated
+    assert ran == [0, 1, 2, 3, 7, 11, 15, 19, 23, 26, 27] and FLUX_FAST.calls(28) == 11 and FLUX_FAST.extrapolate
     assert NO_CACHE.calls(28) == 28
+    assert "28 steps run it 11 times" in FLUX_FAST.describe(28) and "extend its last two" in FLUX_FAST.describe(28)
+    assert "30 steps run it 18 times" in SDXL_FAST.describe(30) and "reuse its last output" in SDXL_FAST.describe(30)
 
 
 def test_short_schedules_are_not_cached_and_say_so():
-    assert FAST_CACHE.calls(4) == 4
-    assert "8 steps" in FAST_CACHE.note(4)
-    assert FAST_CACHE.note(28) is None and NO_CACHE.note(4) is None
+    for fast in (FLUX_FAST, SDXL_FAST):
+        assert fast.calls(4) == 4 and "8 steps" in fast.note(4) and "4 steps all run it" in fast.describe(4)
+        assert fast.note(28) is None
+    assert NO_CACHE.note(4) is None
 
 
 @pytest.mark.parametrize("given, expected", [("off", "off"), ("FAST", "fast"), (" fast ", "fast"), ("", "off"),
                                              (None, "off"), (True, "fast"), (False, "off")])
 def test_cache_names_are_normalised(given, expected):
     assert check_name(given) == expected
-    assert StepCache.named(given) == (FAST_CACHE if expected == "fast" else NO_CACHE)
+    assert StepCache.named(given, FLUX_FAST) == (FLUX_FAST if expected == "fast" else NO_CACHE)
 
 
 @pytest.mark.parametrize("bad", ["turbo", "on", 3, 1.5])
@@ -64,7 +70,8 @@ def test_cached_output_is_close_to_uncached_with_fewer_model_calls(family, denoi
         cached = cpu_manager.generate(GenerationRequest(**{**base.to_dict(), "cache": "fast"}))
     finally:
         handle.remove()
-    assert uncached_calls == STEPS and len(calls) == FAST_CACHE.calls(STEPS) == 8
+    fast = FLUX_FAST if family == "flux" else SDXL_FAST
+    assert uncached_calls == STEPS and len(calls) == fast.calls(STEPS) == (7 if family == "flux" else 8)
     # off is today's path: bit-identical run to run
     assert np.array_equal(np.asarray(plain.images[0]), np.asarray(again.images[0]))
     difference = imagemetrics.psnr(plain.images[0], cached.images[0])

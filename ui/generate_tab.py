@@ -68,6 +68,12 @@ def run_with_errors(n_outputs: int, cleared: tuple = ()):
     return decorate
 
 
+def cached_label(family: Family, spec: ModelSpec | None) -> str:
+    """The "Fast (cached)" switch: what the family's schedule does at the model's default steps."""
+    steps = spec.default_steps if spec else 28
+    return f"Fast (cached): {FAMILIES[family].fast_cache.describe(steps)}; the image changes a little"
+
+
 def build_generate_tab(service: PrismService, family: Family) -> None:
     """Widgets and events for one family's tab; call inside a `gr.Tab`."""
     prefix = family.value
@@ -116,9 +122,7 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
                     precision, _ = precision_dropdown(service, f"{prefix}-precision")
                 sampler = gr.Dropdown(sampler_choices(spec, family), value="", label="Sampler",
                                       info="recorded in each PNG as A1111 does", elem_id=f"{prefix}-sampler")
-            cached = gr.Checkbox(False, label="Fast (cached): some middle steps reuse the model's last output "
-                                              "(about 1.6x fewer model runs from 8 steps up; the image changes a little)",
-                                 elem_id=f"{prefix}-cached")
+            cached = gr.Checkbox(False, label=cached_label(family, spec), elem_id=f"{prefix}-cached")
             refiner_row = refiner_on = refiner_switch = None
             if sdxl:  # shown for models that name a refiner (sdxl-base-1.0)
                 with gr.Row(visible=bool(spec and spec.refiner), elem_id=f"{prefix}-refiner-row") as refiner_row:
@@ -184,7 +188,7 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
                    gr.update(maximum=s.max_steps, value=s.default_steps),
                    gr.update(maximum=s.max_guidance, value=s.default_guidance),
                    gr.update(maximum=s.max_images, value=1), gr.update(samples=[[p] for p in example_prompts(s)]),
-                   gr.update(choices=sampler_choices(s, family), value="")]
+                   gr.update(choices=sampler_choices(s, family), value=""), gr.update(label=cached_label(family, s))]
         if sdxl:
             negative_update = dict(interactive=s.supports_negative_prompt, placeholder=_negative_placeholder(s))
             if not s.supports_negative_prompt:
@@ -196,7 +200,7 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
         return updates
 
     model.input(run_once(on_model), model,
-                [model_note, width, height, steps, guidance, num_images, examples, sampler]
+                [model_note, width, height, steps, guidance, num_images, examples, sampler, cached]
                 + ([negative, refiner_row, refiner_on] if sdxl else []),
                 api_visibility="undocumented", concurrency_limit=None, show_progress="hidden")
     examples.click(lambda sample: sample[0], examples, prompt, api_visibility="private", concurrency_limit=None,

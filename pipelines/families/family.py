@@ -15,6 +15,7 @@ from torch import nn
 from ..graphs import VAE_ENCODER, GraphIO, VaeEncoder, token_ids_io, vae_decoder_io, vae_encoder_io
 from ..registry import Family
 from ..schedulers import Sampler
+from ..step_cache import NO_CACHE, StepCache
 
 if TYPE_CHECKING:
     from ..registry import ModelSpec
@@ -77,6 +78,7 @@ class ModelFamily:
     lora_reader: str = ""
     lora_components: tuple[str, ...] = ()
     image_use: ImageUse = ImageUse.START
+    fast_cache: StepCache = NO_CACHE  # the schedule "Fast (cached)" runs (pipelines.step_cache)
     # CONTEXT families: the (width, height) an input image of a given size is resized to, which is also the
     # output's size when the request names none.
     context_size: Callable[["ModelSpec", tuple[int, int]], tuple[int, int]] | None = None

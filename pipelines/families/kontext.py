@@ -77,7 +77,7 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
             "image_ids": context_ids}
 
     # 4. Denoise; 5. decode (Flux's own).
-    cache = StepCache.named(req.cache)
+    cache = StepCache.named(req.cache, flux.FAST_CACHE)
     latents, step_marks = flux.denoise(parts, scheduler, scheduler.timesteps, latents, cond, ctx, clock, cache=cache)
     decoded, (t_vae, t_end) = flux.decode(spec, parts, latents, h, w, ctx, clock)
     timings = stage_timings(clock, *prompt.marks, step_marks, t_vae, t_end, (t_encode, t_encoded))
@@ -119,4 +119,5 @@ KONTEXT = ModelFamily(
     first_step=first_step,
     image_use=ImageUse.CONTEXT,
     context_size=context_size,
+    fast_cache=flux.FAST_CACHE,  # demo-kontext, 100 held-out edits at 28 steps: 82% right cached and uncached
 )
