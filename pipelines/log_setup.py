@@ -21,7 +21,9 @@ class _DropNotice(logging.Filter):
 def drop_import_notices() -> None:
     """Drop the notices in _NOISE. First thing in a main(): parsing the arguments already imports diffusers."""
     for name, fragment in _NOISE.items():
-        logging.getLogger(name).addFilter(_DropNotice(fragment))
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) and f.fragment == fragment for f in logger.filters):  # once per process
+            logger.addFilter(_DropNotice(fragment))
 
 
 def configure_logging(verbose: bool) -> None:

@@ -1,10 +1,10 @@
 """Step caching (opt-in, "Fast (cached)"): some denoising steps reuse or extend earlier denoiser outputs.
 
 A `StepCache` is a fixed schedule of which steps call the denoiser; the others reuse the last output (the
-velocity for Flux, the guided noise prediction for SDXL), or extend the last two, and only the scheduler's
-update runs. Each family names its own "fast" schedule (`ModelFamily.fast_cache`), measured on its demo model. Reusing an
-output on a slowly changing stretch of the trajectory is what First-Block Cache / TeaCache / cache-dit's
-DBCache decide per step from a residual; a fixed schedule skips the same steps every time.
+velocity for Flux, the guided noise prediction for SDXL) or extend the last two, and only the scheduler's
+update runs. Each family names its own "fast" schedule (`ModelFamily.fast_cache`), measured on its demo
+model. Reusing an output on a slowly changing stretch of the trajectory is what First-Block Cache / TeaCache /
+cache-dit's DBCache decide per step from a residual; a fixed schedule skips the same steps every time.
 
 Why our own and not cache-dit (1.5.3, tried with diffusers 0.42.1 on the demo Flux transformer, 2026-12-01):
 - it has no adapter for SDXL's UNet (its BlockAdapter matches only transformer-block call patterns);

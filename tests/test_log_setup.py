@@ -17,6 +17,8 @@ class Collect(logging.Handler):
 
 def test_the_torchvision_notice_is_dropped_and_other_warnings_kept():
     drop_import_notices()
+    drop_import_notices()  # every main() calls it; the filter goes on once
+    assert len(logging.getLogger("transformers.utils.import_utils").filters) == 1
     noisy, ours, seen = logging.getLogger("transformers.utils.import_utils"), logging.getLogger("prism.app"), Collect()
     # transformers' loggers do not propagate to the root logger: listen on each directly.
     level = noisy.level  # conftest asks transformers for errors only

@@ -198,6 +198,24 @@ def test_busy_answer_queue_positions_and_cancelling(cluster):
         running[1].result(timeout=60)
 
 
+def test_a_job_that_cannot_be_sent_takes_no_place_in_the_queue(cluster, monkeypatch):
+    class Unreachable:  # the deployment's handle when Serve has gone away under the app
+        def options(self, **_):
+            return self
+
+        def remote(self, *_):
+            raise RuntimeError("the deployment is gone")
+
+    wait_until(lambda: cluster._in_flight == 0, what="the earlier tests' jobs to end")
+    real = cluster._handle
+    monkeypatch.setattr(cluster, "_handle", Unreachable())
+    for _ in range(cluster.replica_count + MAX_QUEUE + 1):  # more than the queue holds: none may count as waiting
+        with pytest.raises(RuntimeError, match="the deployment is gone"):
+            cluster.submit(quick())
+    monkeypatch.setattr(cluster, "_handle", real)
+    assert cluster.generate(quick(seed=8), timeout=120).images
+
+
 def test_system_tab_lists_replicas_and_unload_frees_them(cluster):
     from ui.service import PrismService
     from ui.system_tab import system_markdown, system_snapshot

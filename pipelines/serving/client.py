@@ -223,8 +223,14 @@ class RayManager:
             self._waiting.append(job)
             ahead = len(self._waiting) - 1
         job.report(Progress("queue", 0, 1, f"queued: {ahead} job(s) ahead" if ahead else "starting"))
-        call = self._handle.options(method_name="generate", stream=True, multiplexed_model_id=_affinity(request))
-        job._response = call.remote(request)
+        try:
+            call = self._handle.options(method_name="generate", stream=True, multiplexed_model_id=_affinity(request))
+            job._response = call.remote(request)
+        except BaseException:  # never sent: it must not hold a place in the count
+            with self._lock:
+                self._in_flight -= 1
+            self._leave_queue(job)
+            raise
         if job.cancel_event.is_set():  # cancelled before the response existed
             job._response.cancel()
         threading.Thread(target=self._follow, args=(job,), name=f"prism-ray-job-{job.id}", daemon=True).start()
