@@ -95,6 +95,7 @@ class StageTimings:
     load_ms: float = 0.0  # loading models / building engines for this job (not part of total_ms)
     vae_encoder_ms: float = 0.0  # image to image: encoding the input image
     refiner_steps: int = 0  # how many of `steps_ms` the refiner ran (the last ones)
+    model_calls: int | None = None  # steps that ran the denoiser (fewer than steps with step caching); None: all
 
     @property
     def total_ms(self) -> float:
@@ -113,6 +114,8 @@ class StageTimings:
         encoder = f"VAE encoder {self.vae_encoder_ms:.0f} ms | " if self.vae_encoder_ms else ""
         refined = f" ({len(self.steps_ms) - self.refiner_steps} base + {self.refiner_steps} refiner)" \
             if self.refiner_steps else ""
+        if self.model_calls is not None and self.model_calls < len(self.steps_ms):
+            refined += f" ({self.model_calls} ran the model)"
         return (f"text encoders {self.text_encoders_ms:.0f} ms | {encoder}{len(self.steps_ms)} steps{refined} x "
                 f"{self.mean_step_ms:.1f} ms = {self.denoise_ms:.0f} ms | VAE {self.vae_ms:.0f} ms | "
                 f"total {self.total_ms:.0f} ms" + (f" (+ load {self.load_ms:.0f} ms)" if self.load_ms else ""))

@@ -53,12 +53,15 @@ def check_finite(tensor: torch.Tensor, where: str, hint: str) -> None:
         raise NumericsError(f"The {where} produced NaN or infinite values, so no image was saved. {hint}")
 
 
-def stage_timings(clock, start, text_done, step_marks: list, vae_start, end, encode: tuple | None = None) -> StageTimings:
+def stage_timings(clock, start, text_done, step_marks: list, vae_start, end, encode: tuple | None = None,
+                  model_calls: int | None = None) -> StageTimings:
     """Milliseconds per stage from the loop's marks (read once, after the work: no sync per stage); `encode` is
-    the (start, end) marks of the input image's VAE encoding, when the job has one."""
+    the (start, end) marks of the input image's VAE encoding, when the job has one; `model_calls`, the steps
+    that ran the denoiser."""
     return StageTimings(text_encoders_ms=clock.ms(start, text_done),
                         steps_ms=tuple(clock.ms(a, b) for a, b in zip(step_marks, step_marks[1:])),
-                        vae_ms=clock.ms(vae_start, end), vae_encoder_ms=clock.ms(*encode) if encode else 0.0)
+                        vae_ms=clock.ms(vae_start, end), vae_encoder_ms=clock.ms(*encode) if encode else 0.0,
+                        model_calls=model_calls)
 
 
 def family_output(decoded: torch.Tensor, timings: StageTimings, canvas, warnings: list[str]) -> FamilyOutput:

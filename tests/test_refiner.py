@@ -82,6 +82,19 @@ def test_the_refiner_changes_the_picture(tiny_sdxl_pair, cpu_manager):
     assert plain.timings.refiner_steps == 0 and "refiner_model" not in plain.settings()
 
 
+def test_step_caching_counts_the_base_and_refiner_model_calls(tiny_sdxl_pair, cpu_manager):
+    """Each part of the schedule is cached on its own: 12 base steps run the UNet 9 times (3, every other of the
+    middle 7, 2), 8 refiner steps 7 times (3, 2 of the middle 3, 2); the result counts both."""
+    from pipelines.families.sdxl import FAST_CACHE
+
+    base, _ = tiny_sdxl_pair
+    request = GenerationRequest(prompt="a red circle", model=str(base), seed=3, steps=20, width=32, height=32,
+                                refiner=0.6, cache="fast")
+    result = cpu_manager.generate(request)
+    assert (len(result.timings.steps_ms), result.timings.refiner_steps) == (20, 8)
+    assert result.timings.model_calls == FAST_CACHE.calls(12) + FAST_CACHE.calls(8) == 9 + 7
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp8", "fp4"])
 def test_every_precision_runs_with_the_refiner(precision, tiny_sdxl_pair, cpu_manager):
     base, _ = tiny_sdxl_pair

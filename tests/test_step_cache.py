@@ -72,6 +72,10 @@ def test_cached_output_is_close_to_uncached_with_fewer_model_calls(family, denoi
         handle.remove()
     fast = FLUX_FAST if family == "flux" else SDXL_FAST
     assert uncached_calls == STEPS and len(calls) == fast.calls(STEPS) == (7 if family == "flux" else 8)
+    # the result says how many of its steps ran the model, and the timing line too
+    assert cached.timings.model_calls == len(calls) and plain.timings.model_calls == STEPS
+    assert f"{STEPS} steps ({len(calls)} ran the model)" in cached.timings.summary()
+    assert "ran the model" not in plain.timings.summary()
     # off is today's path: bit-identical run to run
     assert np.array_equal(np.asarray(plain.images[0]), np.asarray(again.images[0]))
     difference = imagemetrics.psnr(plain.images[0], cached.images[0])

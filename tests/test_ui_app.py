@@ -585,11 +585,15 @@ def test_api_fast_cached_generates_and_compares_against_uncached(client):
     gallery, files, seed, summary, details, status = client.predict(
         "tiny-flux", "a red circle", 32, 32, 9, 3.5, 6, 1, "bf16", api_name="/generate_flux", cached=True)
     assert details["cache"] == "fast" and "fast (cached steps)" in summary
+    # 9 steps under Flux's schedule: 3 first, one of the middle 4, 2 last
+    assert details["timings"]["model_calls"] == 6 and "9 steps (6 ran the model)" in summary
     out = client.predict("tiny-flux", "a red circle", 6, ["16-bit", "cached"], 32, 32, 9, 3.5, api_name="/compare")
     images, heatmaps, figures, details = out[0:4], out[4:8], out[8:12], out[14]
     assert images[0] and images[3] and heatmaps[3] and images[1] is None
     assert "fast (cached)" in figures[3] and "PSNR" in figures[3]
     assert [e["cached"] for e in details["entries"]] == [False, True]
+
+
 def test_api_sdxl_refiner_runs_and_is_recorded(client):
     gallery, files, seed, summary, details, status = client.predict(
         model="tiny-sdxl-base", prompt="a blue square", width=32, height=32, steps=4, seed=7, refiner=True,

@@ -76,7 +76,8 @@ def timings_dict(result: GenerationResult) -> dict[str, Any]:
     t = result.timings
     return {"text_encoders_ms": round(t.text_encoders_ms, 1), "steps_ms": [round(s, 1) for s in t.steps_ms],
             "denoise_ms": round(t.denoise_ms, 1), "vae_ms": round(t.vae_ms, 1), "total_ms": round(t.total_ms, 1),
-            "load_ms": round(t.load_ms, 1), "vae_encoder_ms": round(t.vae_encoder_ms, 1)}
+            "load_ms": round(t.load_ms, 1), "vae_encoder_ms": round(t.vae_encoder_ms, 1),
+            "model_calls": len(t.steps_ms) if t.model_calls is None else t.model_calls}
 
 
 def result_details(result: GenerationResult, model_name: str, files: list[str]) -> dict[str, Any]:
@@ -104,8 +105,9 @@ def result_markdown(result: GenerationResult) -> str:
         *([f"**Refiner:** {result.refiner_id} ran the last {t.refiner_steps} of {len(t.steps_ms)} steps "
            f"(hand-off at {result.request.refiner:g})"] if result.refiner_id else []),
         f"**Timings:** text encoders {fmt_ms(t.text_encoders_ms)} · "
-        + (f"VAE encoder {fmt_ms(t.vae_encoder_ms)} · " if t.vae_encoder_ms else "") + f"{len(t.steps_ms)} steps × "
-        f"{fmt_ms(t.mean_step_ms)} = {fmt_ms(t.denoise_ms)} · VAE {fmt_ms(t.vae_ms)} · **total {fmt_ms(t.total_ms)}**"
+        + (f"VAE encoder {fmt_ms(t.vae_encoder_ms)} · " if t.vae_encoder_ms else "") + f"{len(t.steps_ms)} steps"
+        + (f" ({t.model_calls} ran the model)" if t.model_calls is not None and t.model_calls < len(t.steps_ms) else "")
+        + f" × {fmt_ms(t.mean_step_ms)} = {fmt_ms(t.denoise_ms)} · VAE {fmt_ms(t.vae_ms)} · **total {fmt_ms(t.total_ms)}**"
         + (f" (+ loading {fmt_ms(t.load_ms)})" if t.load_ms else ""),
     ]
     lines += [f"⚠ {w}" for w in result.warnings]

@@ -205,7 +205,7 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     decoded, (t_vae, t_end) = decode(spec, parts, latents, h, w, ctx, clock)
 
     encode = (t_encode, t_encoded) if req.image is not None else None
-    timings = stage_timings(clock, *prompt.marks, step_marks, t_vae, t_end, encode)
+    timings = stage_timings(clock, *prompt.marks, step_marks, t_vae, t_end, encode, cache.calls(len(timesteps)))
     return family_output(decoded, timings, canvas, [*prompt.warnings, *filter(None, [cache.note(len(timesteps))])])
 
 

@@ -80,7 +80,8 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     cache = StepCache.named(req.cache, flux.FAST_CACHE)
     latents, step_marks = flux.denoise(parts, scheduler, scheduler.timesteps, latents, cond, ctx, clock, cache=cache)
     decoded, (t_vae, t_end) = flux.decode(spec, parts, latents, h, w, ctx, clock)
-    timings = stage_timings(clock, *prompt.marks, step_marks, t_vae, t_end, (t_encode, t_encoded))
+    timings = stage_timings(clock, *prompt.marks, step_marks, t_vae, t_end, (t_encode, t_encoded),
+                            cache.calls(len(scheduler.timesteps)))
     return family_output(decoded, timings, None,
                          [*prompt.warnings, *filter(None, [cache.note(len(scheduler.timesteps))])])
 

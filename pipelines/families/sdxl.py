@@ -162,10 +162,11 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     check_finite(decoded, "VAE decoder", "Try bf16.")
 
     encode = (t_encode, t_encoded) if req.image is not None else None
-    timings = stage_timings(clock, t_start, t_text, step_marks, t_vae, t_end, encode)
+    timings = stage_timings(clock, t_start, t_text, step_marks, t_vae, t_end, encode, cache.calls(len(timesteps)))
     if refine:
         refined = tuple(clock.ms(a, b) for a, b in zip(refiner_marks, refiner_marks[1:]))
-        timings = replace(timings, steps_ms=timings.steps_ms + refined, refiner_steps=len(refined))
+        timings = replace(timings, steps_ms=timings.steps_ms + refined, refiner_steps=len(refined),
+                          model_calls=timings.model_calls + cache.calls(len(refiner_timesteps)))
     return family_output(decoded, timings, canvas, warnings)
 
 
