@@ -6,24 +6,18 @@ import logging
 # transformers 5 warns at import that CLIPImageProcessor / SiglipImageProcessor fall back to their PIL versions
 # when torchvision is absent (diffusers' SDXL and Kontext pipelines import them for IP-adapter inputs Prism does
 # not use): two lines on every start of the app on a machine without torchvision, with nothing to act on.
-_NOISE = {"transformers.utils.import_utils": "requires torchvision (not installed)"}
+_NOTICE_LOGGER = "transformers.utils.import_utils"
+_NOTICE = "requires torchvision (not installed)"
 
 
-class _DropNotice(logging.Filter):
-    def __init__(self, fragment: str):
-        super().__init__()
-        self.fragment = fragment
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.fragment not in record.getMessage()
+def _not_the_notice(record: logging.LogRecord) -> bool:
+    return _NOTICE not in record.getMessage()
 
 
 def drop_import_notices() -> None:
-    """Drop the notices in _NOISE. First thing in a main(): parsing the arguments already imports diffusers."""
-    for name, fragment in _NOISE.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropNotice) and f.fragment == fragment for f in logger.filters):  # once per process
-            logger.addFilter(_DropNotice(fragment))
+    """Drop the torchvision notice. First thing in a main(): parsing the arguments already imports diffusers.
+    Calling it again changes nothing (a logger holds a given filter once)."""
+    logging.getLogger(_NOTICE_LOGGER).addFilter(_not_the_notice)
 
 
 def configure_logging(verbose: bool) -> None:

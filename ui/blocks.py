@@ -24,14 +24,13 @@ log = logging.getLogger("prism.ui")
 # Results are shown whole (contain) and small ones are enlarged with nearest-neighbour, so a 32x128 demo
 # image is a crisp picture, not a blurred or cropped one. Display only: the files keep their pixels.
 PRISM_CSS = """
-.prism-images img, .prism-compare img, .prism-history img { image-rendering: pixelated; }
+.prism-images img, .prism-compare img, .prism-history img, .prism-input img { image-rendering: pixelated; }
 /* Gradio draws each result in a square cell as wide as its column, taller than the box for two or fewer:
    cells fill the box's height instead, so the whole picture is always in view. */
 .prism-images .grid-wrap .grid-container { height: 100%; }
 .prism-images .grid-wrap .thumbnail-item { aspect-ratio: auto; }
-.prism-compare img { width: 100%; height: 100%; object-fit: contain; }
 /* An input image fills its box too: a 64x64 demo result chained with "Use as input" was drawn at 64 px. */
-.prism-input img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+.prism-compare img, .prism-input img { width: 100%; height: 100%; object-fit: contain; }
 /* History: a strip of small whole thumbnails. Gradio stretches two or three items across the whole width
    (each cropped to a wide cell), whatever `columns` says. */
 .prism-history .grid-container { grid-template-columns: repeat(auto-fill, 120px) !important; }
