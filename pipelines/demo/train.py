@@ -330,6 +330,7 @@ def _train_denoiser(name: str, modules: list, loss_of, stream: SceneStream, cfg:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ema = Ema(params, cfg.ema) if cfg.ema else None
     budget, step = Budget(cfg.max_denoiser_steps, cfg.denoiser_minutes), 0
+    waited_before = stream.waited  # a stream shared with a decoder phase has waited there already
     while not budget.done(step):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _schedule(step, budget.progress(step))
@@ -339,7 +340,7 @@ def _train_denoiser(name: str, modules: list, loss_of, stream: SceneStream, cfg:
             ema.update(step)
         if step % cfg.log_every == 0:
             log(f"{name} step {step}: loss {loss.item():.4f} ({budget.elapsed():.0f} s, "
-                f"{stream.waited / max(budget.elapsed(), 1e-9):.0%} waiting for scenes)")
+                f"{(stream.waited - waited_before) / max(budget.elapsed(), 1e-9):.0%} waiting for scenes)")
         step += 1
     if ema is not None:
         ema.copy_to()
