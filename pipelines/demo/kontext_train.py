@@ -124,7 +124,7 @@ def shape_token_weights(sources: torch.Tensor, targets: torch.Tensor) -> torch.T
     flat background. demo-kontext trained unweighted (3029 steps of 1024) made the asked edit but drew the
     shapes as blobs: 35.5% of 200 held-out edits right, shape kinds the most common miss. Trained on with
     these weights (3 x 7.5 minutes on an H200, 2026-12-02): 64.0%; 66.5% after `sharpen_decoder`; 74.5% after
-    3 x 7.5 minutes more (BENCHMARKS.md)."""
+    3 x 7.5 minutes more; 85.0% after 3.5 more minutes of the decoder and 13 of this (BENCHMARKS.md)."""
     def on_shape(images: torch.Tensor) -> torch.Tensor:  # the corner pixel is background (see train._shape_weights)
         return (images - images[:, :, :1, :1]).abs().amax(1, keepdim=True) > 0.02
 
