@@ -391,3 +391,36 @@ def test_evaluate_edits_rejects_bad_arguments(tmp_path, capsys, argv, message):
         main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_compile_flag_compiles_the_transformer_and_saves_its_weights_under_their_names(trained, tmp_path, monkeypatch):
+    """`--compile` (TrainConfig.compile) compiles the denoiser in place for training. Dynamo's "eager" backend
+    stands in for inductor so the test traces the real forward and backward without minutes of code generation."""
+    from safetensors.torch import load_file
+
+    from pipelines.demo.kontext_train import train_kontext
+    from pipelines.demo.train import TrainConfig, main
+
+    compiled = []
+    original = torch.nn.Module.compile
+
+    def compile_for_test(module, *args, **kwargs):
+        compiled.append(type(module).__name__)
+        original(module, backend="eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_for_test)
+    lines: list[str] = []
+    folder = train_kontext(TrainConfig(family="kontext", out_dir=tmp_path, device="cpu", batch=4, denoiser_minutes=1.0,
+                                       max_denoiser_steps=2, log_every=1, workers=0, compile=True),
+                           trained[0], log=lines.append, eval_edits=0)
+    assert compiled == ["FluxTransformer2DModel"]
+    assert [line.split(":")[0] for line in lines[:2]] == ["kontext step 0", "kontext step 1"]
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    before, after = load_file(trained[0] / weights), load_file(folder / weights)
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+
+    seen = []
+    monkeypatch.setattr("pipelines.demo.kontext_train.train_kontext", lambda cfg, *a, **k: seen.append(cfg.compile))
+    main(["--family", "kontext", "--init", str(trained[0]), "--out", str(tmp_path / "cli"), "--device", "cpu",
+          "--compile"])
+    assert seen == [True]
