@@ -37,6 +37,7 @@ from .registry import ModelSpec, UnknownModelError, refiner_of, resolve_spec
 from .request import GenerationRequest, GenerationResult, RequestError, resolve_request
 from .residency import InsufficientMemoryError, Residency
 from .run_context import JobCancelled, Progress, RunContext
+from .vocabulary import vocabulary_note
 
 log = logging.getLogger("prism.manager")
 
@@ -356,6 +357,7 @@ class PipelineManager:
         peak = torch.cuda.max_memory_allocated(self.device) if self.info.is_cuda else None
         backend = self.backend(choice.backend)
         notes = tuple(f"Input image: {note}." for note in req.image.notes) if req.image is not None else ()
+        notes += tuple(filter(None, [vocabulary_note(spec, req.prompt)]))
         forced = (choice.reason,) if choice.backend is Backend.TORCH and req.backend == "tensorrt" else ()
         warnings = notes + out.warnings + forced + tuple(ctx.warnings)
         return GenerationResult(

@@ -102,6 +102,9 @@ class ModelSpec:
     base: str | None = None
     # Edit models: the (width, height) sizes an input image is resized to, the one nearest its aspect ratio.
     preferred_sizes: tuple[tuple[int, int], ...] = ()
+    # A closed vocabulary (the embedded demo models, trained on a few dozen words): a prompt's other words steer
+    # nothing the model learned, and the result says which they were (pipelines.vocabulary). Empty: any words.
+    vocabulary: frozenset[str] = frozenset()
 
     @property
     def license_url(self) -> str | None:
@@ -348,6 +351,8 @@ def _apply_overrides(spec: ModelSpec, path: Path) -> ModelSpec:
         raw["size"] = SizeLimits(**raw["size"])
     if "preferred_sizes" in raw:
         raw["preferred_sizes"] = tuple((int(w), int(h)) for w, h in raw["preferred_sizes"])
+    if "vocabulary" in raw:
+        raw["vocabulary"] = frozenset(str(word).lower() for word in raw["vocabulary"])
     allowed = {f for f in ModelSpec.__dataclass_fields__} - {"components", "family", "local_dir", "id", "base"}
     unknown = set(raw) - allowed
     if unknown:

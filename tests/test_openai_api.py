@@ -104,6 +104,9 @@ def test_client_generates_pngs_of_the_asked_size_with_prism_metadata(client):
         seeds.append(settings["seed"])
     assert seeds[1] == seeds[0] + 1
     assert response.size == "96x64" and response.output_format == "png"
+    assert response.model_extra["prism"]["warnings"] == []
+    odd = client.images.generate(model="demo-flux", prompt="a red dragon", size="64x64")
+    assert [w for w in odd.model_extra["prism"]["warnings"] if w.endswith("these steer nothing: 'dragon'.")]
 
 
 def test_client_passes_prism_fields_and_quality_on_sdxl(client):

@@ -242,7 +242,9 @@ class OpenAIImages:
                 "data": [{"b64_json": base64.b64encode(png).decode("ascii"), "seed": seed}
                          for png, seed in zip(pngs, result.seeds)],
                 "prism": {**result.settings(), "timings_ms": {"total": round(result.timings.total_ms, 1),
-                                                              "load": round(result.timings.load_ms, 1)}}}
+                                                              "load": round(result.timings.load_ms, 1)},
+                          # What the UI shows under a result with a ⚠ (a fallback, a turned input, unknown words).
+                          "warnings": list(result.warnings)}}
 
     def model_entry(self, choice: ModelChoice) -> dict[str, Any]:
         spec = choice.spec

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ..families.flux import image_ids, pack
-from .architectures import (IMAGE_SIZE, T5_TOKENS, FluxParts, clip_tokenizer, editor_tokenizers, t5_tokenizer,
-                            with_instruction_words)
+from .architectures import (IMAGE_SIZE, T5_TOKENS, FluxParts, caption_words, clip_tokenizer, editor_tokenizers,
+                            new_instruction_words, t5_tokenizer, with_instruction_words)
 from .edits import held_out_edits, sample_edits
 from .train import (SHAPE_WEIGHT, Batch, SceneStream, TrainConfig, _autocast, _train_denoiser, load_parts, render_arrays,
                     scene_arrays, train_decoder)
@@ -179,6 +179,7 @@ def save_kontext(parts: FluxParts, out_dir: Path, steps: int) -> Path:
         "default_width": IMAGE_SIZE, "default_height": IMAGE_SIZE,
         "size": {"multiple_of": 16, "min_side": 32, "max_side": 128},
         "default_steps": 20, "default_guidance": 0.0, "max_prompt_tokens": T5_TOKENS,
+        "vocabulary": caption_words() + new_instruction_words(),  # what the result's unknown-word note checks
     }
     (folder / "prism.json").write_text(json.dumps(defaults, indent=2) + "\n")
     (folder / "TRAINING.json").write_text(json.dumps({"edit_steps": steps, "image_size": IMAGE_SIZE}, indent=2) + "\n")

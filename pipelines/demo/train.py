@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from ..families.flux import image_ids, pack
 from ..sampling import decoded_to_images
-from .architectures import IMAGE_SIZE, T5_TOKENS, FluxParts, SdxlParts, clip_tokenizer, new_flux, new_sdxl, t5_tokenizer
+from .architectures import (IMAGE_SIZE, T5_TOKENS, FluxParts, SdxlParts, caption_words, clip_tokenizer, new_flux, new_sdxl,
+                            t5_tokenizer)
 from .scenes import COLOURS, KINDS, MAX_SHAPES, caption, held_out_captions, parse_caption, render, sample_scene, shape_distance
 from .scorer import adherence
 
@@ -440,6 +441,7 @@ def save(parts: FluxParts | SdxlParts, family: str, out_dir: Path, steps: int) -
         "default_steps": 20 if family == "flux" else 25,
         "default_guidance": 0.0 if family == "flux" else 4.0,
         "max_prompt_tokens": T5_TOKENS if family == "flux" else 77,
+        "vocabulary": caption_words(),  # the result names a prompt's other words (pipelines.vocabulary)
     }
     (folder / "prism.json").write_text(json.dumps(defaults, indent=2) + "\n")
     (folder / "TRAINING.json").write_text(json.dumps({"denoiser_steps": steps, "image_size": IMAGE_SIZE}, indent=2) + "\n")

@@ -1,0 +1,63 @@
+"""A closed-vocabulary model (the embedded demos) says which words of a prompt it does not know."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.demo.edits import held_out_edits
+from pipelines.demo.scenes import held_out_captions
+from pipelines.registry import read_local_spec, resolve_spec
+from pipelines.request import GenerationRequest
+from pipelines.vocabulary import unknown_words, vocabulary_note
+
+
+def test_unknown_words_are_lower_cased_letters_in_first_seen_order_once_each():
+    vocabulary = frozenset({"a", "red", "circle"})
+    assert unknown_words("A RED circle, a Red Fox; fox-like 3 foxes!", vocabulary) == ["fox", "like", "foxes"]
+    assert unknown_words("", vocabulary) == []
+    assert unknown_words("a red circle", vocabulary) == []
+
+
+def test_models_without_a_vocabulary_take_any_words():
+    assert not resolve_spec("flux.1-dev").vocabulary
+    assert vocabulary_note(resolve_spec("flux.1-dev"), "an astronaut riding a horse") is None
+
+
+@pytest.mark.parametrize("model", ["demo-flux", "demo-sdxl", "demo-kontext"])
+def test_the_shipped_vocabularies_hold_every_word_of_the_held_out_prompts(model):
+    """What prism.json lists is what the models were trained on: none of the 200 held-out captions (nor, for the
+    editor, the 200 held-out instructions) gets a note."""
+    spec = resolve_spec(model)
+    prompts = held_out_captions(200) + ([e.instruction for e in held_out_edits(200)] if model == "demo-kontext" else [])
+    assert spec.vocabulary and [p for p in prompts if vocabulary_note(spec, p)] == []
+
+
+def test_the_note_names_the_unknown_words_and_counts_what_it_does_not_list():
+    spec = resolve_spec("demo-flux")
+    note = vocabulary_note(spec, "An astronaut riding a red horse on the moon")
+    assert note == (f"demo-flux knows only the {len(spec.vocabulary)} words it was trained on; these steer nothing: "
+                    "'an', 'astronaut', 'riding', 'horse', 'moon'.")
+    many = vocabulary_note(spec, "one two three four five six seven eight nine ten")
+    assert many.endswith("'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight' and 2 more.")
+
+
+def test_a_local_folder_declares_its_vocabulary_in_prism_json(tmp_path):
+    import shutil
+
+    from pipelines.registry import DEMO_MODELS_DIR
+
+    folder = tmp_path / "my-demo"
+    shutil.copytree(DEMO_MODELS_DIR / "demo-flux", folder)
+    settings = json.loads((folder / "prism.json").read_text())
+    (folder / "prism.json").write_text(json.dumps({**settings, "vocabulary": ["Red", "circle"]}))
+    assert read_local_spec(folder).vocabulary == frozenset({"red", "circle"})
+
+
+def test_a_result_carries_the_note_and_a_prompt_in_the_vocabulary_none(cpu_manager):
+    odd = cpu_manager.generate(GenerationRequest(prompt="an astronaut riding a horse", model="demo-flux", seed=1))
+    assert [w for w in odd.warnings if "knows only" in w] == [
+        f"demo-flux knows only the {len(resolve_spec('demo-flux').vocabulary)} words it was trained on; "
+        "these steer nothing: 'an', 'astronaut', 'riding', 'horse'."]
+    plain = cpu_manager.generate(GenerationRequest(prompt=held_out_captions(1)[0], model="demo-flux", seed=1))
+    assert not [w for w in plain.warnings if "knows only" in w]
