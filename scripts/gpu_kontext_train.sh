@@ -6,10 +6,11 @@
 # EVAL_EDITS held-out edits (default 60) on the GPU with what time the call has left.
 # It starts from the model the last call left on this machine when there is one (the machine stays warm for
 # 30 s after a call, so a next call sent at once continues without carrying the model back), else from
-# models/demo-kontext (flags after the third argument reach `pipelines.demo train` after the script's own, so
-# `--init models/demo-flux` starts a new editor and `--compile` compiles the transformer). One call, not a detached job across two: a run left training between calls was lost
-# when the machine was released (2026-12-01). The model is packed before the evaluation so a call that runs out
-# of time still brings it back; one tar because $OUT brings back a limited number of files.
+# models/demo-kontext. Flags after the third argument reach `pipelines.demo train` after the script's own, so
+# `--init models/demo-flux` starts a new editor and `--compile` compiles the transformer.
+# One call, not a detached job across two: a run left training between calls was lost when the machine was
+# released (2026-12-01). The model is packed before the evaluation so a call that runs out of time still brings
+# it back; one tar because $OUT brings back a limited number of files.
 set -euo pipefail
 minutes=${1:?training minutes}
 eval_edits=${2:-60}
