@@ -357,7 +357,8 @@ class PipelineManager:
         peak = torch.cuda.max_memory_allocated(self.device) if self.info.is_cuda else None
         backend = self.backend(choice.backend)
         notes = tuple(f"Input image: {note}." for note in req.image.notes) if req.image is not None else ()
-        notes += tuple(filter(None, [vocabulary_note(spec, req.prompt)]))
+        unknown_words = vocabulary_note(spec, req.prompt)
+        notes += (unknown_words,) if unknown_words else ()
         forced = (choice.reason,) if choice.backend is Backend.TORCH and req.backend == "tensorrt" else ()
         warnings = notes + out.warnings + forced + tuple(ctx.warnings)
         return GenerationResult(

@@ -352,7 +352,9 @@ def _apply_overrides(spec: ModelSpec, path: Path) -> ModelSpec:
     if "preferred_sizes" in raw:
         raw["preferred_sizes"] = tuple((int(w), int(h)) for w, h in raw["preferred_sizes"])
     if "vocabulary" in raw:
-        raw["vocabulary"] = frozenset(str(word).lower() for word in raw["vocabulary"])
+        if not isinstance(raw["vocabulary"], list) or not all(isinstance(w, str) for w in raw["vocabulary"]):
+            raise UnknownModelError(f"{path}: \"vocabulary\" must be a list of words, e.g. [\"red\", \"circle\"]")
+        raw["vocabulary"] = frozenset(word.lower() for word in raw["vocabulary"])
     allowed = {f for f in ModelSpec.__dataclass_fields__} - {"components", "family", "local_dir", "id", "base"}
     unknown = set(raw) - allowed
     if unknown:

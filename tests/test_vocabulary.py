@@ -7,7 +7,7 @@ import pytest
 
 from pipelines.demo.edits import held_out_edits
 from pipelines.demo.scenes import held_out_captions
-from pipelines.registry import read_local_spec, resolve_spec
+from pipelines.registry import UnknownModelError, read_local_spec, resolve_spec
 from pipelines.request import GenerationRequest
 from pipelines.vocabulary import unknown_words, vocabulary_note
 
@@ -52,6 +52,9 @@ def test_a_local_folder_declares_its_vocabulary_in_prism_json(tmp_path):
     settings = json.loads((folder / "prism.json").read_text())
     (folder / "prism.json").write_text(json.dumps({**settings, "vocabulary": ["Red", "circle"]}))
     assert read_local_spec(folder).vocabulary == frozenset({"red", "circle"})
+    (folder / "prism.json").write_text(json.dumps({**settings, "vocabulary": "red circle"}))
+    with pytest.raises(UnknownModelError, match="must be a list of words"):
+        read_local_spec(folder)
 
 
 def test_a_result_carries_the_note_and_a_prompt_in_the_vocabulary_none(cpu_manager):
