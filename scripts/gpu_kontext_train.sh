@@ -3,7 +3,7 @@
 #   bash scripts/gpu_kontext_train.sh MINUTES [EVAL_EDITS] [DECODER_MINUTES] [more `pipelines.demo train` flags]
 # trains on from demo-kontext (its VAE decoder first for DECODER_MINUTES, default 0; then the transformer and
 # text encoders for MINUTES, which may be 0), packs the model and log into $OUT/kontext.tar at once, then scores
-# EVAL_EDITS held-out edits (default 60) on the GPU with what time the call has left.
+# EVAL_EDITS held-out edits (default 60; 0: none) on the GPU with what time the call has left.
 # It starts from the model the last call left on this machine when there is one (the machine stays warm for
 # 30 s after a call, so a next call sent at once continues without carrying the model back), else from
 # models/demo-kontext. Flags after the third argument reach `pipelines.demo train` after the script's own, so
@@ -31,6 +31,7 @@ python3 -m pipelines.demo train --family kontext --init "$init" --out "$work/out
   --decoder-minutes "$decoder_minutes" --batch 1024 --workers 14 --eval-edits 0 "$@" 2>&1 | tee "$work/out/train.log"
 tar -C "$work" -cf "$OUT/kontext.tar" out
 echo "packed after $((SECONDS - started)) s"
+[ "$eval_edits" -gt 0 ] || exit 0
 left=$((585 - SECONDS + started))
 timeout "$left" python3 -m pipelines.demo evaluate-edits --model "$work/out/demo-kontext" --n "$eval_edits" \
   --precision bf16 --device cuda --markdown "$OUT/eval.md" 2>&1 | tail -20 || echo "evaluation stopped after ${left} s"
