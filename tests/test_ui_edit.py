@@ -177,3 +177,14 @@ def test_browser_edit_tab(page, source):
     expect(page.locator("#edit-status")).to_contain_text("Done: 1 edit")
     expect(page.locator("#edit-history img")).to_have_count(2)
     _screenshot(page, "ui-edit.png")
+
+
+def test_browser_edit_examples_fill_the_instruction(page):
+    """A real Kontext model's examples are instructions alone: a click fills the instruction box."""
+    from playwright.sync_api import expect
+
+    _open_tab(page, "Edit")
+    examples = page.locator("#edit-examples")
+    expect(examples).to_contain_text("Examples (click to use)")
+    examples.get_by_text("make the sky red").click()
+    expect(page.locator("#edit-instruction textarea")).to_have_value("make the sky red")

@@ -12,6 +12,7 @@ from PIL import Image
 from pipelines.registry import ModelSpec
 from pipelines.request import RequestError
 
+from .examples import example_edits, example_picture
 from .formatting import fmt_ms, result_details, result_markdown
 from .generate_tab import (GPU_CONCURRENCY_ID, error_status, precision_dropdown, run_once, run_with_errors,
                            sampler_choices, session_of, stop_message)
@@ -27,6 +28,11 @@ def edit_size_info(spec: ModelSpec | None) -> str | None:
         return None
     s = spec.size
     return f"0 or blank: the input's size (resized to the model's nearest preferred size); multiple of {s.multiple_of}"
+
+
+def examples_label(spec: ModelSpec | None) -> str:
+    with_pictures = any(caption for _, caption in example_edits(spec))
+    return "Examples (click to use" + (": each brings its picture)" if with_pictures else ")")
 
 
 def build_edit_tab(service: PrismService) -> None:
@@ -50,6 +56,10 @@ def build_edit_tab(service: PrismService) -> None:
                 button = gr.Button("Edit", variant="primary", elem_id=f"{PREFIX}-run", scale=3)
                 stop = gr.Button("Stop", variant="stop", elem_id=f"{PREFIX}-stop", scale=1)
             status = gr.Markdown("", label="Status", elem_id=f"{PREFIX}-status", elem_classes=["prism-status"])
+            # type="index": a click hands over the example's number, so one that brings a picture can load it too.
+            examples = gr.Dataset(components=[instruction], label=examples_label(spec), type="index",
+                                  samples=[[text] for text, _ in example_edits(spec)], elem_id=f"{PREFIX}-examples",
+                                  visible=bool(example_edits(spec)))
             with gr.Accordion("Settings", open=False, elem_id=f"{PREFIX}-settings"):
                 with gr.Row():
                     width = WholeNumber(None, precision=0, label="Width", info=edit_size_info(spec),
@@ -111,10 +121,19 @@ def build_edit_tab(service: PrismService) -> None:
         return [service.model_note(editor(name)), gr.update(value=None, info=edit_size_info(s)),
                 gr.update(value=None, info=edit_size_info(s)), gr.update(maximum=s.max_steps, value=s.default_steps),
                 gr.update(maximum=s.max_guidance, value=s.default_guidance), gr.update(maximum=s.max_images, value=1),
-                gr.update(choices=sampler_choices(s, s.family), value="")]
+                gr.update(choices=sampler_choices(s, s.family), value=""),
+                gr.update(samples=[[text] for text, _ in example_edits(s)], label=examples_label(s),
+                          visible=bool(example_edits(s)))]
 
-    model.input(run_once(on_model), model, [model_note, width, height, steps, guidance, num_images, sampler],
+    model.input(run_once(on_model), model, [model_note, width, height, steps, guidance, num_images, sampler, examples],
                 api_visibility="undocumented", concurrency_limit=None, show_progress="hidden")
+
+    def use_example(index: int, name: str):
+        text, caption = example_edits(editor(name).spec)[index]
+        return text, example_picture(caption) if caption else gr.update()
+
+    examples.click(use_example, [examples, model], [instruction, input_image], api_visibility="private",
+                   concurrency_limit=None, show_progress="hidden")
 
     outputs = [slider, gallery, files, used_seed, summary, details, status]
     cleared = (None, None, None, None, "", None)
