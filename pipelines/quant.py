@@ -34,7 +34,8 @@ _FP4_MIDPOINTS = (FP4_VALUES[1:] + FP4_VALUES[:-1]) / 2
 
 
 class Fp8Linear(nn.Module):
-    """y = x W^T + b with W in e4m3 (per-output-channel scale) and x quantized per row on the fly."""
+    """y = x W^T + b with W in e4m3 (per-output-channel scale) and x quantized per row on the fly, or with one
+    calibrated scale for the whole input when `set_input_amax` gave one (`pipelines/fp8_static.py` says why)."""
 
     def __init__(self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  compute_dtype: torch.dtype):
@@ -45,6 +46,12 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale", weight_scale.reshape(1, -1).float())  # (1, N) as _scaled_mm wants
         self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
         self.compute_dtype = compute_dtype
+        self.register_buffer("input_scale", None)  # (1, 1) fp32 when calibrated; None: per-row scales at run time
+
+    def set_input_amax(self, amax: float | None) -> None:
+        """Quantize inputs with amax / FP8_MAX from now on (values beyond amax clip); None: per row again."""
+        device = self.weight_fp8.device
+        self.input_scale = None if amax is None else torch.full((1, 1), max(amax, 1e-12) / FP8_MAX, device=device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype) -> "Fp8Linear":
@@ -56,7 +63,10 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+        if self.input_scale is None:
+            x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+        else:  # the row-wise GEMM below still takes a scale per row: the one scale, repeated
+            x_scale = self.input_scale.expand(x2.shape[0], 1).contiguous()
         x_fp8 = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         if x.is_cuda:
             # Row-wise scaled GEMM on the FP8 tensor cores; it produces bf16 on Hopper (cuBLASLt has no other output).
@@ -71,7 +81,8 @@ class Fp8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3 per-channel"
+        inputs = "per-row inputs" if self.input_scale is None else "calibrated input scale"
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3 per-channel, {inputs}"
 
 
 @dataclass(frozen=True)

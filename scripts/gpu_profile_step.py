@@ -32,16 +32,18 @@ from pipelines.quant import FP8_MAX  # noqa: E402
 from pipelines.registry import resolve_spec  # noqa: E402
 
 
-def flux_inputs(spec, size: int, dtype: torch.dtype) -> dict:
+def flux_inputs(spec, size: int, dtype: torch.dtype, device: str = "cuda", seed: int = 0, timestep: float = 0.5) -> dict:
+    """One FLUX.1 transformer call's inputs at `size` (random latents and text, the given timestep)."""
     cfg = spec.components["transformer"].config
     tokens, text = (size // 16) ** 2, spec.max_prompt_tokens
-    g = torch.Generator("cuda").manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=dtype)  # noqa: E731
+    g = torch.Generator(device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=device, dtype=dtype)  # noqa: E731
     inputs = dict(hidden_states=r(1, tokens, cfg["in_channels"]), encoder_hidden_states=r(1, text, cfg["joint_attention_dim"]),
-                  pooled_projections=r(1, cfg["pooled_projection_dim"]), timestep=torch.full((1,), 0.5, device="cuda", dtype=dtype),
-                  img_ids=torch.zeros(tokens, 3, device="cuda", dtype=dtype), txt_ids=torch.zeros(text, 3, device="cuda", dtype=dtype))
+                  pooled_projections=r(1, cfg["pooled_projection_dim"]),
+                  timestep=torch.full((1,), timestep, device=device, dtype=dtype),
+                  img_ids=torch.zeros(tokens, 3, device=device, dtype=dtype), txt_ids=torch.zeros(text, 3, device=device, dtype=dtype))
     if cfg.get("guidance_embeds"):
-        inputs["guidance"] = torch.full((1,), 3.5, device="cuda", dtype=torch.float32)
+        inputs["guidance"] = torch.full((1,), 3.5, device=device, dtype=torch.float32)
     return inputs
 
 
