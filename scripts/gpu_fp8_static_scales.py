@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_profile_step import flux_inputs  # noqa: E402  (this folder is on sys.path when a script runs)
+from gpu_profile_step import flux_inputs, timed  # noqa: E402  (this folder is on sys.path when a script runs)
 from pipelines.backends.contract import TorchOptions  # noqa: E402
 from pipelines.backends.torch_backend import TorchBackend, compile_denoiser  # noqa: E402
 from pipelines.device_policy import DevicePolicy  # noqa: E402
@@ -33,23 +32,6 @@ from pipelines.gpu import probe_device  # noqa: E402
 from pipelines.loading import WeightSource  # noqa: E402
 from pipelines.precision import Precision  # noqa: E402
 from pipelines.registry import resolve_spec  # noqa: E402
-
-
-def timed_ms(fn, runs: int, cuda: bool) -> float:
-    times = []
-    for _ in range(runs):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - began) * 1000)
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -95,7 +77,7 @@ def main() -> int:
             setup(transformer)
             for _ in range(3):  # compile (a new variant: the scales change the traced code) and warm up
                 fp8.obj(**held_out)
-            step_ms = timed_ms(lambda: fp8.obj(**held_out), args.runs, cuda)
+            step_ms = timed(lambda: fp8.obj(**held_out), args.runs, cuda)
             output = fp8.obj(**held_out).float()
             error = ((output - reference).norm() / reference.norm()).item()
             summary[label] = {"step_ms": round(step_ms, 2), "relative_error_vs_16bit": round(error, 5),

@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -47,9 +48,15 @@ def flux_inputs(spec, size: int, dtype: torch.dtype, device: str = "cuda", seed:
     return inputs
 
 
-def timed(fn, runs: int) -> float:
+def timed(fn, runs: int, cuda: bool = True) -> float:
+    """Median milliseconds of `fn` over `runs` calls: CUDA events on a GPU, the wall clock on a CPU."""
     times = []
     for _ in range(runs):
+        if not cuda:
+            began = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - began) * 1000)
+            continue
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
