@@ -19,6 +19,8 @@ Optimisations, in order, each with its off switch and reason:
    bf16's range does not; fp32 costs 117 ms, bf16 87 ms of a 1.24 s image on the H200. On random weights the
    bf16 image differs visibly (24.1 dB PSNR / SSIM 0.913 against fp32): not turned on until real weights show
    the difference small. DevicePolicy.bf16_vae decides it.
+Not yet wired in: calibrated FP8 activation scales (`pipelines/fp8_static.py`), until
+scripts/gpu_fp8_static_scales.py has measured them on a GPU.
 Left out: FP8 attention. torch has no cuDNN FP8 SDPA; its only FP8 attention is the experimental Flash
 Attention 3 path (torch.nn.attention.experimental._scaled_dot_product_attention_quantized, torch >= 2.12), which
 needs the separately built `flash_attn_interface` (FA3) module registered, and the lent GPU has torch 2.11
