@@ -188,3 +188,25 @@ def test_browser_edit_examples_fill_the_instruction(page):
     expect(examples).to_contain_text("Examples (click to use)")
     examples.get_by_text("make the sky red").click()
     expect(page.locator("#edit-instruction textarea")).to_have_value("make the sky red")
+
+
+def test_browser_edit_this_picture_sends_a_flux_result_to_the_edit_tab(page, tiny_flux):
+    """"Edit this picture" on the Flux tab: before any result a one-line message; after one, the Edit tab opens
+    with that picture as its input."""
+    from playwright.sync_api import expect
+
+    from pipelines.registry import read_local_spec
+
+    _open_tab(page, "Flux.1")
+    page.click("#flux-send-to-edit")
+    expect(page.get_by_text("Generate an image first, then edit it.")).to_be_visible()
+    page.fill("#flux-prompt textarea", "a red circle")
+    page.fill("#flux-steps input[type=number]", "1")
+    page.click("#flux-generate")
+    expect(page.locator("#flux-status")).to_contain_text("Done: 1 image")
+    before = page.locator("#edit-input-image img").get_attribute("src")  # the last edit test's chained input
+    page.click("#flux-send-to-edit")
+    expect(page.get_by_role("tab", name="Edit")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#edit-input-image img")).not_to_have_attribute("src", before)
+    spec = read_local_spec(tiny_flux)  # the Flux tab drew at the model's default size
+    assert _image_size(page, "#edit-input-image img") == (spec.default_width, spec.default_height)

@@ -77,24 +77,35 @@ def parameter_names(block_fn: Any) -> list[str]:
     return [str(getattr(b, "label", None) or type(b).__name__) for b in block_fn.inputs]
 
 
+def to_edit_tab(paths):
+    """A family tab's first result becomes the Edit tab's input, and the Edit tab opens."""
+    if not paths:
+        raise gr.Error("Generate an image first, then edit it.", print_exception=False)
+    return paths[0], gr.Tabs(selected="edit")
+
+
 def create_demo(service: PrismService, title: str = "Prism") -> gr.Blocks:
     # Analytics off: Gradio would otherwise contact api.gradio.app (telemetry, version check) at startup.
     with PrismBlocks(title=title, analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown(f"# {title}\nFlux.1, SDXL and FLUX.1 Kontext editing at 16-bit, FP8 and FP4 on "
                     f"{service.manager.info.name}.")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
+            sends = []  # each family tab's "Edit this picture" button and the files it sends
             for family in Family:
                 if FAMILIES[family].image_use is ImageUse.START:  # families that edit an image share the Edit tab
                     with gr.Tab(family.label, id=family.value):
-                        build_generate_tab(service, family)
+                        sends.append(build_generate_tab(service, family))
             with gr.Tab("Edit", id="edit"):
-                build_edit_tab(service)
+                edit_input = build_edit_tab(service)
             with gr.Tab("Compare", id="compare"):
                 build_compare_tab(service)
             with gr.Tab("System", id="system") as system:
                 refresh, outputs = build_system_tab(service)
         system.select(refresh, None, outputs, api_visibility="private", concurrency_limit=None,
                       show_progress="hidden")
+        for button, files in sends:
+            button.click(to_edit_tab, files, [edit_input, tabs], api_visibility="private", concurrency_limit=None,
+                         show_progress="hidden")
         demo.load(refresh, None, outputs, api_visibility="private", concurrency_limit=None, show_progress="hidden")
     # Jobs wait in the manager's bounded queue, where their position is known and reported, so Gradio lets
     # a few more requests through to it than it holds: one running, `max_queue` waiting, and at least one

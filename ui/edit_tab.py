@@ -35,8 +35,9 @@ def examples_label(spec: ModelSpec | None) -> str:
     return "Examples (click to use" + (": each brings its picture)" if with_pictures else ")")
 
 
-def build_edit_tab(service: PrismService) -> None:
-    """Widgets and events of the Edit tab; call inside a `gr.Tab`."""
+def build_edit_tab(service: PrismService) -> gr.Image:
+    """Widgets and events of the Edit tab; call inside a `gr.Tab`. Returns its input image, which the other tabs'
+    "Edit this picture" buttons fill."""
     offered = service.edit_choices()
     family = offered[0].family if offered else None
     choice, note = service.default_choice(family) if family else (None, "No image-editing model (FLUX.1 Kontext) "
@@ -210,3 +211,4 @@ def build_edit_tab(service: PrismService) -> None:
 
     stop.click(stop_job, None, status, cancels=[event], api_visibility="private", concurrency_limit=None,
                show_progress="hidden")
+    return input_image

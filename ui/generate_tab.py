@@ -74,8 +74,9 @@ def cached_label(family: Family, spec: ModelSpec | None) -> str:
     return f"Fast (cached): {FAMILIES[family].fast_cache.describe(steps)}; the image changes a little"
 
 
-def build_generate_tab(service: PrismService, family: Family) -> None:
-    """Widgets and events for one family's tab; call inside a `gr.Tab`."""
+def build_generate_tab(service: PrismService, family: Family) -> tuple[gr.Button, gr.File]:
+    """Widgets and events for one family's tab; call inside a `gr.Tab`. Returns its "Edit this picture" button
+    and the result files it sends, for the caller to wire to the Edit tab."""
     prefix = family.value
     choice, note = service.default_choice(family)
     spec = choice.spec if choice else None
@@ -156,6 +157,9 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
             gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id=f"{prefix}-gallery",
                                  elem_classes=["prism-images"], object_fit="contain", height=440, rows=1,
                                  buttons=["download", "fullscreen"], interactive=False)
+            # The first picture into the Edit tab (blocks.py wires it: it holds both tabs), where a model edits.
+            send_to_edit = gr.Button("Edit this picture (Edit tab)", size="sm", elem_id=f"{prefix}-send-to-edit",
+                                     visible=bool(service.edit_choices()))
             # For the API (the summary shows seeds to people): Gradio draws an empty Number as 0, which would mislead.
             used_seed = gr.Number(None, label="Seed used", precision=0, interactive=False, visible="hidden",
                                   elem_id=f"{prefix}-seed-used")
@@ -315,6 +319,7 @@ def build_generate_tab(service: PrismService, family: Family) -> None:
 
     stop.click(stop_job, None, status, cancels=[event], api_visibility="private", concurrency_limit=None,
                show_progress="hidden")
+    return send_to_edit, files
 
 
 def stop_message(stage: str | None) -> str:
