@@ -16,6 +16,7 @@ from .compare_tab import build_compare_tab
 from .edit_tab import build_edit_tab
 from .errors import one_line, ui_error
 from .generate_tab import build_generate_tab
+from .history import first_result
 from .service import PrismService
 from .system_tab import build_system_tab
 
@@ -79,9 +80,7 @@ def parameter_names(block_fn: Any) -> list[str]:
 
 def to_edit_tab(paths):
     """A family tab's first result becomes the Edit tab's input, and the Edit tab opens."""
-    if not paths:
-        raise gr.Error("Generate an image first, then edit it.", print_exception=False)
-    return paths[0], gr.Tabs(selected="edit")
+    return first_result(paths, "Generate an image first, then edit it."), gr.Tabs(selected="edit")
 
 
 def create_demo(service: PrismService, title: str = "Prism") -> gr.Blocks:

@@ -16,7 +16,7 @@ from .examples import example_edits, example_picture
 from .formatting import fmt_ms, result_details, result_markdown
 from .generate_tab import (GPU_CONCURRENCY_ID, error_status, precision_dropdown, run_once, run_with_errors,
                            sampler_choices, session_of, stop_message)
-from .history import add_results, gallery_value, input_file
+from .history import add_results, first_result, gallery_value, input_file
 from .inputs import NumberSlider, Prompt, WholeNumber, WholeSlider
 from .service import ModelChoice, PrismService
 
@@ -174,12 +174,7 @@ def build_edit_tab(service: PrismService) -> gr.Image:
     quiet = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
     reuse.click(lambda last: -1 if last is None else last, used_seed, seed, **quiet)
 
-    def first_result(paths):
-        if not paths:
-            raise gr.Error("Make an edit first.", print_exception=False)
-        return paths[0]
-
-    use_result.click(first_result, files, input_image, **quiet)
+    use_result.click(lambda paths: first_result(paths, "Make an edit first."), files, input_image, **quiet)
 
     def remember(past, new_files, new_details):
         items = add_results(past, new_files, new_details)

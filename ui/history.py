@@ -47,6 +47,16 @@ def input_file(item: HistoryItem | None, what: str) -> str:
     return item.image_for_input
 
 
+def first_result(paths: list[str] | None, missing: str) -> str:
+    """The first file of the last run's results, for "Use as input" / "Edit this picture"; `missing` (a one-line
+    gr.Error) when the run made none."""
+    import gradio as gr
+
+    if not paths:
+        raise gr.Error(missing, print_exception=False)
+    return paths[0]
+
+
 def add_results(history: list[HistoryItem], files: list[str] | None, details: dict | None) -> list[HistoryItem]:
     """`history` with one run's images added in front (newest first); unchanged when the run made none."""
     if not files or not details:
