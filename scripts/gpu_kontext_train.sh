@@ -7,7 +7,7 @@
 # It starts from the model the last call left on this machine when there is one (the machine stays warm for
 # 30 s after a call, so a next call sent at once continues without carrying the model back), else from
 # models/demo-kontext. Flags after the third argument reach `pipelines.demo train` after the script's own, so
-# `--init models/demo-flux` starts a new editor and `--compile` compiles the transformer.
+# `--init models/demo-flux` starts a new editor and `--no-compile` trains the transformer uncompiled.
 # One call, not a detached job across two: a run left training between calls was lost when the machine was
 # released (2026-12-01). The model is packed before the evaluation so a call that runs out of time still brings
 # it back; one tar because $OUT brings back a limited number of files.

@@ -423,4 +423,8 @@ def test_compile_flag_compiles_the_transformer_and_saves_its_weights_under_their
     monkeypatch.setattr("pipelines.demo.kontext_train.train_kontext", lambda cfg, *a, **k: seen.append(cfg.compile))
     main(["--family", "kontext", "--init", str(trained[0]), "--out", str(tmp_path / "cli"), "--device", "cpu",
           "--compile"])
-    assert seen == [True]
+    main(["--family", "kontext", "--init", str(trained[0]), "--out", str(tmp_path / "cli"), "--device", "cpu"])
+    main(["--family", "kontext", "--init", str(trained[0]), "--out", str(tmp_path / "cli"), "--device", "cuda",
+          "--no-compile"])
+    main(["--family", "kontext", "--init", str(trained[0]), "--out", str(tmp_path / "cli"), "--device", "cuda"])
+    assert seen == [True, False, False, True]  # on by default for a GPU only
