@@ -393,27 +393,35 @@ def test_evaluate_edits_rejects_bad_arguments(tmp_path, capsys, argv, message):
     assert exit_.value.code == 2 and message in err and "Traceback" not in err
 
 
-def test_compile_flag_compiles_the_transformer_and_saves_its_weights_under_their_names(trained, tmp_path, monkeypatch):
-    """`--compile` (TrainConfig.compile) compiles the denoiser in place for training. Dynamo's "eager" backend
-    stands in for inductor so the test traces the real forward and backward without minutes of code generation."""
+def test_compile_flag_compiles_what_a_step_runs_and_saves_weights_under_their_names(trained, tmp_path, monkeypatch):
+    """`--compile` (TrainConfig.compile) compiles in place the trained modules and the frozen VAE encoder, and the
+    renderer as one graph. Dynamo's "eager" backend stands in for inductor so the test traces the real forward,
+    backward and renderer (fullgraph: a graph break would fail here) without minutes of code generation."""
     from safetensors.torch import load_file
 
     from pipelines.demo.kontext_train import train_kontext
-    from pipelines.demo.train import TrainConfig, main
+    from pipelines.demo.train import TrainConfig, main, render_arrays
 
-    compiled = []
-    original = torch.nn.Module.compile
+    compiled, compiled_functions = [], []
+    original, original_function = torch.nn.Module.compile, torch.compile
 
     def compile_for_test(module, *args, **kwargs):
         compiled.append(type(module).__name__)
         original(module, backend="eager")
 
+    def compile_function_for_test(fn, **kwargs):
+        compiled_functions.append((fn, kwargs))
+        return original_function(fn, **(kwargs | {"backend": "eager"}))
+
     monkeypatch.setattr(torch.nn.Module, "compile", compile_for_test)
+    monkeypatch.setattr(torch, "compile", compile_function_for_test)
     lines: list[str] = []
     folder = train_kontext(TrainConfig(family="kontext", out_dir=tmp_path, device="cpu", batch=4, denoiser_minutes=1.0,
                                        max_denoiser_steps=2, log_every=1, workers=0, compile=True),
                            trained[0], log=lines.append, eval_edits=0)
-    assert compiled == ["FluxTransformer2DModel"]
+    assert sorted(compiled) == ["CLIPTextModel", "Encoder", "FluxTransformer2DModel", "T5EncoderModel"]
+    functions = [(fn, kwargs) for fn, kwargs in compiled_functions if not hasattr(fn, "__self__")]  # not modules
+    assert functions == [(render_arrays, {"fullgraph": True, "dynamic": False})]
     assert [line.split(":")[0] for line in lines[:2]] == ["kontext step 0", "kontext step 1"]
     weights = "transformer/diffusion_pytorch_model.safetensors"
     before, after = load_file(trained[0] / weights), load_file(folder / weights)

@@ -32,7 +32,7 @@ from ..families.flux import image_ids, pack
 from .architectures import (IMAGE_SIZE, T5_TOKENS, FluxParts, caption_words, clip_tokenizer, editor_tokenizers,
                             new_instruction_words, t5_tokenizer, with_instruction_words)
 from .edits import held_out_edits, sample_edits
-from .train import (SHAPE_WEIGHT, Batch, SceneStream, TrainConfig, _autocast, _train_denoiser, load_parts, render_arrays,
+from .train import (SHAPE_WEIGHT, Batch, SceneStream, TrainConfig, _autocast, _train_denoiser, load_parts,
                     scene_arrays, train_decoder)
 
 MAX_MODEL_BYTES = 15 * 2**20
@@ -74,7 +74,7 @@ class EditStream(SceneStream):
         # One render call for sources and targets together: half the kernel launches.
         both = {k: torch.cat([tensors[f"source_{k}"], tensors[f"target_{k}"]])
                 for k in ("background", "present", "kind", "colour", "geometry")}
-        sources, targets = render_arrays(both, IMAGE_SIZE).chunk(2)
+        sources, targets = self.render(both, IMAGE_SIZE).chunk(2)
         return EditBatch(targets, tensors["ids_clip"], tensors["ids_t5"], sources)
 
 
@@ -233,9 +233,11 @@ def train_kontext(cfg: TrainConfig, init: Path, log=print, eval_edits: int = 60)
     started = time.monotonic()
     parts = extend_vocabulary(load_parts(FluxParts, init))
     parts.vae.to(cfg.device).eval().requires_grad_(False)
+    if cfg.compile:
+        parts.vae.encoder.compile()  # frozen throughout (the decoder phase trains the decoder only)
     previous = previous_edit_steps(init)
     # A resumed run draws new batches: the stream's seed moves on by the steps already taken.
-    stream = EditStream(cfg.seed + 30_000 + previous, cfg.batch, cfg.device, workers=cfg.workers)
+    stream = EditStream(cfg.seed + 30_000 + previous, cfg.batch, cfg.device, workers=cfg.workers, compiled=cfg.compile)
     try:
         if cfg.decoder_minutes > 0:
             sharpen_decoder(parts.vae, stream, cfg, log)

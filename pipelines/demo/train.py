@@ -69,7 +69,7 @@ class TrainConfig:
     resume: Path | None = None  # continue training a saved demo model (text encoders + denoiser; VAE kept)
     decoder_minutes: float = 0.0  # kontext only: fine-tune the VAE decoder, encoder frozen (`train_decoder`)
     decoder_lr: float = 3e-4
-    compile: bool = False  # torch.compile the denoiser for its training phase (`_train_denoiser`)
+    compile: bool = False  # torch.compile what a step runs: renderer, frozen VAE encoder, trained modules
 
 
 @dataclass
@@ -157,8 +157,11 @@ class SceneStream:
     # What a worker computes for batch k, (seed, k, size) -> arrays; a module-level function so it pickles.
     draw = staticmethod(_scene_arrays)
 
-    def __init__(self, seed: int, batch: int, device: str, workers: int = 0):
+    def __init__(self, seed: int, batch: int, device: str, workers: int = 0, compiled: bool = False):
         self.seed, self.batch, self.device, self.index = seed, batch, device, 0
+        # Why compiled: eagerly the renderer is ~1250 kernels a batch writing ~22 GB for 2048 scenes (counted on
+        # a CPU, 2026-12-02), a fifth of a demo-kontext step's memory traffic; fused, it writes its images once.
+        self.render = torch.compile(render_arrays, fullgraph=True, dynamic=False) if compiled else render_arrays
         self.pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) if workers else None
         self.pending: collections.deque = collections.deque()
         self.waited = 0.0  # seconds spent waiting for scene arrays
@@ -179,7 +182,7 @@ class SceneStream:
 
     def assemble(self, tensors: dict[str, torch.Tensor]) -> Batch:
         """The batch from its arrays on the device: here the scenes are rendered."""
-        return Batch(render_arrays(tensors, IMAGE_SIZE), tensors["ids_clip"], tensors["ids_t5"])
+        return Batch(self.render(tensors, IMAGE_SIZE), tensors["ids_clip"], tensors["ids_t5"])
 
     def close(self) -> None:
         if self.pool is not None:
@@ -330,10 +333,12 @@ def _train_denoiser(name: str, modules: list, loss_of, stream: SceneStream, cfg:
         m.to(cfg.device).train()
     if cfg.compile:
         # Why: these ~1M-parameter models make many small elementwise kernels that inductor fuses. Measured on an
-        # H200 at batch 1024 (2026-12-02, BENCHMARKS.md): demo-kontext 11.9 steps a second compiled against 8.5
-        # eager, for 42 s of compiling (18-21 s from the warm inductor cache). The CLI turns it on for a GPU only
-        # (not measured on a CPU). In place: the saved weights keep their names.
-        modules[-1].compile()  # the denoiser
+        # H200 at batch 1024 (2026-12-02, BENCHMARKS.md): demo-kontext 11.9 steps a second with the denoiser
+        # compiled against 8.5 eager, for 42 s of compiling (18-21 s from the warm inductor cache); the text
+        # encoders, the renderer and the VAE encoder compiled too are not measured yet. The CLI turns it on for a
+        # GPU only (not measured on a CPU). In place: the saved weights keep their names.
+        for m in modules:
+            m.compile()
     params = [p for m in modules for p in m.parameters() if p.requires_grad]  # a LoRA run trains its adapters only
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ema = Ema(params, cfg.ema) if cfg.ema else None
@@ -480,7 +485,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
         # Flux pipelines shift and scale latents, SDXL pipelines only scale them.
         parts.vae.register_to_config(scaling_factor=1.0 / std, **({"shift_factor": mean} if cfg.family == "flux" else {}))
     parts.vae.to(cfg.device).eval().requires_grad_(False)
-    stream = SceneStream(cfg.seed, cfg.batch, cfg.device, workers=cfg.workers)
+    if cfg.compile:
+        parts.vae.encoder.compile()  # frozen from here on; its GroupNorm/SiLU passes over 64x64 maps fuse
+    stream = SceneStream(cfg.seed, cfg.batch, cfg.device, workers=cfg.workers, compiled=cfg.compile)
     try:
         steps = (train_flux if cfg.family == "flux" else train_sdxl)(parts, stream, cfg, log)
     finally:
