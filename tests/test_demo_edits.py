@@ -263,6 +263,35 @@ def test_training_resumes_from_a_saved_editor(trained, tmp_path):
     assert after.text_encoder.config.vocab_size == before.text_encoder.config.vocab_size
 
 
+def test_held_out_loss_is_fixed_for_a_model_moves_with_training_and_is_logged(trained, tmp_path):
+    """The recipe-comparison figure: the same for the same weights (fixed noise and timesteps, the caller's random
+    state untouched), different for other weights; train_kontext logs it before and after training."""
+    from pipelines.demo.architectures import FluxParts
+    from pipelines.demo.kontext_train import EditStream, held_out_loss, kontext_loss, train_kontext
+    from pipelines.demo.train import TrainConfig, load_parts
+
+    stream = EditStream(0, 4, "cpu")
+    trained_loss = kontext_loss(load_parts(FluxParts, trained[0]), "cpu")
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    first = held_out_loss(trained_loss, stream, 6)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert held_out_loss(trained_loss, stream, 6) == first and first > 0
+    other = load_parts(FluxParts, trained[0])
+    with torch.no_grad():
+        for p in other.transformer.proj_out.parameters():
+            p.mul_(0.5)
+    assert held_out_loss(kontext_loss(other, "cpu"), stream, 6) != first
+
+    lines: list[str] = []
+    train_kontext(TrainConfig(family="kontext", out_dir=tmp_path, device="cpu", batch=4, denoiser_minutes=1.0,
+                              max_denoiser_steps=1, log_every=1000, workers=0),
+                  trained[0], log=lines.append, eval_edits=0, loss_edits=6)
+    [logged] = [line for line in lines if line.startswith("held-out loss")]
+    before, after = (float(x) for x in logged.split(": ")[1].split(" -> "))
+    assert before == pytest.approx(first, abs=1e-4) and after != before
+
+
 def test_zero_minutes_of_training_saves_the_editor_unchanged(trained, tmp_path):
     """`--minutes 0` is how a decoder-only run (`--decoder-minutes`) leaves the transformer as it was."""
     from safetensors.torch import load_file

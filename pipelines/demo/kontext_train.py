@@ -48,13 +48,9 @@ class EditBatch(Batch):
 _WORKER_TOKENIZERS: tuple | None = None
 
 
-def _edit_arrays(seed: int, index: int, size: int) -> dict[str, np.ndarray]:
-    """Batch `index` of edits: source and target scenes as compact arrays, the instruction's token ids."""
-    global _WORKER_TOKENIZERS
-    if _WORKER_TOKENIZERS is None:
-        _WORKER_TOKENIZERS = editor_tokenizers()
-    clip_tok, t5_tok = _WORKER_TOKENIZERS
-    edits = sample_edits(np.random.default_rng([seed, index]), size)
+def edit_arrays(edits: list, tokenizers: tuple) -> dict[str, np.ndarray]:
+    """Edits as compact arrays: source and target scenes (`scene_arrays`), the instructions' token ids."""
+    clip_tok, t5_tok = tokenizers
     out = {f"source_{k}": v for k, v in scene_arrays([e.source for e in edits]).items()}
     out |= {f"target_{k}": v for k, v in scene_arrays([e.target for e in edits]).items()}
     instructions = [e.instruction for e in edits]
@@ -63,6 +59,14 @@ def _edit_arrays(seed: int, index: int, size: int) -> dict[str, np.ndarray]:
     out["ids_t5"] = t5_tok(instructions, padding="max_length", max_length=T5_TOKENS, truncation=True,
                            return_tensors="np").input_ids
     return out
+
+
+def _edit_arrays(seed: int, index: int, size: int) -> dict[str, np.ndarray]:
+    """Batch `index` of training edits as `edit_arrays`."""
+    global _WORKER_TOKENIZERS
+    if _WORKER_TOKENIZERS is None:
+        _WORKER_TOKENIZERS = editor_tokenizers()
+    return edit_arrays(sample_edits(np.random.default_rng([seed, index]), size), _WORKER_TOKENIZERS)
 
 
 class EditStream(SceneStream):
@@ -163,6 +167,19 @@ def kontext_loss(parts: FluxParts, device: str):
     return loss_of
 
 
+def held_out_loss(loss_of, stream: EditStream, n: int) -> float:
+    """`loss_of` on the first `n` held-out edits at fixed noise and timesteps (seed 0), in one batch.
+
+    Why: comparing recipes at equal training time needs a figure steadier than a training batch's loss (which
+    swings by ~0.03 from step to step, BENCHMARKS.md) and cheaper than rendering edits through the pipeline."""
+    arrays = edit_arrays(held_out_edits(n), editor_tokenizers())
+    batch = stream.assemble({k: torch.from_numpy(v).to(stream.device) for k, v in arrays.items()})
+    devices = [torch.device(stream.device)] if torch.device(stream.device).type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        return loss_of(batch).item()
+
+
 def save_kontext(parts: FluxParts, out_dir: Path, steps: int) -> Path:
     """Write demo-kontext in FluxKontextPipeline's Hugging Face layout (fp16 safetensors) plus Prism's defaults."""
     from diffusers import FluxKontextPipeline
@@ -224,9 +241,10 @@ def sharpen_decoder(vae, stream: EditStream, cfg: TrainConfig, log, checked_edit
         "all correct")
 
 
-def train_kontext(cfg: TrainConfig, init: Path, log=print, eval_edits: int = 60) -> Path:
+def train_kontext(cfg: TrainConfig, init: Path, log=print, eval_edits: int = 60, loss_edits: int = 0) -> Path:
     """Fine-tune demo-flux (or a demo-kontext) at `init` into the editor, save it under cfg.out_dir as
-    demo-kontext and log the all-correct rate of `eval_edits` held-out edits through FluxKontextPipeline."""
+    demo-kontext and log the all-correct rate of `eval_edits` held-out edits through FluxKontextPipeline, and the
+    `held_out_loss` of `loss_edits` held-out edits before and after the transformer's training."""
     init = check_init(init)
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.enable_cudnn_sdp(False)  # as train.py: cuDNN attention fails backwards at these shapes
@@ -241,8 +259,12 @@ def train_kontext(cfg: TrainConfig, init: Path, log=print, eval_edits: int = 60)
     try:
         if cfg.decoder_minutes > 0:
             sharpen_decoder(parts.vae, stream, cfg, log)
+        loss_of = kontext_loss(parts, cfg.device)
+        before = held_out_loss(loss_of, stream, loss_edits) if loss_edits else None
         steps = _train_denoiser("kontext", [parts.text_encoder, parts.text_encoder_2, parts.transformer],
-                                kontext_loss(parts, cfg.device), stream, cfg, log)
+                                loss_of, stream, cfg, log)
+        if loss_edits:
+            log(f"held-out loss of {loss_edits} edits: {before:.4f} -> {held_out_loss(loss_of, stream, loss_edits):.4f}")
     finally:
         stream.close()
     folder = save_kontext(parts, cfg.out_dir, steps + previous)

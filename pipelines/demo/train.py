@@ -521,6 +521,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="continue from saved demo models in this folder (e.g. models): VAE kept, the rest trained")
     parser.add_argument("--eval-edits", type=int, default=60,
                         help="kontext only: held-out edits scored through FluxKontextPipeline at the end (0: none)")
+    parser.add_argument("--loss-edits", type=int, default=1024,
+                        help="kontext only: held-out edits whose loss is logged before and after training (0: none)")
     parser.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 2)))
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the denoiser while it trains (default: on a GPU, off on a CPU)")
@@ -547,7 +549,8 @@ def main(argv: list[str] | None = None) -> None:
                                       denoiser_minutes=args.minutes, max_denoiser_steps=args.max_steps,
                                       vae_steps=args.vae_steps, decoder_minutes=args.decoder_minutes,
                                       workers=args.workers, lr=args.lr, ema=args.ema, compile=args.compile),
-                          Path(args.init), log=lambda m: print(m, flush=True), eval_edits=args.eval_edits)
+                          Path(args.init), log=lambda m: print(m, flush=True), eval_edits=args.eval_edits,
+                          loss_edits=args.loss_edits)
             continue
         train(TrainConfig(family=family, out_dir=Path(args.out), device=args.device, batch=args.batch,
                           vae_batch=args.vae_batch, vae_minutes=args.vae_minutes, vae_steps=args.vae_steps,
