@@ -525,7 +525,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="kontext only: held-out edits whose loss is logged before and after training (0: none)")
     parser.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 2)))
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the denoiser while it trains (default: on a GPU, off on a CPU)")
+                        help="torch.compile what a training step runs: renderer, VAE encoder, text encoders, denoiser "
+                             "(default: on a GPU, off on a CPU)")
     args = parser.parse_args(argv)
     if args.compile is None:
         args.compile = args.device.startswith("cuda")
