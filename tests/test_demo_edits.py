@@ -465,3 +465,33 @@ def test_compile_flag_compiles_what_a_step_runs_and_saves_weights_under_their_na
           "--no-compile"])
     main(["--family", "kontext", "--init", str(trained[0]), "--out", str(tmp_path / "cli"), "--device", "cuda"])
     assert seen == [True, False, False, True]  # on by default for a GPU only
+
+
+def test_noise_scale_recovers_a_known_gradient_noise_scale():
+    """Per-example gradients G + noise with |G|^2 = 4 and tr(S) = 50 (B_noise 12.5): the exact expected squared
+    norms give it back exactly, and squared norms of sampled batch means within 10%."""
+    from pipelines.demo.noise_scale import noise_scale
+
+    dims, g2, noise = 50, 4.0, 50.0
+    assert noise_scale(g2 + noise / 8, g2 + noise / 64, 8, 64) == pytest.approx((g2, noise, 12.5))
+    generator = torch.Generator().manual_seed(0)
+    gradient = torch.full((dims,), (g2 / dims) ** 0.5)
+
+    def mean_square(batch: int, batches: int) -> float:
+        per_example = gradient + torch.randn(batches, batch, dims, generator=generator) * (noise / dims) ** 0.5
+        return float((per_example.mean(1) ** 2).sum(1).mean())
+
+    assert noise_scale(mean_square(8, 4000), mean_square(64, 4000), 8, 64)[2] == pytest.approx(12.5, rel=0.1)
+
+
+def test_noise_scale_cli_measures_a_saved_editor_and_rejects_what_is_not_one(trained, tmp_path, capsys):
+    from pipelines.demo.noise_scale import main
+
+    main([str(trained[0]), "--small", "2", "--big", "4", "--small-batches", "2", "--big-batches", "1"])
+    line = capsys.readouterr().out
+    assert "B_noise" in line and "|G_2|^2" in line and "|G_4|^2" in line
+    for argv, message in (([str(tmp_path)], "is not a saved demo-flux pipeline"),
+                          ([str(trained[0]), "--small", "8", "--big", "8"], "need 0 < --small < --big")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`python -m pipelines.demo train|train-lora|evaluate|evaluate-edits ...`"""
+"""`python -m pipelines.demo train|train-lora|evaluate|evaluate-edits|noise-scale ...`"""
 import sys
 
 
@@ -12,8 +12,10 @@ def main() -> None:
         from .evaluate import main as run
     elif command == "evaluate-edits":
         from .evaluate_edits import main as run
+    elif command == "noise-scale":
+        from .noise_scale import main as run
     else:
-        sys.exit("usage: python -m pipelines.demo train|train-lora|evaluate|evaluate-edits [options]  (--help after the command for options)")
+        sys.exit("usage: python -m pipelines.demo train|train-lora|evaluate|evaluate-edits|noise-scale [options]  (--help after the command for options)")
     run(rest)
 
 
