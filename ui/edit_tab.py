@@ -30,9 +30,12 @@ def edit_size_info(spec: ModelSpec | None) -> str | None:
     return f"0 or blank: the input's size (resized to the model's nearest preferred size); multiple of {s.multiple_of}"
 
 
-def examples_label(spec: ModelSpec | None) -> str:
-    with_pictures = any(caption for _, caption in example_edits(spec))
-    return "Examples (click to use" + (": each brings its picture)" if with_pictures else ")")
+def examples_view(spec: ModelSpec | None) -> dict:
+    """The example chips' samples, label and visibility for a model: at build time and when the model changes."""
+    edits = example_edits(spec)
+    with_pictures = any(caption for _, caption in edits)
+    return dict(samples=[[text] for text, _ in edits], visible=bool(edits),
+                label="Examples (click to use" + (": each brings its picture)" if with_pictures else ")"))
 
 
 def build_edit_tab(service: PrismService) -> gr.Image:
@@ -58,9 +61,8 @@ def build_edit_tab(service: PrismService) -> gr.Image:
                 stop = gr.Button("Stop", variant="stop", elem_id=f"{PREFIX}-stop", scale=1)
             status = gr.Markdown("", label="Status", elem_id=f"{PREFIX}-status", elem_classes=["prism-status"])
             # type="index": a click hands over the example's number, so one that brings a picture can load it too.
-            examples = gr.Dataset(components=[instruction], label=examples_label(spec), type="index",
-                                  samples=[[text] for text, _ in example_edits(spec)], elem_id=f"{PREFIX}-examples",
-                                  visible=bool(example_edits(spec)))
+            examples = gr.Dataset(components=[instruction], type="index", elem_id=f"{PREFIX}-examples",
+                                  **examples_view(spec))
             with gr.Accordion("Settings", open=False, elem_id=f"{PREFIX}-settings"):
                 with gr.Row():
                     width = WholeNumber(None, precision=0, label="Width", info=edit_size_info(spec),
@@ -123,8 +125,7 @@ def build_edit_tab(service: PrismService) -> gr.Image:
                 gr.update(value=None, info=edit_size_info(s)), gr.update(maximum=s.max_steps, value=s.default_steps),
                 gr.update(maximum=s.max_guidance, value=s.default_guidance), gr.update(maximum=s.max_images, value=1),
                 gr.update(choices=sampler_choices(s, s.family), value=""),
-                gr.update(samples=[[text] for text, _ in example_edits(s)], label=examples_label(s),
-                          visible=bool(example_edits(s)))]
+                gr.update(**examples_view(s))]
 
     model.input(run_once(on_model), model, [model_note, width, height, steps, guidance, num_images, sampler, examples],
                 api_visibility="undocumented", concurrency_limit=None, show_progress="hidden")
