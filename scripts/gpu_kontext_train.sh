@@ -26,7 +26,7 @@ if [ -d "$work/out/demo-kontext" ]; then
   rm -rf "$work/init" && mv "$work/out/demo-kontext" "$work/init" && init=$work/init
 fi
 rm -rf "$work/out" && mkdir -p "$work/out"
-echo "training on from $init"
+echo "training on from $init (a --init among the flags below overrides it): $*"
 python3 -m pipelines.demo train --family kontext --init "$init" --out "$work/out" --minutes "$minutes" \
   --decoder-minutes "$decoder_minutes" --batch 1024 --workers 14 --eval-edits 0 "$@" 2>&1 | tee "$work/out/train.log"
 tar -C "$work" -cf "$OUT/kontext.tar" out

@@ -261,6 +261,8 @@ def train_kontext(cfg: TrainConfig, init: Path, log=print, eval_edits: int = 60,
         if cfg.decoder_minutes > 0:
             sharpen_decoder(parts.vae, stream, cfg, log)
         loss_of = kontext_loss(parts, cfg.device)
+        for module in (parts.text_encoder, parts.text_encoder_2, parts.transformer):
+            module.to(cfg.device)  # the loss before training runs here, ahead of _train_denoiser's move
         before = held_out_loss(loss_of, stream, loss_edits) if loss_edits else None
         steps = _train_denoiser("kontext", [parts.text_encoder, parts.text_encoder_2, parts.transformer],
                                 loss_of, stream, cfg, log)
