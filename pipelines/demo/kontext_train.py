@@ -264,8 +264,10 @@ def train_kontext(cfg: TrainConfig, init: Path, log=print, eval_edits: int = 60,
         for module in (parts.text_encoder, parts.text_encoder_2, parts.transformer):
             module.to(cfg.device)  # the loss before training runs here, ahead of _train_denoiser's move
         before = held_out_loss(loss_of, stream, loss_edits) if loss_edits else None
+        probe = (lambda: f"held-out loss of {loss_edits} edits {held_out_loss(loss_of, stream, loss_edits):.4f}"
+                 ) if loss_edits else None
         steps = _train_denoiser("kontext", [parts.text_encoder, parts.text_encoder_2, parts.transformer],
-                                loss_of, stream, cfg, log)
+                                loss_of, stream, cfg, log, probe)
         if loss_edits:
             log(f"held-out loss of {loss_edits} edits: {before:.4f} -> {held_out_loss(loss_of, stream, loss_edits):.4f}")
     finally:

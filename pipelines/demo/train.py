@@ -70,6 +70,7 @@ class TrainConfig:
     decoder_minutes: float = 0.0  # kontext only: fine-tune the VAE decoder, encoder frozen (`train_decoder`)
     decoder_lr: float = 3e-4
     compile: bool = False  # torch.compile what a step runs: renderer, frozen VAE encoder, trained modules
+    probe_minutes: float = 0.0  # kontext only: log the held-out loss this often while training (0: before and after)
 
 
 @dataclass
@@ -327,8 +328,9 @@ def reconstruction_adherence(vae, device: str, n: int = 200) -> float:
     return adherence(vae_round_trip(vae, [parse_caption(c) for c in captions], device), captions)["mean_fraction"]
 
 
-def _train_denoiser(name: str, modules: list, loss_of, stream: SceneStream, cfg: TrainConfig, log) -> int:
-    """The denoiser phase shared by both families: `loss_of(batch)` is the family's objective."""
+def _train_denoiser(name: str, modules: list, loss_of, stream: SceneStream, cfg: TrainConfig, log, probe=None) -> int:
+    """The denoiser phase shared by both families: `loss_of(batch)` is the family's objective; `probe()`, when
+    given, returns a line logged every cfg.probe_minutes (the loss curve of a long run)."""
     for m in modules:
         m.to(cfg.device).train()
     if cfg.compile:
@@ -344,7 +346,11 @@ def _train_denoiser(name: str, modules: list, loss_of, stream: SceneStream, cfg:
     ema = Ema(params, cfg.ema) if cfg.ema else None
     budget, step = Budget(cfg.max_denoiser_steps, cfg.denoiser_minutes), 0
     waited_before = stream.waited  # a stream shared with a decoder phase has waited there already
+    probed = 0
     while not budget.done(step):
+        if probe is not None and cfg.probe_minutes > 0 and budget.elapsed() >= (probed + 1) * cfg.probe_minutes * 60:
+            probed += 1
+            log(f"{name} step {step} ({budget.elapsed():.0f} s): {probe()}")
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _schedule(step, budget.progress(step))
         loss = loss_of(stream.next())
@@ -523,6 +529,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="kontext only: held-out edits scored through FluxKontextPipeline at the end (0: none)")
     parser.add_argument("--loss-edits", type=int, default=1024,
                         help="kontext only: held-out edits whose loss is logged before and after training (0: none)")
+    parser.add_argument("--probe-minutes", type=float, default=0.0,
+                        help="kontext only: also log that held-out loss this often while training (0: never)")
     parser.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 2)))
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile what a training step runs: renderer, VAE encoder, text encoders, denoiser "
@@ -549,7 +557,8 @@ def main(argv: list[str] | None = None) -> None:
             train_kontext(TrainConfig(family=family, out_dir=Path(args.out), device=args.device, batch=args.batch,
                                       denoiser_minutes=args.minutes, max_denoiser_steps=args.max_steps,
                                       vae_steps=args.vae_steps, decoder_minutes=args.decoder_minutes,
-                                      workers=args.workers, lr=args.lr, ema=args.ema, compile=args.compile),
+                                      workers=args.workers, lr=args.lr, ema=args.ema, compile=args.compile,
+                                      probe_minutes=args.probe_minutes),
                           Path(args.init), log=lambda m: print(m, flush=True), eval_edits=args.eval_edits,
                           loss_edits=args.loss_edits)
             continue
