@@ -292,6 +292,26 @@ def test_held_out_loss_is_fixed_for_a_model_moves_with_training_and_is_logged(tr
     assert before == pytest.approx(first, abs=1e-4) and after != before
 
 
+def test_probe_minutes_log_the_held_out_loss_during_training(trained, tmp_path):
+    """--probe-minutes: the loss curve of a long run, logged while it trains; none without it."""
+    from pipelines.demo.kontext_train import train_kontext
+    from pipelines.demo.train import TrainConfig
+
+    def probes(minutes: float) -> list[tuple[int, float]]:
+        lines: list[str] = []
+        train_kontext(TrainConfig(family="kontext", out_dir=tmp_path, device="cpu", batch=4, denoiser_minutes=1.0,
+                                  max_denoiser_steps=3, log_every=1000, workers=0, probe_minutes=minutes),
+                      trained[0], log=lines.append, eval_edits=0, loss_edits=6)
+        found = [line for line in lines if line.startswith("kontext step") and "held-out loss of 6 edits" in line]
+        return [(int(line.split()[2]), float(line.rsplit(" ", 1)[1])) for line in found]
+
+    curve = probes(1e-9)  # due before every step
+    assert [step for step, _ in curve] == [0, 1, 2]
+    assert all(np.isfinite(loss) and loss > 0 for _, loss in curve)
+    assert curve[1][1] != curve[0][1]  # it measures the weights as they train
+    assert probes(0.0) == []
+
+
 def test_zero_minutes_of_training_saves_the_editor_unchanged(trained, tmp_path):
     """`--minutes 0` is how a decoder-only run (`--decoder-minutes`) leaves the transformer as it was."""
     from safetensors.torch import load_file
