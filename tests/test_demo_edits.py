@@ -417,6 +417,8 @@ def test_decoder_training_changes_the_decoder_and_keeps_the_encoder():
     (["--family", "flux", "--decoder-minutes", "2"], "use it with --family kontext"),
     (["--family", "kontext", "--init", str(DEMO_FLUX), "--decoder-minutes", "-1"], "must be 0 or more"),
     (["--family", "kontext", "--init", str(DEMO_FLUX), "--minutes", "-0.5"], "must be 0 or more"),
+    (["--family", "kontext", "--init", str(DEMO_FLUX), "--probe-minutes", "-2"], "must be 0 or more"),
+    (["--family", "sdxl", "--probe-minutes", "2"], "logs demo-kontext's held-out loss"),
 ])
 def test_train_kontext_rejects_bad_arguments(tmp_path, capsys, argv, message):
     from pipelines.demo.train import main

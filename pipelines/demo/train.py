@@ -70,7 +70,7 @@ class TrainConfig:
     decoder_minutes: float = 0.0  # kontext only: fine-tune the VAE decoder, encoder frozen (`train_decoder`)
     decoder_lr: float = 3e-4
     compile: bool = False  # torch.compile what a step runs: renderer, frozen VAE encoder, trained modules
-    probe_minutes: float = 0.0  # kontext only: log the held-out loss this often while training (0: before and after)
+    probe_minutes: float = 0.0  # kontext only: log the held-out loss this often while training (0: only before and after)
 
 
 @dataclass
@@ -538,11 +538,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.compile is None:
         args.compile = args.device.startswith("cuda")
-    if args.minutes < 0 or args.decoder_minutes < 0:
-        parser.error("--minutes and --decoder-minutes must be 0 or more, "
-                     f"got {args.minutes} and {args.decoder_minutes}")
+    if args.minutes < 0 or args.decoder_minutes < 0 or args.probe_minutes < 0:
+        parser.error("--minutes, --decoder-minutes and --probe-minutes must be 0 or more, "
+                     f"got {args.minutes}, {args.decoder_minutes} and {args.probe_minutes}")
     if args.decoder_minutes and "kontext" not in args.family:
         parser.error("--decoder-minutes sharpens demo-kontext's VAE decoder: use it with --family kontext")
+    if args.probe_minutes and "kontext" not in args.family:
+        parser.error("--probe-minutes logs demo-kontext's held-out loss: use it with --family kontext")
     if "kontext" in args.family:
         from .kontext_train import check_init
 
