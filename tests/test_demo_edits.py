@@ -419,6 +419,7 @@ def test_decoder_training_changes_the_decoder_and_keeps_the_encoder():
     (["--family", "kontext", "--init", str(DEMO_FLUX), "--minutes", "-0.5"], "must be 0 or more"),
     (["--family", "kontext", "--init", str(DEMO_FLUX), "--probe-minutes", "-2"], "must be 0 or more"),
     (["--family", "sdxl", "--probe-minutes", "2"], "logs demo-kontext's held-out loss"),
+    (["--family", "kontext", "--init", str(DEMO_FLUX), "--cuda-graphs"], "use it with --device cuda"),
 ])
 def test_train_kontext_rejects_bad_arguments(tmp_path, capsys, argv, message):
     from pipelines.demo.train import main
@@ -457,12 +458,12 @@ def test_compile_flag_compiles_what_a_step_runs_and_saves_weights_under_their_na
     original, original_function = torch.nn.Module.compile, torch.compile
 
     def compile_for_test(module, *args, **kwargs):
-        compiled.append(type(module).__name__)
+        compiled.append((type(module).__name__, kwargs.get("mode")))
         original(module, backend="eager")
 
     def compile_function_for_test(fn, **kwargs):
         compiled_functions.append((fn, kwargs))
-        return original_function(fn, **(kwargs | {"backend": "eager"}))
+        return original_function(fn, **({k: v for k, v in kwargs.items() if k != "mode"} | {"backend": "eager"}))
 
     monkeypatch.setattr(torch.nn.Module, "compile", compile_for_test)
     monkeypatch.setattr(torch, "compile", compile_function_for_test)
@@ -470,23 +471,37 @@ def test_compile_flag_compiles_what_a_step_runs_and_saves_weights_under_their_na
     folder = train_kontext(TrainConfig(family="kontext", out_dir=tmp_path, device="cpu", batch=4, denoiser_minutes=1.0,
                                        max_denoiser_steps=2, log_every=1, workers=0, compile=True),
                            trained[0], log=lines.append, eval_edits=0)
-    assert sorted(compiled) == ["CLIPTextModel", "Encoder", "FluxTransformer2DModel", "T5EncoderModel"]
+    modules = ["CLIPTextModel", "Encoder", "FluxTransformer2DModel", "T5EncoderModel"]
+    assert sorted(compiled) == [(name, "default") for name in modules]
     functions = [(fn, kwargs) for fn, kwargs in compiled_functions if not hasattr(fn, "__self__")]  # not modules
-    assert functions == [(render_arrays, {"fullgraph": True, "dynamic": False})]
+    assert functions == [(render_arrays, {"fullgraph": True, "dynamic": False, "mode": "default"})]
     assert [line.split(":")[0] for line in lines[:2]] == ["kontext step 0", "kontext step 1"]
     weights = "transformer/diffusion_pytorch_model.safetensors"
     before, after = load_file(trained[0] / weights), load_file(folder / weights)
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
+    # --cuda-graphs: the same parts, each compiled to replay as CUDA graphs; a step begins a new graph generation.
+    compiled.clear(), compiled_functions.clear()
+    steps_begun = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps_begun.append(1))
+    train_kontext(TrainConfig(family="kontext", out_dir=tmp_path / "graphs", device="cpu", batch=4,
+                              denoiser_minutes=1.0, max_denoiser_steps=2, log_every=1, workers=0, compile=True,
+                              cuda_graphs=True), trained[0], log=lambda _: None, eval_edits=0)
+    assert sorted(compiled) == [(name, "reduce-overhead") for name in modules]
+    assert [kwargs["mode"] for fn, kwargs in compiled_functions if fn is render_arrays] == ["reduce-overhead"]
+    assert len(steps_begun) == 2
+
     seen = []
-    monkeypatch.setattr("pipelines.demo.kontext_train.train_kontext", lambda cfg, *a, **k: seen.append(cfg.compile))
+    monkeypatch.setattr("pipelines.demo.kontext_train.train_kontext", lambda cfg, *a, **k: seen.append(cfg.compile_mode))
     main(["--family", "kontext", "--init", str(trained[0]), "--out", str(tmp_path / "cli"), "--device", "cpu",
           "--compile"])
     main(["--family", "kontext", "--init", str(trained[0]), "--out", str(tmp_path / "cli"), "--device", "cpu"])
     main(["--family", "kontext", "--init", str(trained[0]), "--out", str(tmp_path / "cli"), "--device", "cuda",
           "--no-compile"])
     main(["--family", "kontext", "--init", str(trained[0]), "--out", str(tmp_path / "cli"), "--device", "cuda"])
-    assert seen == [True, False, False, True]  # on by default for a GPU only
+    main(["--family", "kontext", "--init", str(trained[0]), "--out", str(tmp_path / "cli"), "--device", "cuda",
+          "--cuda-graphs"])
+    assert seen == ["default", None, None, "default", "reduce-overhead"]  # on by default for a GPU only
 
 
 def test_noise_scale_recovers_a_known_gradient_noise_scale():

@@ -253,10 +253,11 @@ def train_kontext(cfg: TrainConfig, init: Path, log=print, eval_edits: int = 60,
     parts = extend_vocabulary(load_parts(FluxParts, init))
     parts.vae.to(cfg.device).eval().requires_grad_(False)
     if cfg.compile:
-        parts.vae.encoder.compile()  # frozen throughout (the decoder phase trains the decoder only)
+        parts.vae.encoder.compile(mode=cfg.compile_mode)  # frozen throughout (the decoder phase trains the decoder only)
     previous = previous_edit_steps(init)
     # A resumed run draws new batches: the stream's seed moves on by the steps already taken.
-    stream = EditStream(cfg.seed + 30_000 + previous, cfg.batch, cfg.device, workers=cfg.workers, compiled=cfg.compile)
+    stream = EditStream(cfg.seed + 30_000 + previous, cfg.batch, cfg.device, workers=cfg.workers,
+                          compile_mode=cfg.compile_mode)
     try:
         if cfg.decoder_minutes > 0:
             sharpen_decoder(parts.vae, stream, cfg, log)

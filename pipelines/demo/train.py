@@ -71,6 +71,17 @@ class TrainConfig:
     decoder_lr: float = 3e-4
     compile: bool = False  # torch.compile what a step runs: renderer, frozen VAE encoder, trained modules
     probe_minutes: float = 0.0  # kontext only: log the held-out loss this often while training (0: only before and after)
+    cuda_graphs: bool = False  # with compile: replay each compiled part of a step as a CUDA graph ("reduce-overhead")
+
+    @property
+    def compile_mode(self) -> str | None:
+        """torch.compile's mode for what a step runs, or None where it runs eagerly."""
+        if not self.compile:
+            return None
+        # Why a switch: at batch 256 an H100 took 54 ms a step where an H200 took 20 (2026-12-06, BENCHMARKS.md),
+        # more than memory bandwidth explains: a per-step cost of launching ~1000 small kernels from the host,
+        # which graphs remove. Not measured yet, so off by default.
+        return "reduce-overhead" if self.cuda_graphs else "default"
 
 
 @dataclass
@@ -158,11 +169,12 @@ class SceneStream:
     # What a worker computes for batch k, (seed, k, size) -> arrays; a module-level function so it pickles.
     draw = staticmethod(_scene_arrays)
 
-    def __init__(self, seed: int, batch: int, device: str, workers: int = 0, compiled: bool = False):
+    def __init__(self, seed: int, batch: int, device: str, workers: int = 0, compile_mode: str | None = None):
         self.seed, self.batch, self.device, self.index = seed, batch, device, 0
         # Why compiled: eagerly the renderer is ~1250 kernels a batch writing ~22 GB for 2048 scenes (counted on
         # a CPU, 2026-12-02), a fifth of a demo-kontext step's memory traffic; fused, it writes its images once.
-        self.render = torch.compile(render_arrays, fullgraph=True, dynamic=False) if compiled else render_arrays
+        self.render = (torch.compile(render_arrays, fullgraph=True, dynamic=False, mode=compile_mode) if compile_mode
+                       else render_arrays)
         self.pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) if workers else None
         self.pending: collections.deque = collections.deque()
         self.waited = 0.0  # seconds spent waiting for scene arrays
@@ -235,10 +247,12 @@ class Ema:
 
 
 def _optimise(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor) -> None:
-    opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
+    # After the step, not before the next backward: no gradient outlives its step, whose memory a CUDA graph's
+    # next replay (--cuda-graphs) reuses.
+    opt.zero_grad(set_to_none=True)
 
 
 def _shape_weights(images: torch.Tensor) -> torch.Tensor:
@@ -269,6 +283,7 @@ def train_decoder(vae, images_of, cfg: TrainConfig, log) -> int:
     opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
     budget, step = Budget(cfg.vae_steps, cfg.decoder_minutes), 0
     while not budget.done(step):
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are dead (no effect without graphs)
         for group in opt.param_groups:
             group["lr"] = cfg.decoder_lr * _schedule(step, budget.progress(step), 100)
         images = images_of()
@@ -340,7 +355,7 @@ def _train_denoiser(name: str, modules: list, loss_of, stream: SceneStream, cfg:
         # encoders, the renderer and the VAE encoder compiled too are not measured yet. The CLI turns it on for a
         # GPU only (not measured on a CPU). In place: the saved weights keep their names.
         for m in modules:
-            m.compile()
+            m.compile(mode=cfg.compile_mode)
     params = [p for m in modules for p in m.parameters() if p.requires_grad]  # a LoRA run trains its adapters only
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ema = Ema(params, cfg.ema) if cfg.ema else None
@@ -351,6 +366,7 @@ def _train_denoiser(name: str, modules: list, loss_of, stream: SceneStream, cfg:
         if probe is not None and cfg.probe_minutes > 0 and budget.elapsed() >= (probed + 1) * cfg.probe_minutes * 60:
             probed += 1
             log(f"{name} step {step} ({budget.elapsed():.0f} s): {probe()}")
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are dead (no effect without graphs)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _schedule(step, budget.progress(step))
         loss = loss_of(stream.next())
@@ -492,8 +508,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
         parts.vae.register_to_config(scaling_factor=1.0 / std, **({"shift_factor": mean} if cfg.family == "flux" else {}))
     parts.vae.to(cfg.device).eval().requires_grad_(False)
     if cfg.compile:
-        parts.vae.encoder.compile()  # frozen from here on; its GroupNorm/SiLU passes over 64x64 maps fuse
-    stream = SceneStream(cfg.seed, cfg.batch, cfg.device, workers=cfg.workers, compiled=cfg.compile)
+        parts.vae.encoder.compile(mode=cfg.compile_mode)  # frozen from here on; its GroupNorm/SiLU passes over 64x64 maps fuse
+    stream = SceneStream(cfg.seed, cfg.batch, cfg.device, workers=cfg.workers, compile_mode=cfg.compile_mode)
     try:
         steps = (train_flux if cfg.family == "flux" else train_sdxl)(parts, stream, cfg, log)
     finally:
@@ -532,12 +548,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe-minutes", type=float, default=0.0,
                         help="kontext only: also log that held-out loss this often while training (0: never)")
     parser.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 2)))
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+                        help="with --compile: replay each compiled part of a step as a CUDA graph (not yet measured)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile what a training step runs: renderer, VAE encoder, text encoders, denoiser "
                              "(default: on a GPU, off on a CPU)")
     args = parser.parse_args(argv)
     if args.compile is None:
         args.compile = args.device.startswith("cuda")
+    if args.cuda_graphs and not (args.compile and args.device.startswith("cuda")):
+        parser.error("--cuda-graphs replays compiled steps on a GPU: use it with --device cuda and without --no-compile")
     if args.minutes < 0 or args.decoder_minutes < 0 or args.probe_minutes < 0:
         parser.error("--minutes, --decoder-minutes and --probe-minutes must be 0 or more, "
                      f"got {args.minutes}, {args.decoder_minutes} and {args.probe_minutes}")
@@ -560,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
                                       denoiser_minutes=args.minutes, max_denoiser_steps=args.max_steps,
                                       vae_steps=args.vae_steps, decoder_minutes=args.decoder_minutes,
                                       workers=args.workers, lr=args.lr, ema=args.ema, compile=args.compile,
-                                      probe_minutes=args.probe_minutes),
+                                      probe_minutes=args.probe_minutes, cuda_graphs=args.cuda_graphs),
                           Path(args.init), log=lambda m: print(m, flush=True), eval_edits=args.eval_edits,
                           loss_edits=args.loss_edits)
             continue
@@ -568,5 +588,5 @@ def main(argv: list[str] | None = None) -> None:
                           vae_batch=args.vae_batch, vae_minutes=args.vae_minutes, vae_steps=args.vae_steps,
                           denoiser_minutes=args.minutes, max_denoiser_steps=args.max_steps,
                           workers=args.workers, lr=args.lr, ema=args.ema, compile=args.compile,
-                          resume=Path(args.resume) / f"demo-{family}" if args.resume else None),
+                          cuda_graphs=args.cuda_graphs, resume=Path(args.resume) / f"demo-{family}" if args.resume else None),
               log=lambda m: print(m, flush=True))
