@@ -79,8 +79,8 @@ class TrainConfig:
         if not self.compile:
             return None
         # Why a switch: at batch 256 an H100 took 54 ms a step where an H200 took 20 (2026-12-06, BENCHMARKS.md),
-        # more than memory bandwidth explains: a per-step cost of launching ~1000 small kernels from the host,
-        # which graphs remove. Not measured yet, so off by default.
+        # more than memory bandwidth explains: most likely the host's cost of launching a step's many small
+        # kernels, which graphs remove. Not measured yet, so off by default.
         return "reduce-overhead" if self.cuda_graphs else "default"
 
 
@@ -364,7 +364,7 @@ def _train_denoiser(name: str, modules: list, loss_of, stream: SceneStream, cfg:
     probed = 0
     while not budget.done(step):
         if probe is not None and cfg.probe_minutes > 0 and budget.elapsed() >= (probed + 1) * cfg.probe_minutes * 60:
-            probed += 1
+            probed = int(budget.elapsed() // (cfg.probe_minutes * 60))  # one probe after a long step, not a burst
             log(f"{name} step {step} ({budget.elapsed():.0f} s): {probe()}")
         torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are dead (no effect without graphs)
         for group in opt.param_groups:
