@@ -83,3 +83,38 @@ def test_without_a_running_job_the_wrapper_still_works():
     module = Adapter().eval()
     wrapped = CompiledDenoiser(module, lambda: module.compile(backend=broken_backend))
     torch.testing.assert_close(wrapped(**_inputs()), Adapter.forward(module, **_inputs()))
+
+
+def _in_a_new_thread(fn):
+    """fn's result, run in a fresh Python thread (as the manager's worker thread is)."""
+    import threading
+
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", fn()))
+    thread.start()
+    thread.join()
+    return result["value"]
+
+
+def test_a_new_thread_gets_its_own_cuda_graph_tree_state():
+    # Before torch 2.13 a thread other than inductor's importer had none, and a CUDA-graph replay there failed an
+    # assert (pytorch#123177): the wrapper gives each calling thread the state before it replays.
+    from torch._inductor import cudagraph_trees as trees
+
+    from pipelines.backends.compile_guard import adopt_cuda_graph_state
+
+    main_thread_state = trees.get_obj(trees.local, "tree_manager_containers")
+
+    def adopt():
+        had = hasattr(trees.local, "tree_manager_containers")
+        adopt_cuda_graph_state()
+        # Looked at directly: torch 2.13's get_obj would set it up itself, the torch this works around asserts.
+        has, stashed = hasattr(trees.local, "tree_manager_containers"), torch._C._is_key_in_tls("tree_manager_locks")
+        return had, has, stashed, trees.get_obj(trees.local, "tree_manager_containers")
+
+    had_before, has_after, stashed, thread_state = _in_a_new_thread(adopt)
+    assert not had_before and has_after
+    assert isinstance(thread_state, dict) and thread_state is not main_thread_state
+    assert stashed  # threads autograd starts from that thread inherit it
+    adopt_cuda_graph_state()  # a thread that has it keeps it
+    assert trees.get_obj(trees.local, "tree_manager_containers") is main_thread_state

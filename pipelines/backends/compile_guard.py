@@ -9,7 +9,9 @@ warning on the job, so the image still comes and the result says why it ran eage
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import defaultdict
 from typing import Any, Callable
 
 import torch
@@ -37,6 +39,25 @@ def reset_compiled(module: nn.Module) -> None:
     for child in module.modules():
         if getattr(child, "_compiled_call_impl", None) is not None:
             child._compiled_call_impl = None
+
+
+def adopt_cuda_graph_state() -> None:
+    """Give the calling thread inductor's CUDA-graph-tree state, where its torch does not do so by itself.
+
+    Why: before the fix of pytorch#123177 (PR #184357, in torch 2.13; not in the lent GPU's 2.11) that state
+    exists only in the thread that imported inductor and the threads autograd starts, so a "reduce-overhead"
+    model called from the manager's worker thread failed `assert torch._C._is_key_in_tls(...)` and the compile
+    guard ran SDXL eager (H200, 2026-12-01, BENCHMARKS.md). Each thread gets its own trees, as the fixed torch
+    does; the manager runs one job at a time, so no two threads capture at once."""
+    from torch._inductor import cudagraph_trees as trees
+
+    if hasattr(trees.local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return  # this thread has it (the importing thread, an autograd thread, or a torch that sets it lazily)
+    trees.local.tree_manager_containers = {}
+    trees.local.tree_manager_locks = defaultdict(threading.Lock)
+    # As torch does for its importing thread: threads autograd starts from this one (a backward) inherit it.
+    torch._C._stash_obj_in_tls("tree_manager_containers", trees.local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
 
 
 class CompiledDenoiser(nn.Module):
@@ -86,6 +107,7 @@ class CompiledDenoiser(nn.Module):
     def _call(self, inputs: dict[str, Any]) -> Any:
         if not self.cuda_graphs or self.failure is not None:
             return self.engine(**inputs)
+        adopt_cuda_graph_state()
         torch.compiler.cudagraph_mark_step_begin()
         out = self.engine(**inputs)
         return out.clone() if isinstance(out, torch.Tensor) else out
