@@ -41,3 +41,14 @@ def test_demo_kontext_makes_each_example_edit(cpu_manager, text, caption):
         result = cpu_manager.generate(GenerationRequest(prompt=text, model="demo-kontext", seed=seed,
                                                         image=example_picture(caption)))
         assert score(result.images[0], EXPECTED[text]).all_correct, (text, seed)
+
+
+def test_an_empty_prompt_hint_asks_an_editor_for_an_instruction_and_points_only_at_examples_that_are_shown():
+    from ui.examples import empty_prompt_hint
+
+    flux = empty_prompt_hint(resolve_spec("demo-flux"))
+    assert flux.startswith("Type a prompt first: describe the picture such as \"a large red circle")
+    assert flux.endswith("or click one of the examples under the prompt.")
+    assert empty_prompt_hint(resolve_spec("demo-flux"), examples_shown=False).endswith("on a white background\".")
+    edit = empty_prompt_hint(resolve_spec("flux.1-kontext-dev"), examples_shown=False)
+    assert edit == "Type an instruction first: say what to change in the image such as \"make the sky red\"."

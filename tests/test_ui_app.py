@@ -130,6 +130,9 @@ def test_api_error_is_a_message_and_the_app_keeps_serving(client):
         client.predict("/etc", "a red circle", 32, 32, 1, 3.5, 1, 1, "bf16", api_name="/generate_flux")
     with pytest.raises(AppError, match="flux.1-schnell is not in the local Hugging Face cache and offline mode is on"):
         client.predict("flux.1-schnell", "a red circle", 256, 256, 1, 0, 1, 1, "bf16", api_name="/generate_flux")
+    # Compare refuses an empty prompt as the other tabs do (it has no examples under its prompt to point at).
+    with pytest.raises(AppError, match=r"^Type a prompt first: describe the picture such as \"[^\"]+\"\.$"):
+        client.predict("tiny-flux", "  ", 5, ["16-bit", "fp4"], 32, 32, 1, 3.5, api_name="/compare")
     gallery, *_ = client.predict("tiny-flux", "a red circle", 32, 32, 1, 3.5, 1, 1, "bf16", api_name="/generate_flux")
     assert Image.open(gallery[0]["image"]).size == (32, 32)
 
@@ -356,6 +359,10 @@ def test_browser_compare_tab(page):
     assert shown["width"] > 32 * 4  # enlarged for display, not a 32 px stamp in a big box
     expect(page.locator("#compare-16bit-note")).to_contain_text("is BF16")  # what will run, for this model here
     _screenshot(page, "ui-compare.png")
+    page.fill("#compare-prompt textarea", "")  # a refusal reads whole in the status line, no badge over it
+    page.click("#compare-run")
+    expect(page.locator("#compare-status")).to_contain_text("Type a prompt first")
+    expect(page.locator("#compare-status .error")).to_be_hidden()
 
 
 def test_browser_system_tab(page, app):
@@ -468,6 +475,10 @@ def test_browser_errors_clear_the_previous_result_and_empty_prompts_get_a_hint(p
     page.fill("#flux-prompt textarea", "  ")
     page.click("#flux-generate")
     expect(page.locator("#flux-status")).to_contain_text("Type a prompt first")
+    # The message is readable whole: no "Error" badge is drawn over the status line (the toast and the result box
+    # still say it failed).
+    expect(page.locator("#flux-status .error")).to_be_hidden()
+    expect(page.locator("#flux-status [data-testid=markdown]")).to_be_visible()
 
 
 def test_browser_a_second_user_sees_their_place_in_the_queue(page, app):

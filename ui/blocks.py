@@ -38,6 +38,10 @@ PRISM_CSS = """
 .prism-history .thumbnail-item { width: 120px; height: 120px; }
 .prism-history .thumbnail-item img { object-fit: contain; }
 .prism-status p { margin: 0.2em 0; }
+/* The status line says what went wrong in its own words, and Gradio drew its "Error" badge and a close button
+   over them (a prompt-less Generate hid "describe the picture such as"; 2026-12-07): not there. The result
+   boxes keep the badge. */
+.prism-status > [data-testid="status-tracker"]:has(.error) { display: none; }
 """
 
 

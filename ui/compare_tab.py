@@ -13,6 +13,7 @@ from pipelines.precision import Precision
 from pipelines.registry import Family
 from pipelines.request import DEFAULT_STRENGTH, GenerationRequest, RequestError
 
+from .examples import empty_prompt_hint
 from .formatting import comparison_markdown, compare_figures, fmt_ms, precision_info
 from .generate_tab import (GPU_CONCURRENCY_ID, error_status, run_once, run_with_errors, session_of, size_info,
                            stop_message)
@@ -85,7 +86,7 @@ def build_compare_tab(service: PrismService) -> None:
                         elem_id="compare-precision-info")
             sixteen = gr.Markdown(sixteen_bit_note(service, first), elem_id="compare-16bit-note")
 
-    status = gr.Markdown("", label="Status", elem_id="compare-status")
+    status = gr.Markdown("", label="Status", elem_id="compare-status", elem_classes=["prism-status"])
     images, heatmaps, figures = [], [], []
     with gr.Row(equal_height=False):
         for value, label in COLUMNS:
@@ -151,6 +152,8 @@ def build_compare_tab(service: PrismService) -> None:
                 input_image=None, strength=DEFAULT_STRENGTH, lora="", lora_scale=1.0, lora_2="", lora_2_scale=1.0,
                 request: gr.Request = None, progress=gr.Progress()):
         choice = service.choice(model)
+        if not (prompt or "").strip():  # as the other tabs and the API: nothing is drawn from an empty prompt
+            raise RequestError(empty_prompt_hint(choice.spec, examples_shown=False))
         if not precisions:
             raise RequestError(f"Select at least one precision to compare ({', '.join(label for _, label in COLUMNS)}).")
         job_request = GenerationRequest(prompt=prompt or "", model=choice.model,

@@ -20,10 +20,15 @@ def example_prompts(spec: ModelSpec | None) -> tuple[str, ...]:
     return BY_MODEL.get(spec.id, family_of(spec).example_prompts)
 
 
-def empty_prompt_hint(spec: ModelSpec | None) -> str:
+def empty_prompt_hint(spec: ModelSpec | None, examples_shown: bool = True) -> str:
+    """What to do about an empty prompt; `examples_shown`: the tab has example chips under its prompt."""
+    from pipelines.families.family import ImageUse
+
     examples = example_prompts(spec)
     example = f" such as \"{examples[0]}\"" if examples else ""
-    return f"Type a prompt first: describe the picture{example}, or click one of the examples under the prompt."
+    ask = ("Type an instruction first: say what to change in the image" if spec is not None
+           and family_of(spec).image_use is ImageUse.CONTEXT else "Type a prompt first: describe the picture")
+    return f"{ask}{example}" + (", or click one of the examples under the prompt." if examples_shown else ".")
 
 
 # demo-kontext edits a picture of shapes, which a new user does not have at hand: each example brings its picture
