@@ -133,6 +133,10 @@ def test_api_error_is_a_message_and_the_app_keeps_serving(client):
     # Compare refuses an empty prompt as the other tabs do (it has no examples under its prompt to point at).
     with pytest.raises(AppError, match=r"^Type a prompt first: describe the picture such as \"[^\"]+\"\.$"):
         client.predict("tiny-flux", "  ", 5, ["16-bit", "fp4"], 32, 32, 1, 3.5, api_name="/compare")
+    with pytest.raises(AppError) as caught:
+        client.predict("tiny-flux", "a red circle", 5, [], 32, 32, 1, 3.5, api_name="/compare")
+    assert str(caught.value) == ('Select at least one precision to compare: "16-bit", "FP8", "FP4" or '
+                                 '"16-bit, fast (cached)".')
     gallery, *_ = client.predict("tiny-flux", "a red circle", 32, 32, 1, 3.5, 1, 1, "bf16", api_name="/generate_flux")
     assert Image.open(gallery[0]["image"]).size == (32, 32)
 

@@ -77,14 +77,19 @@ def test_api_edit_image(client, source):
     ({"instruction": "  ", "image": True}, "The instruction is empty"),
     ({"instruction": "make it blue", "image": True, "width": 40}, "not a multiple of 16"),
     ({"instruction": "make it blue", "image": True, "model": "tiny-flux"}, "tiny-flux is not in the list of choices: ['tiny-kontext']"),
+    ({"instruction": "make it blue", "image": "not a picture"},
+     "input_image is not an image Prism can read; send a PNG, JPEG or WebP file."),
 ])
-def test_api_bad_edits_are_one_line_and_the_app_keeps_serving(client, source, fields, message):
+def test_api_bad_edits_are_one_line_and_the_app_keeps_serving(client, source, fields, message, tmp_path):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
     kwargs = {"model": fields.get("model", "tiny-kontext"), "instruction": fields["instruction"], "steps": 1}
-    if fields.get("image"):
+    if fields.get("image") is True:
         kwargs["input_image"] = handle_file(str(source))
+    elif fields.get("image"):  # a file that is not an image
+        (tmp_path / "photo.png").write_text(fields["image"])
+        kwargs["input_image"] = handle_file(str(tmp_path / "photo.png"))
     if "width" in fields:
         kwargs["width"] = fields["width"]
     with pytest.raises(AppError) as caught:

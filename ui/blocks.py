@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 from typing import Any
 
 import gradio as gr
@@ -65,9 +66,21 @@ class PrismBlocks(gr.Blocks):
             raise ui_error(exc, block_fn.name or "request") from None
         except Exception as exc:  # a value Gradio could not read (wrong type or shape)
             log.warning("%s refused: unreadable input (%s)", block_fn.name, one_line(str(exc)))
-            names = parameter_names(block_fn)
-            raise gr.Error(f"A value sent is not of the type this call takes ({', '.join(names)}); the API page "
-                           "lists each parameter's type.", print_exception=False) from None
+            raise gr.Error(unreadable_input_message(block_fn, str(exc)), print_exception=False) from None
+
+
+def unreadable_input_message(block_fn: Any, error: str) -> str:
+    """One sentence on an input Gradio could not read: by name where its error says which ("Could not preprocess
+    input component at index 2"), else the list of what the call takes."""
+    names = parameter_names(block_fn)
+    found = re.search(r"input component at index (\d+)", error)
+    index = int(found.group(1)) if found else -1
+    if not 0 <= index < len(names):
+        return (f"A value sent is not of the type this call takes ({', '.join(names)}); the API page lists each "
+                "parameter's type.")
+    if isinstance(block_fn.inputs[index], (gr.Image, gr.ImageEditor)):
+        return f"{names[index]} is not an image Prism can read; send a PNG, JPEG or WebP file."
+    return f"{names[index]} is not of the type this call takes; the API page lists each parameter's type."
 
 
 def parameter_names(block_fn: Any) -> list[str]:

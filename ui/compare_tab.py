@@ -155,7 +155,8 @@ def build_compare_tab(service: PrismService) -> None:
         if not (prompt or "").strip():  # as the other tabs and the API: nothing is drawn from an empty prompt
             raise RequestError(empty_prompt_hint(choice.spec, examples_shown=False))
         if not precisions:
-            raise RequestError(f"Select at least one precision to compare ({', '.join(label for _, label in COLUMNS)}).")
+            labels = [f'"{label}"' for _, label in COLUMNS]  # quoted: one label has a comma of its own
+            raise RequestError(f"Select at least one precision to compare: {', '.join(labels[:-1])} or {labels[-1]}.")
         job_request = GenerationRequest(prompt=prompt or "", model=choice.model,
                                         seed=None if seed in (None, -1) else seed,
                                         width=width, height=height, steps=steps, guidance=guidance, image=input_image,
