@@ -294,6 +294,12 @@ def check_prompt(name: str, text: Any) -> None:
     if size > MAX_PROMPT_BYTES:
         raise RequestError(f"The {name} is {size:,} bytes long in UTF-8; the limit is {MAX_PROMPT_BYTES:,} bytes "
                            f"({MAX_PROMPT_CHARS:,} characters). Shorten it.")
+    # Control characters (NUL from a JSON "\u0000", ESC, ...) mean nothing to a text encoder, and NUL cannot be
+    # kept in the PNG's text metadata (PNG text chunks end at it), so the saved settings would lose the rest.
+    control = next((i for i, ch in enumerate(text) if ch not in "\t\n\r" and (ch < " " or ch == "\x7f")), None)
+    if control is not None:
+        raise RequestError(f"The {name} contains a control character (U+{ord(text[control]):04X}) at position "
+                           f"{control + 1}; remove it.")
 
 
 def _as_int(name: str, value: Any) -> int:

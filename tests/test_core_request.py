@@ -139,6 +139,17 @@ def test_lone_surrogates_and_non_text_prompts_are_refused_with_one_line():
         resolve(prompt=None)
 
 
+
+def test_control_characters_in_prompts_are_refused_but_tabs_and_new_lines_are_text():
+    with pytest.raises(RequestError, match=r"The prompt contains a control character \(U\+0000\) at position 2; remove it\."):
+        resolve(prompt="a\x00fox")
+    with pytest.raises(RequestError, match=r"The negative prompt contains a control character \(U\+001B\) at position 1"):
+        resolve("sdxl-base-1.0", prompt="a fox", negative_prompt="\x1b[31m")
+    with pytest.raises(RequestError, match=r"\(U\+007F\)"):
+        resolve(prompt="a fox\x7f")
+    assert resolve(prompt="a fox\tin snow\r\nat dawn").prompt.endswith("in snow at dawn")  # line breaks become spaces
+
+
 def test_size_suggestions_stay_inside_the_allowed_range():
     with pytest.raises(RequestError, match=r"width 2 is not a multiple of 16; use 256\.$"):
         resolve(width=2)
