@@ -139,7 +139,6 @@ def test_lone_surrogates_and_non_text_prompts_are_refused_with_one_line():
         resolve(prompt=None)
 
 
-
 def test_control_characters_in_prompts_are_refused_but_tabs_and_new_lines_are_text():
     with pytest.raises(RequestError, match=r"The prompt contains a control character \(U\+0000\) at position 2; remove it\."):
         resolve(prompt="a\x00fox")

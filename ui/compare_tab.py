@@ -157,7 +157,7 @@ def build_compare_tab(service: PrismService) -> None:
         if not precisions:
             labels = [f'"{label}"' for _, label in COLUMNS]  # quoted: one label has a comma of its own
             raise RequestError(f"Select at least one precision to compare: {', '.join(labels[:-1])} or {labels[-1]}.")
-        job_request = GenerationRequest(prompt=prompt or "", model=choice.model,
+        job_request = GenerationRequest(prompt=prompt, model=choice.model,
                                         seed=None if seed in (None, -1) else seed,
                                         width=width, height=height, steps=steps, guidance=guidance, image=input_image,
                                         strength=service.strength_for(choice, input_image, strength),

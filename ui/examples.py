@@ -5,6 +5,7 @@ from __future__ import annotations
 from PIL import Image
 
 from pipelines.families import family_of
+from pipelines.families.family import ImageUse
 from pipelines.registry import ModelSpec
 
 DEMO = ("a large red circle in the center on a white background",
@@ -22,8 +23,6 @@ def example_prompts(spec: ModelSpec | None) -> tuple[str, ...]:
 
 def empty_prompt_hint(spec: ModelSpec | None, examples_shown: bool = True) -> str:
     """What to do about an empty prompt; `examples_shown`: the tab has example chips under its prompt."""
-    from pipelines.families.family import ImageUse
-
     examples = example_prompts(spec)
     example = f" such as \"{examples[0]}\"" if examples else ""
     ask = ("Type an instruction first: say what to change in the image" if spec is not None
