@@ -151,6 +151,7 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
     LoRA names and scales are checked here (and `<lora:...>` tags moved out of the prompt); whether the
     files exist and fit the model is `pipelines.lora.load_set`, which the manager runs next."""
     from .families import family_of  # the family modules and pipelines.lora import this module
+    from .image_input import read_image  # it raises RequestError, defined here
     from .lora import check_loras, parse_prompt
 
     if spec.is_refiner:
@@ -166,8 +167,12 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
     except ValueError as e:
         raise RequestError(str(e)) from None
     default_size, edit = (spec.default_width, spec.default_height), _edit_input(req, spec, prompt)
+    image = edit
     if edit is not None:  # an edit's output is, unless asked otherwise, the size its input is resized to
         default_size = family_of(spec).context_size(spec, edit.size)
+    elif req.image is not None:  # image to image: unless asked otherwise, the input's shape at the default area
+        image = read_image(req.image)
+        default_size = spec.size.fit(image.size, spec.default_width * spec.default_height)
     width = default_size[0] if req.width is None else _as_int("width", req.width)
     height = default_size[1] if req.height is None else _as_int("height", req.height)
     steps = spec.default_steps if req.steps is None else _as_int("steps", req.steps)
@@ -190,11 +195,8 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
         raise RequestError(f"A negative prompt only acts when guidance is above 1 (it is {guidance:g}); "
                            "raise guidance or clear the negative prompt.")
 
-    strength, image = None, edit
+    strength = None
     if req.image is not None and edit is None:
-        from .image_input import read_image  # it raises RequestError, defined here
-
-        image = read_image(req.image)
         strength = DEFAULT_STRENGTH if req.strength is None else _as_float("strength", req.strength)
         if not 0 < strength <= 1:
             raise RequestError(f"strength must be above 0 and at most 1 (1 repaints the whole image); got {strength:g}.")

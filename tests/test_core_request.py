@@ -156,3 +156,20 @@ def test_size_suggestions_stay_inside_the_allowed_range():
         resolve(width=40)
     with pytest.raises(RequestError, match="width 1001 is not a multiple of 16; use 992 or 1008"):
         resolve(width=1001)
+
+
+@pytest.mark.parametrize("model,size,expected", [
+    ("flux.1-dev", (1536, 1024), (1248, 832)),  # a landscape photo stays landscape, about the default's pixels
+    ("flux.1-dev", (3024, 4032), (880, 1184)),  # a phone's portrait photo
+    ("sdxl-base-1.0", (1536, 1024), (1256, 840)),  # SDXL's sizes are multiples of 8
+    ("sdxl-base-1.0", (800, 800), (1024, 1024)),  # a square input gets the default size
+    ("flux.1-dev", (4000, 100), (2048, 256)),  # a strip: each side within the model's limits
+])
+def test_image_to_image_keeps_the_input_shape_when_no_size_is_given(model, size, expected):
+    from PIL import Image
+
+    req = resolve(model, image=Image.new("RGB", size, (90, 40, 20)))
+    assert (req.width, req.height) == expected
+    assert resolve_spec(model).size.check(req.width, req.height) is None
+    asked = resolve(model, image=Image.new("RGB", size, (90, 40, 20)), width=1024, height=768)
+    assert (asked.width, asked.height) == (1024, 768)  # a size asked for wins

@@ -187,6 +187,15 @@ def test_edits_run_image_to_image_and_inpaint_where_the_mask_is_transparent(clie
     assert np.abs(pixels[32:, 32:] - source[32:, 32:]).mean() > 10  # transparent: repainted
 
 
+def test_edits_keep_the_input_shape_unless_a_size_is_given(client):
+    wide = client.images.edit(model="demo-flux", image=("in.png", png((96, 64)), "image/png"), prompt=PROMPT,
+                              extra_body={"seed": "3", "num_inference_steps": "2"})
+    assert wide.size == "80x48" and decoded(wide).shape == (48, 80, 3)  # 3:2 at about demo-flux's 64x64 pixels
+    square = client.images.edit(model="demo-flux", image=("in.png", png((96, 64)), "image/png"), prompt=PROMPT,
+                                size="64x64", extra_body={"seed": "3", "num_inference_steps": "2"})
+    assert square.size == "64x64" and decoded(square).shape == (64, 64, 3)
+
+
 def test_edits_check_their_inputs(client, app):
     with pytest.raises(openai.BadRequestError, match="image is not an image Prism can read") as caught:
         client.images.edit(model="demo-flux", image=("in.png", b"not a picture", "image/png"), prompt=PROMPT)

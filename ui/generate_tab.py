@@ -31,7 +31,8 @@ GPU_CONCURRENCY_ID = "prism-gpu"  # every event that submits jobs shares one Gra
 
 def size_info(spec: ModelSpec) -> str:
     s = spec.size
-    return f"multiple of {s.multiple_of}, {s.min_side} to {s.max_side}; blank: {spec.default_width}"
+    return (f"multiple of {s.multiple_of}, {s.min_side} to {s.max_side}; blank: {spec.default_width}, "
+            "or an input image's shape")
 
 
 def precision_dropdown(service: PrismService, elem_id: str) -> tuple[gr.Dropdown, gr.Markdown]:
@@ -134,8 +135,9 @@ def build_generate_tab(service: PrismService, family: Family) -> tuple[gr.Button
                                                   elem_id=f"{prefix}-refiner-switch")
             with gr.Accordion("Input image (image to image, inpainting)", open=False,
                               elem_id=f"{prefix}-input-box") as input_box:
-                gr.Markdown("The input is scaled to cover the width x height above and its centre is kept. Paint "
-                            "over it to repaint only there (inpainting); the rest of the picture stays as it was.",
+                gr.Markdown("The input is scaled to cover the width x height above (clear both to keep its shape) "
+                            "and its centre is kept. Paint over it to repaint only there (inpainting); the rest of "
+                            "the picture stays as it was.",
                             elem_classes=["prism-note"])
                 input_image = gr.ImageEditor(type="pil", label="Input image (upload or paste; paint a mask)",
                                              sources=["upload", "clipboard"], layers=False, transforms=(),
