@@ -37,7 +37,7 @@ from .registry import ModelSpec, UnknownModelError, refiner_of, resolve_spec
 from .request import GenerationRequest, GenerationResult, RequestError, resolve_request
 from .residency import InsufficientMemoryError, Residency
 from .run_context import JobCancelled, Progress, RunContext
-from .vocabulary import vocabulary_note
+from .vocabulary import completed_note, completed_prompt, vocabulary_note
 
 log = logging.getLogger("prism.manager")
 
@@ -349,6 +349,8 @@ class PipelineManager:
 
     def _generate(self, spec: ModelSpec, req: GenerationRequest, choice: BackendChoice, source: WeightSource,
                   ctx: RunContext, working: int, loras: LoraSet) -> GenerationResult:
+        given, drawn = req.prompt, completed_prompt(spec, req.prompt)
+        req = replace(req, prompt=drawn) if drawn else req
         parts = JobParts(self, spec, Precision.parse(req.precision), choice.backend, source, ctx, working, loras,
                          with_image=req.image is not None, with_refiner=req.refiner is not None)
         if self.info.is_cuda:
@@ -357,6 +359,7 @@ class PipelineManager:
         peak = torch.cuda.max_memory_allocated(self.device) if self.info.is_cuda else None
         backend = self.backend(choice.backend)
         notes = tuple(f"Input image: {note}." for note in req.image.notes) if req.image is not None else ()
+        notes += (completed_note(spec, given, drawn),) if drawn else ()
         unknown_words = vocabulary_note(spec, req.prompt)
         notes += (unknown_words,) if unknown_words else ()
         forced = (choice.reason,) if choice.backend is Backend.TORCH and req.backend == "tensorrt" else ()

@@ -112,6 +112,9 @@ class ModelSpec:
     # A closed vocabulary (the embedded demo models, trained on a few dozen words): a prompt's other words steer
     # nothing the model learned, and the result says which they were (pipelines.vocabulary). Empty: any words.
     vocabulary: frozenset[str] = frozenset()
+    # A closed sentence form (pipelines.vocabulary.GRAMMARS, e.g. "demo-shapes"): looser prompts are completed to
+    # it before they are drawn. Empty: prompts are drawn as given.
+    prompt_grammar: str = ""
 
     @property
     def license_url(self) -> str | None:
@@ -362,6 +365,12 @@ def _apply_overrides(spec: ModelSpec, path: Path) -> ModelSpec:
         if not isinstance(raw["vocabulary"], list) or not all(isinstance(w, str) for w in raw["vocabulary"]):
             raise UnknownModelError(f"{path}: \"vocabulary\" must be a list of words, e.g. [\"red\", \"circle\"]")
         raw["vocabulary"] = frozenset(word.lower() for word in raw["vocabulary"])
+    if "prompt_grammar" in raw:
+        from .vocabulary import GRAMMARS  # it imports this module
+
+        if raw["prompt_grammar"] not in GRAMMARS:
+            raise UnknownModelError(f"{path}: \"prompt_grammar\" must be one of {sorted(GRAMMARS)}; "
+                                    f"got {raw['prompt_grammar']!r}")
     allowed = {f for f in ModelSpec.__dataclass_fields__} - {"components", "family", "local_dir", "id", "base"}
     unknown = set(raw) - allowed
     if unknown:

@@ -21,6 +21,7 @@ import enum
 import hashlib
 import math
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -213,6 +214,71 @@ def _parse_shape(part: str, text: str) -> Shape:
         raise ValueError(f"unknown position {phrase!r} in {text!r}; "
                          f"expected one of: {', '.join(_POSITION_BY_PHRASE)}")
     return Shape(kind, colour, size, _POSITION_BY_PHRASE[phrase])
+
+
+_ARTICLES = ("a", "an", "the")
+_DEFAULT_SIZE = "large"
+_DEFAULT_POSITIONS = (("center",), ("left", "right"))  # by the number of shapes
+_DEFAULT_BACKGROUNDS = ("white", "black")
+_SYNONYMS = MappingProxyType({"middle": "center", "centre": "center", "big": "large"})
+
+
+def complete_caption(text: str) -> str | None:
+    """The caption a looser description means, with what it leaves out filled in, or None.
+
+    The demo models learned one sentence form and draw noise for any other: "a red circle on a blue background"
+    (no size, no position) came out as a green field from demo-flux on 2026-12-07, while the same words with
+    "large" and "in the center" drew the circle. Missing sizes become "large", positions the centre (one shape) or
+    left and right (two), the background white (black behind a white shape); "an", "the", commas between
+    shapes, a final full stop and "middle", "centre", "big" are accepted. None when `text` is already a caption or names anything outside the grammar.
+    """
+    words = text.lower().replace(",", " , ").rstrip(" .").split()
+    try:
+        parse_caption(" ".join(words))
+        return None
+    except ValueError:
+        pass
+    words = [_SYNONYMS.get(w, w) for w in words]
+    background = None
+    if len(words) >= 3 and words[-1] == "background" and words[-2] in COLOURS:
+        background = words[-2]
+        words = words[:-2]
+        while words and words[-1] in _ARTICLES:
+            words.pop()
+        if not words or words.pop() != "on":
+            return None
+    parts = [part.split() for part in re.split(r"\band\b|,", " ".join(words))]
+    parts = [part for part in parts if part]
+    if not 1 <= len(parts) <= MAX_SHAPES:
+        return None
+    loose = [_loose_shape(part) for part in parts]
+    if any(shape is None for shape in loose):
+        return None
+    taken = {position for *_, position in loose if position}
+    free = iter(p for p in _DEFAULT_POSITIONS[len(loose) - 1] + tuple(POSITIONS) if p not in taken)
+    shapes = tuple(Shape(kind, colour, size or _DEFAULT_SIZE, position or next(free))
+                   for size, colour, kind, position in loose)
+    colours = {s.colour for s in shapes}
+    background = background or next(c for c in _DEFAULT_BACKGROUNDS + tuple(COLOURS) if c not in colours)
+    try:
+        return caption(Scene(shapes, background))
+    except ValueError:  # two shapes at one position, or a shape the colour of its background
+        return None
+
+
+def _loose_shape(words: list[str]) -> tuple[str | None, str, str, str | None] | None:
+    """(size or None, colour, kind, position or None) of "[a] [size] colour kind [position phrase]", or None."""
+    if words and words[0] in _ARTICLES:
+        words = words[1:]
+    size = words.pop(0) if words and words[0] in SIZES else None
+    if len(words) < 2 or words[0] not in COLOURS or words[1] not in KINDS:
+        return None
+    rest = " ".join(words[2:])
+    if not rest:
+        return size, words[0], words[1], None
+    bare = " ".join(w for w in rest.split() if w not in ("at", "in", "on", "the"))
+    position = _POSITION_BY_PHRASE.get(rest) or (bare if bare in POSITIONS else None)
+    return (size, words[0], words[1], position) if position else None
 
 
 # --- sampling -----------------------------------------------------------------------------------

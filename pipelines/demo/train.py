@@ -478,6 +478,7 @@ def save(parts: FluxParts | SdxlParts, family: str, out_dir: Path, steps: int) -
         "default_steps": 20 if family == "flux" else 25,
         "default_guidance": 0.0 if family == "flux" else 4.0,
         "max_prompt_tokens": T5_TOKENS if family == "flux" else 77,
+        "prompt_grammar": "demo-shapes",  # looser prompts are completed to the captions' form (pipelines.vocabulary)
         "vocabulary": caption_words(),  # the result names a prompt's other words (pipelines.vocabulary)
     }
     (folder / "prism.json").write_text(json.dumps(defaults, indent=2) + "\n")
