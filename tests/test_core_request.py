@@ -161,7 +161,8 @@ def test_size_suggestions_stay_inside_the_allowed_range():
 @pytest.mark.parametrize("model,size,expected", [
     ("flux.1-dev", (1536, 1024), (1248, 832)),  # a landscape photo stays landscape, about the default's pixels
     ("flux.1-dev", (3024, 4032), (880, 1184)),  # a phone's portrait photo
-    ("sdxl-base-1.0", (1536, 1024), (1256, 840)),  # SDXL's sizes are multiples of 8
+    ("sdxl-base-1.0", (1536, 1024), (1248, 832)),  # 3:2 exactly (1256x840, the nearest area, is not)
+    ("demo-flux", (4000, 3000), (64, 48)),  # 4:3 kept at demo-flux's coarse steps (not 80x48)
     ("sdxl-base-1.0", (800, 800), (1024, 1024)),  # a square input gets the default size
     ("flux.1-dev", (4000, 100), (2048, 256)),  # a strip: each side within the model's limits
 ])
@@ -171,5 +172,7 @@ def test_image_to_image_keeps_the_input_shape_when_no_size_is_given(model, size,
     req = resolve(model, image=Image.new("RGB", size, (90, 40, 20)))
     assert (req.width, req.height) == expected
     assert resolve_spec(model).size.check(req.width, req.height) is None
-    asked = resolve(model, image=Image.new("RGB", size, (90, 40, 20)), width=1024, height=768)
-    assert (asked.width, asked.height) == (1024, 768)  # a size asked for wins
+    spec = resolve_spec(model)
+    wide = (spec.default_width, spec.default_height // 2)
+    asked = resolve(model, image=Image.new("RGB", size, (90, 40, 20)), width=wide[0], height=wide[1])
+    assert (asked.width, asked.height) == wide  # a size asked for wins
