@@ -171,7 +171,14 @@ def load_component(spec: ModelSpec, name: str, *, dtype: torch.dtype, device: to
     with _building(device, dtype, source.seed):
         module = cls.from_config(config) if comp.library == "diffusers" else cls(cls.config_class(**config))
     _no_zero_weights(module, torch.Generator().manual_seed(source.seed))
-    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return cast(module, dtype, device).eval().requires_grad_(False)
+
+
+def cast(module: torch.nn.Module, dtype: torch.dtype, device: str | torch.device | None = None) -> torch.nn.Module:
+    """`module.to(device, dtype)` without diffusers 0.42's false warning: its ModelMixin.to prints "There are
+    modules in AutoencoderKL that should be kept in float32: []" on every dtype cast (an empty list passes its
+    `is not None` check), once for each component a CPU load casts to FP32. The move itself is nn.Module's."""
+    return torch.nn.Module.to(module, device=device, dtype=dtype)
 
 
 def _pretrained_args(spec: ModelSpec, name: str, source: WeightSource) -> dict[str, Any]:

@@ -119,3 +119,26 @@ def test_default_model_prefers_cached_hub_weights_and_says_what_it_picked(tmp_pa
     monkeypatch.setattr(registry, "demo_specs", lambda models_dir=tmp_path / "none": ())
     with pytest.raises(ModelAccessError, match="No model weights are available here"):
         default_model(hub=HubOptions(cache_dir=str(tmp_path)))
+
+
+def test_casting_a_diffusers_model_logs_no_false_float32_warning(tiny_sdxl):
+    """diffusers 0.42's ModelMixin.to warned "should be kept in float32: []" on every CPU load's FP32 cast."""
+    import logging
+
+    from pipelines.loading import cast
+
+    vae = load_component(read_local_spec(tiny_sdxl), "vae", dtype=torch.bfloat16, device="cpu",
+                         source=WeightSource())
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers")  # its loggers do not reach the root logger
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)  # diffusers' default (the test suite quietens it)
+    try:
+        assert cast(vae, torch.float32) is vae and {p.dtype for p in vae.parameters()} == {torch.float32}
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [r.getMessage() for r in records if "kept in float32" in r.getMessage()] == []

@@ -38,7 +38,7 @@ from ..components import LoadedComponent, estimate_bytes, largest_linear_bytes
 from ..device_policy import DevicePolicy
 from ..families import family_of
 from ..families.family import VAE_ENCODER, weights_of
-from ..loading import WeightSource, load_component
+from ..loading import WeightSource, cast, load_component
 from ..lora import NO_LORAS, LoraError, LoraSet
 from ..precision import Backend, Precision, SupportLevel
 from ..quant import module_bytes, quantize_linears
@@ -109,7 +109,7 @@ class TorchBackend:
         if dtype is None:  # tokenizer or scheduler
             return LoadedComponent(obj, 0, None)
         if dtype != weights:  # a CPU without fast 16-bit math: the rounded 16-bit weights compute in FP32
-            obj.to(dtype)
+            cast(obj, dtype)
 
         runs_as = None
         quantized = name == spec.denoiser and not Precision.parse(precision).is_16bit
