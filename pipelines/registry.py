@@ -85,7 +85,8 @@ class SizeLimits:
             return abs(math.log(wh[0] * size[1] / (wh[1] * size[0]))) + 0.5 * abs(math.log(wh[0] * wh[1] / area))
 
         # Rounding each side alone bent small sizes: 4000x3000 became 80x48 at demo-flux's 64x64, not 64x48.
-        return min(((w, h) for w in sides(size[0] * scale) for h in sides(size[1] * scale)), key=lambda wh: (miss(wh), wh))
+        candidates = [(w, h) for w in sides(size[0] * scale) for h in sides(size[1] * scale)]
+        return min(candidates, key=lambda wh: (miss(wh), wh))
 
 
 @dataclass(frozen=True)

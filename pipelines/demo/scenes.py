@@ -230,7 +230,8 @@ def complete_caption(text: str) -> str | None:
     (no size, no position) came out as a green field from demo-flux on 2026-12-07, while the same words with
     "large" and "in the center" drew the circle. Missing sizes become "large", positions the centre (one shape) or
     left and right (two), the background white (black behind a white shape); "an", "the", commas between
-    shapes, a final full stop and "middle", "centre", "big" are accepted. None when `text` is already a caption or names anything outside the grammar.
+    shapes, a final full stop and "middle", "centre", "big" are accepted. None when `text` is already a caption
+    or names anything outside the grammar.
     """
     words = text.lower().replace(",", " , ").rstrip(" .").split()
     try:
