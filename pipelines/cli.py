@@ -31,8 +31,9 @@ def _add_request_args(p: argparse.ArgumentParser, multi_precision: bool = False)
                        help="default: bf16 (with --suite: each model's 16-bit type, fp8 and fp4)")
     else:
         p.add_argument("--precision", default="bf16", choices=choices)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None,
+                   help="default: the model's; with --image, the image's shape at about the model's pixel count")
+    p.add_argument("--height", type=int, default=None, help="default: as --width")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="default: random (reported)")
