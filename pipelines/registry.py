@@ -72,7 +72,7 @@ class SizeLimits:
                 return f"{name} {value} is outside {self.min_side}..{self.max_side}; choose a size in that range."
         return None
 
-    def fit(self, size: tuple[int, int], area: int) -> tuple[int, int]:
+    def keeping_shape(self, size: tuple[int, int], area: int) -> tuple[int, int]:
         """The valid (width, height) nearest `size`'s aspect ratio with about `area` pixels: what an input image
         of `size` becomes when no output size is given (a landscape photo stays landscape)."""
         scale = (area / (size[0] * size[1])) ** 0.5

@@ -172,7 +172,7 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
         default_size = family_of(spec).context_size(spec, edit.size)
     elif req.image is not None:  # image to image: unless asked otherwise, the input's shape at the default area
         image = read_image(req.image)
-        default_size = spec.size.fit(image.size, spec.default_width * spec.default_height)
+        default_size = spec.size.keeping_shape(image.size, spec.default_width * spec.default_height)
     width = default_size[0] if req.width is None else _as_int("width", req.width)
     height = default_size[1] if req.height is None else _as_int("height", req.height)
     steps = spec.default_steps if req.steps is None else _as_int("steps", req.steps)

@@ -274,12 +274,10 @@ def _loose_shape(words: list[str]) -> tuple[str | None, str, str, str | None] | 
     size = words.pop(0) if words and words[0] in SIZES else None
     if len(words) < 2 or words[0] not in COLOURS or words[1] not in KINDS:
         return None
-    rest = " ".join(words[2:])
-    if not rest:
+    if len(words) == 2:
         return size, words[0], words[1], None
-    bare = " ".join(w for w in rest.split() if w not in ("at", "in", "on", "the"))
-    position = _POSITION_BY_PHRASE.get(rest) or (bare if bare in POSITIONS else None)
-    return (size, words[0], words[1], position) if position else None
+    position = " ".join(w for w in words[2:] if w not in ("at", "in", "on", "the"))  # "at the top left": "top left"
+    return (size, words[0], words[1], position) if position in POSITIONS else None
 
 
 # --- sampling -----------------------------------------------------------------------------------
