@@ -378,7 +378,7 @@ def _apply_overrides(spec: ModelSpec, path: Path) -> ModelSpec:
     if "prompt_grammar" in raw:
         from .vocabulary import GRAMMARS  # it imports this module
 
-        if raw["prompt_grammar"] not in GRAMMARS:
+        if not isinstance(raw["prompt_grammar"], str) or raw["prompt_grammar"] not in GRAMMARS:
             raise UnknownModelError(f"{path}: \"prompt_grammar\" must be one of {sorted(GRAMMARS)}; "
                                     f"got {raw['prompt_grammar']!r}")
     allowed = {f for f in ModelSpec.__dataclass_fields__} - {"components", "family", "local_dir", "id", "base"}

@@ -126,6 +126,7 @@ def test_a_prompt_grammar_in_prism_json_must_be_a_known_one(tmp_path):
     shutil.copytree(DEMO_MODELS_DIR / "demo-flux", folder)
     settings = json.loads((folder / "prism.json").read_text())
     assert read_local_spec(folder).prompt_grammar == "demo-shapes"
-    (folder / "prism.json").write_text(json.dumps({**settings, "prompt_grammar": "english"}))
-    with pytest.raises(UnknownModelError, match="prompt_grammar.*demo-shapes"):
-        read_local_spec(folder)
+    for wrong in ("english", ["demo-shapes"], 3):  # an unknown name, or not a name at all
+        (folder / "prism.json").write_text(json.dumps({**settings, "prompt_grammar": wrong}))
+        with pytest.raises(UnknownModelError, match="prompt_grammar.*demo-shapes"):
+            read_local_spec(folder)
