@@ -63,7 +63,28 @@ def check_access(spec: ModelSpec, source: WeightSource) -> None:
 
     with translate_hub_errors(spec, source.hub):
         hf_hub_download(spec.repo, "model_index.json", revision=spec.revision, token=source.hub.token,
-                        cache_dir=source.hub.cache_dir, local_files_only=source.hub.is_offline)
+                        cache_dir=source.hub.cache_dir, local_files_only=source.hub.is_offline or not _hub_resolves())
+
+
+def _hub_resolves() -> bool:
+    """False when the Hub's host name does not resolve and no proxy would carry the request: a machine with no
+    internet (a DGX Spark on a closed LAN). huggingface_hub retries a failed request five times with backoff
+    before giving up, which took 33 s and printed ten warnings on such a machine (2026-12-07) for an error that
+    was certain from the first DNS failure; a cached copy still loads, since the cache is read either way."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if urllib.request.getproxies().get("https"):
+        return True  # the proxy resolves the name, not this machine
+    host = urllib.parse.urlsplit(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -95,9 +116,19 @@ def translate_hub_errors(spec: ModelSpec, hub: HubOptions) -> Iterator[None]:
             raise ModelAccessError(
                 f"{spec.id} is not in the local Hugging Face cache and {how}. Download it on a connected machine "
                 f"(`hf download {spec.repo}`) and copy the cache, or pass --model /path/to/a/local/folder in the "
-                "Hugging Face layout. The embedded demo models (demo-flux, demo-sdxl) work without any download."
+                f"Hugging Face layout. {_demo_hint(spec)}"
             ) from exc
         raise
+
+
+def _demo_hint(spec: ModelSpec) -> str:
+    from .registry import demo_specs
+
+    demos = [d.id for d in demo_specs() if d.family is spec.family] or [d.id for d in demo_specs()]
+    if not demos:
+        return ""
+    return (f"The embedded {' and '.join(demos)} model{'s' if len(demos) > 1 else ''} "
+            f"work{'' if len(demos) > 1 else 's'} without any download.")
 
 
 @contextlib.contextmanager

@@ -104,6 +104,41 @@ def test_offline_without_a_cached_copy_says_so_quickly(tmp_path):
     assert not is_available_locally(resolve_spec("flux.1-schnell"), hub)
 
 
+def test_an_unresolvable_hub_fails_at_once_naming_the_demo_of_the_family(tmp_path, monkeypatch):
+    """A machine with no internet and HF_HUB_OFFLINE unset: one DNS failure decides, not the Hub's five retries."""
+    import socket
+
+    lookups = []
+
+    def no_dns(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    hub = HubOptions(offline=False, cache_dir=str(tmp_path))
+    with pytest.raises(ModelAccessError) as err:
+        check_access(resolve_spec("flux.1-kontext-dev"), WeightSource(hub=hub))
+    message = str(err.value)
+    assert "cannot be reached from this machine" in message and "hf download black-forest-labs/FLUX.1-Kontext-dev" in message
+    assert "demo-kontext" in message and "demo-sdxl" not in message
+    assert lookups == ["huggingface.co"], "the Hub was asked over the network after the name did not resolve"
+
+
+def test_behind_a_proxy_the_hub_is_not_judged_by_local_dns(monkeypatch):
+    import socket
+
+    from pipelines.loading import _hub_resolves
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(socket.gaierror(-2, "no")))
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    assert not _hub_resolves()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.lan:3128")
+    assert _hub_resolves()
+
+
 def test_hf_hub_offline_environment_variable_is_honoured(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert HubOptions().is_offline
