@@ -21,5 +21,12 @@ def drop_import_notices() -> None:
 
 
 def configure_logging(verbose: bool) -> None:
-    """Prism's log lines: INFO with `verbose`, else WARNING."""
+    """Prism's log lines: INFO with `verbose`, else WARNING.
+
+    huggingface_hub prints its warnings with its own handler and also passes them up to the root logger, so each
+    one (a download retry) showed twice, once plain and once in Prism's format; transformers and diffusers keep
+    theirs to their own handler, and the Hub now does the same."""
+    from huggingface_hub.utils import logging as hub_logging
+
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    hub_logging.disable_propagation()

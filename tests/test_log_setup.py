@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 from pipelines.log_setup import drop_import_notices
 
@@ -34,3 +36,14 @@ def test_the_torchvision_notice_is_dropped_and_other_warnings_kept():
             logger.removeHandler(seen)
         noisy.setLevel(level)
     assert seen.messages == ["Could not import module 'X'", "requires torchvision (not installed)"]
+
+
+def test_a_hub_warning_is_printed_once():
+    """huggingface_hub's own handler and the root logger's both printed each retry warning."""
+    code = ("from pipelines.log_setup import configure_logging; configure_logging(False); "
+            "from huggingface_hub.utils import logging as l; l.get_logger('huggingface_hub.utils._http').warning('Retrying in 4s'); "
+            "import logging; logging.getLogger('prism.app').warning('ours')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("Retrying in 4s") == 1, proc.stderr
+    assert "WARNING prism.app: ours" in proc.stderr
