@@ -170,6 +170,7 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
     image = edit
     if edit is not None:  # an edit's output is, unless asked otherwise, the size its input is resized to
         default_size = family_of(spec).context_size(spec, edit.size)
+        image = _noting_a_stretch(spec, edit, default_size)
     elif req.image is not None:  # image to image: unless asked otherwise, the input's shape at the default area
         image = read_image(req.image)
         default_size = spec.size.keeping_shape(image.size, spec.default_width * spec.default_height)
@@ -258,6 +259,19 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
                    steps=steps, guidance=guidance, seed=seed, num_images=num_images, sampler=sampler, image=image,
                    strength=strength, mask=mask, mask_blur=mask_blur, only_masked=bool(req.only_masked), loras=loras,
                    cache=cache, refiner=refiner)
+
+
+def _noting_a_stretch(spec: ModelSpec, edit: "InputImage", size: tuple[int, int]) -> "InputImage":
+    """The edit's input with a note when resizing it to `size` (its context size) stretches it: the context is
+    resized without a crop, as diffusers' Kontext pipeline does. FLUX.1 Kontext's preferred sizes span 3:7 to 7:3, so
+    a photo moves a few percent; demo-kontext has only 64x64, and a 300x200 drawing became an oval it did not
+    recognize (2026-12-07). Above 5% the result says so and how to keep the proportions."""
+    (width, height), (to_width, to_height) = edit.size, size
+    if abs((width / height) / (to_width / to_height) - 1) <= 0.05:
+        return edit
+    note = (f"resized from {width}x{height} to {to_width}x{to_height}, the nearest size {spec.id} edits at, which "
+            f"stretches it; crop it to the proportions of {to_width}x{to_height} first to keep its shapes")
+    return replace(edit, notes=(*edit.notes, note))
 
 
 def _edit_input(req: GenerationRequest, spec: ModelSpec, prompt: str) -> "InputImage | None":

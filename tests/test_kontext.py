@@ -93,6 +93,18 @@ def test_output_size_may_differ_from_the_input(tiny_kontext, cpu_manager):
     assert result.images[0].size == (48, 32)
 
 
+def test_an_input_stretched_to_the_context_size_is_noted(tiny_kontext, cpu_manager):
+    """The tiny model edits at 32x32 only: a 64x32 input is squeezed (as diffusers does) and the result says so;
+    a square one is resized without a note."""
+    base = dict(prompt="a red circle", model=str(tiny_kontext), seed=1, steps=2)
+    wide = cpu_manager.generate(GenerationRequest(**base, image=circle_on_blue(64, 32)))
+    assert wide.images[0].size == (32, 32)
+    assert any("resized from 64x32 to 32x32" in w and "crop it to the proportions of 32x32" in w
+               for w in wide.warnings), wide.warnings
+    square = cpu_manager.generate(GenerationRequest(**base, image=circle_on_blue(48, 48)))
+    assert not any("resized from" in w for w in square.warnings), square.warnings
+
+
 def test_the_input_image_steers_the_edit(tiny_kontext, cpu_manager):
     """Same seed and instruction, two different inputs: two different results (the context tokens are used)."""
     base = dict(prompt="a red circle", model=str(tiny_kontext), seed=5, steps=3)
