@@ -63,7 +63,7 @@ def test_api_edit_image(client, source):
         seed=9, num_images=2, precision="bf16", api_name="/edit_image")
     assert status.startswith("Done: 2 edits") and seed == 9 and len(files) == 2
     size = Image.open(source).size
-    assert f"**Input image:** {size[0]}×{size[1]} · changed by the instruction" in summary
+    assert f"**Input image:** {size[0]}×{size[1]} · edited by instruction" in summary
     before, after = slider
     assert Image.open(before).size == Image.open(after).size == (32, 32)  # the tiny model's preferred size
     settings = _settings(files[0])

@@ -120,7 +120,7 @@ def input_lines(req) -> list[str]:
         return []
     w, h = req.image.size
     if req.strength is None:  # a model that edits images: it takes no strength
-        how = "changed by the instruction"
+        how = "edited by instruction"
     elif req.mask is not None:
         how = (f"inpainting where the mask is white{' (only the masked region)' if req.only_masked else ''}, "
                f"strength {req.strength:g}")
