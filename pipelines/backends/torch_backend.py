@@ -13,9 +13,9 @@ Optimisations, in order, each with its off switch and reason:
    "reduce-overhead" mode records each compiled graph once per input size and replays it. Measured in the app's
    own path (H200, 2026-12-01, scripts/gpu_speed_levers.py): Flux.1-dev FP8 105.9 vs 106.3 ms/step (its ~6 ms of
    launch gaps are not what the regional graphs remove), and for SDXL inductor's CUDA-graph trees assert in the
-   manager's worker thread (`torch._C._is_key_in_tls`), so the job fell back to eager (63 ms/step); since
-   2026-12-07 the wrapper gives the calling thread that state (`adopt_cuda_graph_state`, compile_guard.py; CPU-
-   tested, not yet re-measured on a GPU). On a CPU
+   manager's worker thread (`torch._C._is_key_in_tls`), so the job fell back to eager (63 ms/step). With the
+   wrapper giving the calling thread that state (`adopt_cuda_graph_state`, compile_guard.py) the graphs ran
+   (H100, 2026-12-07): SDXL fp16 36.0 vs 36.2 ms/step compiled, no gain worth the memory pool. On a CPU
    inductor skips the graphs by itself, so the lever is labelled "not available" there and changes nothing.
 4. SDXL's VAE in bf16 rather than fp32, OFF by default (`--bf16-vae`): the fp16 SDXL VAE overflows (NaN), which
    bf16's range does not; fp32 costs 117 ms, bf16 87 ms of a 1.24 s image on the H200. On random weights the
