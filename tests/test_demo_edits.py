@@ -327,7 +327,7 @@ def test_zero_minutes_of_training_saves_the_editor_unchanged(trained, tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_training_feeds_the_transformer_as_flux_kontext_pipeline_does(trained):
+def test_training_feeds_the_transformer_as_flux_kontext_pipeline_does(trained, diffusers_encoder_on_contiguous_input):
     """Capture what FluxKontextPipeline hands the transformer; the trainer builds the same ids and source tokens."""
     from diffusers import FluxKontextPipeline
 

@@ -15,18 +15,6 @@ def _pixels(image) -> np.ndarray:
     return np.asarray(image).astype(np.float64)
 
 
-@pytest.fixture
-def diffusers_encoder_on_contiguous_input(monkeypatch):
-    """diffusers hands its VAE encoder a channels-last view of the pixels (a numpy transpose), ours a contiguous
-    tensor; the CPU bf16 convolutions round the two layouts differently (one bf16 step in the latent mean,
-    up to 10 levels of 255 after SDXL's guidance, measured). The layout is no part of the method, so the
-    reference's encoder gets a contiguous copy of the same values."""
-    from diffusers import AutoencoderKL
-
-    encode = AutoencoderKL.encode
-    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, return_dict=True: encode(self, x.contiguous(), return_dict))
-
-
 def circle_on_blue(width: int, height: int) -> Image.Image:
     image = Image.new("RGB", (width, height), (20, 40, 200))
     r = min(width, height) // 3

@@ -26,16 +26,6 @@ def circle_on_blue(width: int, height: int) -> Image.Image:
     return image
 
 
-@pytest.fixture
-def diffusers_encoder_on_contiguous_input(monkeypatch):
-    """As in test_image_to_image.py: diffusers hands its VAE encoder a channels-last view, we a contiguous tensor;
-    CPU bf16 convolutions round the two layouts differently, and the layout is no part of the method."""
-    from diffusers import AutoencoderKL
-
-    encode = AutoencoderKL.encode
-    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, return_dict=True: encode(self, x.contiguous(), return_dict))
-
-
 @pytest.fixture(scope="module")
 def tiny_kontext_sizes(tiny_kontext, tmp_path_factory):
     """The tiny Kontext model with three preferred sizes (its prism.json), for the auto-resize rule."""

@@ -21,6 +21,7 @@ from PIL import Image
 
 from ..cpu_math import CpuMath, measure_cpu_math
 from ..families.flux import FLUX
+from ..loading import cast
 from ..precision import FP4_WEIGHTS_ONLY, Backend, Precision, SupportLevel, precision_support
 from ..quant import quantize_linears
 from .architectures import IMAGE_SIZE, T5_TOKENS
@@ -74,7 +75,10 @@ def load_editor(folder: Path, precision: str, device: str, cpu: CpuMath | None =
     if not support.runnable:
         raise ValueError(support.reason)
     compute = torch.float32 if cpu is not None and not cpu.fast_bf16 else torch.bfloat16
-    pipe = FluxKontextPipeline.from_pretrained(folder, dtype=torch.bfloat16).to(device, compute)
+    pipe = FluxKontextPipeline.from_pretrained(folder, dtype=torch.bfloat16)
+    for module in pipe.components.values():  # not pipe.to(dtype): diffusers' false "kept in float32: []" warning
+        if isinstance(module, torch.nn.Module):
+            cast(module, compute, device)
     pipe.set_progress_bar_config(disable=True)
     native_fp4 = p is Precision.FP4 and support.level is SupportLevel.NATIVE
     report = quantize_linears(pipe.transformer, p, FLUX.keep_16bit, compute, native_fp4=native_fp4)

@@ -2,7 +2,8 @@
 
     python -m pipelines.demo train --family flux sdxl --out models --vae-minutes 2.2 --minutes 6
     python -m pipelines.demo train --family flux --resume models --out models --minutes 8   # train on
-    python -m pipelines.demo train --family kontext --init models/demo-flux --out models --minutes 6   # the editor
+    python -m pipelines.demo train --family kontext --init models/demo-flux --out models --decoder-minutes 2.5 \
+        --minutes 14 --batch 256 --lr 8e-4 --cuda-graphs   # the editor (the shipped one: 20 minutes on an H100)
 
 The shipped models (2026-11-26, one H200): both families at once, 2.2 VAE minutes + 5.8 denoiser
 minutes each; demo-flux then resumed alone for 8.1 minutes (6270 denoiser steps in all, demo-sdxl 1883).
