@@ -77,7 +77,8 @@ def _hub_resolves() -> bool:
 
     from huggingface_hub import constants
 
-    if urllib.request.getproxies().get("https"):
+    proxies = urllib.request.getproxies()  # HTTPS_PROXY and ALL_PROXY, which huggingface_hub's client follows
+    if proxies.get("https") or proxies.get("all"):
         return True  # the proxy resolves the name, not this machine
     host = urllib.parse.urlsplit(constants.ENDPOINT).hostname
     try:

@@ -264,8 +264,8 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, capability: Capabil
 def _noting_a_stretch(spec: ModelSpec, edit: "InputImage", size: tuple[int, int]) -> "InputImage":
     """The edit's input with a note when resizing it to `size` (its context size) stretches it: the context is
     resized without a crop, as diffusers' Kontext pipeline does. FLUX.1 Kontext's preferred sizes span 3:7 to 7:3, so
-    a photo moves a few percent; demo-kontext has only 64x64, and a 300x200 drawing became an oval it did not
-    recognize (2026-12-07). Above 5% the result says so and how to keep the proportions."""
+    a photo moves a few percent; demo-kontext has only 64x64, and a 300x200 drawing of a circle became an oval
+    that the demo often failed to edit (2026-12-07). Above 5% the result says so and how to keep the proportions."""
     (width, height), (to_width, to_height) = edit.size, size
     if abs((width / height) / (to_width / to_height) - 1) <= 0.05:
         return edit

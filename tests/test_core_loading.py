@@ -137,6 +137,9 @@ def test_behind_a_proxy_the_hub_is_not_judged_by_local_dns(monkeypatch):
     assert not _hub_resolves()
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.lan:3128")
     assert _hub_resolves()
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setenv("ALL_PROXY", "socks5://proxy.lan:1080")
+    assert _hub_resolves()
 
 
 def test_hf_hub_offline_environment_variable_is_honoured(monkeypatch):
