@@ -166,7 +166,9 @@ class OpenAIImages:
                            param="response_format")
         prompt = given.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ApiError(400, "prompt is required: a non-empty text describing the image.", param="prompt")
+            what = ("describing the image" if image is None else
+                    "saying what the picture should become (for an editing model, the instruction: \"make the sky red\")")
+            raise ApiError(400, f"prompt is required: a non-empty text {what}.", param="prompt")
         negative = given.get("negative_prompt", "")
         if not isinstance(negative, str):
             raise ApiError(400, "negative_prompt must be text.", param="negative_prompt")
