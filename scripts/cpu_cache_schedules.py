@@ -1,6 +1,6 @@
 """Step-caching schedules on the demo models: what each costs in quality against the uncached image.
 
-    python scripts/cpu_cache_schedules.py [--captions 50] [--edits 100]
+    python scripts/cpu_cache_schedules.py [--captions 50] [--edits 100] [--models demo-kontext ...]
 
 demo-flux and demo-sdxl render held-out caption i with seed i at the steps of the real models (28 for Flux,
 30 for SDXL), uncached and under each candidate schedule (every 2nd / 3rd / 4th middle step runs the model,
@@ -45,6 +45,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--captions", type=int, default=50)
     p.add_argument("--edits", type=int, default=100)
+    p.add_argument("--models", nargs="+", choices=["demo-flux", "demo-sdxl", "demo-kontext"],
+                   default=["demo-flux", "demo-sdxl", "demo-kontext"], help="e.g. only the one retrained")
     args = p.parse_args()
     manager = PipelineManager(ManagerConfig(device="cpu", max_queue=1))
     captions, edits = held_out_captions(args.captions), held_out_edits(args.edits)
@@ -55,7 +57,8 @@ def main() -> None:
                          lambda ims: edit_accuracy(ims, edits)["all"]),
     }
     try:
-        for model, (family, steps, requests, right) in jobs.items():
+        for model in args.models:
+            family, steps, requests, right = jobs[model]
             shipped = family.FAST_CACHE
 
             def run(cache: str) -> list:
