@@ -63,6 +63,7 @@ class BenchRow:
     cache: str = "off"
     error: str | None = None  # why this row did not run (a precision this GPU lacks, torchao missing)
     warnings: tuple[str, ...] = ()  # the first run's (e.g. "torch.compile failed ...; this model runs eager")
+    size: str = ""  # the images' width x height as run (a request with no size takes the model's or the input's)
 
 
 def bench_models(args: argparse.Namespace) -> list[str]:
@@ -121,7 +122,8 @@ def _measure_or_raise(manager: PipelineManager, args: argparse.Namespace, model:
                     wall_ms=med(walls), load_ms=first.timings.load_ms,
                     vae_encoder_ms=med([r.timings.vae_encoder_ms for r in results]),
                     peak_gib=max(peaks) / GiB if peaks else None, baseline=baseline, model=model,
-                    cache=first.request.cache, warnings=first.warnings), first.images[0]
+                    cache=first.request.cache, warnings=first.warnings,
+                    size=f"{first.images[0].width}x{first.images[0].height}"), first.images[0]
 
 
 def with_difference(row: BenchRow, image, reference) -> BenchRow:
@@ -216,8 +218,9 @@ def _report(args, manager: PipelineManager, spec: ModelSpec, rows: list[BenchRow
         task = f", image to image at strength {args.strength or DEFAULT_STRENGTH:g}" + (" with a mask" if args.mask else "")
     else:
         task = ""
+    size = next((r.size for r in rows if r.size), f"{args.width or 'default'}x{args.height or 'default'}")
     lines = [
-        f"### {model} {rows[0].steps if rows else '?'} steps, {args.width or 'default'}x{args.height or 'default'}, "
+        f"### {model} {rows[0].steps if rows else '?'} steps, {size}, "
         f"batch {args.num_images}{task}"
         + (f", base + refiner (switch at {args.refiner:g}; steps counts both)" if args.refiner is not None else ""),
         f"- card: {info.name} (compute capability {info.capability_text}); torch {torch.__version__}; "

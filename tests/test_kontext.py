@@ -301,5 +301,6 @@ def test_bench_makes_a_random_input_for_an_edit_model(tiny_kontext):
                    "--warmup", "1", "--no-baseline", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert "an edit of a random-pixel input" in proc.stdout
+    assert f"{tiny_kontext.name} 2 steps, 32x32, batch 1" in proc.stdout  # the size it ran at, not "defaultxdefault"
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| prism bf16"))
     assert row.split("|")[4].strip() != "-"  # the VAE encoder's time is reported
