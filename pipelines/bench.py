@@ -10,12 +10,14 @@ recipe (torchao FP8 dynamic per-row + torch.compile of the whole denoiser) as a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import shlex
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
@@ -133,41 +135,48 @@ def with_difference(row: BenchRow, image, reference) -> BenchRow:
     return replace(row, psnr_db=imagemetrics.psnr(reference, image), ssim=imagemetrics.ssim(reference, image))
 
 
-def _peer_manager(args: argparse.Namespace, peer: str) -> PipelineManager:
-    return PipelineManager(manager_config(args, backend="torch", torch=TorchOptions(compile=True, cuda_graphs=False,
-                                                                                   bf16_vae=False, peer=peer),
-                                          lora_paths=True))
+def _peer_config(args: argparse.Namespace, peer: str):
+    return manager_config(args, backend="torch", torch=TorchOptions(compile=True, cuda_graphs=False, bf16_vae=False,
+                                                                     peer=peer), lora_paths=True)
+
+
+@contextlib.contextmanager
+def _running(config) -> Iterator[PipelineManager]:
+    """A manager whose worker thread ends with the block, so that one thread at a time runs torch.
+
+    Why: on a CPU each thread that runs torch ops gets its own OpenMP team, and once two such threads are alive
+    libgomp counts more threads than cores and stops spin-waiting. Every small op then waits on a wake-up. With
+    the baseline's manager left alive, demo-flux's 20 steps took 371 ms on the prism manager where they took 204 ms
+    on the baseline's, and 388 ms on the baseline's again afterwards. With the baseline's manager closed first,
+    they took 266 ms (2-core AMD EPYC, 2026-12-07)."""
+    manager = PipelineManager(config)
+    try:
+        yield manager
+    finally:
+        manager.close()
 
 
 def run_bench(args: argparse.Namespace) -> int:
     models = bench_models(args)
     for model in models:
         resolve_spec(model)  # an unknown model fails before anything loads
-    manager = PipelineManager(manager_config(args, lora_paths=True))
-    baseline = None if args.no_baseline else PipelineManager(manager_config(args, backend="torch", torch=EAGER,
-                                                                            lora_paths=True))
-    peer = _peer_manager(args, args.peer) if args.peer else None
-    results: dict[str, tuple[list[BenchRow], dict[str, BenchRow]]] = {}
-    try:
-        for model in models:
-            results[model] = _bench_model(args, model, manager, baseline, peer)
-    finally:
-        for m in (manager, baseline, peer):
-            if m is not None:
-                m.close()
-    for model, (rows, baselines) in results.items():
+    results: dict[str, tuple[list[BenchRow], dict[str, BenchRow], PipelineManager]] = {}
+    for model in models:
+        results[model] = _bench_model(args, model)
+    for model, (rows, baselines, manager) in results.items():
         print(_report(args, manager, resolve_spec(model), rows, baselines) + "\n")
     if args.json_out:
+        device = next(iter(results.values()))[2].info.name
         with open(args.json_out, "w") as f:
             json.dump({"models": {model: {"rows": [asdict(r) for r in rows],
                                           "baselines": {k: asdict(v) for k, v in baselines.items()}}
-                                  for model, (rows, baselines) in results.items()},
-                       "device": manager.info.name, "command": _command(), "date": _today()}, f, indent=2)
+                                  for model, (rows, baselines, _) in results.items()},
+                       "device": device, "command": _command(), "date": _today()}, f, indent=2)
     return 0
 
 
-def _bench_model(args: argparse.Namespace, model: str, manager: PipelineManager, baseline: PipelineManager | None,
-                 peer: PipelineManager | None) -> tuple[list[BenchRow], dict[str, BenchRow]]:
+def _bench_model(args: argparse.Namespace, model: str) -> tuple[list[BenchRow], dict[str, BenchRow], PipelineManager]:
+    """The model's rows, its baselines, and the (closed) manager that ran Prism's rows, for the report."""
     spec = resolve_spec(model)
     rows: list[BenchRow] = []
     baselines: dict[str, BenchRow] = {}
@@ -178,27 +187,35 @@ def _bench_model(args: argparse.Namespace, model: str, manager: PipelineManager,
         rows.append(row)
         print(f"measured {row}", flush=True)  # partial results survive a time limit
 
-    for precision in bench_precisions(args, manager, model):
-        # The baseline runs in the 16-bit type this precision computes in (bf16 for Flux FP8/FP4, fp16 for SDXL).
-        base = manager.policy.reference_precision(spec, precision).value
-        if baseline is not None and base not in baselines:
-            baselines[base], references[base] = _measure(baseline, args, model, base, f"baseline: diffusers eager {base}")
-            print(f"measured {baselines[base]}", flush=True)
-            baseline.unload()
-        row, image = _measure(manager, args, model, precision, f"prism {precision}", base if baseline else None)
-        if base not in references and precision == base:
-            references[base] = image  # no baseline: later rows compare with prism's own 16-bit image
-        record(row, image, base)
-        if args.cache == "fast" and not row.error:  # the same precision again with step caching
-            record(*_measure(manager, args, model, precision, f"prism {precision} + cache fast",
-                             base if baseline else None, cache="fast"), base)
-        manager.unload()
-    if peer is not None:
+    with _running(manager_config(args, lora_paths=True)) as manager:
+        # The baseline runs in the 16-bit type each precision computes in (bf16 for Flux FP8/FP4, fp16 for SDXL),
+        # before Prism's rows, on a manager of its own that is gone before Prism's manager runs anything.
+        precisions = bench_precisions(args, manager, model)
+        bases = {precision: manager.policy.reference_precision(spec, precision).value for precision in precisions}
+        if not args.no_baseline:
+            with _running(manager_config(args, backend="torch", torch=EAGER, lora_paths=True)) as baseline:
+                for base in dict.fromkeys(bases.values()):
+                    baselines[base], references[base] = _measure(baseline, args, model, base,
+                                                                 f"baseline: diffusers eager {base}")
+                    print(f"measured {baselines[base]}", flush=True)
+                    baseline.unload()
+        for precision in precisions:
+            base = bases[precision]
+            row, image = _measure(manager, args, model, precision, f"prism {precision}",
+                                  None if args.no_baseline else base)
+            if base not in references and precision == base:
+                references[base] = image  # no baseline: later rows compare with prism's own 16-bit image
+            record(row, image, base)
+            if args.cache == "fast" and not row.error:  # the same precision again with step caching
+                record(*_measure(manager, args, model, precision, f"prism {precision} + cache fast",
+                                 None if args.no_baseline else base, cache="fast"), base)
+            manager.unload()
+    if args.peer:
         base = manager.policy.reference_precision(spec, Precision.FP8).value
-        record(*_measure(peer, args, model, base, f"peer: {args.peer} FP8 per-row + compile",
-                         base if baseline else None), base)
-        peer.unload()
-    return rows, baselines
+        with _running(_peer_config(args, args.peer)) as peer:
+            record(*_measure(peer, args, model, base, f"peer: {args.peer} FP8 per-row + compile",
+                             None if args.no_baseline else base), base)
+    return rows, baselines, manager
 
 
 def _command() -> str:

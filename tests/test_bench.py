@@ -71,3 +71,35 @@ def test_an_unknown_model_or_peer_is_one_line(capsys):
     assert "no-such-model" in err and err.count("\n") == 1 and "Traceback" not in err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--peer", "tensorrt"])
+
+
+def test_one_manager_at_a_time_runs_torch(tiny_flux, tiny_sdxl, monkeypatch):
+    """On a CPU two live threads that have run torch ops halve the speed of both (libgomp stops spin-waiting), so
+    the baseline's manager is closed before Prism's runs anything, and Prism's before the next model's baseline."""
+    from pipelines.manager import PipelineManager
+
+    ran, closed, overlaps = [], set(), []
+    generate, close = PipelineManager.generate, PipelineManager.close
+
+    def spy_generate(self, request):
+        others = [m for m in ran if m is not self and id(m) not in closed]
+        if others:
+            overlaps.append(len(others))
+        if self not in ran:
+            ran.append(self)
+        return generate(self, request)
+
+    def spy_close(self):
+        closed.add(id(self))
+        return close(self)
+
+    monkeypatch.setattr(PipelineManager, "generate", spy_generate)
+    monkeypatch.setattr(PipelineManager, "close", spy_close)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["bench", "a red circle", "--model", str(tiny_flux), str(tiny_sdxl), "--precision", "fp8",
+                     "--width", "32", "--height", "32", "--steps", "2", "--runs", "1", "--warmup", "1",
+                     "--device", "cpu"])
+    assert code == 0
+    assert len(ran) == 4 and not overlaps, (len(ran), overlaps)  # a baseline and a Prism manager per model
+    assert printed.getvalue().count("| baseline: diffusers eager ") == 2
