@@ -133,8 +133,10 @@ class _Runner:
         compiled = self.base.torch.compile if compile_torch is None else compile_torch
         key = (backend.value, compiled)
         if key not in self.managers:
-            self.managers[key] = PipelineManager(replace(self.base, backend=backend.value,
-                                                         torch=replace(self.base.torch, compile=compiled)))
+            # One manager at a time: two live threads that ran torch ops slow both on a CPU (pipelines/bench.py).
+            self.close()
+            self.managers = {key: PipelineManager(replace(self.base, backend=backend.value,
+                                                          torch=replace(self.base.torch, compile=compiled)))}
         request = GenerationRequest(PROMPT, DEMO_MODEL, precision, seed=SEED, steps=STEPS, backend=backend.value)
         return self.managers[key].generate(request)
 
