@@ -144,11 +144,11 @@ def _peer_config(args: argparse.Namespace, peer: str):
 def _running(config) -> Iterator[PipelineManager]:
     """A manager whose worker thread ends with the block, so that one thread at a time runs torch.
 
-    Why: on a CPU each thread that runs torch ops gets its own OpenMP team, and once two such threads are alive
-    libgomp counts more threads than cores and stops spin-waiting. Every small op then waits on a wake-up. With
-    the baseline's manager left alive, demo-flux's 20 steps took 371 ms on the prism manager where they took 204 ms
-    on the baseline's, and 388 ms on the baseline's again afterwards. With the baseline's manager closed first,
-    they took 266 ms (2-core AMD EPYC, 2026-12-07)."""
+    Why: on a CPU each thread that has run torch ops keeps its own OpenMP team, and with two such threads alive
+    every small op slowed on both (most likely libgomp waiting less actively once it manages more threads than
+    there are cores; not verified further). With the baseline's manager left alive, demo-flux's 20 steps took
+    371 ms on Prism's manager where they took 204 ms on the baseline's, and 388 ms on the baseline's again
+    afterwards. With the baseline's manager closed first, they took 266 ms (2-core AMD EPYC, 2026-12-07)."""
     manager = PipelineManager(config)
     try:
         yield manager
