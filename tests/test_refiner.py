@@ -20,7 +20,7 @@ from pipelines.registry import (HUB_MODELS, REFINER_MODELS, UnknownModelError, k
 from pipelines.request import GenerationRequest, RequestError
 
 from conftest import fast_16bit_cpu
-from test_image_to_image import circle_on_blue, diffusers_encoder_on_contiguous_input  # noqa: F401 (a fixture)
+from test_image_to_image import circle_on_blue
 
 ROOT = Path(__file__).resolve().parent.parent
 
