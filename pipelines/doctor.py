@@ -117,32 +117,34 @@ def _rel_error(image, reference) -> float:
 
 
 class _Runner:
-    """Renders the check prompt through one manager per (backend option set), created on first use."""
+    """Renders the check prompt through a manager for the current backend option set, replaced when that changes:
+    one manager at a time, since two live threads that ran torch ops slow both on a CPU (pipelines/bench.py)."""
 
     def __init__(self, device: str, cache_dir: Path, compile_torch: bool):
         from .manager import ManagerConfig
 
         self.base = ManagerConfig(device=device, engine_cache_dir=cache_dir, max_queue=1,
                                   torch=TorchOptions(compile=compile_torch))
-        self.managers: dict[tuple[str, bool], object] = {}
+        self.key: tuple[str, bool] | None = None
+        self.manager = None
 
     def render(self, backend: Backend, precision: Precision, compile_torch: bool | None = None):
         from .manager import PipelineManager
         from .request import GenerationRequest
 
         compiled = self.base.torch.compile if compile_torch is None else compile_torch
-        key = (backend.value, compiled)
-        if key not in self.managers:
-            # One manager at a time: two live threads that ran torch ops slow both on a CPU (pipelines/bench.py).
+        if (backend.value, compiled) != self.key:
             self.close()
-            self.managers = {key: PipelineManager(replace(self.base, backend=backend.value,
-                                                          torch=replace(self.base.torch, compile=compiled)))}
+            self.manager = PipelineManager(replace(self.base, backend=backend.value,
+                                                   torch=replace(self.base.torch, compile=compiled)))
+            self.key = (backend.value, compiled)
         request = GenerationRequest(PROMPT, DEMO_MODEL, precision, seed=SEED, steps=STEPS, backend=backend.value)
-        return self.managers[key].generate(request)
+        return self.manager.generate(request)
 
     def close(self) -> None:
-        for manager in self.managers.values():
-            manager.close()
+        if self.manager is not None:
+            self.manager.close()
+        self.manager, self.key = None, None
 
 
 def run_doctor(device: str = "auto", budget_seconds: float = BUDGET_SECONDS,
