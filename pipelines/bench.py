@@ -17,7 +17,6 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
@@ -140,22 +139,6 @@ def _peer_config(args: argparse.Namespace, peer: str):
                                                                      peer=peer), lora_paths=True)
 
 
-@contextlib.contextmanager
-def _running(config) -> Iterator[PipelineManager]:
-    """A manager whose worker thread ends with the block, so that one thread at a time runs torch.
-
-    Why: on a CPU each thread that has run torch ops keeps its own OpenMP team, and with two such threads alive
-    every small op slowed on both (most likely libgomp waiting less actively once it manages more threads than
-    there are cores; not verified further). With the baseline's manager left alive, demo-flux's 20 steps took
-    371 ms on Prism's manager where they took 204 ms on the baseline's, and 388 ms on the baseline's again
-    afterwards. With the baseline's manager closed first, they took 266 ms (2-core AMD EPYC, 2026-12-07)."""
-    manager = PipelineManager(config)
-    try:
-        yield manager
-    finally:
-        manager.close()
-
-
 def run_bench(args: argparse.Namespace) -> int:
     models = bench_models(args)
     for model in models:
@@ -187,13 +170,20 @@ def _bench_model(args: argparse.Namespace, model: str) -> tuple[list[BenchRow], 
         rows.append(row)
         print(f"measured {row}", flush=True)  # partial results survive a time limit
 
-    with _running(manager_config(args, lora_paths=True)) as manager:
+    # One manager at a time runs torch, each closed (its worker thread ended) before the next runs anything. Why:
+    # on a CPU each thread that has run torch ops keeps its own OpenMP team, and with two such threads alive every
+    # small op slowed on both (most likely libgomp waiting less actively once it manages more threads than there
+    # are cores; not verified further). With the baseline's manager left alive, demo-flux's 20 steps took 371 ms on
+    # Prism's manager where they took 204 ms on the baseline's, and 388 ms on the baseline's again afterwards; with
+    # the baseline's manager closed first, 266 ms (2-core AMD EPYC, 2026-12-07).
+    with contextlib.closing(PipelineManager(manager_config(args, lora_paths=True))) as manager:
         # The baseline runs in the 16-bit type each precision computes in (bf16 for Flux FP8/FP4, fp16 for SDXL),
         # before Prism's rows, on a manager of its own that is gone before Prism's manager runs anything.
         precisions = bench_precisions(args, manager, model)
         bases = {precision: manager.policy.reference_precision(spec, precision).value for precision in precisions}
         if not args.no_baseline:
-            with _running(manager_config(args, backend="torch", torch=EAGER, lora_paths=True)) as baseline:
+            baseline_config = manager_config(args, backend="torch", torch=EAGER, lora_paths=True)
+            with contextlib.closing(PipelineManager(baseline_config)) as baseline:
                 for base in dict.fromkeys(bases.values()):
                     baselines[base], references[base] = _measure(baseline, args, model, base,
                                                                  f"baseline: diffusers eager {base}")
@@ -212,7 +202,7 @@ def _bench_model(args: argparse.Namespace, model: str) -> tuple[list[BenchRow], 
             manager.unload()
     if args.peer:
         base = manager.policy.reference_precision(spec, Precision.FP8).value
-        with _running(_peer_config(args, args.peer)) as peer:
+        with contextlib.closing(PipelineManager(_peer_config(args, args.peer))) as peer:
             record(*_measure(peer, args, model, base, f"peer: {args.peer} FP8 per-row + compile",
                              None if args.no_baseline else base), base)
     return rows, baselines, manager
