@@ -1,0 +1,107 @@
+"""Issue 17's SDXL levers not tried yet, measured on the UNet alone (one CFG step at 1024x1024, batch 2):
+channels-last memory for the convolutions, fused QKV projections, and inductor's tuning flags, each added to
+the one before, every variant compiled as the app compiles SDXL (the whole UNet, default mode).
+
+    python3 scripts/gpu_sdxl_unet_levers.py --out $OUT      # on the lent GPU; ~90 s of compiling a variant, cold
+    python3 scripts/gpu_sdxl_unet_levers.py --device cpu --model demo-sdxl --size 64 --runs 2 --out /tmp/s   # smoke run
+
+Random full-size weights through the app's own loader (nothing downloaded). Each variant's output is compared
+with today's (relative L2 error): channels-last and fused projections are exact rewrites up to rounding order.
+The published recipe these come from is the PyTorch blog "Accelerating Generative AI Part III: Diffusion, Fast".
+Writes OUT/sdxl_unet_levers.json; rows are printed as they finish (a variant past --budget seconds is skipped).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu_profile_step import timed  # noqa: E402
+from pipelines.device_policy import DevicePolicy  # noqa: E402
+from pipelines.gpu import probe_device  # noqa: E402
+from pipelines.loading import WeightSource, load_component  # noqa: E402
+from pipelines.registry import resolve_spec  # noqa: E402
+
+# inductor settings of the published recipe (blog above): 1x1 convolutions as matmuls, a coordinate-descent search
+# over each Triton kernel's launch parameters, and no epilogue fusion into matmul templates.
+TUNING_FLAGS = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False,
+                "coordinate_descent_check_all_directions": True}
+
+
+def unet_inputs(spec, size: int, dtype: torch.dtype, device: str) -> dict:
+    cfg = spec.components["unet"].config
+    g = torch.Generator(device).manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, device=device, dtype=dtype)  # noqa: E731
+    latent = size // spec.vae_scale_factor
+    return dict(sample=r(2, cfg["in_channels"], latent, latent), timestep=torch.tensor(500.0, device=device),
+                encoder_hidden_states=r(2, 77, cfg["cross_attention_dim"]),
+                added_cond_kwargs={"text_embeds": r(2, cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]),
+                                   "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2, device=device, dtype=dtype)})
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="sdxl-base-1.0")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--budget", type=float, default=540, help="seconds; a variant that would start later is skipped")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    started = time.monotonic()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = args.device.startswith("cuda")
+    spec = resolve_spec(args.model)
+    policy = DevicePolicy.for_info(probe_device(args.device))
+    dtype = policy.compute_dtype(spec, "fp16")  # fp16 on a GPU, as the app runs SDXL; fp32 on a CPU without fast fp16
+    unet = load_component(spec, "unet", dtype=dtype, device=args.device, source=WeightSource(random_weights=True)).eval()
+    inputs = unet_inputs(spec, args.size, dtype, args.device)
+    summary: dict = {"model": spec.id, "size": args.size, "dtype": str(dtype), "date": time.strftime("%Y-%m-%d"),
+                     "device": torch.cuda.get_device_name() if cuda else "CPU", "torch": torch.__version__, "rows": []}
+    variants = [("today: compile", False, False, {}),
+                ("+ channels-last", True, False, {}),
+                ("+ channels-last + fused QKV", True, True, {}),
+                ("+ channels-last + fused QKV + inductor tuning flags", True, True, TUNING_FLAGS)]
+    reference = None
+    with torch.inference_mode():
+        for label, channels_last, fused, flags in variants:
+            if time.monotonic() - started > args.budget:
+                summary["rows"].append({"variant": label, "skipped": "past --budget"})
+                continue
+            torch._dynamo.reset()
+            if channels_last:
+                unet.to(memory_format=torch.channels_last)
+            if fused and not getattr(unet, "_prism_fused", False):
+                unet.fuse_qkv_projections()
+                unet._prism_fused = True
+            compiled = torch.compile(unet)
+            t0 = time.monotonic()
+            with torch._inductor.config.patch(flags):
+                first = compiled(**inputs).sample  # compiles here, under the flags
+            compile_s = time.monotonic() - t0
+            for _ in range(2):
+                compiled(**inputs)
+            ms = timed(lambda: compiled(**inputs), args.runs, cuda)
+            output = compiled(**inputs).sample.float()
+            if reference is None:
+                reference = output
+            error = ((output - reference).norm() / reference.norm()).item()
+            row = {"variant": label, "step_ms": round(ms, 2), "compile_s": round(compile_s, 1),
+                   "relative_error_vs_today": round(error, 6), "finite": bool(torch.isfinite(first).all())}
+            summary["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            (out / "sdxl_unet_levers.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "sdxl_unet_levers.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
