@@ -59,6 +59,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16-vae", action="store_true",
                    help="PyTorch backend: run SDXL's VAE in bf16 instead of fp32 on GPUs with bf16 (30 ms less per "
                         "image on an H200; off by default until its image difference is shown small on real weights)")
+    p.add_argument("--fp8-attention", action="store_true",
+                   help="PyTorch backend: at FP8, FLUX.1's attention runs in FP8 too (cuDNN's kernel; needs "
+                        "nvidia-cudnn-frontend and a Hopper or Blackwell GPU). Off by default until measured")
     p.add_argument("--weight-streaming-budget", default=None, metavar="SIZE",
                    help="TensorRT backend: keep at most this much of each engine's weights on the GPU (e.g. 8GB) and "
                         "stream the rest from host memory; engines are then built streamable")
@@ -101,7 +104,8 @@ def manager_config(args: argparse.Namespace, **overrides) -> "ManagerConfig":
     config = ManagerConfig(
         device=args.device, backend=args.backend, memory_budget=args.memory_budget,
         random_weights=args.random_weights, hub=hub_options(args), engine_cache_dir=engine_cache_dir(args),
-        torch=TorchOptions(compile=args.compile, cuda_graphs=args.torch_cuda_graphs, bf16_vae=args.bf16_vae),
+        torch=TorchOptions(compile=args.compile, cuda_graphs=args.torch_cuda_graphs, bf16_vae=args.bf16_vae,
+                           fp8_attention=args.fp8_attention),
         lora_dir=args.lora_dir or DEFAULT_LORA_DIR,
         tensorrt=TensorRTOptions(cuda_graphs=not args.no_cuda_graphs,
                                  weight_streaming_budget=_size("--weight-streaming-budget", streaming) if streaming else None))

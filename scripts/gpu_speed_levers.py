@@ -1,15 +1,16 @@
 """Issue 17 on the GPU, in one device call: each PyTorch speed lever alone and all together, and step caching,
 at 1024x1024 on full-size random weights (nothing downloaded). Flux.1-dev FP8 (28 steps) and SDXL base fp16 (30
 steps, CFG): the diffusers-eager 16-bit reference (also the image every row is compared with, same seed), today's
-default (compile only), CUDA graphs alone, the bf16 VAE alone (SDXL: Flux's VAE is bf16 already), all on, and all
-on with `--cache fast`. Rows run most important first; a row that would start past --budget seconds is listed
+default (compile only), FP8 attention alone (Flux), CUDA graphs alone, the bf16 VAE alone (SDXL: Flux's VAE is
+bf16 already), all on, and all on with `--cache fast`. Rows run most important first; a row that would start past --budget seconds is listed
 as not run, so the call ends in time and partial results are printed and written after every row.
 
     python scripts/gpu_speed_levers.py --out $OUT                   # on the H200, about 8-9 minutes cold
     python scripts/gpu_speed_levers.py --only sdxl --out $OUT       # one family per call, if a call is short
     python scripts/gpu_speed_levers.py --device cpu --models demo-flux demo-sdxl --size 64 --steps 9   # smoke run
 
-Needs diffusers 0.42.1 and importlib_metadata on the device (no torchao, no cache-dit). The compiled kernels go
+Needs diffusers 0.42.1 and importlib_metadata on the device (no torchao, no cache-dit), and nvidia-cudnn-frontend
+for the FP8-attention rows (without it they run without, and the probe line says why). The compiled kernels go
 to the engine cache's torch-inductor/ folder, so a second call on a warm machine skips most compile time.
 """
 from __future__ import annotations
@@ -36,7 +37,8 @@ PROMPT = "a photo of a red fox in a snowy forest, golden hour"
 TODAY = TorchOptions(compile=True, cuda_graphs=False, bf16_vae=False)  # the default (levers measured, left off)
 GRAPHS = TorchOptions(compile=True, cuda_graphs=True, bf16_vae=False)
 VAE = TorchOptions(compile=True, cuda_graphs=False, bf16_vae=True)
-ALL_ON = TorchOptions(compile=True, cuda_graphs=True, bf16_vae=True)
+ALL_ON = TorchOptions(compile=True, cuda_graphs=True, bf16_vae=True, fp8_attention=True)
+FP8_ATTENTION = TorchOptions(compile=True, cuda_graphs=False, bf16_vae=False, fp8_attention=True)
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,12 @@ class Config:
 def plan(family: str, sixteen: str, quantized: str) -> list[Config]:
     """The rows of one model, most important first (the last ones are skipped when time runs out)."""
     rows = [Config(f"reference: diffusers eager {sixteen}", sixteen, EAGER, reference=True),
-            Config(f"today: {quantized} + compile", quantized, TODAY),
-            Config(f"all on: {quantized} + compile + CUDA graphs" + (" + bf16 VAE" if family == "sdxl" else ""),
-                   quantized, ALL_ON),
-            Config("all on + cache fast", quantized, ALL_ON, cache="fast")]
+            Config(f"today: {quantized} + compile", quantized, TODAY)]
+    if family == "flux":
+        rows.append(Config(f"FP8 attention alone: {quantized} + compile", quantized, FP8_ATTENTION))
+    extra = " + bf16 VAE" if family == "sdxl" else " + FP8 attention"
+    rows += [Config(f"all on: {quantized} + compile + CUDA graphs{extra}", quantized, ALL_ON),
+             Config("all on + cache fast", quantized, ALL_ON, cache="fast")]
     if family == "sdxl":  # Flux's VAE already runs in bf16, so its CUDA-graphs-alone row is its all-on row
         rows += [Config(f"CUDA graphs alone: {quantized}", quantized, GRAPHS),
                  Config(f"bf16 VAE alone: {quantized} + compile", quantized, VAE)]
@@ -74,19 +78,16 @@ def bench_args(model: str, size: int, steps: int | None, device: str, runs: int,
 
 
 def fp8_attention_probe() -> dict[str, str]:
-    """What this torch offers for FP8 attention (torch_backend.py says why the lever is left out)."""
-    probe = {"torch": torch.__version__}
+    """What this machine offers for FP8 attention (pipelines/fp8_attention.py)."""
+    from pipelines.fp8_attention import cudnn_fp8_attention_problem
+
+    probe = {"torch": torch.__version__, "cudnn": str(torch.backends.cudnn.version())}
     try:
-        from torch.nn.attention.experimental import _scaled_dot_product_attention_quantized  # noqa: F401
-        probe["fp8_sdpa_fa3_api"] = "present"
+        import cudnn
+        probe["cudnn_frontend"] = getattr(cudnn, "__version__", "?")
     except Exception as exc:
-        probe["fp8_sdpa_fa3_api"] = f"absent ({type(exc).__name__})"
-    try:
-        import flash_attn_interface  # noqa: F401
-        probe["flash_attn_interface"] = "importable"
-    except Exception as exc:
-        probe["flash_attn_interface"] = f"absent ({type(exc).__name__})"
-    probe["cudnn"] = str(torch.backends.cudnn.version())
+        probe["cudnn_frontend"] = f"absent ({type(exc).__name__})"
+    probe["cuDNN FP8 attention"] = cudnn_fp8_attention_problem("cuda") or "usable"
     return probe
 
 

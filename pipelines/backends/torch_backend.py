@@ -21,12 +21,12 @@ Optimisations, in order, each with its off switch and reason:
    bf16's range does not; fp32 costs 117 ms, bf16 87 ms of a 1.24 s image on the H200. On random weights the
    bf16 image differs visibly (24.1 dB PSNR / SSIM 0.913 against fp32): not turned on until real weights show
    the difference small. DevicePolicy.bf16_vae decides it.
+5. FP8 attention for FLUX.1 at FP8, OFF by default until measured in the model (`--fp8-attention`): cuDNN's FP8
+   flash attention through nvidia-cudnn-frontend (pipelines/fp8_attention.py), on Hopper and Blackwell where a
+   probe plan builds and agrees with float32 attention; elsewhere the lever says why it is not available.
+   (torch's own FP8 attention is the experimental FA3 path, which needs a separately built FA3 module.)
 Not yet wired in: calibrated FP8 activation scales (`pipelines/fp8_static.py`), until
 scripts/gpu_fp8_static_scales.py has measured them on a GPU.
-Left out: FP8 attention. torch has no cuDNN FP8 SDPA; its only FP8 attention is the experimental Flash
-Attention 3 path (torch.nn.attention.experimental._scaled_dot_product_attention_quantized, torch >= 2.12), which
-needs the separately built `flash_attn_interface` (FA3) module registered, and the lent GPU has torch 2.11
-and no FA3 build (scripts/gpu_speed_levers.py reports what it finds there).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from ..components import LoadedComponent, estimate_bytes, largest_linear_bytes
 from ..device_policy import DevicePolicy
 from ..families import family_of
 from ..families.family import VAE_ENCODER, weights_of
+from ..fp8_attention import cudnn_fp8_attention_problem
 from ..loading import WeightSource, cast, load_component
 from ..lora import NO_LORAS, LoraError, LoraSet
 from ..precision import Backend, Precision, SupportLevel
@@ -97,6 +98,14 @@ class TorchBackend:
             return
         component.lora.apply(loras.layers(name), loras.key(name), ", ".join(a.file.name for a in loras.items))
 
+    def fp8_attention_problem(self, spec: ModelSpec, precision: Precision, device: str) -> str | None:
+        """Why `spec`'s denoiser at `precision` does not get FP8 attention here (None: it does)."""
+        if not self.options.fp8_attention:
+            return "off (--fp8-attention turns it on)"
+        if Precision.parse(precision) is not Precision.FP8 or family_of(spec).fp8_attention is None:
+            return "FLUX.1 at FP8 only"
+        return cudnn_fp8_attention_problem(device)
+
     def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, policy: DevicePolicy,
              source: WeightSource, ctx: RunContext | None = None, loras: LoraSet = NO_LORAS) -> LoadedComponent:
         dtype = policy.component_dtype(spec, name, precision)
@@ -122,6 +131,9 @@ class TorchBackend:
             report = _quantize(obj, spec, precision, dtype, native_fp4, device if staged else None,
                                lora.base if lora is not None and quantized else None)
             runs_as = support.runs_as if report.native_fp4 == native_fp4 else "FP4 weights, 16-bit compute"
+        if name == spec.denoiser and self.fp8_attention_problem(spec, precision, device) is None:
+            family_of(spec).fp8_attention(obj)
+            runs_as = f"{runs_as or Precision.FP8.label} + FP8 attention"
         peer = name == spec.denoiser and self.options.peer is not None
         if peer:
             runs_as = quantize_peer(obj, self.options.peer, policy.capability)
@@ -148,7 +160,8 @@ def lever_states(options: TorchOptions, cuda: bool) -> dict[str, str]:
             "CUDA graphs": state(options.cuda_graphs, "--torch-cuda-graphs turns it on",
                                  no_gpu or (None if compiled else "needs torch.compile")),
             "SDXL VAE in bf16": state(options.bf16_vae, "--bf16-vae turns it on", no_gpu),
-            "FP8 attention": "not available: torch has FP8 attention only through an FA3 build (torch_backend.py)"}
+            "FP8 attention (FLUX.1 at FP8)": state(options.fp8_attention, "--fp8-attention turns it on",
+                                                   cudnn_fp8_attention_problem("cuda") if cuda else no_gpu)}
 
 
 def compile_mode(options: TorchOptions, device: str) -> str | None:

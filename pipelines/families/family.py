@@ -79,6 +79,9 @@ class ModelFamily:
     lora_components: tuple[str, ...] = ()
     image_use: ImageUse = ImageUse.START
     fast_cache: StepCache = NO_CACHE  # the schedule "Fast (cached)" runs (pipelines.step_cache)
+    # Switches the loaded denoiser's attention to FP8 (pipelines/fp8_attention.py), returning how many attention
+    # modules it changed; None: the family has no FP8 attention.
+    fp8_attention: Callable[[nn.Module], int] | None = None
     # CONTEXT families: the (width, height) an input image of a given size is resized to, which is also the
     # output's size when the request names none.
     context_size: Callable[["ModelSpec", tuple[int, int]], tuple[int, int]] | None = None

@@ -25,6 +25,7 @@ from ..run_context import Parts, RunContext, Stopwatch
 from ..sampling import (FamilyOutput, check_finite, family_output, seed_generators, seeded_noise, stage_timings,
                         tokenize, truncation_warning)
 from .family import ModelFamily
+from .flux_attention import use_fp8_attention
 from ..schedulers import Sampler, make_scheduler
 from ..step_cache import FAST, NO_CACHE, StepCache, StepOutputs
 
@@ -263,6 +264,7 @@ FLUX = ModelFamily(
     generate=generate,
     first_step=first_step,
     fast_cache=FAST_CACHE,
+    fp8_attention=use_fp8_attention,
     lora_reader="FluxPipeline",
     lora_components=("transformer", "text_encoder"),
 )
