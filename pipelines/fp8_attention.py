@@ -36,8 +36,8 @@ def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def emulate_sdpa_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
                      descale_k: torch.Tensor, descale_v: torch.Tensor, scale: float) -> torch.Tensor:
-    """The kernel's arithmetic in float32 ([batch, tokens, heads, dim] in, FP8 output at V's scale out), for tests
-    on a CPU. As in a flash kernel, P is quantized before it is normalized (exp(s - row max), at most 1) and the
+    """The kernel's arithmetic in float32 ([batch, tokens, heads, dim] in, FP8 output at V's scale out): what runs
+    on a CPU, so the demo models show FP8 attention's image difference there too. As in a flash kernel, P is quantized before it is normalized (exp(s - row max), at most 1) and the
     row sums come from the unquantized P."""
     q, k, v = (t.float().transpose(1, 2) * d for t, d in ((q8, descale_q), (k8, descale_k), (v8, descale_v)))
     s = (q @ k.transpose(-1, -2)) * scale
@@ -50,9 +50,9 @@ def emulate_sdpa_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, desca
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                   sdpa_fp8=None) -> torch.Tensor:
     """softmax(Q K^T * scale) V for [batch, tokens, heads, dim] inputs, computed in FP8; the result in q's dtype.
-    `sdpa_fp8` is the kernel (default: cuDNN's, as a torch op that torch.compile traces through)."""
+    `sdpa_fp8` is the kernel (default: the `prism::sdpa_fp8` op: cuDNN's on a GPU, the emulation on a CPU)."""
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    kernel = torch.ops.prism.cudnn_sdpa_fp8 if sdpa_fp8 is None else sdpa_fp8
+    kernel = torch.ops.prism.sdpa_fp8 if sdpa_fp8 is None else sdpa_fp8
     (q8, dq), (k8, dk), (v8, dv) = quantize_per_tensor(q), quantize_per_tensor(k), quantize_per_tensor(v)
     out = kernel(q8, k8, v8, dq, dk, dv, scale)
     return (out.float() * dv).to(q.dtype)
@@ -111,25 +111,32 @@ def _plan(shape: tuple[int, int, int, int], scale: float, device: torch.device) 
     return _CudnnPlan(shape, scale, device)
 
 
-@torch.library.custom_op("prism::cudnn_sdpa_fp8", mutates_args=())
-def cudnn_sdpa_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
-                   descale_k: torch.Tensor, descale_v: torch.Tensor, scale: float) -> torch.Tensor:
+# A torch op, so torch.compile traces through it (the fake implementation gives the output's shape and type).
+@torch.library.custom_op("prism::sdpa_fp8", mutates_args=(), device_types="cuda")
+def sdpa_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor, descale_k: torch.Tensor,
+             descale_v: torch.Tensor, scale: float) -> torch.Tensor:
     q8, k8, v8 = q8.contiguous(), k8.contiguous(), v8.contiguous()
     return _plan(tuple(q8.shape), scale, q8.device).run(q8, k8, v8, descale_q, descale_k, descale_v)
 
 
-@cudnn_sdpa_fp8.register_fake
+sdpa_fp8.register_kernel("cpu")(emulate_sdpa_fp8)
+
+
+@sdpa_fp8.register_fake
 def _(q8, k8, v8, descale_q, descale_k, descale_v, scale):
     return torch.empty(q8.shape, dtype=torch.float8_e4m3fn, device=q8.device)
 
 
 @functools.lru_cache(maxsize=8)  # probed once per device and process
-def cudnn_fp8_attention_problem(device: str | torch.device) -> str | None:
-    """Why cuDNN's FP8 attention cannot run on `device` (None: it can). Builds and runs a small plan and checks its
-    output against float32 attention, so a cuDNN that accepts the graph but computes something else is caught."""
+def fp8_attention_problem(device: str | torch.device) -> str | None:
+    """Why FP8 attention cannot run on `device` (None: it can). A CPU runs the emulation. On a GPU this builds and
+    runs a small cuDNN plan and checks its output against float32 attention, so a cuDNN that accepts the graph
+    but computes something else is caught."""
     device = torch.device(device)
+    if device.type == "cpu":
+        return None
     if device.type != "cuda" or not torch.cuda.is_available():
-        return "needs a CUDA GPU"
+        return f"not on {device.type}: cuDNN's kernel needs an NVIDIA GPU"
     major, minor = torch.cuda.get_device_capability(device)
     if major not in CUDNN_FP8_SDPA_MAJORS:
         return f"cuDNN's FP8 attention runs on compute capability 9.x and 10.x; this GPU is {major}.{minor}"
@@ -140,7 +147,7 @@ def cudnn_fp8_attention_problem(device: str | torch.device) -> str | None:
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, 256, 2, 128, generator=g, device=device, dtype=torch.bfloat16) for _ in range(3))
     try:
-        got = fp8_attention(q, k, v, sdpa_fp8=cudnn_sdpa_fp8)
+        got = fp8_attention(q, k, v)
     except Exception as exc:
         return f"cuDNN refused the FP8 attention graph ({type(exc).__name__}: {str(exc)[:200]})"
     want = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in (q, k, v))).transpose(1, 2)
@@ -148,3 +155,7 @@ def cudnn_fp8_attention_problem(device: str | torch.device) -> str | None:
     if not math.isfinite(error) or error > 0.1:  # FP8's own error is a few percent; a wrong layout is ~100%
         return f"cuDNN's FP8 attention gave wrong results here (relative error {error:.3f} against float32)"
     return None
+
+
+def fp8_attention_label(device: str | torch.device) -> str:
+    return "FP8 attention" if torch.device(device).type == "cuda" else "FP8 attention (CPU emulation)"

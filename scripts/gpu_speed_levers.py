@@ -79,7 +79,7 @@ def bench_args(model: str, size: int, steps: int | None, device: str, runs: int,
 
 def fp8_attention_probe() -> dict[str, str]:
     """What this machine offers for FP8 attention (pipelines/fp8_attention.py)."""
-    from pipelines.fp8_attention import cudnn_fp8_attention_problem
+    from pipelines.fp8_attention import fp8_attention_problem
 
     probe = {"torch": torch.__version__, "cudnn": str(torch.backends.cudnn.version())}
     try:
@@ -87,7 +87,7 @@ def fp8_attention_probe() -> dict[str, str]:
         probe["cudnn_frontend"] = getattr(cudnn, "__version__", "?")
     except Exception as exc:
         probe["cudnn_frontend"] = f"absent ({type(exc).__name__})"
-    probe["cuDNN FP8 attention"] = cudnn_fp8_attention_problem("cuda") or "usable"
+    probe["cuDNN FP8 attention"] = fp8_attention_problem("cuda") or "usable"
     return probe
 
 

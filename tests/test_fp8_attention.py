@@ -16,7 +16,7 @@ from pipelines.backends.contract import TorchOptions
 from pipelines.backends.torch_backend import TorchBackend
 from pipelines.families import family_of
 from pipelines.families.flux_attention import Fp8FluxAttnProcessor, use_fp8_attention
-from pipelines.fp8_attention import (FP8_MAX, cudnn_fp8_attention_problem, emulate_sdpa_fp8, fp8_attention,
+from pipelines.fp8_attention import (FP8_MAX, emulate_sdpa_fp8, fp8_attention, fp8_attention_problem,
                                      quantize_per_tensor)
 from pipelines.loading import load_component
 from pipelines.registry import read_local_spec
@@ -172,24 +172,20 @@ def test_the_backend_says_why_fp8_attention_is_not_used(specs):
     assert on.fp8_attention_problem(specs["flux"], "bf16", "cuda") == "FLUX.1 at FP8 only"
     assert on.fp8_attention_problem(specs["flux"], "fp4", "cuda") == "FLUX.1 at FP8 only"
     assert on.fp8_attention_problem(specs["sdxl"], "fp8", "cuda") == "FLUX.1 at FP8 only"
-    assert on.fp8_attention_problem(specs["flux"], "fp8", "cpu") == "needs a CUDA GPU"
-    assert cudnn_fp8_attention_problem("cpu") == "needs a CUDA GPU"
+    assert on.fp8_attention_problem(specs["flux"], "fp8", "cpu") is None  # the emulation
+    assert fp8_attention_problem("meta") == "not on meta: cuDNN's kernel needs an NVIDIA GPU"
 
 
-def test_a_loaded_denoiser_gets_the_fp8_processors_and_a_label_where_the_kernel_works(specs, monkeypatch):
-    """Where the probe passes (a Hopper or Blackwell GPU with cuDNN's FP8 attention), loading FLUX.1 at FP8 swaps
-    the processors and the result says so; the probe is replaced here, as this machine has no such GPU."""
-    import pipelines.backends.torch_backend as torch_backend
+def test_a_loaded_denoiser_gets_the_fp8_processors_and_a_label(specs):
     from pipelines.device_policy import DevicePolicy
     from pipelines.gpu import probe_device
     from pipelines.loading import WeightSource
 
-    monkeypatch.setattr(torch_backend, "cudnn_fp8_attention_problem", lambda device: None)
     policy = DevicePolicy.for_info(probe_device("cpu"))
     spec = specs["flux"]
     loaded = TorchBackend(TorchOptions(compile=False, fp8_attention=True)).load(
         spec, "transformer", "fp8", "cpu", policy, WeightSource())
-    assert loaded.runs_as.endswith(" + FP8 attention")
+    assert loaded.runs_as.endswith(" + FP8 attention (CPU emulation)")
     assert {type(p) for p in processors(loaded.obj)} == {Fp8FluxAttnProcessor}
     plain = TorchBackend(TorchOptions(compile=False)).load(spec, "transformer", "fp8", "cpu", policy, WeightSource())
     assert "FP8 attention" not in plain.runs_as and {type(p) for p in processors(plain.obj)} == {FluxAttnProcessor}
@@ -202,7 +198,7 @@ def test_the_kernel_op_traces_with_fake_tensors():
     with FakeTensorMode():
         q8 = torch.empty(1, 4608, 24, 128, dtype=torch.float8_e4m3fn)
         one = torch.empty(1, 1, 1, 1)
-        out = torch.ops.prism.cudnn_sdpa_fp8(q8, q8, q8, one, one, one, 0.088)
+        out = torch.ops.prism.sdpa_fp8(q8, q8, q8, one, one, one, 0.088)
     assert out.shape == q8.shape and out.dtype == torch.float8_e4m3fn
 
 
@@ -213,3 +209,30 @@ def test_the_flag_turns_the_lever_on():
     args = build_parser().parse_args(["generate", "a fox", "--fp8-attention"])
     assert manager_config(args).torch.fp8_attention
     assert not manager_config(build_parser().parse_args(["generate", "a fox"])).torch.fp8_attention
+
+
+def test_the_op_runs_the_emulation_on_a_cpu():
+    q, k, v = qkv(3)
+    parts = [quantize_per_tensor(t) for t in (q, k, v)]
+    args = [p[0] for p in parts] + [p[1] for p in parts] + [0.125]
+    assert torch.equal(torch.ops.prism.sdpa_fp8(*args), emulate_sdpa_fp8(*args))
+
+
+def test_an_fp8_image_with_fp8_attention_says_so_and_stays_close(tiny_flux):
+    """Through the manager, as the app runs it: the label names the lever and the image moves by FP8's rounding
+    (64 dB on the tiny model, 2026-12-07), not more."""
+    from pipelines.imagemetrics import psnr
+    from pipelines.manager import ManagerConfig, PipelineManager
+    from pipelines.request import GenerationRequest
+
+    request = GenerationRequest(prompt="a red circle", model=str(tiny_flux), precision="fp8", seed=3, steps=4,
+                                width=64, height=64)
+    results = {}
+    for on in (False, True):
+        manager = PipelineManager(ManagerConfig(device="cpu", torch=TorchOptions(compile=False, fp8_attention=on)))
+        try:
+            results[on] = manager.generate(request)
+        finally:
+            manager.close()
+    assert results[True].runs_as == results[False].runs_as + " + FP8 attention (CPU emulation)"
+    assert 30 < psnr(results[False].images[0], results[True].images[0]) < float("inf")

@@ -43,7 +43,7 @@ def test_labels_say_what_acts_here():
     assert cpu["CUDA graphs"] == "not available: no CUDA GPU" and cpu["SDXL VAE in bf16"] == "not available: no CUDA GPU"
     assert cpu["torch.compile"] == "off (--no-compile)" and cpu["FP8 attention (FLUX.1 at FP8)"] == "off (--fp8-attention turns it on)"
     assert lever_states(replace(on, fp8_attention=True), cuda=False)["FP8 attention (FLUX.1 at FP8)"] == \
-        "not available: no CUDA GPU"
+        "on (CPU emulation: the image difference, not the speed)"
     gpu = lever_states(on, cuda=True)
     assert gpu["torch.compile"] == gpu["CUDA graphs"] == gpu["SDXL VAE in bf16"] == "on"
     assert lever_states(TorchOptions(), cuda=True)["CUDA graphs"] == "off (--torch-cuda-graphs turns it on)"

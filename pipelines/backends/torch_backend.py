@@ -23,7 +23,8 @@ Optimisations, in order, each with its off switch and reason:
    the difference small. DevicePolicy.bf16_vae decides it.
 5. FP8 attention for FLUX.1 at FP8, OFF by default until measured in the model (`--fp8-attention`): cuDNN's FP8
    flash attention through nvidia-cudnn-frontend (pipelines/fp8_attention.py), on Hopper and Blackwell where a
-   probe plan builds and agrees with float32 attention; elsewhere the lever says why it is not available.
+   probe plan builds and agrees with float32 attention; elsewhere the lever says why it is not available. A CPU
+   runs the kernel's arithmetic emulated (labelled), so the demo models show what it does to images.
    (torch's own FP8 attention is the experimental FA3 path, which needs a separately built FA3 module.)
 Not yet wired in: calibrated FP8 activation scales (`pipelines/fp8_static.py`), until
 scripts/gpu_fp8_static_scales.py has measured them on a GPU.
@@ -38,7 +39,7 @@ from ..components import LoadedComponent, estimate_bytes, largest_linear_bytes
 from ..device_policy import DevicePolicy
 from ..families import family_of
 from ..families.family import VAE_ENCODER, weights_of
-from ..fp8_attention import cudnn_fp8_attention_problem
+from ..fp8_attention import fp8_attention_label, fp8_attention_problem
 from ..loading import WeightSource, cast, load_component
 from ..lora import NO_LORAS, LoraError, LoraSet
 from ..precision import Backend, Precision, SupportLevel
@@ -104,7 +105,7 @@ class TorchBackend:
             return "off (--fp8-attention turns it on)"
         if Precision.parse(precision) is not Precision.FP8 or family_of(spec).fp8_attention is None:
             return "FLUX.1 at FP8 only"
-        return cudnn_fp8_attention_problem(device)
+        return fp8_attention_problem(device)
 
     def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, policy: DevicePolicy,
              source: WeightSource, ctx: RunContext | None = None, loras: LoraSet = NO_LORAS) -> LoadedComponent:
@@ -133,7 +134,7 @@ class TorchBackend:
             runs_as = support.runs_as if report.native_fp4 == native_fp4 else "FP4 weights, 16-bit compute"
         if name == spec.denoiser and self.fp8_attention_problem(spec, precision, device) is None:
             family_of(spec).fp8_attention(obj)
-            runs_as = f"{runs_as or Precision.FP8.label} + FP8 attention"
+            runs_as = f"{runs_as or Precision.FP8.label} + {fp8_attention_label(device)}"
         peer = name == spec.denoiser and self.options.peer is not None
         if peer:
             runs_as = quantize_peer(obj, self.options.peer, policy.capability)
@@ -160,8 +161,16 @@ def lever_states(options: TorchOptions, cuda: bool) -> dict[str, str]:
             "CUDA graphs": state(options.cuda_graphs, "--torch-cuda-graphs turns it on",
                                  no_gpu or (None if compiled else "needs torch.compile")),
             "SDXL VAE in bf16": state(options.bf16_vae, "--bf16-vae turns it on", no_gpu),
-            "FP8 attention (FLUX.1 at FP8)": state(options.fp8_attention, "--fp8-attention turns it on",
-                                                   cudnn_fp8_attention_problem("cuda") if cuda else no_gpu)}
+            "FP8 attention (FLUX.1 at FP8)": fp8_attention_state(options, cuda)}
+
+
+def fp8_attention_state(options: TorchOptions, cuda: bool) -> str:
+    if not options.fp8_attention:
+        return "off (--fp8-attention turns it on)"
+    if not cuda:
+        return "on (CPU emulation: the image difference, not the speed)"
+    problem = fp8_attention_problem("cuda")
+    return f"not available: {problem}" if problem else "on"
 
 
 def compile_mode(options: TorchOptions, device: str) -> str | None:
