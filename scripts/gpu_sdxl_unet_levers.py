@@ -53,6 +53,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--budget", type=float, default=540, help="seconds; a variant that would start later is skipped")
+    p.add_argument("--variants", type=int, nargs="+", default=None,
+                   help="which variants to run, by position (0 = today, the reference of the errors); default: all")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     started = time.monotonic()
@@ -70,6 +72,8 @@ def main() -> int:
                 ("+ channels-last", True, False, {}),
                 ("+ channels-last + fused QKV", True, True, {}),
                 ("+ channels-last + fused QKV + inductor tuning flags", True, True, TUNING_FLAGS)]
+    if args.variants is not None:
+        variants = [variants[i] for i in sorted(set(args.variants) | {0})]
     reference = None
     with torch.inference_mode():
         for label, channels_last, fused, flags in variants:

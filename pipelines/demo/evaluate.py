@@ -2,6 +2,7 @@
 
     python -m pipelines.demo evaluate --models demo-flux demo-sdxl --n 200 [--device cuda] [--markdown out.md]
     python -m pipelines.demo evaluate --precisions bf16 --caches off fast   # what step caching costs
+    python -m pipelines.demo evaluate --models demo-flux --precisions bf16 fp8 --fp8-attention   # and FP8 attention
 
 Caption i is rendered with seed i, so every figure is reproducible. The 16-bit reference is bf16 for
 both models (what their FP8/FP4 variants are compared with in the table's PSNR/SSIM columns).
@@ -13,6 +14,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
+from ..backends.contract import TorchOptions
 from ..imagemetrics import psnr, ssim
 from ..manager import ManagerConfig, PipelineManager
 from ..request import GenerationRequest
@@ -46,9 +48,10 @@ def render(manager: PipelineManager, model: str, precision: str, captions: list[
     return images, runs_as
 
 
-def evaluate(models: list[str], n: int, device: str, precisions=PRECISIONS, caches=("off",)) -> list[EvalRow]:
+def evaluate(models: list[str], n: int, device: str, precisions=PRECISIONS, caches=("off",),
+             torch: TorchOptions = TorchOptions()) -> list[EvalRow]:
     captions = held_out_captions(n)
-    manager = PipelineManager(ManagerConfig(device=device, max_queue=1))
+    manager = PipelineManager(ManagerConfig(device=device, max_queue=1, torch=torch))
     rows = []
     try:
         for model in models:
@@ -95,9 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS))
     parser.add_argument("--caches", nargs="+", default=["off"], choices=["off", "fast"],
                         help="step caching settings to render each precision with (pipelines.step_cache)")
+    parser.add_argument("--fp8-attention", action="store_true",
+                        help="FLUX.1 at FP8 with FP8 attention (emulated on a CPU: its image difference, not its speed)")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
-    table = markdown(evaluate(args.models, args.n, args.device, args.precisions, args.caches))
+    table = markdown(evaluate(args.models, args.n, args.device, args.precisions, args.caches,
+                              TorchOptions(fp8_attention=args.fp8_attention)))
     print(table)
     if args.markdown:
         with open(args.markdown, "w") as f:
