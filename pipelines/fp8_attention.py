@@ -4,6 +4,8 @@ Why: a compiled FLUX.1 FP8 step on the H200 spends 25 of its ~106 ms in bf16 att
 (torch profiler, BENCHMARKS.md "Where a compiled Flux FP8 step goes"), and torch has no FP8 attention of its own
 on Hopper (its experimental FA3 path needs a separately built `flash_attn_interface`). cuDNN has one; the
 frontend's Python graph API is the way to call it (scripts/gpu_fp8_attention.py measures it alone).
+Measured on an H100 (2026-12-07, BENCHMARKS.md): the kernel is 1.26x bf16 SDPA at FLUX.1's shape, and the step
+gains 2% once quantizing Q, K, V and dequantizing O are paid for, so the lever is off by default.
 
 The arithmetic, as the kernel does it and `emulate_sdpa_fp8` repeats on any device:
 - Q, K, V are each quantized with one power-of-two scale per tensor (so scaling is exact), amax / 448 or less.

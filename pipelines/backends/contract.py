@@ -64,7 +64,8 @@ class TorchOptions:
     # Speed levers measured and left off by default (--torch-cuda-graphs, --bf16-vae turn them on); see torch_backend.py.
     cuda_graphs: bool = False  # compiled denoiser replays CUDA graphs (torch.compile mode "reduce-overhead")
     bf16_vae: bool = False  # SDXL's VAE runs in bf16 where fp16 would overflow (instead of fp32), on bf16 GPUs
-    # FLUX.1 at FP8: attention in FP8 too (cuDNN's kernel through nvidia-cudnn-frontend; pipelines/fp8_attention.py)
+    # FLUX.1 at FP8: attention in FP8 too (cuDNN's kernel through nvidia-cudnn-frontend; pipelines/fp8_attention.py);
+    # off: 2% a step on an H100 for 3 dB more image difference on demo-flux (torch_backend.py)
     fp8_attention: bool = False
     peer: str | None = None  # bench only: "torchao" runs the published recipe on a 16-bit denoiser (torchao_peer.py)
     # Quantize checkpoints while moving them from host RAM, one layer at a time (discrete GPUs only: on
