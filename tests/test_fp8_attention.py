@@ -147,8 +147,7 @@ def test_the_fp8_processor_changes_the_output_by_fp8s_rounding_only(tiny_transfo
 def test_other_processors_are_left_alone(tiny_transformer):
     _, model = tiny_transformer
     attention = next(m for m in model.modules() if hasattr(m, "processor"))
-    custom = FluxAttnProcessor.__new__(type("OtherProcessor", (FluxAttnProcessor,), {}))
-    custom.__init__()
+    custom = type("OtherProcessor", (FluxAttnProcessor,), {})()
     attention.set_processor(custom)
     try:
         changed = use_fp8_attention(model, exact_attention)

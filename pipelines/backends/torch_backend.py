@@ -27,8 +27,9 @@ Optimisations, in order, each with its off switch and reason:
    arithmetic emulated (labelled), so the demo models show what it does to images. Measured (H100, 2026-12-07):
    Flux.1-dev FP8 109.6 -> 107.2 ms a step; demo-flux 45.0 -> 41.8 dB against bf16: not worth it by default.
    (torch's own FP8 attention is the experimental FA3 path, which needs a separately built FA3 module.)
-Not yet wired in: calibrated FP8 activation scales (`pipelines/fp8_static.py`), until
-scripts/gpu_fp8_static_scales.py has measured them on a GPU.
+Measured and not wired in (BENCHMARKS.md, 2026-12-07): calibrated FP8 activation scales (1.05x a Flux step;
+`pipelines/fp8_static.py` says why not), SDXL's fused QKV projections (5% of a step; LoRAs are fused into the
+separate projections by name) and channels-last UNet memory (1%).
 """
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ class TorchBackend:
             runs_as = support.runs_as if report.native_fp4 == native_fp4 else "FP4 weights, 16-bit compute"
         if name == spec.denoiser and self.fp8_attention_problem(spec, precision, device) is None:
             family_of(spec).fp8_attention(obj)
-            runs_as = f"{runs_as or Precision.FP8.label} + {fp8_attention_label(device)}"
+            runs_as = f"{runs_as} + {fp8_attention_label(device)}"
         peer = name == spec.denoiser and self.options.peer is not None
         if peer:
             runs_as = quantize_peer(obj, self.options.peer, policy.capability)
