@@ -166,6 +166,25 @@ def test_switching_loras_never_reloads_and_unfuses_to_the_base_bit_for_bit(manag
     assert manager.status().lora_host_bytes >= expected
 
 
+def test_on_a_cpu_computing_in_fp32_unfusing_still_restores_the_base(lora_dir, tiny_flux):
+    """Where 16-bit weights compute in FP32 (CPUs without fast bf16, like CI's), the kept base is an fp32 tensor
+    on the same device as the layer; fusing once added the update into that base itself (a `.to()` that copied
+    nothing), so turning the LoRA off left it in the model (found 2026-12-07)."""
+    m = PipelineManager(ManagerConfig(device="cpu", lora_dir=lora_dir), device_info=fast_16bit_cpu(fast=False))
+    try:
+        before = m.generate(req(tiny_flux))
+        module = transformer_module(m, tiny_flux)
+        assert next(module.parameters()).dtype == torch.float32
+        base = weights(module)
+        m.generate(req(tiny_flux, loras=[("ink", 1.0)]))
+        m.generate(req(tiny_flux, loras=[("stripes", 0.7)]))
+        after = m.generate(req(tiny_flux))
+        assert same(weights(module), base)
+        assert np.array_equal(pixels(after), pixels(before))
+    finally:
+        m.close()
+
+
 def test_two_loras_compose_as_the_sum_of_their_updates(manager, tiny_flux, lora_dir, specs):
     manager.generate(req(tiny_flux))
     module = transformer_module(manager, tiny_flux)

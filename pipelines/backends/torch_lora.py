@@ -67,7 +67,7 @@ class LoraState:
                 _write(modules[path], self.base[path])
             for path, (target, updates) in targets.items():
                 base = self._base_of(path, target)
-                fused = base.to(_device(target), torch.float32)
+                fused = base.to(_device(target), torch.float32, copy=True)  # never the base itself (an fp32 one on a CPU)
                 for lr, scale in updates:
                     fused += lr.delta(scale, fused.device)
                 _write(target, fused.to(base.dtype))
