@@ -172,7 +172,22 @@ class QuantReport:
 
 
 def module_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    """Bytes of the module's weights, memory shared by two tensors counted once (SDXL's fused attention
+    projections are views into one weight: pipelines/families/sdxl_attention.py)."""
+    total, spans = 0, {}
+    for t in [*module.parameters(), *module.buffers()]:
+        size = t.numel() * t.element_size()
+        if t.data_ptr() == 0:  # no memory behind it (meta), or empty
+            total += size
+        else:
+            spans.setdefault(t.device, []).append((t.data_ptr(), t.data_ptr() + size))
+    for ranges in spans.values():
+        end = 0
+        for start, stop in sorted(ranges):  # the union of the address ranges
+            if stop > end:
+                total += stop - max(start, end)
+                end = stop
+    return total
 
 
 def quantizable(name: str, in_features: int, out_features: int, keep_16bit: Iterable[str]) -> bool:

@@ -67,6 +67,9 @@ class TorchOptions:
     # FLUX.1 at FP8: attention in FP8 too (cuDNN's kernel through nvidia-cudnn-frontend; pipelines/fp8_attention.py);
     # off: 2% a step on an H100 for 3 dB more image difference on demo-flux (torch_backend.py)
     fp8_attention: bool = False
+    # SDXL at 16 bits: one GEMM for each attention's Q, K, V (pipelines/families/sdxl_attention.py); None: on CUDA
+    # GPUs, where it was measured (5% of a step), and off on a CPU, where it was not
+    fused_qkv: bool | None = None
     peer: str | None = None  # bench only: "torchao" runs the published recipe on a 16-bit denoiser (torchao_peer.py)
     # Quantize checkpoints while moving them from host RAM, one layer at a time (discrete GPUs only: on
     # unified memory the host copy is device memory too, so staging saves nothing).

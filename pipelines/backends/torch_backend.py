@@ -109,6 +109,11 @@ class TorchBackend:
             return "FLUX.1 at FP8 only"
         return fp8_attention_problem(device)
 
+    def fuses_qkv(self, spec: ModelSpec, device: str) -> bool:
+        """Whether `spec`'s 16-bit denoiser gets its attention projections fused here."""
+        on = self.options.fused_qkv if self.options.fused_qkv is not None else device.startswith("cuda")
+        return on and family_of(spec).fuse_qkv is not None
+
     def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, policy: DevicePolicy,
              source: WeightSource, ctx: RunContext | None = None, loras: LoraSet = NO_LORAS) -> LoadedComponent:
         dtype = policy.component_dtype(spec, name, precision)
@@ -134,6 +139,8 @@ class TorchBackend:
             report = _quantize(obj, spec, precision, dtype, native_fp4, device if staged else None,
                                lora.base if lora is not None and quantized else None)
             runs_as = support.runs_as if report.native_fp4 == native_fp4 else "FP4 weights, 16-bit compute"
+        if name == spec.denoiser and not quantized and self.fuses_qkv(spec, device):
+            family_of(spec).fuse_qkv(obj)
         if name == spec.denoiser and self.fp8_attention_problem(spec, precision, device) is None:
             family_of(spec).fp8_attention(obj)
             runs_as = f"{runs_as} + {fp8_attention_label(device)}"
@@ -163,7 +170,10 @@ def lever_states(options: TorchOptions, cuda: bool) -> dict[str, str]:
             "CUDA graphs": state(options.cuda_graphs, "--torch-cuda-graphs turns it on",
                                  no_gpu or (None if compiled else "needs torch.compile")),
             "SDXL VAE in bf16": state(options.bf16_vae, "--bf16-vae turns it on", no_gpu),
-            "FP8 attention (FLUX.1 at FP8)": fp8_attention_state(options, cuda)}
+            "FP8 attention (FLUX.1 at FP8)": fp8_attention_state(options, cuda),
+            "fused QKV projections (SDXL at 16 bits)": state(
+                options.fused_qkv if options.fused_qkv is not None else cuda, "--no-fused-qkv" if cuda else
+                "measured on GPUs only", None)}
 
 
 def fp8_attention_state(options: TorchOptions, cuda: bool) -> str:

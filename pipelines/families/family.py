@@ -82,6 +82,9 @@ class ModelFamily:
     # Switches the loaded denoiser's attention to FP8 (pipelines/fp8_attention.py), returning how many attention
     # modules it changed; None: the family has no FP8 attention.
     fp8_attention: Callable[[nn.Module], int] | None = None
+    # Fuses the 16-bit denoiser's attention projections (one GEMM for Q, K, V), returning how many modules it
+    # fused; None: the family does not.
+    fuse_qkv: Callable[[nn.Module], int] | None = None
     # CONTEXT families: the (width, height) an input image of a given size is resized to, which is also the
     # output's size when the request names none.
     context_size: Callable[["ModelSpec", tuple[int, int]], tuple[int, int]] | None = None

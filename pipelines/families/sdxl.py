@@ -24,6 +24,7 @@ from ..sampling import (FamilyOutput, check_finite, family_output, seed_generato
                         tokenize, truncation_warning)
 from . import sdxl_refiner
 from .family import REFINER_PREFIX, ModelFamily
+from .sdxl_attention import fuse_qkv_projections
 from ..schedulers import Sampler, make_scheduler
 from ..step_cache import FAST, NO_CACHE, StepCache, StepOutputs
 
@@ -272,4 +273,5 @@ SDXL = ModelFamily(
     lora_reader="StableDiffusionXLPipeline",
     lora_components=("unet", "text_encoder", "text_encoder_2"),
     fast_cache=FAST_CACHE,
+    fuse_qkv=fuse_qkv_projections,
 )

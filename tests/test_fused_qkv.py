@@ -1,0 +1,115 @@
+"""SDXL's fused attention projections (pipelines/families/sdxl_attention.py): the same output, no memory spent
+twice, LoRAs still landing in the weights the model runs, and where the backend turns it on."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
+
+from pipelines.backends.contract import TorchOptions
+from pipelines.backends.torch_backend import TorchBackend, lever_states
+from pipelines.backends.torch_lora import LoraState
+from pipelines.device_policy import DevicePolicy
+from pipelines.families import family_of
+from pipelines.families.sdxl_attention import fuse_qkv_projections
+from pipelines.gpu import probe_device
+from pipelines.loading import WeightSource, load_component
+from pipelines.lora import LowRank
+from pipelines.quant import module_bytes
+
+LEVER = "fused QKV projections (SDXL at 16 bits)"
+
+
+def unet_and_inputs(spec, seed: int = 0):
+    unet = load_component(spec, "unet", dtype=torch.float32, device="cpu").eval()
+    cfg = unet.config
+    g = torch.Generator().manual_seed(seed)
+    extra = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    inputs = dict(sample=torch.randn(2, cfg.in_channels, 8, 8, generator=g), timestep=torch.tensor(500.0),
+                  encoder_hidden_states=torch.randn(2, 7, cfg.cross_attention_dim, generator=g),
+                  added_cond_kwargs={"text_embeds": torch.randn(2, extra, generator=g),
+                                     "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)})
+    return unet, inputs
+
+
+def run(unet, inputs) -> torch.Tensor:
+    with torch.inference_mode():
+        return unet(**inputs).sample
+
+
+def test_fusing_keeps_the_output_and_the_memory(sdxl):
+    unet, inputs = unet_and_inputs(sdxl)
+    want, bytes_before = run(unet, inputs), module_bytes(unet)
+    attention = [m for m in unet.modules() if isinstance(m, Attention)]
+    assert fuse_qkv_projections(unet) == len(attention) > 0
+    assert {type(p) for p in unet.attn_processors.values()} == {FusedAttnProcessor2_0}
+    torch.testing.assert_close(run(unet, inputs), want, rtol=1e-5, atol=1e-6)
+    assert module_bytes(unet) == bytes_before  # the separate projections are views, not copies
+    for m in attention:
+        whole = m.to_kv if m.is_cross_attention else m.to_qkv
+        parts = (m.to_k, m.to_v) if m.is_cross_attention else (m.to_q, m.to_k, m.to_v)
+        assert all(p.weight.untyped_storage().data_ptr() == whole.weight.untyped_storage().data_ptr() for p in parts)
+        torch.testing.assert_close(torch.cat([p.weight for p in parts]), whole.weight, rtol=0, atol=0)
+
+
+def test_a_lora_fused_into_the_separate_projections_reaches_the_fused_model(sdxl):
+    """LoRAs are written into to_q / to_k / to_v by name (torch_lora); after fusing, the model runs to_qkv / to_kv,
+    so the write must land there: same output as the unfused model with the same LoRA, and back after unfusing."""
+    plain, inputs = unet_and_inputs(sdxl)
+    fused, _ = unet_and_inputs(sdxl)
+    fuse_qkv_projections(fused)
+    self_attention = next(n for n, m in plain.named_modules() if isinstance(m, Attention) and not m.is_cross_attention)
+    cross_attention = next(n for n, m in plain.named_modules() if isinstance(m, Attention) and m.is_cross_attention)
+    g = torch.Generator().manual_seed(5)
+    layers = {}
+    for path in (f"{self_attention}.to_k", f"{cross_attention}.to_v"):
+        out_features, in_features = plain.get_submodule(path).weight.shape
+        layers[path] = [(LowRank(down=torch.randn(4, in_features, generator=g), up=torch.randn(out_features, 4, generator=g),
+                                 alpha=None), 0.5)]
+    before = run(fused, inputs)
+    results = {}
+    for name, unet in (("plain", plain), ("fused", fused)):
+        state = LoraState(unet)
+        state.apply(layers, ("test",), "test")
+        results[name] = run(unet, inputs)
+        state.apply({}, (), "none")
+        results[name + " unfused"] = run(unet, inputs)
+    assert (results["fused"] - before).abs().max() > 1e-3  # the LoRA changed what the fused model computes
+    torch.testing.assert_close(results["fused"], results["plain"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(results["fused unfused"], before)
+
+
+def policy():
+    return DevicePolicy.for_info(probe_device("cpu"))
+
+
+def test_the_backend_fuses_sdxl_at_16_bits_only_and_on_a_cpu_only_when_asked(specs):
+    sdxl, flux = specs["sdxl"], specs["flux"]
+    asked = TorchBackend(TorchOptions(compile=False, fused_qkv=True))
+    loaded = asked.load(sdxl, "unet", "bf16", "cpu", policy(), WeightSource())
+    assert {type(p) for p in loaded.obj.unet.attn_processors.values()} == {FusedAttnProcessor2_0}
+    default = TorchBackend(TorchOptions(compile=False)).load(sdxl, "unet", "bf16", "cpu", policy(), WeightSource())
+    assert {type(p) for p in default.obj.unet.attn_processors.values()} == {AttnProcessor2_0}  # not measured on CPUs
+    fp8 = asked.load(sdxl, "unet", "fp8", "cpu", policy(), WeightSource())
+    assert not any(getattr(m, "fused_projections", False) for m in fp8.obj.unet.modules())
+    assert TorchBackend().fuses_qkv(sdxl, "cuda:0") and not TorchBackend().fuses_qkv(sdxl, "cpu")
+    assert not TorchBackend(TorchOptions(fused_qkv=False)).fuses_qkv(sdxl, "cuda")
+    assert not asked.fuses_qkv(flux, "cuda") and family_of(flux).fuse_qkv is None
+
+
+@pytest.mark.parametrize("options,cuda,state", [
+    (TorchOptions(), True, "on"),
+    (TorchOptions(fused_qkv=False), True, "off (--no-fused-qkv)"),
+    (TorchOptions(), False, "off (measured on GPUs only)"),
+    (TorchOptions(fused_qkv=True), False, "on"),
+])
+def test_the_lever_says_what_acts_here(options, cuda, state):
+    assert lever_states(options, cuda)[LEVER] == state
+
+
+def test_the_flag_turns_it_off():
+    from pipelines.cli import build_parser
+    from pipelines.config import manager_config
+
+    assert manager_config(build_parser().parse_args(["generate", "a fox", "--no-fused-qkv"])).torch.fused_qkv is False
+    assert manager_config(build_parser().parse_args(["generate", "a fox"])).torch.fused_qkv is None
