@@ -27,9 +27,11 @@ Optimisations, in order, each with its off switch and reason:
    arithmetic emulated (labelled), so the demo models show what it does to images. Measured (H100, 2026-12-07):
    Flux.1-dev FP8 109.6 -> 107.2 ms a step; demo-flux 45.0 -> 41.8 dB against bf16: not worth it by default.
    (torch's own FP8 attention is the experimental FA3 path, which needs a separately built FA3 module.)
+6. SDXL's attention projections fused at 16 bits, ON by default on CUDA GPUs (`--no-fused-qkv`), off on a CPU
+   where it was not measured: one GEMM for Q, K, V (pipelines/families/sdxl_attention.py; H100, 2026-12-07:
+   38.8 -> 37.1 ms a compiled UNet step, outputs equal to 0.1%). Not at FP8/FP4, where the Linear layers are ours.
 Measured and not wired in (BENCHMARKS.md, 2026-12-07): calibrated FP8 activation scales (1.05x a Flux step;
-`pipelines/fp8_static.py` says why not), SDXL's fused QKV projections (5% of a step; LoRAs are fused into the
-separate projections by name) and channels-last UNet memory (1%).
+`pipelines/fp8_static.py` says why not) and channels-last UNet memory (1%, within the noise between calls).
 """
 from __future__ import annotations
 
