@@ -24,8 +24,8 @@ import torch
 
 FP8_MAX = 448.0
 SOFTMAX_SCALE = 256.0
-# cuDNN's FP8 SDPA runs on Hopper (9.0) and Blackwell (10.x); others are refused before any plan is built.
-CUDNN_FP8_SDPA_MAJORS = (9, 10)
+# cuDNN's FP8 SDPA needs Hopper or newer; older GPUs are refused before any plan is built, newer ones are probed.
+CUDNN_FP8_SDPA_MIN_CAPABILITY = (9, 0)
 
 
 def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,8 +140,8 @@ def fp8_attention_problem(device: str | torch.device) -> str | None:
     if device.type != "cuda" or not torch.cuda.is_available():
         return f"not on {device.type}: cuDNN's kernel needs an NVIDIA GPU"
     major, minor = torch.cuda.get_device_capability(device)
-    if major not in CUDNN_FP8_SDPA_MAJORS:
-        return f"cuDNN's FP8 attention runs on compute capability 9.x and 10.x; this GPU is {major}.{minor}"
+    if (major, minor) < CUDNN_FP8_SDPA_MIN_CAPABILITY:
+        return f"cuDNN's FP8 attention needs compute capability 9.0 or newer; this GPU is {major}.{minor}"
     try:
         import cudnn  # noqa: F401
     except Exception as exc:
