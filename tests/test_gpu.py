@@ -58,3 +58,37 @@ def test_tiny_flux_generates_on_the_gpu_at_every_precision(tiny_flux, compile_):
                 assert result.runs_as == ("FP4" if cc >= (10, 0) else "FP4 weights, 16-bit compute")
     finally:
         manager.close()
+
+
+def test_cudnn_fp8_attention_matches_the_cpu_emulation():
+    """The same quantized inputs through cuDNN's kernel and through the CPU emulation of its arithmetic: they
+    differ only by rounding inside the kernel (the order of the exp and of the sums)."""
+    from pipelines.fp8_attention import emulate_sdpa_fp8, fp8_attention_problem, quantize_per_tensor
+
+    assert fp8_attention_problem("cuda") is None, fp8_attention_problem("cuda")
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 512, 4, 128, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    parts = [quantize_per_tensor(t) for t in (q, k, v)]
+    args = [p[0] for p in parts] + [p[1] for p in parts] + [128 ** -0.5]
+    cpu = emulate_sdpa_fp8(*args).float() * parts[2][1]
+    gpu = torch.ops.prism.sdpa_fp8(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args]).float().cpu() * parts[2][1]
+    assert rel_err(gpu, cpu) < 0.03
+
+
+def test_fp8_attention_and_fused_qkv_compile_and_generate_on_the_gpu(tiny_flux, tiny_sdxl):
+    """Both levers inside torch.compile, through the manager: FLUX.1 at FP8 with FP8 attention, SDXL at fp16 with
+    its projections fused (the default on a GPU)."""
+    from pipelines.backends.contract import TorchOptions
+    from pipelines.manager import ManagerConfig, PipelineManager
+
+    manager = PipelineManager(ManagerConfig(device="cuda", torch=TorchOptions(compile=True, fp8_attention=True)))
+    try:
+        flux = manager.generate(GenerationRequest(prompt="a red circle", model=str(tiny_flux), precision="fp8",
+                                                  steps=4, seed=1, width=64, height=64))
+        sdxl = manager.generate(GenerationRequest(prompt="a red circle", model=str(tiny_sdxl), precision="fp16",
+                                                  steps=4, seed=1, width=64, height=64))
+    finally:
+        manager.close()
+    assert flux.runs_as.endswith(" + FP8 attention")
+    for result in (flux, sdxl):  # a compile failure runs eager and says so in a warning
+        assert result.images[0].size == (64, 64) and not any("compil" in w for w in result.warnings), result.warnings
