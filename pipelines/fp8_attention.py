@@ -39,8 +39,8 @@ def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def emulate_sdpa_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
                      descale_k: torch.Tensor, descale_v: torch.Tensor, scale: float) -> torch.Tensor:
     """The kernel's arithmetic in float32 ([batch, tokens, heads, dim] in, FP8 output at V's scale out): what runs
-    on a CPU, so the demo models show FP8 attention's image difference there too. As in a flash kernel, P is quantized before it is normalized (exp(s - row max), at most 1) and the
-    row sums come from the unquantized P."""
+    on a CPU, so the demo models show FP8 attention's image difference there too. As in a flash kernel, P is
+    quantized before it is normalized (exp(s - row max), at most 1) and the row sums come from the unquantized P."""
     q, k, v = (t.float().transpose(1, 2) * d for t, d in ((q8, descale_q), (k8, descale_k), (v8, descale_v)))
     s = (q @ k.transpose(-1, -2)) * scale
     p = torch.exp(s - s.amax(dim=-1, keepdim=True))
