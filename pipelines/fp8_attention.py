@@ -109,7 +109,7 @@ class _CudnnPlan:
 
 
 @functools.lru_cache(maxsize=32)  # one plan per (shape, scale, device): a new image size builds one, in ~0.1 s
-def _plan(shape: tuple[int, int, int, int], scale: float, device: torch.device) -> _CudnnPlan:
+def cudnn_plan(shape: tuple[int, int, int, int], scale: float, device: torch.device) -> _CudnnPlan:
     return _CudnnPlan(shape, scale, device)
 
 
@@ -118,7 +118,7 @@ def _plan(shape: tuple[int, int, int, int], scale: float, device: torch.device) 
 def sdpa_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor, descale_k: torch.Tensor,
              descale_v: torch.Tensor, scale: float) -> torch.Tensor:
     q8, k8, v8 = q8.contiguous(), k8.contiguous(), v8.contiguous()
-    return _plan(tuple(q8.shape), scale, q8.device).run(q8, k8, v8, descale_q, descale_k, descale_v)
+    return cudnn_plan(tuple(q8.shape), scale, q8.device).run(q8, k8, v8, descale_q, descale_k, descale_v)
 
 
 sdpa_fp8.register_kernel("cpu")(emulate_sdpa_fp8)

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_profile_step import timed  # noqa: E402
 from pipelines.device_policy import DevicePolicy  # noqa: E402
+from pipelines.families.sdxl_attention import fuse_qkv_projections  # noqa: E402
 from pipelines.gpu import probe_device  # noqa: E402
 from pipelines.loading import WeightSource, load_component  # noqa: E402
 from pipelines.registry import resolve_spec  # noqa: E402
@@ -83,9 +84,8 @@ def main() -> int:
             torch._dynamo.reset()
             if channels_last:
                 unet.to(memory_format=torch.channels_last)
-            if fused and not getattr(unet, "_prism_fused", False):
-                unet.fuse_qkv_projections()
-                unet._prism_fused = True
+            if fused and not any(getattr(m, "fused_projections", False) for m in unet.modules()):
+                fuse_qkv_projections(unet)  # as the app fuses them (views, no second copy)
             compiled = torch.compile(unet)
             t0 = time.monotonic()
             with torch._inductor.config.patch(flags):

@@ -113,8 +113,7 @@ class TorchBackend:
 
     def fuses_qkv(self, spec: ModelSpec, device: str) -> bool:
         """Whether `spec`'s 16-bit denoiser gets its attention projections fused here."""
-        on = self.options.fused_qkv if self.options.fused_qkv is not None else device.startswith("cuda")
-        return on and family_of(spec).fuse_qkv is not None
+        return fused_qkv_on(self.options, device.startswith("cuda")) and family_of(spec).fuse_qkv is not None
 
     def load(self, spec: ModelSpec, name: str, precision: Precision, device: str, policy: DevicePolicy,
              source: WeightSource, ctx: RunContext | None = None, loras: LoraSet = NO_LORAS) -> LoadedComponent:
@@ -173,9 +172,18 @@ def lever_states(options: TorchOptions, cuda: bool) -> dict[str, str]:
                                  no_gpu or (None if compiled else "needs torch.compile")),
             "SDXL VAE in bf16": state(options.bf16_vae, "--bf16-vae turns it on", no_gpu),
             "FP8 attention (FLUX.1 at FP8)": fp8_attention_state(options, cuda),
-            "fused QKV projections (SDXL at 16 bits)": state(
-                options.fused_qkv if options.fused_qkv is not None else cuda, "--no-fused-qkv" if cuda else
-                "measured on GPUs only", None)}
+            "fused QKV projections (SDXL at 16 bits)": fused_qkv_state(options, cuda)}
+
+
+def fused_qkv_on(options: TorchOptions, cuda: bool) -> bool:
+    """SDXL's fused projections: as the user set them, else on CUDA GPUs only (where they were measured)."""
+    return options.fused_qkv if options.fused_qkv is not None else cuda
+
+
+def fused_qkv_state(options: TorchOptions, cuda: bool) -> str:
+    if fused_qkv_on(options, cuda):
+        return "on"
+    return "off (--no-fused-qkv)" if options.fused_qkv is False else "off (measured on GPUs only)"
 
 
 def fp8_attention_state(options: TorchOptions, cuda: bool) -> str:
