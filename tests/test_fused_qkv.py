@@ -113,3 +113,14 @@ def test_the_flag_turns_it_off():
 
     assert manager_config(build_parser().parse_args(["generate", "a fox", "--no-fused-qkv"])).torch.fused_qkv is False
     assert manager_config(build_parser().parse_args(["generate", "a fox"])).torch.fused_qkv is None
+
+
+@pytest.mark.parametrize("argv", [["--no-fused-qkv=yes"], ["--fp8-attention=1"]])
+def test_the_switches_take_no_value_and_say_so(argv, capsys):
+    from pipelines.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["generate", "a fox", *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "ignored explicit argument" in err and "Traceback" not in err
