@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 CLIP_TOKENS = 77
+VAE_DECODER = "vae"  # the VAE decoder: the component keeps the name of the weights folder
 VAE_ENCODER = "vae_encoder"  # image to image: the VAE's encoder, a component of its own built from the "vae" weights
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.backends.compile_guard import CompiledDenoiser
+from pipelines.backends.compile_guard import CompiledEngine
 from pipelines.run_context import JobCancelled, RunContext
 
 
@@ -37,9 +37,9 @@ def _inputs(rows: int = 4):
 def test_a_new_input_signature_reports_one_compile_stage():
     torch.manual_seed(0)
     eager = Adapter().eval()
-    wrapped = CompiledDenoiser(Adapter().eval(), lambda: None)
+    wrapped = CompiledEngine(Adapter().eval(), lambda: None)
     wrapped.engine.load_state_dict(eager.state_dict())
-    wrapped = CompiledDenoiser(wrapped.engine, lambda: wrapped.engine.compile(backend="eager"))
+    wrapped = CompiledEngine(wrapped.engine, lambda: wrapped.engine.compile(backend="eager"))
     ctx, seen = _job()
     with ctx.active():
         out1 = wrapped(**_inputs(4))
@@ -55,7 +55,7 @@ def test_a_new_input_signature_reports_one_compile_stage():
 def test_a_failing_compile_runs_eager_and_says_why():
     module = Adapter().eval()
     expected = module(**_inputs())
-    wrapped = CompiledDenoiser(module, lambda: module.compile(backend=broken_backend))
+    wrapped = CompiledEngine(module, lambda: module.compile(backend=broken_backend))
     ctx, seen = _job()
     with ctx.active():
         out = wrapped(**_inputs())
@@ -73,7 +73,7 @@ def test_cancelling_during_the_first_call_is_not_taken_for_a_compile_failure():
         def forward(self, hidden_states):
             raise JobCancelled("The job was cancelled.")
 
-    wrapped = CompiledDenoiser(Cancels(), lambda: None)
+    wrapped = CompiledEngine(Cancels(), lambda: None)
     with pytest.raises(JobCancelled):
         wrapped(hidden_states=torch.zeros(1))
     assert wrapped.compiled
@@ -81,7 +81,7 @@ def test_cancelling_during_the_first_call_is_not_taken_for_a_compile_failure():
 
 def test_without_a_running_job_the_wrapper_still_works():
     module = Adapter().eval()
-    wrapped = CompiledDenoiser(module, lambda: module.compile(backend=broken_backend))
+    wrapped = CompiledEngine(module, lambda: module.compile(backend=broken_backend))
     torch.testing.assert_close(wrapped(**_inputs()), Adapter.forward(module, **_inputs()))
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.backends.compile_guard import CompiledDenoiser
+from pipelines.backends.compile_guard import CompiledEngine
 from pipelines.backends.contract import TorchOptions
 from pipelines.backends.torch_backend import REDUCE_OVERHEAD, TorchBackend, compile_mode, lever_states
 from pipelines.cli import build_parser
@@ -71,8 +71,8 @@ class Adapter(nn.Module):
 def test_with_cuda_graphs_each_call_returns_its_own_copy_and_the_same_values():
     engine = Adapter().eval()
     x = torch.randn(2, 4)
-    graphed = CompiledDenoiser(engine, lambda: engine.compile(backend="eager"), cuda_graphs=True)
-    plain = CompiledDenoiser(engine, lambda: None)
+    graphed = CompiledEngine(engine, lambda: engine.compile(backend="eager"), cuda_graphs=True)
+    plain = CompiledEngine(engine, lambda: None)
     with torch.inference_mode():
         a, b = graphed(hidden_states=x), graphed(hidden_states=x)
         torch.testing.assert_close(a, plain(hidden_states=x))

@@ -1,4 +1,5 @@
-"""A compiled denoiser that says when it compiles and falls back to eager when compiling fails.
+"""A compiled engine (the denoiser; the VAE decoder with --compile-vae) that says when it compiles and falls
+back to eager when compiling fails.
 
 torch.compile compiles lazily, on the first call with each new input signature, and a failure there
 (no C compiler, an inductor bug, a Triton that does not support this GPU) would fail the user's job.
@@ -60,12 +61,15 @@ def adopt_cuda_graph_state() -> None:
     torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
 
 
-class CompiledDenoiser(nn.Module):
-    """Wraps the denoiser's graph adapter whose module (or blocks) `compile_fn` marks for torch.compile."""
+class CompiledEngine(nn.Module):
+    """Wraps a component's graph adapter whose module (or blocks) `compile_fn` marks for torch.compile; `part`
+    and `first_call` name it and what its first compiled call includes, in the "compile" stage's text."""
 
-    def __init__(self, engine: nn.Module, compile_fn: Callable[[], None], cuda_graphs: bool = False):
+    def __init__(self, engine: nn.Module, compile_fn: Callable[[], None], cuda_graphs: bool = False,
+                 part: str = "model", first_call: str = "the first step"):
         super().__init__()
         self.engine = engine
+        self.part, self.first_call = part, first_call
         # With CUDA graphs (mode "reduce-overhead") an output lives in the graph's memory pool and the next replay
         # overwrites it; a multistep scheduler keeps earlier outputs, so each call starts a new step and returns
         # a copy (one latent-sized copy: microseconds against a step of tens of milliseconds).
@@ -84,7 +88,7 @@ class CompiledDenoiser(nn.Module):
             return self._call(inputs)
         ctx = current_context()
         if ctx is not None:
-            ctx.report("compile", 0, 1, "compiling (once for this model, precision and size; kept in engine_cache/)")
+            ctx.report("compile", 0, 1, f"compiling (once for this {self.part}, precision and size; kept in engine_cache/)")
         started = time.perf_counter()
         try:
             out = self._call(inputs)
@@ -101,7 +105,7 @@ class CompiledDenoiser(nn.Module):
         self._compiled.add(signature)
         if ctx is not None:
             seconds = time.perf_counter() - started
-            ctx.report("compile", 1, 1, f"compiled in {seconds:.1f} s (the first step included)")
+            ctx.report("compile", 1, 1, f"compiled in {seconds:.1f} s ({self.first_call} included)")
         return out
 
     def _call(self, inputs: dict[str, Any]) -> Any:

@@ -70,6 +70,10 @@ class TorchOptions:
     # SDXL at 16 bits: one GEMM for each attention's Q, K, V (pipelines/families/sdxl_attention.py); None: on CUDA
     # GPUs, where it was measured (5% of a step), and off on a CPU, where it was not
     fused_qkv: bool | None = None
+    # The VAE decoder compiled too (with `compile`), OFF by default: 125 -> 71 ms (SDXL, fp32) and 92 -> 39 ms
+    # (FLUX.1, bf16) a 1024x1024 decode on an H100, but ~30 s more before the first image at each new size
+    # (cold cache) and ~2-3 s after each restart (warm); scripts/gpu_vae_levers.py, BENCHMARKS.md 2026-12-07
+    compile_vae: bool = False
     peer: str | None = None  # bench only: "torchao" runs the published recipe on a 16-bit denoiser (torchao_peer.py)
     # Quantize checkpoints while moving them from host RAM, one layer at a time (discrete GPUs only: on
     # unified memory the host copy is device memory too, so staging saves nothing).

@@ -3,7 +3,7 @@
 Optimisations, in order, each with its off switch and reason:
 1. 16-bit weights (bf16 for Flux, fp16 for SDXL), the FP8/FP4 Linear swap on the denoiser only. On a CPU
    without fast 16-bit math the rounded 16-bit weights compute in FP32 (DevicePolicy, cpu_math.py).
-2. torch.compile of the denoiser, on by default on CUDA GPUs (`--no-compile`), behind CompiledDenoiser: a
+2. torch.compile of the denoiser, on by default on CUDA GPUs (`--no-compile`), behind CompiledEngine: a
    "compile" progress stage per new input size, and eager (with the reason) if compiling fails, scoped per family (`compile_whole_denoiser` in pipelines/families/):
    Flux compiles its repeated blocks only (diffusers `compile_repeated_blocks`, PR #11705: the
    whole-model speed at a fraction of the compile time; H100: 183 -> 132 ms/step bf16); SDXL compiles
@@ -29,7 +29,15 @@ Optimisations, in order, each with its off switch and reason:
    (torch's own FP8 attention is the experimental FA3 path, which needs a separately built FA3 module.)
 6. SDXL's attention projections fused at 16 bits, ON by default on CUDA GPUs (`--no-fused-qkv`), off on a CPU
    where it was not measured: one GEMM for Q, K, V (pipelines/families/sdxl_attention.py; H100, 2026-12-07:
-   38.8 -> 37.1 ms a compiled UNet step, outputs equal to 0.1%). Not at FP8/FP4, where the Linear layers are ours.
+   38.8 -> 37.1 and 44.7 -> 40.2 ms a compiled UNet step alone, two machines, outputs equal to 0.1%). Not at
+   FP8/FP4, where the Linear layers are ours. In the app's own path the fused row measured slower (48.2 vs 38.8
+   ms), but it ran first in both calls, as the slow row did in every call that day: under re-measurement with
+   the order controlled (scripts/gpu_speed_levers.py runs "without" before and after it).
+7. The VAE decoder compiled too, OFF by default (`--compile-vae`; needs torch.compile): 125 -> 71 ms an SDXL
+   decode (fp32) and 92 -> 39 ms a FLUX.1 decode (bf16) at 1024x1024 on an H100 (scripts/gpu_vae_levers.py), but
+   ~30 s more before the first image at each new size with a cold cache and 2-3 s after each restart: for 50 ms
+   an image that is a trade the user chooses. cuDNN's algorithm search (cudnn.benchmark) and channels-last
+   memory gave nothing or lost (SDXL 125 -> 125 and 182 ms eager) and are not wired.
 Measured and not wired in (BENCHMARKS.md, 2026-12-07): calibrated FP8 activation scales (1.05x a Flux step;
 `pipelines/fp8_static.py` says why not) and channels-last UNet memory (1%, within the noise between calls).
 """
@@ -44,13 +52,14 @@ from ..device_policy import DevicePolicy
 from ..families import family_of
 from ..families.family import VAE_ENCODER, weights_of
 from ..fp8_attention import fp8_attention_label, fp8_attention_problem
+from ..graphs import VAE_DECODER
 from ..loading import WeightSource, cast, load_component
 from ..lora import NO_LORAS, LoraError, LoraSet
 from ..precision import Backend, Precision, SupportLevel
 from ..quant import module_bytes, quantize_linears
 from ..registry import ModelSpec
 from ..run_context import RunContext
-from .compile_guard import CompiledDenoiser
+from .compile_guard import CompiledEngine
 from .contract import TorchOptions
 from .torchao_peer import quantize_peer
 from .torch_lora import LoraState
@@ -151,8 +160,10 @@ class TorchBackend:
         engine = family_of(spec).adapter(name)(obj).eval()
         if name == spec.denoiser and self.options.compile:
             mode = compile_mode(self.options, device)
-            engine = CompiledDenoiser(engine, lambda: compile_denoiser(obj, spec, mode, whole=peer),
-                                      cuda_graphs=mode == REDUCE_OVERHEAD)
+            engine = CompiledEngine(engine, lambda: compile_denoiser(obj, spec, mode, whole=peer),
+                                    cuda_graphs=mode == REDUCE_OVERHEAD)
+        elif name == VAE_DECODER and self.options.compile and self.options.compile_vae:
+            engine = CompiledEngine(engine, engine.compile, part="VAE decoder", first_call="the decode")
         return LoadedComponent(engine, module_bytes(obj), dtype, runs_as, lora)
 
 REDUCE_OVERHEAD = "reduce-overhead"  # torch.compile's mode that records and replays CUDA graphs
@@ -172,7 +183,9 @@ def lever_states(options: TorchOptions, cuda: bool) -> dict[str, str]:
                                  no_gpu or (None if compiled else "needs torch.compile")),
             "SDXL VAE in bf16": state(options.bf16_vae, "--bf16-vae turns it on", no_gpu),
             "FP8 attention (FLUX.1 at FP8)": fp8_attention_state(options, cuda),
-            "fused QKV projections (SDXL at 16 bits)": fused_qkv_state(options, cuda)}
+            "fused QKV projections (SDXL at 16 bits)": fused_qkv_state(options, cuda),
+            "VAE decoder compiled": state(options.compile_vae, "--compile-vae turns it on",
+                                          None if compiled else "needs torch.compile")}
 
 
 def fused_qkv_on(options: TorchOptions, cuda: bool) -> bool:
