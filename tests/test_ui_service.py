@@ -234,3 +234,20 @@ def test_use_as_input_of_a_pruned_picture_says_so_in_one_line(tmp_path):
     assert input_file(history[0], "an image") == str(new / "a.png")
     with pytest.raises(gr.Error, match="Click an edit in the history first"):
         input_file(None, "an edit")
+
+
+def test_the_system_tab_lists_each_speed_lever_as_started():
+    from pipelines.backends.contract import TorchOptions
+    from ui.system_tab import system_markdown, system_snapshot
+
+    for options, vae_state in ((TorchOptions(), "off (--compile-vae turns it on)"),
+                               (TorchOptions(compile_vae=True), "not available: needs torch.compile"),
+                               (TorchOptions(compile=True, compile_vae=True), "on")):
+        cpu = PipelineManager(ManagerConfig(device="cpu", torch=options), device_info=fast_16bit_cpu())
+        try:
+            snap = system_snapshot(PrismService(cpu, []))
+        finally:
+            cpu.close()
+        assert snap["speed_levers"]["VAE decoder compiled"] == vae_state
+        assert snap["speed_levers"]["CUDA graphs"] == "off (--torch-cuda-graphs turns it on)"
+        assert f"VAE decoder compiled: {vae_state}" in system_markdown(snap)

@@ -10,6 +10,7 @@ from .errors import ui_error
 from .formatting import fmt_bytes, short_dtype
 from .generate_tab import run_once
 from .inputs import FreeChoice
+from pipelines.backends.torch_backend import lever_states
 from pipelines.request import RequestError
 
 from .service import PrismService
@@ -42,6 +43,8 @@ def system_snapshot(service: PrismService) -> dict[str, Any]:
         "budget_bytes": status.budget_bytes, "resident_bytes": status.used_bytes, "parked_bytes": status.parked_bytes,
         "backend": {"configured": service.manager.config.backend, "in_use": status.backend_note,
                     "tensorrt": status.tensorrt.reason, "tensorrt_can_run": status.tensorrt.can_run},
+        # each PyTorch speed lever as started (--compile-vae, --no-fused-qkv, ...) and whether it acts here
+        "speed_levers": lever_states(service.manager.config.torch, info.is_cuda),
         "resident_models": models,
         "resident": [{"model": r.key.model, "component": r.key.name, "form": r.key.variant, "backend": r.key.backend,
                       "bytes": r.nbytes, "parked": r.parked}
@@ -88,6 +91,8 @@ def system_markdown(snap: dict[str, Any]) -> str:
         f"**In use:** {b['in_use']}",
         *([] if b["tensorrt"] in b["in_use"] else [f"**TensorRT:** {b['tensorrt']}"]),  # said once, not twice
         f"**Requested:** `--backend {b['configured']}`",
+        *(["**PyTorch speed levers:** " + " · ".join(f"{name}: {state}" for name, state in snap["speed_levers"].items())]
+          if snap.get("speed_levers") else []),
         "### Resident models", resident,
         "### Engine cache",
         f"{len(snap['engine_cache']['entries'])} engine(s), {fmt_bytes(snap['engine_cache']['total_bytes'])} in "
