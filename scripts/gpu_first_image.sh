@@ -6,6 +6,9 @@ set -euo pipefail
 out=${1:?output folder}; model=${2:?model}; precision=${3:?precision}; steps=${4:-}
 cache=$(mktemp -d /tmp/prism-first-image-XXXX)  # an empty engine cache: the first run compiles from scratch
 mkdir -p "$out"
+# the imports alone, in a process of their own (22 of the 43 s of a warm restart on an H100 machine, 2026-12-07)
+${PYTHON:-python3} -c 'import time; t = time.perf_counter(); import pipelines.cli, pipelines.manager, diffusers, transformers
+print(f"imports: {time.perf_counter() - t:.1f} s (pipelines, diffusers, transformers)")' 2>/dev/null | tee -a "$out/first-image.txt"
 for run in cold warm; do
   start=$(date +%s%N)
   ${PYTHON:-python3} -m pipelines generate "a photo of a red fox in a snowy forest, golden hour" --model "$model" \
