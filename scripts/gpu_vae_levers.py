@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -29,12 +30,20 @@ from pipelines.graphs import VaeDecoder  # noqa: E402
 from pipelines.loading import WeightSource, load_component  # noqa: E402
 from pipelines.registry import resolve_spec  # noqa: E402
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (label, cudnn algorithm search, channels-last, torch.compile)
 VARIANTS = [("today: eager", False, False, False),
             ("eager + cudnn.benchmark", True, False, False),
             ("eager + channels-last + cudnn.benchmark", True, True, False),
             ("compile", False, False, True),
             ("compile + cudnn.benchmark", True, False, True)]
+
+
+def psnr_db(image: torch.Tensor, reference: torch.Tensor) -> float | None:
+    """PSNR of two decoded images as the app writes them (8 bits a channel); None when they are the same."""
+    to_8bit = lambda x: ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round()  # noqa: E731
+    mse = (to_8bit(image) - to_8bit(reference)).pow(2).mean().item()
+    return None if mse == 0 else round(10 * math.log10(255 ** 2 / mse), 2)
 
 
 def main() -> int:
@@ -44,6 +53,9 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--budget", type=float, default=300, help="seconds; a variant that would start later is skipped")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="the decoder's dtype (default: the app's on this device; bf16 on a CPU shows what compiling "
+                        "does to a trained bf16 decoder's image, e.g. demo-flux's)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     started = time.monotonic()
@@ -55,7 +67,7 @@ def main() -> int:
                      "device": torch.cuda.get_device_name() if cuda else "CPU", "rows": []}
     for model in args.models:
         spec = resolve_spec(model)
-        dtype = policy.component_dtype(spec, "vae", policy.reference_precision(spec))
+        dtype = DTYPES[args.dtype] if args.dtype else policy.component_dtype(spec, "vae", policy.reference_precision(spec))
         vae = load_component(spec, "vae", dtype=dtype, device=args.device, source=WeightSource(random_weights=True))
         decoder = VaeDecoder(vae).eval()
         cfg = spec.components["vae"].config
@@ -84,7 +96,8 @@ def main() -> int:
                     reference = output
                 error = ((output - reference).norm() / reference.norm()).item()
                 row = {"model": spec.id, "dtype": str(dtype), "variant": label, "decode_ms": round(ms, 2),
-                       "first_call_s": round(first_s, 1), "relative_error_vs_eager": round(error, 6)}
+                       "first_call_s": round(first_s, 1), "relative_error_vs_eager": round(error, 6),
+                       "psnr_db_vs_eager": psnr_db(output, reference)}
                 summary["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 (out / "vae_levers.json").write_text(json.dumps(summary, indent=2) + "\n")
