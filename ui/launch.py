@@ -43,6 +43,7 @@ class LaunchOptions:
     outputs_max_bytes: int = 2 * 1000**3
     api_key: str | None = None  # the HTTP API's Bearer key (--api-key or PRISM_API_KEY)
     allow_origins: tuple[str, ...] = ()  # web origins whose pages may call the HTTP API
+    warm_up: tuple[str, ...] | None = None  # models to load and compile at start (); None: none
     extra: dict[str, Any] = field(default_factory=dict)  # passed to gr.Blocks.launch (tests)
 
 
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="serve on a Ray cluster, one replica per GPU (pip install -r requirements-ray.txt): "
                         "ADDRESS joins a cluster (HOST:6379); without it, the one `ray start` made here, else a new one")
+    p.add_argument("--warm-up", nargs="*", default=None, metavar="MODEL",
+                   help="at start, load MODEL (default: the Flux tab's model; repeatable names) and draw one "
+                        "throwaway step at its default size and precision in the background, so the first image "
+                        "skips loading and compiling; the page opens at once, and a job sent meanwhile waits for it")
     add_runtime_args(p)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -124,6 +129,7 @@ def options_from_args(argv: Sequence[str] | None = None) -> LaunchOptions:
     return LaunchOptions(host=args.host, port=args.port, share=args.share, auth=tuple(logins),
                          models=tuple(args.models or ()), manager=manager, verbose=args.verbose, api_key=api_key,
                          allow_origins=origins, ray=args.ray,
+                         warm_up=None if args.warm_up is None else tuple(args.warm_up),
                          output_dir=Path(args.output_dir).expanduser() if args.output_dir else None,
                          outputs_max_bytes=parse_size("--outputs-max-size", args.outputs_max_size))
 
@@ -216,6 +222,7 @@ def start(opts: LaunchOptions, *, block: bool = True):
     # Before gradio is imported: no telemetry or version check calls to api.gradio.app.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from pipelines.manager import ManagerConfig, PipelineManager
+    from pipelines.request import RequestError
 
     from starlette.middleware import Middleware
 
@@ -236,6 +243,11 @@ def start(opts: LaunchOptions, *, block: bool = True):
     try:
         service = PrismService(manager, models, output_dir=opts.output_dir, hub=config.hub,
                                outputs_max_bytes=opts.outputs_max_bytes)
+        if opts.warm_up is not None:  # before the page: loading overlaps gradio's start and the user's typing
+            try:
+                service.warm_up(opts.warm_up, log=lambda line: print(line, flush=True))
+            except RequestError as exc:
+                raise LaunchError(f"--warm-up: {exc}") from None
         demo = create_demo(service)
         app, _, share_url = demo.launch(
             server_name=opts.host, server_port=opts.port, share=opts.share, auth=list(opts.auth) or None,

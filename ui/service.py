@@ -27,7 +27,9 @@ from pipelines.schedulers import recorded_name
 from pipelines.precision import Backend, Precision, PrecisionSupport
 from pipelines.registry import HUB_MODELS, Family, ModelSpec, UnknownModelError, demo_specs, read_local_spec
 from pipelines.request import DEFAULT_MASK_BLUR, GenerationRequest, GenerationResult, RequestError, resolve_request
+from pipelines.errors import user_message
 from pipelines.gpu import system_memory
+from pipelines.image_input import random_image
 
 from .errors import OutputError
 from .formatting import progress_text
@@ -400,6 +402,35 @@ class PrismService:
         total, available = system_memory()
         kind = "unified memory, shared by the CPU and GPU" if info.is_cuda else "system RAM; no GPU, running on the CPU"
         return MemoryView(total - available, total, kind)
+
+    def warm_up(self, names: Sequence[str], log: Callable[[str], None]) -> threading.Thread:
+        """Load each model and draw one throwaway step at its default size and this machine's default precision
+        (an edit model edits a random picture), in the background, so that the first real image skips loading and
+        compiling; a job sent meanwhile waits behind it in the queue. No names: the model a request naming none
+        gets. An unknown name raises RequestError at once; a warm-up that fails says so in one line (`log`) and
+        the app serves on."""
+        choices = [self.choice(name) for name in names] if names else [c for c in (self.default_model(),) if c]
+
+        def warm() -> None:
+            for choice in choices:
+                spec, started = choice.spec, time.perf_counter()
+                context = FAMILIES[spec.family].image_use is ImageUse.CONTEXT
+                image = random_image(spec.default_width, spec.default_height) if context else None
+                request = GenerationRequest(prompt="warm-up", model=choice.model, steps=1, seed=0, image=image,
+                                            precision=self.default_precision().value)
+                try:
+                    result = self.manager.generate(request)
+                except Exception as exc:  # noqa: BLE001 - any failure: one line, and the app serves on
+                    message = user_message(exc) or type(exc).__name__
+                    log(f"Warm-up of {choice.name} did not finish: {message} Its first image will load it instead.")
+                    continue
+                width, height = result.images[0].size
+                log(f"Warm-up: {choice.name} is loaded and ready at {width}x{height} ({result.runs_as}) after "
+                    f"{time.perf_counter() - started:.1f} s.")
+
+        thread = threading.Thread(target=warm, name="prism-warm-up", daemon=True)
+        thread.start()
+        return thread
 
     def status(self) -> Any:
         return self.manager.status()
