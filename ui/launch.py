@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve on a Ray cluster, one replica per GPU (pip install -r requirements-ray.txt): "
                         "ADDRESS joins a cluster (HOST:6379); without it, the one `ray start` made here, else a new one")
     p.add_argument("--warm-up", nargs="*", default=None, metavar="MODEL",
-                   help="at start, load MODEL (default: the Flux tab's model; repeatable names) and draw one "
+                   help="at start, load MODEL (default: the Flux tab's model; several may be named) and draw one "
                         "throwaway step at its default size and precision in the background, so the first image "
                         "skips loading and compiling; the page opens at once, and a job sent meanwhile waits for it")
     add_runtime_args(p)
