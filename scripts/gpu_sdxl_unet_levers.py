@@ -55,7 +55,8 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--budget", type=float, default=540, help="seconds; a variant that would start later is skipped")
     p.add_argument("--variants", type=int, nargs="+", default=None,
-                   help="which variants to run, by position (the first one run is the reference of the errors); default: all")
+                   help="which variants to run, by position (the first one run is the reference of the errors); "
+                        "default: all")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     started = time.monotonic()

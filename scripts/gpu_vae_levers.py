@@ -67,7 +67,8 @@ def main() -> int:
                      "device": torch.cuda.get_device_name() if cuda else "CPU", "rows": []}
     for model in args.models:
         spec = resolve_spec(model)
-        dtype = DTYPES[args.dtype] if args.dtype else policy.component_dtype(spec, "vae", policy.reference_precision(spec))
+        app_dtype = policy.component_dtype(spec, "vae", policy.reference_precision(spec))
+        dtype = DTYPES[args.dtype] if args.dtype else app_dtype
         vae = load_component(spec, "vae", dtype=dtype, device=args.device, source=WeightSource(random_weights=True))
         decoder = VaeDecoder(vae).eval()
         cfg = spec.components["vae"].config

@@ -115,7 +115,7 @@ def test_the_flag_turns_it_off():
     assert manager_config(build_parser().parse_args(["generate", "a fox"])).torch.fused_qkv is None
 
 
-@pytest.mark.parametrize("argv", [["--no-fused-qkv=yes"], ["--fp8-attention=1"]])
+@pytest.mark.parametrize("argv", [["--no-fused-qkv=yes"], ["--fp8-attention=1"], ["--compile-vae=on"]])
 def test_the_switches_take_no_value_and_say_so(argv, capsys):
     from pipelines.cli import build_parser
 

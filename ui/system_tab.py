@@ -91,7 +91,8 @@ def system_markdown(snap: dict[str, Any]) -> str:
         f"**In use:** {b['in_use']}",
         *([] if b["tensorrt"] in b["in_use"] else [f"**TensorRT:** {b['tensorrt']}"]),  # said once, not twice
         f"**Requested:** `--backend {b['configured']}`",
-        *(["**PyTorch speed levers:** " + " · ".join(f"{name}: {state}" for name, state in snap["speed_levers"].items())]
+        *(["**PyTorch speed levers:** " + " · ".join(f"{name}: {state}"
+                                                    for name, state in snap["speed_levers"].items())]
           if snap.get("speed_levers") else []),
         "### Resident models", resident,
         "### Engine cache",

@@ -88,7 +88,8 @@ class CompiledEngine(nn.Module):
             return self._call(inputs)
         ctx = current_context()
         if ctx is not None:
-            ctx.report("compile", 0, 1, f"compiling (once for this {self.part}, precision and size; kept in engine_cache/)")
+            ctx.report("compile", 0, 1,
+                       f"compiling (once for this {self.part}, precision and size; kept in engine_cache/)")
         started = time.perf_counter()
         try:
             out = self._call(inputs)
