@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "whole denoiser (needs torchao and a GPU with FP8, compute capability 8.9+)")
     bench.add_argument("--json-out", default=None, help="also write the results as JSON")
     _add_runtime_args(bench)
+    # Each run encodes its prompt: the text stage's figure is what a new prompt costs, not a remembered one's.
+    bench.set_defaults(no_prompt_cache=True)
 
     build = sub.add_parser("build", help="export, quantize and build TensorRT engines into the engine cache")
     build.add_argument("--model", required=True)

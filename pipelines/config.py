@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from .backends.contract import TensorRTOptions, TorchOptions
 from .engine_cache import DEFAULT_CACHE_DIR, ENV_VAR
+from .prompt_cache import DEFAULT_ENTRIES
 
 DEFAULT_LORA_DIR = Path("loras")  # pipelines.lora reads it from here: this module stays light to import
 
@@ -69,6 +70,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-vae", action="store_true",
                    help="PyTorch backend, with torch.compile: compile the VAE decoder too (50 ms less per 1024x1024 "
                         "image on an H100; off by default: about 30 s more before the first image at each new size)")
+    p.add_argument("--no-prompt-cache", action="store_true",
+                   help="encode every job's prompt (by default the encodings of the last 32 prompts are kept, so a "
+                        "new seed, size or precision with the same prompt skips the text encoders)")
     p.add_argument("--weight-streaming-budget", default=None, metavar="SIZE",
                    help="TensorRT backend: keep at most this much of each engine's weights on the GPU (e.g. 8GB) and "
                         "stream the rest from host memory; engines are then built streamable")
@@ -114,7 +118,7 @@ def manager_config(args: argparse.Namespace, **overrides) -> "ManagerConfig":
         torch=TorchOptions(compile=args.compile, cuda_graphs=args.torch_cuda_graphs, bf16_vae=args.bf16_vae,
                            fp8_attention=args.fp8_attention, fused_qkv=False if args.no_fused_qkv else None,
                            compile_vae=args.compile_vae),
-        lora_dir=args.lora_dir or DEFAULT_LORA_DIR,
+        lora_dir=args.lora_dir or DEFAULT_LORA_DIR, prompt_cache_entries=0 if args.no_prompt_cache else DEFAULT_ENTRIES,
         tensorrt=TensorRTOptions(cuda_graphs=not args.no_cuda_graphs,
                                  weight_streaming_budget=_size("--weight-streaming-budget", streaming) if streaming else None))
     return replace(config, **overrides)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Hashable, TypeVar
 
 import torch
 
@@ -20,6 +20,8 @@ from .run_context import RunContext
 
 if TYPE_CHECKING:
     from .manager import PipelineManager
+
+T = TypeVar("T")
 
 
 class JobParts:
@@ -108,3 +110,14 @@ class JobParts:
 
     def done_with(self, *names: str) -> None:
         self.finished |= {self.key(n) for n in names}
+
+    def remember(self, names: tuple[str, ...], what: Hashable, compute: Callable[[], T]) -> T:
+        """`compute()` through the manager's prompt cache, keyed by `what` and the weights of parts `names`."""
+        return self.m.prompts.get_or_encode((tuple(self._weights(n) for n in names), what), compute)
+
+    def _weights(self, name: str) -> Hashable:
+        """What identifies the weights part `name` computes with: model, component, dtype and backend (the key it
+        loads under, without which form serves it), where they come from, and the LoRAs fused into it."""
+        spec, component, loras = self._owner(name)
+        backend = "any" if component in LIGHT_PARTS else self.backend_kind.value
+        return component_key(spec, component, self.precision, backend, self.m.policy), self.source, loras.key(component)

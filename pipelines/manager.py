@@ -28,6 +28,7 @@ from .engine_cache import DEFAULT_CACHE_DIR, EngineCache
 from .families import family_of
 from .families.family import part_owner
 from .job_parts import JobParts
+from .prompt_cache import DEFAULT_ENTRIES, PromptCache
 from .cpu_math import CpuMath
 from .gpu import DeviceInfo, parse_memory, probe_device, resolve_device, system_memory
 from .loading import HubOptions, WeightSource, check_access
@@ -69,6 +70,8 @@ class ManagerConfig:
     # Requests may name a LoRA by file path too (the CLI's --lora PATH); never for web requests, which would
     # otherwise read any .safetensors file on the server.
     lora_paths: bool = False
+    # Prompt encodings kept for repeats (pipelines/prompt_cache.py); 0 encodes every job's prompt (the bench).
+    prompt_cache_entries: int = DEFAULT_ENTRIES
 
 
 class JobState(str, Enum):
@@ -165,6 +168,7 @@ class PipelineManager:
                                    host_is_device=not discrete)
         self.lora_library = LoraLibrary(config.lora_dir, allow_paths=config.lora_paths)
         self.engine_cache = EngineCache(config.engine_cache_dir)
+        self.prompts = PromptCache(config.prompt_cache_entries)
         self._backends: dict[Backend, ComponentBackend] = dict(backends or {})
         self._backends.setdefault(Backend.TORCH, TorchBackend(replace(
             config.torch, stage_on_host=self.info.is_cuda and not self.info.unified,
@@ -455,6 +459,7 @@ class PipelineManager:
         with self._lock:
             if spare_running and self._running is not None and model in (None, self._running_model()):
                 raise ModelInUseError(f"A job is running on {self._running_model()}; unload it when the job has finished.")
+            self.prompts.clear()  # device memory too, and what a user unloads should not linger
             if model is None:
                 return self.residency.evict_all("unloaded by the user")
             return self.residency.drop_model(model)

@@ -6,9 +6,12 @@ import contextvars
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Hashable, Protocol, TypeVar
 
 import torch
+
+
+T = TypeVar("T")
 
 
 class JobCancelled(Exception):
@@ -73,6 +76,11 @@ class Parts(Protocol):
     def dtype(self, name: str) -> torch.dtype: ...
 
     def done_with(self, *names: str) -> None: ...
+
+    def remember(self, names: tuple[str, ...], what: Hashable, compute: Callable[[], T]) -> T:
+        """`compute()`, which runs parts `names` on `what` (a prompt): kept between jobs for the same weights of
+        those parts, so a repeat neither runs nor loads them."""
+        ...
 
 
 class Stopwatch:

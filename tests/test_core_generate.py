@@ -42,7 +42,8 @@ def test_every_family_and_precision_draws_the_requested_size(family, precision, 
     assert [im.size for im in result.images] == [expected] * len(result.images)
     assert result.request.precision.value == precision
     assert len(result.timings.steps_ms) == 3 and all(t > 0 for t in result.timings.steps_ms)
-    assert result.timings.text_encoders_ms > 0 and result.timings.vae_ms > 0
+    # The text stage is 0 ms where an earlier job's encoding of the prompt was reused (tests/test_prompt_cache.py).
+    assert result.timings.text_encoders_ms >= 0 and result.timings.vae_ms > 0
     assert result.peak_memory_bytes is None  # CPU: no device memory figure
     assert np.asarray(result.images[0]).std() > 1.0  # not a flat (black) picture
 

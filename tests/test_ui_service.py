@@ -8,7 +8,7 @@ from pipelines.gpu import DeviceInfo
 from pipelines.manager import ManagerConfig, PipelineManager
 from pipelines.precision import Precision
 from pipelines.registry import HUB_MODELS, Family, UnknownModelError
-from pipelines.request import RequestError
+from pipelines.request import GenerationRequest, RequestError
 from pipelines.run_context import Progress
 from ui.formatting import fmt_bytes, precision_label, progress_text
 from ui.service import PrismService, offered_models
@@ -251,3 +251,18 @@ def test_the_system_tab_lists_each_speed_lever_as_started():
         assert snap["speed_levers"]["VAE decoder compiled"] == vae_state
         assert snap["speed_levers"]["CUDA graphs"] == "off (--torch-cuda-graphs turns it on)"
         assert f"VAE decoder compiled: {vae_state}" in system_markdown(snap)
+
+
+def test_system_tab_says_whether_prompts_are_remembered(tiny_flux):
+    from ui.system_tab import system_markdown, system_snapshot
+
+    for entries, state in ((0, "off (--no-prompt-cache)"), (32, "on: 1 of up to 32 prompts kept, 1 reused")):
+        cpu = PipelineManager(ManagerConfig(device="cpu", prompt_cache_entries=entries), device_info=fast_16bit_cpu())
+        try:
+            for seed in (1, 2):
+                cpu.generate(GenerationRequest("a red kite", str(tiny_flux), steps=1, width=32, height=32, seed=seed))
+            snap = system_snapshot(PrismService(cpu, []))
+        finally:
+            cpu.close()
+        assert snap["prompt_cache"] == state
+        assert f"**Prompt cache:** {state}" in system_markdown(snap)

@@ -45,6 +45,7 @@ def system_snapshot(service: PrismService) -> dict[str, Any]:
                     "tensorrt": status.tensorrt.reason, "tensorrt_can_run": status.tensorrt.can_run},
         # each PyTorch speed lever as started (--compile-vae, --no-fused-qkv, ...) and whether it acts here
         "speed_levers": lever_states(service.manager.config.torch, info.is_cuda),
+        "prompt_cache": prompt_cache_state(service.manager),
         "resident_models": models,
         "resident": [{"model": r.key.model, "component": r.key.name, "form": r.key.variant, "backend": r.key.backend,
                       "bytes": r.nbytes, "parked": r.parked}
@@ -56,6 +57,17 @@ def system_snapshot(service: PrismService) -> dict[str, Any]:
         "events": list(status.events),
         **({"replicas": status.replica_rows(), "deployment": status.deployment} if replicas is not None else {}),
     }
+
+
+def prompt_cache_state(manager: Any) -> str:
+    """Whether repeated prompts skip the text encoders, and how many were kept and reused so far."""
+    entries = manager.config.prompt_cache_entries
+    if not entries:
+        return "off (--no-prompt-cache)"
+    cache = getattr(manager, "prompts", None)  # under Ray Serve each replica keeps its own
+    if cache is None:
+        return f"on, up to {entries} prompts in each replica"
+    return f"on: {len(cache)} of up to {entries} prompts kept, {cache.hits} reused"
 
 
 def self_check_markdown(report: Any, checks: list[Any]) -> str:
@@ -94,6 +106,7 @@ def system_markdown(snap: dict[str, Any]) -> str:
         *(["**PyTorch speed levers:** " + " · ".join(f"{name}: {state}"
                                                     for name, state in snap["speed_levers"].items())]
           if snap.get("speed_levers") else []),
+        *([f"**Prompt cache:** {snap['prompt_cache']}"] if snap.get("prompt_cache") else []),
         "### Resident models", resident,
         "### Engine cache",
         f"{len(snap['engine_cache']['entries'])} engine(s), {fmt_bytes(snap['engine_cache']['total_bytes'])} in "

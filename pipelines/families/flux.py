@@ -28,6 +28,7 @@ from .family import ModelFamily
 from .flux_attention import use_fp8_attention
 from ..schedulers import Sampler, make_scheduler
 from ..step_cache import FAST, NO_CACHE, StepCache, StepOutputs
+from ..text_stage import TextStage
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 CLIP_TOKENS = graphs.CLIP_TOKENS
@@ -62,11 +63,20 @@ class EncodedPrompt:
     pooled: torch.Tensor  # CLIP-L pooled (1, D)
     text: torch.Tensor  # T5 hidden states (1, S, D)
     warnings: tuple[str, ...]  # about prompts cut to fit
-    marks: tuple  # clock marks around the encoding (loading excluded: it is the job's load time)
+    marks: tuple  # clock marks around the encoding (loading excluded: it is the job's load time; the same mark twice when remembered)
 
 
 def encode_prompt(spec: ModelSpec, parts: Parts, prompt: str, device: torch.device, clock: Stopwatch) -> EncodedPrompt:
-    """The prompt through CLIP-L and T5; the text encoders are released after."""
+    """The prompt through CLIP-L and T5 (or as an earlier job encoded it); the text encoders are released after."""
+    stage = TextStage(parts, clock, TEXT_ENCODERS, ("tokenizer", "tokenizer_2"))
+    pooled, text, warnings = stage.encoded(("flux", prompt, spec.max_prompt_tokens),
+                                           lambda: _run_encoders(spec, parts, prompt, device))
+    return EncodedPrompt(pooled, text, warnings, stage.done())
+
+
+def _run_encoders(spec: ModelSpec, parts: Parts, prompt: str,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """CLIP-L's pooled output, T5's hidden states, and notes about a prompt cut to fit."""
     warnings = []
     clip_ids, cut_clip = tokenize(parts.get("tokenizer"), prompt, CLIP_TOKENS)
     t5_ids, cut_t5 = tokenize(parts.get("tokenizer_2"), prompt, spec.max_prompt_tokens)
@@ -74,14 +84,9 @@ def encode_prompt(spec: ModelSpec, parts: Parts, prompt: str, device: torch.devi
         warnings.append(truncation_warning("T5", spec.max_prompt_tokens))
     elif cut_clip:
         warnings.append(f"CLIP sees only the first {CLIP_TOKENS} tokens of the prompt; T5 sees all of it.")
-    clip, t5 = parts.get("text_encoder"), parts.get("text_encoder_2")
-    t_start = clock.mark()
-    with torch.inference_mode():
-        pooled = clip(input_ids=clip_ids.to(device))
-        text = t5(input_ids=t5_ids.to(device))
-    t_text = clock.mark()
-    parts.done_with(*TEXT_ENCODERS)
-    return EncodedPrompt(pooled, text, tuple(warnings), (t_start, t_text))
+    pooled = parts.get("text_encoder")(input_ids=clip_ids.to(device))
+    text = parts.get("text_encoder_2")(input_ids=t5_ids.to(device))
+    return pooled, text, tuple(warnings)
 
 
 def latent_grid(spec: ModelSpec, width: int, height: int) -> tuple[int, int]:

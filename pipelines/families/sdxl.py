@@ -27,6 +27,7 @@ from .family import REFINER_PREFIX, ModelFamily
 from .sdxl_attention import fuse_qkv_projections
 from ..schedulers import Sampler, make_scheduler
 from ..step_cache import FAST, NO_CACHE, StepCache, StepOutputs
+from ..text_stage import TextStage
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -58,22 +59,22 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     guided = req.guidance > 1.0  # classifier-free guidance doubles the UNet batch
     refine = req.refiner is not None
 
-    # 1. Encode the prompt (and the negative prompt; an empty one is zeros, as SDXL was trained).
+    # 1. Encode the prompt (and the negative prompt; an empty one is zeros, as SDXL was trained), or reuse what
+    #    an earlier job encoded.
     ctx.report("text", 0, 1, "encoding the prompt")
-    for name in ("tokenizer", "tokenizer_2", *TEXT_ENCODERS):
-        parts.get(name)
-    t_start = clock.mark()
-    with torch.inference_mode():
-        text, pooled, cut = _encode(parts, req.prompt, spec.max_prompt_tokens, device)
-        if guided and req.negative_prompt:
-            neg_text, neg_pooled, _ = _encode(parts, req.negative_prompt, spec.max_prompt_tokens, device)
-        elif guided:
-            neg_text, neg_pooled = torch.zeros_like(text), torch.zeros_like(pooled)
-        if refine:  # the refiner reads text_encoder_2's part; an empty negative prompt is encoded, not zeros
-            hidden_2 = text[..., -spec.components["text_encoder_2"].config["hidden_size"]:]
-            refiner_negative = _encode_2(parts, req.negative_prompt, spec.max_prompt_tokens, device) if guided else None
-    t_text = clock.mark()
-    parts.done_with(*TEXT_ENCODERS)
+    stage = TextStage(parts, clock, TEXT_ENCODERS, ("tokenizer", "tokenizer_2"))
+    max_tokens = spec.max_prompt_tokens
+    text, pooled, cut = stage.encoded(("sdxl", req.prompt, max_tokens), lambda: _encode(parts, req.prompt, max_tokens, device))
+    if guided and req.negative_prompt:
+        neg_text, neg_pooled, _ = stage.encoded(("sdxl", req.negative_prompt, max_tokens),
+                                                lambda: _encode(parts, req.negative_prompt, max_tokens, device))
+    elif guided:
+        neg_text, neg_pooled = torch.zeros_like(text), torch.zeros_like(pooled)
+    if refine:  # the refiner reads text_encoder_2's part; an empty negative prompt is encoded, not zeros
+        hidden_2 = text[..., -spec.components["text_encoder_2"].config["hidden_size"]:]
+        refiner_negative = stage.encoded(("sdxl refiner", req.negative_prompt, max_tokens),
+                                         lambda: _encode_2(parts, req.negative_prompt, max_tokens, device)) if guided else None
+    t_start, t_text = stage.done()
     if cut:
         warnings.append(truncation_warning("CLIP", spec.max_prompt_tokens))
 

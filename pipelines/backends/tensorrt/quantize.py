@@ -26,7 +26,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, TypeVar
 
 import torch
 from torch import nn
@@ -49,6 +49,7 @@ from ...sampling import NumericsError
 from . import qdq
 
 log = logging.getLogger("prism.tensorrt.quantize")
+T = TypeVar("T")
 
 PROMPTS_FILE = Path(__file__).with_name("calibration_prompts.txt")
 RECIPE_VERSION = 1  # bump when the quantization arithmetic or layer choice changes
@@ -147,6 +148,10 @@ class _CalibrationParts:
 
     def done_with(self, *names: str) -> None:
         """Kept: the encoders serve every calibration prompt."""
+
+    def remember(self, names: tuple[str, ...], what: Hashable, compute: Callable[[], T]) -> T:
+        """Computed each time: each calibration prompt is encoded once anyway."""
+        return compute()
 
 
 def calibrate(spec: ModelSpec, recipe: QuantRecipe, source: WeightSource, device: str,
