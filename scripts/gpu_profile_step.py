@@ -1,10 +1,12 @@
-"""Where a compiled Flux FP8 step goes, kernel by kernel, and what row-wise activation quantization costs.
+"""Where a compiled denoiser step goes, kernel by kernel, and what row-wise activation quantization costs.
 
     python scripts/gpu_profile_step.py --out OUT_DIR [--model flux.1-dev] [--precision fp8] [--size 1024]
+    python scripts/gpu_profile_step.py --out OUT_DIR --model sdxl-base-1.0 --precision fp16 --skip-quant
 
-1. Prism's own denoiser as the app loads it (random full-size weights, quantized, regional torch.compile):
-   median step time over 10 steps (CUDA events), then a torch.profiler trace of 2 steps, kernels grouped
-   into GEMM / attention / quantization / other, with the 25 most expensive kernels.
+1. Prism's own denoiser as the app loads it (random full-size weights, quantized, compiled as the app compiles
+   it; SDXL with its fused QKV, one CFG step at batch 2): median step time over 10 steps (CUDA events), then a
+   torch.profiler trace of 2 steps, kernels grouped into GEMM / convolution / attention / quantization / other,
+   with the 25 most expensive kernels.
 2. Row-wise FP8 quantization of activations alone (amax per row, scale, cast), at the shapes a Flux step
    feeds its Linear layers: eager, torch.compile, and a Triton kernel that reads each row once; GB/s each.
 Writes OUT_DIR/profile.json and prints a summary.
@@ -25,12 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.backends.contract import TorchOptions  # noqa: E402
 from pipelines.backends.torch_backend import TorchBackend  # noqa: E402
+from pipelines.config import default_engine_cache  # noqa: E402
 from pipelines.device_policy import DevicePolicy  # noqa: E402
 from pipelines.gpu import probe_device  # noqa: E402
 from pipelines.loading import WeightSource  # noqa: E402
 from pipelines.precision import Precision  # noqa: E402
 from pipelines.quant import FP8_MAX  # noqa: E402
-from pipelines.registry import resolve_spec  # noqa: E402
+from pipelines.registry import Family, resolve_spec  # noqa: E402
 
 
 def flux_inputs(spec, size: int, dtype: torch.dtype, device: str = "cuda", seed: int = 0, timestep: float = 0.5) -> dict:
@@ -46,6 +49,18 @@ def flux_inputs(spec, size: int, dtype: torch.dtype, device: str = "cuda", seed:
     if cfg.get("guidance_embeds"):
         inputs["guidance"] = torch.full((1,), 3.5, device=device, dtype=torch.float32)
     return inputs
+
+
+def sdxl_inputs(spec, size: int, dtype: torch.dtype, device: str = "cuda") -> dict:
+    """One classifier-free-guidance step of SDXL's UNet as the app's loop calls it (unconditional and conditional
+    halves: batch 2), random latents and text."""
+    cfg = spec.components["unet"].config
+    g = torch.Generator(device).manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, device=device, dtype=dtype)  # noqa: E731
+    latent, pooled = size // spec.vae_scale_factor, cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+    return dict(sample=r(2, cfg["in_channels"], latent, latent), timestep=torch.tensor(500.0, device=device),
+                encoder_hidden_states=r(2, 77, cfg["cross_attention_dim"]), text_embeds=r(2, pooled),
+                time_ids=torch.tensor([[size, size, 0, 0, size, size]] * 2, device=device, dtype=dtype))
 
 
 def timed(fn, runs: int, cuda: bool = True) -> float:
@@ -72,6 +87,8 @@ def kind_of(name: str) -> str:
     n = name.lower()
     if n.startswith("triton"):
         return "triton: activation quantization + fused epilogues" if "amax" in n else "triton: norms, RoPE, elementwise"
+    if "fprop" in n or "conv" in n or "dgrad" in n:  # cuDNN's convolution kernels (SDXL's UNet and VAE)
+        return "convolution"
     if "gemm" in n or "cutlass" in n or "xmma" in n or "nvjet" in n:
         return "gemm"
     if "flash" in n or "fmha" in n or "sdpa" in n or "attention" in n:
@@ -83,11 +100,14 @@ def profile_step(args, out: Path) -> dict:
     spec = resolve_spec(args.model)
     info = probe_device("cuda")
     policy = DevicePolicy.for_info(info)
-    backend = TorchBackend(TorchOptions(compile=not args.no_compile))
+    # the app's compile cache, so a call after the app's own rows (scripts/gpu_speed_levers.py) reuses its kernels
+    backend = TorchBackend(TorchOptions(compile=not args.no_compile,
+                                        compile_cache_dir=default_engine_cache() / "torch-inductor"))
     loaded = backend.load(spec, spec.denoiser, Precision.parse(args.precision), "cuda", policy,
                           WeightSource(random_weights=True))
     denoiser = loaded.obj
-    inputs = flux_inputs(spec, args.size, loaded.dtype)
+    make_inputs = sdxl_inputs if spec.family is Family.SDXL else flux_inputs
+    inputs = make_inputs(spec, args.size, loaded.dtype)
     with torch.inference_mode():
         for _ in range(3):  # compile + warm
             denoiser(**inputs)
@@ -184,11 +204,14 @@ def main() -> None:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--skip-step", action="store_true")
+    p.add_argument("--skip-quant", action="store_true", help="only the step profile (e.g. SDXL at 16 bits)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"quant": quant_bench()}
-    print(json.dumps(result["quant"], indent=1), flush=True)
+    result = {}
+    if not args.skip_quant:
+        result["quant"] = quant_bench()
+        print(json.dumps(result["quant"], indent=1), flush=True)
     if not args.skip_step:
         result["step"] = profile_step(args, out)
         print(json.dumps(result["step"], indent=1), flush=True)
