@@ -107,6 +107,12 @@ class StageTimings:
         return sum(self.steps_ms)
 
     @property
+    def prompt_reused(self) -> bool:
+        """The text stage ran no encoder: an earlier job's encoding of the prompt was reused (its clock marks are
+        one mark twice, pipelines/text_stage.py; any encoder run takes time)."""
+        return self.text_encoders_ms == 0.0
+
+    @property
     def mean_step_ms(self) -> float:
         return self.denoise_ms / len(self.steps_ms) if self.steps_ms else 0.0
 
@@ -116,7 +122,8 @@ class StageTimings:
             if self.refiner_steps else ""
         if self.model_calls is not None and self.model_calls < len(self.steps_ms):
             refined += f" ({self.model_calls} ran the model)"
-        return (f"text encoders {self.text_encoders_ms:.0f} ms | {encoder}{len(self.steps_ms)} steps{refined} x "
+        text = "text encoders: prompt reused" if self.prompt_reused else f"text encoders {self.text_encoders_ms:.0f} ms"
+        return (f"{text} | {encoder}{len(self.steps_ms)} steps{refined} x "
                 f"{self.mean_step_ms:.1f} ms = {self.denoise_ms:.0f} ms | VAE {self.vae_ms:.0f} ms | "
                 f"total {self.total_ms:.0f} ms" + (f" (+ load {self.load_ms:.0f} ms)" if self.load_ms else ""))
 

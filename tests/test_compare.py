@@ -72,6 +72,16 @@ def test_each_precision_runs_with_one_seed_and_is_measured_against_16bit(manager
     assert math.isfinite(data["entries"][2]["psnr_db"]) and data["seed"] == comparison.request.seed
 
 
+def test_a_column_that_reused_the_prompt_counts_its_encoding_in_its_latency(manager, flux_dir):
+    # The columns share 16-bit text encoders: with the prompt cache the first column encodes and the others reuse.
+    req = GenerationRequest("a green square at the bottom", str(flux_dir), seed=4, **SMALL)
+    ref, fp8 = run_comparison(manager, req, ["16-bit", "fp8"]).entries
+    encoding = ref.result.timings.text_encoders_ms
+    assert encoding > 0 and fp8.result.timings.prompt_reused
+    assert ref.latency_ms == ref.result.timings.total_ms
+    assert fp8.latency_ms == fp8.result.timings.total_ms + encoding
+
+
 def test_without_16bit_there_is_a_note_instead_of_metrics(manager, flux_dir):
     comparison = run_comparison(manager, GenerationRequest("a red circle", str(flux_dir), seed=7, **SMALL), ["fp4"])
     (entry,) = comparison.entries

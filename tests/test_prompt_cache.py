@@ -15,6 +15,7 @@ from pipelines.manager import ManagerConfig, PipelineManager
 from pipelines.prompt_cache import DEFAULT_ENTRIES, PromptCache
 from pipelines.request import GenerationRequest
 from tests.tiny_loras import SDXL_TE, SDXL_UNET, write_kohya, write_peft
+from ui.formatting import result_markdown
 from conftest import fast_16bit_cpu
 
 
@@ -99,6 +100,10 @@ def test_a_repeat_skips_the_text_encoders_and_draws_the_image_an_encoding_job_dr
     encoded = uncached.generate(repeat)
     assert text_ms(encoded) > 0  # the manager without a cache encodes every job
     assert np.array_equal(pixels(again), pixels(encoded))
+    # what the user reads: the reuse said in words rather than as "0 ms"
+    assert again.timings.prompt_reused and not encoded.timings.prompt_reused
+    assert "text encoders: prompt reused" in result_markdown(again) and "text encoders: prompt reused" in again.timings.summary()
+    assert "prompt reused" not in result_markdown(encoded)
 
 
 def test_another_prompt_or_negative_prompt_is_encoded_again(cached, uncached, tiny_sdxl):

@@ -32,7 +32,8 @@ def sixteen_bit_note(service: PrismService, choice) -> str:
     ref = reference_precision(choice.spec, service.capability)
     return (f"**16-bit** for {choice.name} here is **{ref.label}**: the precision FP8 and FP4 compute in, so the "
             "differences shown are those of quantization alone. Latency is the warm work (text encoders, denoising, "
-            "VAE); first-use loading and engine builds are shown apart.")
+            "VAE; the columns share one encoding of the prompt, counted in each); first-use loading and engine builds "
+            "are shown apart.")
 
 
 def heatmap_legend(width: int = 256, height: int = 16) -> Image.Image:

@@ -104,7 +104,8 @@ def result_markdown(result: GenerationResult) -> str:
         *input_lines(result.request),
         *([f"**Refiner:** {result.refiner_id} ran the last {t.refiner_steps} of {len(t.steps_ms)} steps "
            f"(hand-off at {result.request.refiner:g})"] if result.refiner_id else []),
-        f"**Timings:** text encoders {fmt_ms(t.text_encoders_ms)} · "
+        "**Timings:** " + ("text encoders: prompt reused · " if t.prompt_reused else
+                           f"text encoders {fmt_ms(t.text_encoders_ms)} · ")
         + (f"VAE encoder {fmt_ms(t.vae_encoder_ms)} · " if t.vae_encoder_ms else "") + f"{len(t.steps_ms)} steps"
         + (f" ({t.model_calls} ran the model)" if t.model_calls is not None and t.model_calls < len(t.steps_ms) else "")
         + f" × {fmt_ms(t.mean_step_ms)} = {fmt_ms(t.denoise_ms)} · VAE {fmt_ms(t.vae_ms)} · **total {fmt_ms(t.total_ms)}**"
