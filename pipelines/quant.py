@@ -129,9 +129,9 @@ _LAYOUTS = {torch.bfloat16: (127, 7), torch.float16: (15, 10)}
 def decode_bits(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`decode_table`'s values (bit for bit) built from the codes' bits: elementwise integer work with no gather,
     a candidate for the compiled GPU path (scripts/gpu_fp4_dequant.py times both; on a CPU, eager, it is 8x slower
-    than the table: 311 vs 36 ms for a 3072x3072 weight, 2-core AMD EPYC, 2026-12-07). An e2m1 code is sign, two exponent bits e and one
-    mantissa bit m: 0.5 * m when e == 0, else 2^(e-1) * (1 + m/2), i.e. the 16-bit pattern with exponent
-    field e - 1 + bias and m as the top mantissa bit."""
+    than the table: 311 vs 36 ms for a 3072x3072 weight, 2-core AMD EPYC, 2026-12-07). An e2m1 code is sign, two
+    exponent bits e and one mantissa bit m: 0.5 * m when e == 0, else 2^(e-1) * (1 + m/2), i.e. the 16-bit
+    pattern with exponent field e - 1 + bias and m as the top mantissa bit."""
     bias, mantissa = _LAYOUTS[dtype]
     nibbles = torch.stack([packed & 0xF, packed >> 4], dim=-1).int()  # low nibble first
     e, m = (nibbles >> 1) & 3, nibbles & 1

@@ -48,7 +48,8 @@ def main() -> None:
     p.add_argument("--memory-budget", default=None)
     p.add_argument("--random-weights", action="store_true")
     args = p.parse_args()
-    print("| model | prompt cache | runs as | text ms | load ms | wall ms per image |\n| --- | --- | --- | ---: | ---: | ---: |")
+    print("| model | prompt cache | runs as | text ms | load ms | wall ms per image |\n"
+          "| --- | --- | --- | ---: | ---: | ---: |")
     for model in args.models:
         for entries, label in ((0, "off (baseline)"), (DEFAULT_ENTRIES, "on")):
             config = ManagerConfig(device=args.device, memory_budget=args.memory_budget,

@@ -63,7 +63,8 @@ class EncodedPrompt:
     pooled: torch.Tensor  # CLIP-L pooled (1, D)
     text: torch.Tensor  # T5 hidden states (1, S, D)
     warnings: tuple[str, ...]  # about prompts cut to fit
-    marks: tuple  # clock marks around the encoding (loading excluded: it is the job's load time; the same mark twice when remembered)
+    # clock marks around the encoding (loading excluded: it is the job's load time); one mark twice when remembered
+    marks: tuple
 
 
 def encode_prompt(spec: ModelSpec, parts: Parts, prompt: str, device: torch.device, clock: Stopwatch) -> EncodedPrompt:

@@ -64,7 +64,8 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
     ctx.report("text", 0, 1, "encoding the prompt")
     stage = TextStage(parts, clock, TEXT_ENCODERS, ("tokenizer", "tokenizer_2"))
     max_tokens = spec.max_prompt_tokens
-    text, pooled, cut = stage.encoded(("sdxl", req.prompt, max_tokens), lambda: _encode(parts, req.prompt, max_tokens, device))
+    text, pooled, cut = stage.encoded(("sdxl", req.prompt, max_tokens),
+                                      lambda: _encode(parts, req.prompt, max_tokens, device))
     if guided and req.negative_prompt:
         neg_text, neg_pooled, _ = stage.encoded(("sdxl", req.negative_prompt, max_tokens),
                                                 lambda: _encode(parts, req.negative_prompt, max_tokens, device))
@@ -72,8 +73,9 @@ def generate(spec: ModelSpec, parts: Parts, req: GenerationRequest, ctx: RunCont
         neg_text, neg_pooled = torch.zeros_like(text), torch.zeros_like(pooled)
     if refine:  # the refiner reads text_encoder_2's part; an empty negative prompt is encoded, not zeros
         hidden_2 = text[..., -spec.components["text_encoder_2"].config["hidden_size"]:]
-        refiner_negative = stage.encoded(("sdxl refiner", req.negative_prompt, max_tokens),
-                                         lambda: _encode_2(parts, req.negative_prompt, max_tokens, device)) if guided else None
+        refiner_negative = None if not guided else stage.encoded(
+            ("sdxl refiner", req.negative_prompt, max_tokens),
+            lambda: _encode_2(parts, req.negative_prompt, max_tokens, device))
     t_start, t_text = stage.done()
     if cut:
         warnings.append(truncation_warning("CLIP", spec.max_prompt_tokens))
