@@ -266,3 +266,12 @@ def test_system_tab_says_whether_prompts_are_remembered(tiny_flux):
             cpu.close()
         assert snap["prompt_cache"] == state
         assert f"**Prompt cache:** {state}" in system_markdown(snap)
+
+
+def test_under_ray_serve_the_system_tab_says_each_replica_keeps_its_own_prompts():
+    from types import SimpleNamespace
+
+    from ui.system_tab import prompt_cache_state
+
+    ray_manager = SimpleNamespace(config=ManagerConfig())  # RayManager keeps no cache itself; its replicas do
+    assert prompt_cache_state(ray_manager) == "on, up to 32 prompts in each replica"
