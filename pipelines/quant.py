@@ -118,27 +118,10 @@ def _byte_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 def decode_table(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(N, K) e2m1 values of `packed` (N, K/2): one table lookup per byte (int32 indices rather than int64
-    codes: fewer and smaller temporaries on the path every weight-only layer runs on every step)."""
+    codes: fewer and smaller temporaries on the path every weight-only layer runs on every step). Building the
+    values from the codes' bits instead (no gather) was no faster compiled on an H100 and 8x slower eager on a CPU
+    (BENCHMARKS.md, 2026-12-07)."""
     return _byte_table(packed.device, dtype)[packed.int()].reshape(packed.shape[0], -1)
-
-
-# (exponent bias, mantissa bits) of the 16-bit types `decode_bits` writes
-_LAYOUTS = {torch.bfloat16: (127, 7), torch.float16: (15, 10)}
-
-
-def decode_bits(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`decode_table`'s values (bit for bit) built from the codes' bits: elementwise integer work with no gather,
-    a candidate for the compiled GPU path (scripts/gpu_fp4_dequant.py times both; on a CPU, eager, it is 8x slower
-    than the table: 311 vs 36 ms for a 3072x3072 weight, 2-core AMD EPYC, 2026-12-07). An e2m1 code is sign, two
-    exponent bits e and one mantissa bit m: 0.5 * m when e == 0, else 2^(e-1) * (1 + m/2), i.e. the 16-bit
-    pattern with exponent field e - 1 + bias and m as the top mantissa bit."""
-    bias, mantissa = _LAYOUTS[dtype]
-    nibbles = torch.stack([packed & 0xF, packed >> 4], dim=-1).int()  # low nibble first
-    e, m = (nibbles >> 1) & 3, nibbles & 1
-    normal = ((e + bias - 1) << mantissa) | (m << (mantissa - 1))
-    bits = torch.where(e > 0, normal, m * ((bias - 1) << mantissa)) | ((nibbles & 8) << 12)
-    bits = bits - ((bits >> 15) << 16)  # the sign bit as int16's: two's complement, so the cast below is exact
-    return bits.to(torch.int16).view(dtype).reshape(packed.shape[0], -1)
 
 
 def nvfp4_dequantize(q: Nvfp4Weight, dtype: torch.dtype) -> torch.Tensor:

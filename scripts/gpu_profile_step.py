@@ -87,12 +87,12 @@ def kind_of(name: str) -> str:
     n = name.lower()
     if n.startswith("triton"):
         return "triton: activation quantization + fused epilogues" if "amax" in n else "triton: norms, RoPE, elementwise"
+    if "flash" in n or "fmha" in n or "sdpa" in n or "attention" in n:  # before convolutions: cuDNN's SDPA is "fprop"
+        return "attention"
     if "fprop" in n or "conv" in n or "dgrad" in n:  # cuDNN's convolution kernels (SDXL's UNet and VAE)
         return "convolution"
     if "gemm" in n or "cutlass" in n or "xmma" in n or "nvjet" in n:
         return "gemm"
-    if "flash" in n or "fmha" in n or "sdpa" in n or "attention" in n:
-        return "attention"
     return "other"
 
 
