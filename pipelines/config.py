@@ -118,7 +118,8 @@ def manager_config(args: argparse.Namespace, **overrides) -> "ManagerConfig":
         torch=TorchOptions(compile=args.compile, cuda_graphs=args.torch_cuda_graphs, bf16_vae=args.bf16_vae,
                            fp8_attention=args.fp8_attention, fused_qkv=False if args.no_fused_qkv else None,
                            compile_vae=args.compile_vae),
-        lora_dir=args.lora_dir or DEFAULT_LORA_DIR, prompt_cache_entries=0 if args.no_prompt_cache else DEFAULT_ENTRIES,
+        lora_dir=args.lora_dir or DEFAULT_LORA_DIR,
+        prompt_cache_entries=0 if args.no_prompt_cache else DEFAULT_ENTRIES,
         tensorrt=TensorRTOptions(cuda_graphs=not args.no_cuda_graphs,
                                  weight_streaming_budget=_size("--weight-streaming-budget", streaming) if streaming else None))
     return replace(config, **overrides)

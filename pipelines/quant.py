@@ -116,17 +116,13 @@ def _byte_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack([table[codes & 0xF], table[codes >> 4]], dim=-1).to(dtype)
 
 
-def decode_table(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(N, K) e2m1 values of `packed` (N, K/2): one table lookup per byte (int32 indices rather than int64
-    codes: fewer and smaller temporaries on the path every weight-only layer runs on every step). Building the
-    values from the codes' bits instead (no gather) was no faster compiled on an H100 and 8x slower eager on a CPU
-    (BENCHMARKS.md, 2026-12-07)."""
-    return _byte_table(packed.device, dtype)[packed.int()].reshape(packed.shape[0], -1)
-
-
 def nvfp4_dequantize(q: Nvfp4Weight, dtype: torch.dtype) -> torch.Tensor:
+    # One table lookup per byte (int32 indices) rather than unpacking nibbles into int64 codes: the
+    # weight-only path runs this for every layer on every step, so fewer and smaller temporaries matter.
+    # Building the values from the codes' bits instead (no gather) was no faster compiled on an H100 and 8x
+    # slower eager on a CPU (BENCHMARKS.md, 2026-12-07).
     n = q.packed.shape[0]
-    values = decode_table(q.packed, dtype).reshape(n, -1, FP4_BLOCK)
+    values = _byte_table(q.packed.device, dtype)[q.packed.int()].reshape(n, -1, FP4_BLOCK)
     scale = (q.block_scale.float() * q.tensor_scale).to(dtype)
     return (values * scale[..., None]).reshape(n, -1)
 
