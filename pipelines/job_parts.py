@@ -45,11 +45,15 @@ class JobParts:
         spec, component = part_owner(self.spec, name, self.refiner)
         return spec, component, self.loras if spec is self.spec else NO_LORAS
 
-    def key(self, name: str) -> ComponentKey:
-        spec, name, loras = self._owner(name)
+    def _plain_key(self, name: str) -> tuple[ComponentKey, ModelSpec, str, LoraSet]:
+        """Part `name`'s key without a LoRA form, with its model, component and LoRAs (`_owner`)."""
+        spec, component, loras = self._owner(name)
         # Tokenizers and schedulers are the same object for every backend.
-        backend = "any" if name in LIGHT_PARTS else self.backend_kind.value
-        key = component_key(spec, name, self.precision, backend, self.m.policy)
+        backend = "any" if component in LIGHT_PARTS else self.backend_kind.value
+        return component_key(spec, component, self.precision, backend, self.m.policy), spec, component, loras
+
+    def key(self, name: str) -> ComponentKey:
+        key, spec, name, loras = self._plain_key(name)
         if name in LIGHT_PARTS:
             return key
         with_loras = replace(key, lora=self._backend(name).lora_variant(spec, name, self.precision, loras))
@@ -118,6 +122,5 @@ class JobParts:
     def _weights(self, name: str) -> Hashable:
         """What identifies the weights part `name` computes with: model, component, dtype and backend (the key it
         loads under, without which form serves it), where they come from, and the LoRAs fused into it."""
-        spec, component, loras = self._owner(name)
-        backend = "any" if component in LIGHT_PARTS else self.backend_kind.value
-        return component_key(spec, component, self.precision, backend, self.m.policy), self.source, loras.key(component)
+        key, _, component, loras = self._plain_key(name)
+        return key, self.source, loras.key(component)

@@ -10,8 +10,9 @@ Q, K, V come as diffusers' Flux attention hands them over: bf16, [batch, tokens,
 - cuDNN FP8 with per-tensor quantization of Q, K, V (amax, scale, cast) and the output's dequantization: what
   a model call would pay, eager and with the quantization compiled.
 The plan and the quantization are the app's own (pipelines/fp8_attention.py). Each output is compared with
-float32 attention on the same inputs (relative L2 error), next to the bf16 SDPA's own error, for inputs of two shapes: unit-normal, and "peaky" (Q and K scaled 4x, as RMSNorm'd Flux queries
-with large learned gains make softmax concentrate on a few tokens; small probabilities are where FP8 P loses).
+float32 attention on the same inputs (relative L2 error), next to the bf16 SDPA's own error, for inputs of two
+shapes: unit-normal, and "peaky" (Q and K scaled 4x, as RMSNorm'd Flux queries with large learned gains make
+softmax concentrate on a few tokens; small probabilities are where FP8 P loses).
 Writes OUT/fp8_attention.json.
 """
 from __future__ import annotations

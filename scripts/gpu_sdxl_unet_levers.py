@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_profile_step import timed  # noqa: E402
+from gpu_profile_step import sdxl_inputs, timed  # noqa: E402
 from pipelines.device_policy import DevicePolicy  # noqa: E402
 from pipelines.families.sdxl_attention import fuse_qkv_projections  # noqa: E402
 from pipelines.gpu import probe_device  # noqa: E402
@@ -37,14 +37,10 @@ TUNING_FLAGS = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epil
 
 
 def unet_inputs(spec, size: int, dtype: torch.dtype, device: str) -> dict:
-    cfg = spec.components["unet"].config
-    g = torch.Generator(device).manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g, device=device, dtype=dtype)  # noqa: E731
-    latent = size // spec.vae_scale_factor
-    return dict(sample=r(2, cfg["in_channels"], latent, latent), timestep=torch.tensor(500.0, device=device),
-                encoder_hidden_states=r(2, 77, cfg["cross_attention_dim"]),
-                added_cond_kwargs={"text_embeds": r(2, cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]),
-                                   "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2, device=device, dtype=dtype)})
+    """One CFG step's inputs (gpu_profile_step's, as the app's adapter takes them) in the diffusers UNet's form."""
+    inputs = sdxl_inputs(spec, size, dtype, device)
+    inputs["added_cond_kwargs"] = {"text_embeds": inputs.pop("text_embeds"), "time_ids": inputs.pop("time_ids")}
+    return inputs
 
 
 def main() -> int:
