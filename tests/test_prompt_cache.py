@@ -174,3 +174,16 @@ def test_the_flag_turns_it_off_and_the_bench_measures_a_new_prompt_each_run():
     assert manager_config(parse(["generate", "a fox"])).prompt_cache_entries == DEFAULT_ENTRIES
     assert manager_config(parse(["generate", "a fox", "--no-prompt-cache"])).prompt_cache_entries == 0
     assert manager_config(parse(["bench", "a fox"])).prompt_cache_entries == 0
+
+
+def test_the_app_takes_the_flag_too_and_a_value_given_to_it_is_refused_in_one_line(capsys):
+    from ui.launch import options_from_args
+
+    assert options_from_args(["--no-prompt-cache"]).manager.prompt_cache_entries == 0
+    assert options_from_args([]).manager.prompt_cache_entries == DEFAULT_ENTRIES
+    for parse in (lambda argv: build_parser().parse_args(["generate", "a fox", *argv]), options_from_args):
+        with pytest.raises(SystemExit) as exit_:
+            parse(["--no-prompt-cache=yes"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "--no-prompt-cache" in err and "ignored explicit argument" in err and "Traceback" not in err
