@@ -73,6 +73,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prompt-cache", action="store_true",
                    help="encode every job's prompt (by default the encodings of the last 32 prompts are kept, so a "
                         "new seed, size or precision with the same prompt skips the text encoders)")
+    p.add_argument("--no-run-ahead", action="store_true",
+                   help="wait for each denoising step to finish on the GPU before queuing the next (by default the "
+                        "host queues the next step while the GPU runs one, and progress is reported a step later)")
     p.add_argument("--weight-streaming-budget", default=None, metavar="SIZE",
                    help="TensorRT backend: keep at most this much of each engine's weights on the GPU (e.g. 8GB) and "
                         "stream the rest from host memory; engines are then built streamable")
@@ -120,6 +123,7 @@ def manager_config(args: argparse.Namespace, **overrides) -> "ManagerConfig":
                            compile_vae=args.compile_vae),
         lora_dir=args.lora_dir or DEFAULT_LORA_DIR,
         prompt_cache_entries=0 if args.no_prompt_cache else DEFAULT_ENTRIES,
+        steps_ahead=0 if args.no_run_ahead else 1,
         tensorrt=TensorRTOptions(cuda_graphs=not args.no_cuda_graphs,
                                  weight_streaming_budget=_size("--weight-streaming-budget", streaming) if streaming else None))
     return replace(config, **overrides)

@@ -72,6 +72,8 @@ class ManagerConfig:
     lora_paths: bool = False
     # Prompt encodings kept for repeats (pipelines/prompt_cache.py); 0 encodes every job's prompt (the bench).
     prompt_cache_entries: int = DEFAULT_ENTRIES
+    # Denoising steps the host queues ahead of the GPU's progress (run_context.StepReports); 0 waits for each.
+    steps_ahead: int = 1
 
 
 class JobState(str, Enum):
@@ -297,7 +299,8 @@ class PipelineManager:
             check_access(refiner, source)
         working = self.working_bytes(spec, resolved)
         self.check_fits(spec, precision, choice.backend, working, source, with_refiner=refiner is not None)
-        ctx = RunContext(torch.device(self.device), on_progress=job.report, cancel=job.cancel_event)
+        ctx = RunContext(torch.device(self.device), on_progress=job.report, cancel=job.cancel_event,
+                         steps_ahead=self.config.steps_ahead)
         with ctx.active():
             if choice.backend is Backend.TENSORRT and (spec.id, precision.value) in self._tensorrt_failures:
                 reason = self._tensorrt_failures[(spec.id, precision.value)]

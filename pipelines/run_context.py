@@ -36,6 +36,9 @@ class RunContext:
     on_progress: Callable[[Progress], None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     warnings: list[str] = field(default_factory=list)  # notes for the result, from anything the job ran
+    # Denoising steps the host may queue before the GPU finished the one it reports (StepReports); 0 waits for
+    # every step before queuing the next.
+    steps_ahead: int = 1
 
     def report(self, stage: str, done: int, total: int, message: str = "") -> None:
         if self.on_progress is not None:
@@ -106,3 +109,31 @@ class Stopwatch:
             return (end - start) * 1000.0
         end.synchronize()
         return float(start.elapsed_time(end))
+
+
+class StepReports:
+    """Marks each denoising step on the clock and reports it done once the GPU has finished it, so the progress
+    bar tells the truth. With `ctx.steps_ahead` 1 the host reports step i when step i-1 is done on the GPU: it
+    queues step i+1 while the GPU runs step i, where waiting on step i itself left the GPU idle while the host
+    ran the scheduler, the progress report and the next step's first launches."""
+
+    def __init__(self, ctx: RunContext, clock: Stopwatch, marks: list, progress: tuple[int, int]):
+        self.ctx, self.clock, self.marks = ctx, clock, marks
+        self.done, self.total = progress  # steps done before these, and the job's total
+        self.first = len(marks)  # marks[first - 1] is where these steps start
+        self.ahead = max(ctx.steps_ahead, 0)
+
+    def step_done(self) -> None:
+        """Call after queuing a step: marks its end, and reports the steps the GPU has finished."""
+        self.marks.append(self.clock.mark())
+        finished = len(self.marks) - self.first - self.ahead  # steps of these that must be done now
+        if finished > 0:
+            self.clock.wait(self.marks[self.first - 1 + finished])
+            self.ctx.report("denoise", self.done + finished, self.total)
+
+    def all_done(self) -> None:
+        """Call after the last step: waits for the steps still running, and reports them."""
+        steps = len(self.marks) - self.first
+        if self.ahead and steps:
+            self.clock.wait(self.marks[-1])
+            self.ctx.report("denoise", self.done + steps, self.total)

@@ -21,7 +21,7 @@ from ..graphs import GraphIO, TensorSpec
 from ..image_input import encode_request_image, latent_mask
 from ..registry import Family, ModelSpec
 from ..request import GenerationRequest
-from ..run_context import Parts, RunContext, Stopwatch
+from ..run_context import Parts, RunContext, StepReports, Stopwatch
 from ..sampling import (FamilyOutput, check_finite, family_output, seed_generators, seeded_noise, stage_timings,
                         tokenize, truncation_warning)
 from .family import ModelFamily
@@ -137,6 +137,7 @@ def denoise(parts: Parts, scheduler, timesteps: torch.Tensor, latents: torch.Ten
     denoiser = parts.get("transformer")
     outputs = StepOutputs(cache, len(timesteps))  # step caching: some steps reuse earlier velocities
     step_marks = [clock.mark()]
+    reports = StepReports(ctx, clock, step_marks, (0, len(timesteps)))
     with torch.inference_mode():
         for i, t in enumerate(timesteps):
             ctx.check_cancelled()
@@ -145,9 +146,8 @@ def denoise(parts: Parts, scheduler, timesteps: torch.Tensor, latents: torch.Ten
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             if blend is not None:
                 latents = blend(i, latents)
-            step_marks.append(clock.mark())
-            clock.wait(step_marks[-1])
-            ctx.report("denoise", i + 1, len(timesteps))
+            reports.step_done()
+        reports.all_done()
     check_finite(latents, "transformer", "Try bf16, or a lower guidance.")
     return latents, step_marks
 

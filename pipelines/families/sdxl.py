@@ -19,7 +19,7 @@ from ..graphs import GraphIO, TensorSpec
 from ..image_input import encode_request_image, latent_mask
 from ..registry import Family, ModelSpec
 from ..request import GenerationRequest
-from ..run_context import Parts, RunContext, Stopwatch
+from ..run_context import Parts, RunContext, StepReports, Stopwatch
 from ..sampling import (FamilyOutput, check_finite, family_output, seed_generators, seeded_noise, stage_timings,
                         tokenize, truncation_warning)
 from . import sdxl_refiner
@@ -181,8 +181,8 @@ def _denoise(unet, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, co
     after each step (inpainting). `progress`: steps done before these, and the job's total. Steps `cache` skips
     reuse earlier guided predictions (step caching), counted within these `timesteps`."""
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    done, total = progress
     outputs = StepOutputs(cache, len(timesteps))  # step caching: some steps reuse earlier predictions
+    reports = StepReports(ctx, clock, marks, progress)
 
     def predict(t: torch.Tensor) -> torch.Tensor:
         model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if guidance is not None else latents, t)
@@ -199,9 +199,8 @@ def _denoise(unet, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, co
             latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
             if blend is not None:
                 latents = blend(i, latents)
-            marks.append(clock.mark())
-            clock.wait(marks[-1])
-            ctx.report("denoise", done + i + 1, total)
+            reports.step_done()
+        reports.all_done()
     return latents
 
 
