@@ -113,27 +113,28 @@ class Stopwatch:
 
 class StepReports:
     """Marks each denoising step on the clock and reports it done once the GPU has finished it, so the progress
-    bar tells the truth. With `ctx.steps_ahead` 1 the host reports step i when step i-1 is done on the GPU: it
-    queues step i+1 while the GPU runs step i, where waiting on step i itself left the GPU idle while the host
-    ran the scheduler, the progress report and the next step's first launches."""
+    bar tells the truth. With `ctx.steps_ahead` 1 the host reports step i after it has queued step i+1: the GPU
+    runs step i+1 while the host waits, where waiting on step i before queuing the next left the GPU idle while
+    the host ran the scheduler, the progress report and the next step's first launches."""
 
     def __init__(self, ctx: RunContext, clock: Stopwatch, marks: list, progress: tuple[int, int]):
         self.ctx, self.clock, self.marks = ctx, clock, marks
         self.done, self.total = progress  # steps done before these, and the job's total
-        self.first = len(marks)  # marks[first - 1] is where these steps start
+        self.first = len(marks)  # marks[first - 1] is where these steps start; marks[first - 1 + k] ends step k
         self.ahead = max(ctx.steps_ahead, 0)
+        self.reported = 0
 
     def step_done(self) -> None:
-        """Call after queuing a step: marks its end, and reports the steps the GPU has finished."""
+        """Call after queuing a step: marks its end, and reports the steps the GPU must have finished by now."""
         self.marks.append(self.clock.mark())
-        finished = len(self.marks) - self.first - self.ahead  # steps of these that must be done now
-        if finished > 0:
-            self.clock.wait(self.marks[self.first - 1 + finished])
-            self.ctx.report("denoise", self.done + finished, self.total)
+        self._report_up_to(len(self.marks) - self.first - self.ahead)
 
     def all_done(self) -> None:
         """Call after the last step: waits for the steps still running, and reports them."""
-        steps = len(self.marks) - self.first
-        if self.ahead and steps:
-            self.clock.wait(self.marks[-1])
-            self.ctx.report("denoise", self.done + steps, self.total)
+        self._report_up_to(len(self.marks) - self.first)
+
+    def _report_up_to(self, steps: int) -> None:
+        while self.reported < steps:
+            self.reported += 1
+            self.clock.wait(self.marks[self.first - 1 + self.reported])
+            self.ctx.report("denoise", self.done + self.reported, self.total)

@@ -64,6 +64,12 @@ def test_a_single_step_and_a_later_stage_are_reported_against_the_job_total(ahea
     assert reported == [(8, 10), (9, 10), (10, 10)]
 
 
+def test_two_steps_ahead_still_reports_every_step_once_in_order():
+    assert _run_steps(3, ahead=2) == [("queued", 1), ("queued", 2),
+                                      ("queued", 3), ("wait", 2), ("report", 1, 3),
+                                      ("wait", 3), ("report", 2, 3), ("wait", 4), ("report", 3, 3)]
+
+
 def test_no_steps_report_nothing():
     assert _run_steps(0, ahead=1) == []
 
