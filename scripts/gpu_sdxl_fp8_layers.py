@@ -4,6 +4,7 @@ compiled UNet step is slower than fp16 (49.1 vs 43.4 ms on an H200, 2026-11-26).
 Linear work, each one big (1280 -> 10240 over 2048 rows at 1024x1024), while the attention projections are small
 GEMMs (1280x1280, or 77 text tokens for the cross-attention keys and values) whose per-call activation
 quantization costs about what FP8 saves. Prediction: FP8 on the feed-forward layers alone is faster than fp16.
+Measured 2026-12-07 on an H100 (BENCHMARKS.md): wrong, 54.2 against 36.1 ms, about 130 us more per FP8 layer.
 
 Each variant loads the same random full-size UNet (seeded), converts it, compiles it as the app compiles SDXL
 (the whole UNet) and times one CFG step (batch 2) at 1024x1024; error = relative L2 against the first variant.
