@@ -25,8 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_profile_step import timed  # noqa: E402
-from gpu_sdxl_unet_levers import unet_inputs  # noqa: E402
+from gpu_sdxl_unet_levers import compile_and_time, relative_error, unet_inputs  # noqa: E402
 from pipelines.device_policy import DevicePolicy  # noqa: E402
 from pipelines.families import family_of  # noqa: E402
 from pipelines.families.sdxl_attention import fuse_qkv_projections  # noqa: E402
@@ -96,23 +95,16 @@ def main() -> int:
         if fused:
             fuse_qkv_projections(unet)
         with torch.inference_mode():
-            compiled = torch.compile(unet)
-            t0 = time.monotonic()
-            first = compiled(**inputs).sample
-            compile_s = time.monotonic() - t0
-            for _ in range(2):
-                compiled(**inputs)
-            ms = timed(lambda: compiled(**inputs), args.runs, cuda)
-            output = compiled(**inputs).sample.float()
+            found = compile_and_time(unet, inputs, args.runs, cuda)
         if reference is None:
-            reference = output
-        error = ((output - reference).norm() / reference.norm()).item()
-        row = {"variant": label, "fp8_linears": quantized, "step_ms": round(ms, 2), "compile_s": round(compile_s, 1),
-               "relative_error_vs_first": round(error, 5), "finite": bool(torch.isfinite(first).all())}
+            reference = found["output"]
+        row = {"variant": label, "fp8_linears": quantized, "step_ms": round(found["step_ms"], 2),
+               "compile_s": round(found["compile_s"], 1),
+               "relative_error_vs_first": round(relative_error(found["output"], reference), 5), "finite": found["finite"]}
         summary["rows"].append(row)
         print(json.dumps(row), flush=True)
         (out / "sdxl_fp8_layers.json").write_text(json.dumps(summary, indent=2) + "\n")
-        del unet, compiled, first, output
+        del unet, found
         if cuda:
             torch.cuda.empty_cache()
     (out / "sdxl_fp8_layers.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -43,6 +43,25 @@ def unet_inputs(spec, size: int, dtype: torch.dtype, device: str) -> dict:
     return inputs
 
 
+def compile_and_time(unet: torch.nn.Module, inputs: dict, runs: int, cuda: bool, flags: dict | None = None) -> dict:
+    """`unet` compiled as the app compiles SDXL (the whole UNet), under inductor `flags`: its compile seconds, the
+    median ms of a step after two warm calls, and its output (float32) and whether the first one was finite."""
+    compiled = torch.compile(unet)
+    t0 = time.monotonic()
+    with torch._inductor.config.patch(flags or {}):
+        first = compiled(**inputs).sample  # compiles here, under the flags
+    compile_s = time.monotonic() - t0
+    for _ in range(2):
+        compiled(**inputs)
+    ms = timed(lambda: compiled(**inputs), runs, cuda)
+    return {"step_ms": ms, "compile_s": compile_s, "output": compiled(**inputs).sample.float(),
+            "finite": bool(torch.isfinite(first).all())}
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((output - reference).norm() / reference.norm()).item()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="sdxl-base-1.0")
@@ -88,20 +107,12 @@ def main() -> int:
             unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             if fused and not any(getattr(m, "fused_projections", False) for m in unet.modules()):
                 fuse_qkv_projections(unet)  # as the app fuses them (views, no second copy)
-            compiled = torch.compile(unet)
-            t0 = time.monotonic()
-            with torch._inductor.config.patch(flags):
-                first = compiled(**inputs).sample  # compiles here, under the flags
-            compile_s = time.monotonic() - t0
-            for _ in range(2):
-                compiled(**inputs)
-            ms = timed(lambda: compiled(**inputs), args.runs, cuda)
-            output = compiled(**inputs).sample.float()
+            found = compile_and_time(unet, inputs, args.runs, cuda, flags)
             if reference is None:
-                reference = output
-            error = ((output - reference).norm() / reference.norm()).item()
-            row = {"variant": label, "step_ms": round(ms, 2), "compile_s": round(compile_s, 1),
-                   "relative_error_vs_first": round(error, 6), "finite": bool(torch.isfinite(first).all())}
+                reference = found["output"]
+            row = {"variant": label, "step_ms": round(found["step_ms"], 2), "compile_s": round(found["compile_s"], 1),
+                   "relative_error_vs_first": round(relative_error(found["output"], reference), 6),
+                   "finite": found["finite"]}
             summary["rows"].append(row)
             print(json.dumps(row), flush=True)
             (out / "sdxl_unet_levers.json").write_text(json.dumps(summary, indent=2) + "\n")
