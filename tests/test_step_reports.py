@@ -92,6 +92,16 @@ def test_a_value_given_to_the_flag_is_refused_in_one_line(capsys):
     assert "--no-run-ahead" in err and "Traceback" not in err
 
 
+def test_the_app_refuses_a_value_given_to_the_flag_in_one_line_too(capsys):
+    from ui.launch import options_from_args
+
+    with pytest.raises(SystemExit) as exit_:
+        options_from_args(["--no-run-ahead=yes"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--no-run-ahead" in err and "ignored explicit argument" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("family", ["flux", "sdxl with refiner"])
 def test_every_step_of_a_job_is_reported_once_in_order_and_the_image_is_the_same(family, tiny_flux, tiny_sdxl_pair,
                                                                                  monkeypatch):
