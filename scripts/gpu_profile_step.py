@@ -96,6 +96,27 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+def kernel_profile(step, kernel_list: Path, steps: int = 2) -> dict:
+    """torch.profiler over `steps` calls of `step` (already compiled and warm): GPU milliseconds a call, by kernel
+    group and for the 25 most expensive kernels; every kernel goes to `kernel_list`."""
+    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, list[float]] = defaultdict(list)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name].append(e.device_time / 1000 / steps)  # ms per call
+    rows = sorted(((sum(v), len(v) // steps, k) for k, v in per_kernel.items()), reverse=True)
+    groups: dict[str, float] = defaultdict(float)
+    for total, _, name in rows:
+        groups[kind_of(name)] += total
+    kernel_list.write_text("\n".join(f"{t:8.3f} ms {c:5d}x {n[:200]}" for t, c, n in rows))
+    return {"kernel_ms_per_step": round(sum(r[0] for r in rows), 2), "kernels_per_step": sum(r[1] for r in rows),
+            "groups_ms": {k: round(v, 2) for k, v in groups.items()},
+            "top": [{"ms": round(t, 3), "calls": c, "kernel": n[:160]} for t, c, n in rows[:25]]}
+
+
 def profile_step(args, out: Path) -> dict:
     spec = resolve_spec(args.model)
     info = probe_device("cuda")
@@ -113,23 +134,9 @@ def profile_step(args, out: Path) -> dict:
             denoiser(**inputs)
         torch.cuda.synchronize()
         step_ms = timed(lambda: denoiser(**inputs), 10)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(2):
-                denoiser(**inputs)
-            torch.cuda.synchronize()
-    per_kernel: dict[str, list[float]] = defaultdict(list)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[e.name].append(e.device_time / 1000 / 2)  # ms per step
-    rows = sorted(((sum(v), len(v) // 2, k) for k, v in per_kernel.items()), reverse=True)
-    groups: dict[str, float] = defaultdict(float)
-    for total, _, name in rows:
-        groups[kind_of(name)] += total
+    kernels = kernel_profile(lambda: denoiser(**inputs), out / "profile-kernels.txt")
     summary = {"model": spec.id, "precision": args.precision, "size": args.size, "runs_as": loaded.runs_as,
-               "step_ms": round(step_ms, 2), "kernel_ms_per_step": round(sum(r[0] for r in rows), 2),
-               "groups_ms": {k: round(v, 2) for k, v in groups.items()},
-               "top": [{"ms": round(t, 3), "calls": c, "kernel": n[:160]} for t, c, n in rows[:25]]}
-    (out / "profile-kernels.txt").write_text("\n".join(f"{t:8.3f} ms {c:5d}x {n[:200]}" for t, c, n in rows))
+               "step_ms": round(step_ms, 2), **kernels}
     del denoiser, loaded
     torch.cuda.empty_cache()
     return summary

@@ -1,6 +1,7 @@
 """Issue 17: does letting the host queue a denoising step ahead of the one it reports (ManagerConfig.steps_ahead,
 run_context.StepReports) make a job faster, and how does it add to the other step levers? For each lever set
-(today's default, SDXL without fused QKV, CUDA graphs) one manager loads and compiles the model once, then the
+(today's default, SDXL without fused QKV, CUDA graphs, inductor's
+coordinate-descent tuning, max-autotune) one manager loads and compiles the model once, then the
 runs alternate between steps_ahead 0 (each step waited for, as before) and 1, so both see the same kernels, host
 and GPU clocks; the order flips each round.
 
@@ -34,7 +35,13 @@ LEVERS = {  # today's default: compile, fused QKV for SDXL on a GPU, no CUDA gra
     "today": TorchOptions(compile=True, cuda_graphs=False, bf16_vae=False),
     "unfused": TorchOptions(compile=True, cuda_graphs=False, bf16_vae=False, fused_qkv=False),
     "graphs": TorchOptions(compile=True, cuda_graphs=True, bf16_vae=False),
+    "tuned": TorchOptions(compile=True, cuda_graphs=False, bf16_vae=False),  # + INDUCTOR_FLAGS below
+    "autotune": TorchOptions(compile=True, cuda_graphs=False, bf16_vae=False, compile_mode="max-autotune-no-cudagraphs"),
 }
+# Inductor settings a lever compiles under (measurement only: the app has no such option yet). "tuned": a
+# coordinate-descent search over each Triton kernel's block sizes and warps, for the activation quantization's
+# row reductions, which run at ~1.3 TB/s where a kernel reading each row once reached 2.2 (BENCHMARKS.md).
+INDUCTOR_FLAGS = {"tuned": {"coordinate_descent_tuning": True}}
 
 
 def measure(manager: PipelineManager, request: GenerationRequest, runs: int) -> dict[int, list[dict]]:
@@ -101,10 +108,12 @@ def main() -> int:
                                                 engine_cache_dir=args.engine_cache, torch=LEVERS[lever],
                                                 prompt_cache_entries=0))
         try:
-            load_started = time.perf_counter()
-            manager.generate(request)  # loads and compiles
-            load_s = time.perf_counter() - load_started
-            found = measure(manager, request, args.runs)
+            # the config is the module's, not the thread's: the manager's worker compiles under it too
+            with torch._inductor.config.patch(INDUCTOR_FLAGS.get(lever, {})):
+                load_started = time.perf_counter()
+                manager.generate(request)  # loads and compiles
+                load_s = time.perf_counter() - load_started
+                found = measure(manager, request, args.runs)
         finally:
             manager.unload()
             manager.close()

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpu_profile_step import kernel_profile  # noqa: E402
 from gpu_sdxl_unet_levers import compile_and_time, relative_error, unet_inputs  # noqa: E402
 from pipelines.device_policy import DevicePolicy  # noqa: E402
 from pipelines.families import family_of  # noqa: E402
@@ -65,6 +66,8 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--budget", type=float, default=420, help="seconds; a variant that would start later is skipped")
     p.add_argument("--variants", type=int, nargs="+", default=None, help="by position; default: all")
+    p.add_argument("--profile", action="store_true",
+                   help="also torch.profiler's kernels of each variant (GPU only): OUT/kernels-<position>.txt")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     started = time.monotonic()
@@ -76,15 +79,16 @@ def main() -> int:
     inputs = unet_inputs(spec, args.size, dtype, args.device)
     summary: dict = {"model": spec.id, "size": args.size, "dtype": str(dtype), "date": time.strftime("%Y-%m-%d"),
                      "device": torch.cuda.get_device_name() if cuda else "CPU", "torch": torch.__version__, "rows": []}
-    chosen = list(VARIANTS.items())
-    if args.variants is not None:
-        chosen = [chosen[i] for i in sorted(set(args.variants))]
+    chosen = list(enumerate(VARIANTS.items()))
+    if args.variants is not None:  # in the order given, so a variant can run both before and after another
+        chosen = [chosen[i] for i in args.variants]
     reference = None
-    for label, (fp8, fused) in chosen:
+    for position, (label, (fp8, fused)) in chosen:
         if time.monotonic() - started > args.budget:
             summary["rows"].append({"variant": label, "skipped": "past --budget"})
             continue
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         unet = load_component(spec, "unet", dtype=dtype, device=args.device,
                               source=WeightSource(random_weights=True)).eval()
         quantized = 0
@@ -100,7 +104,11 @@ def main() -> int:
             reference = found["output"]
         row = {"variant": label, "fp8_linears": quantized, "step_ms": round(found["step_ms"], 2),
                "compile_s": round(found["compile_s"], 1),
-               "relative_error_vs_first": round(relative_error(found["output"], reference), 5), "finite": found["finite"]}
+               "relative_error_vs_first": round(relative_error(found["output"], reference), 5), "finite": found["finite"],
+               # a graph break inside the UNet sends every call back through Python between compiled pieces
+               "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values())}
+        if args.profile and cuda:
+            row.update(kernel_profile(lambda: found["compiled"](**inputs), out / f"kernels-{position}.txt"))
         summary["rows"].append(row)
         print(json.dumps(row), flush=True)
         (out / "sdxl_fp8_layers.json").write_text(json.dumps(summary, indent=2) + "\n")

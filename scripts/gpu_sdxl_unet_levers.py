@@ -45,7 +45,8 @@ def unet_inputs(spec, size: int, dtype: torch.dtype, device: str) -> dict:
 
 def compile_and_time(unet: torch.nn.Module, inputs: dict, runs: int, cuda: bool, flags: dict | None = None) -> dict:
     """`unet` compiled as the app compiles SDXL (the whole UNet), under inductor `flags`: its compile seconds, the
-    median ms of a step after two warm calls, and its output (float32) and whether the first one was finite."""
+    median ms of a step after two warm calls, its output (float32), whether the first one was finite, and the
+    compiled module."""
     compiled = torch.compile(unet)
     t0 = time.monotonic()
     with torch._inductor.config.patch(flags or {}):
@@ -55,7 +56,8 @@ def compile_and_time(unet: torch.nn.Module, inputs: dict, runs: int, cuda: bool,
         compiled(**inputs)
     ms = timed(lambda: compiled(**inputs), runs, cuda)
     return {"step_ms": ms, "compile_s": compile_s, "output": compiled(**inputs).sample.float(),
-            "finite": bool(torch.isfinite(first).all())}
+            "finite": bool(torch.isfinite(first).all()),
+            "compiled": compiled}
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
