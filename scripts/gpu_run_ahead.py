@@ -41,7 +41,9 @@ LEVERS = {  # today's default: compile, fused QKV for SDXL on a GPU, no CUDA gra
 # Inductor settings a lever compiles under (measurement only: the app has no such option yet). "tuned": a
 # coordinate-descent search over each Triton kernel's block sizes and warps, for the activation quantization's
 # row reductions, which run at ~1.3 TB/s where a kernel reading each row once reached 2.2 (BENCHMARKS.md).
-INDUCTOR_FLAGS = {"tuned": {"coordinate_descent_tuning": True}}
+# Without its graph cache: on 2026-12-08 the tuned set's first job took 3.8 s against 33 s, kernels from the
+# cache the set before had filled, so nothing was tuned.
+INDUCTOR_FLAGS = {"tuned": {"coordinate_descent_tuning": True, "fx_graph_cache": False}}
 
 
 def measure(manager: PipelineManager, request: GenerationRequest, runs: int) -> dict[int, list[dict]]:
