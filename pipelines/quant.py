@@ -16,6 +16,7 @@ Models keep their sensitive layers in 16 bits (embedders, first/last projections
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -33,12 +34,38 @@ FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 _FP4_MIDPOINTS = (FP4_VALUES[1:] + FP4_VALUES[:-1]) / 2
 
 
+def gemm_output_dtype(compute_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """What Fp8Linear's row-wise GEMM writes: fp16 for fp16 compute (SDXL) on a CUDA GPU whose torch writes it,
+    else bf16, the one output every torch's row-wise GEMM has. Why: with bf16 out, SDXL at FP8 ran 400 cast
+    kernels a step before its attention inputs (the 2026-12-08 profile, BENCHMARKS.md), in steps whose GPU
+    already waits on the host's launches, and rounded each output to 8 bits of mantissa where fp16 keeps 11.
+    Its speed is still to be measured on a GPU (scripts/gpu_sdxl_fp8_layers.py)."""
+    device = torch.device(device)
+    if compute_dtype is torch.float16 and device.type == "cuda" and _rowwise_fp16_output(device.index or 0):
+        return torch.float16
+    return torch.bfloat16
+
+
+@functools.cache
+def _rowwise_fp16_output(device_index: int) -> bool:
+    """Whether this CUDA device's torch writes fp16 from a row-wise scaled GEMM: torch builds that reach cuBLASLt
+    12.9+ on Hopper do; older ones, and other GPUs' CUTLASS path in some versions, refuse. Asked once per device."""
+    device = torch.device("cuda", device_index)
+    a = torch.zeros(16, 16, device=device).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=device), scale_b=torch.ones(1, 16, device=device),
+                         out_dtype=torch.float16)
+    except (RuntimeError, ValueError):  # torch's "only bf16 ... for row-wise scaling" (ValueError since 2.9)
+        return False
+    return True
+
+
 class Fp8Linear(nn.Module):
     """y = x W^T + b with W in e4m3 (per-output-channel scale) and x quantized per row on the fly, or with one
     calibrated scale for the whole input when `set_input_amax` gave one (`pipelines/fp8_static.py` says why)."""
 
     def __init__(self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 compute_dtype: torch.dtype):
+                 compute_dtype: torch.dtype, gemm_out_dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features = weight_fp8.shape[1]
         self.out_features = weight_fp8.shape[0]
@@ -46,6 +73,8 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale", weight_scale.reshape(1, -1).float())  # (1, N) as _scaled_mm wants
         self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
         self.compute_dtype = compute_dtype
+        # What the GEMM writes (the CPU emulation rounds to it too); None: chosen for the weight's device
+        self.gemm_out_dtype = gemm_out_dtype or gemm_output_dtype(compute_dtype, weight_fp8.device)
         self.register_buffer("input_scale", None)  # (1, 1) fp32 when calibrated; None: per-row scales at run time
 
     def set_input_amax(self, amax: float | None) -> None:
@@ -69,13 +98,14 @@ class Fp8Linear(nn.Module):
             x_scale = self.input_scale.expand(x2.shape[0], 1).contiguous()
         x_fp8 = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         if x.is_cuda:
-            # Row-wise scaled GEMM on the FP8 tensor cores; it produces bf16 on Hopper (cuBLASLt has no other output).
+            # Row-wise scaled GEMM on the FP8 tensor cores, written in gemm_out_dtype (gemm_output_dtype says which)
             y = torch._scaled_mm(x_fp8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                                 out_dtype=torch.bfloat16).to(x.dtype)
+                                 out_dtype=self.gemm_out_dtype).to(x.dtype)
         else:
             # CPU emulation of the same arithmetic: the FP8 products are exact in fp32, accumulated in fp32.
             # (torch < 2.12 has no row-wise _scaled_mm on the CPU.)
-            y = ((x_fp8.float() * x_scale) @ (self.weight_fp8.float() * self.weight_scale.reshape(-1, 1)).t()).to(torch.bfloat16).to(x.dtype)
+            y = ((x_fp8.float() * x_scale) @ (self.weight_fp8.float() * self.weight_scale.reshape(-1, 1)).t())
+            y = y.to(self.gemm_out_dtype).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)

@@ -33,7 +33,7 @@ from pipelines.families.sdxl_attention import fuse_qkv_projections  # noqa: E402
 from pipelines.gpu import probe_device  # noqa: E402
 from pipelines.loading import WeightSource, load_component  # noqa: E402
 from pipelines.precision import Precision  # noqa: E402
-from pipelines.quant import quantize_linears  # noqa: E402
+from pipelines.quant import Fp8Linear, quantize_linears  # noqa: E402
 from pipelines.registry import resolve_spec  # noqa: E402
 
 
@@ -50,16 +50,20 @@ def all_linears(unet: torch.nn.Module, spec, dtype: torch.dtype) -> int:
     return quantize_linears(unet, Precision.FP8, family_of(spec).keep_16bit, dtype).quantized
 
 
-# label: (FP8 conversion, fused QKV at 16 bits, torch.compile mode). The CUDA-graph variants came from the
-# 2026-12-08 profile: the FP8 steps' kernels took 33-38 ms of 70-93 ms steps, so the GPU waited on the host.
+# label: (FP8 conversion, fused QKV at 16 bits, torch.compile mode, FP8 GEMM output: None = Fp8Linear's choice,
+# fp16 on Hopper since 2026-12-08). The CUDA-graph variants came from the 2026-12-08 profile: the FP8 steps'
+# kernels took 33-38 ms of 70-93 ms steps, so the GPU waited on the host.
+BF16 = torch.bfloat16
 VARIANTS = {
-    "fp16 + fused QKV (today's fp16)": (None, True, None),
-    "fp8, every Linear (today's fp8)": ("all", False, None),
-    "fp8 feed-forward only": ("ff", False, None),
-    "fp8 feed-forward only + fused QKV": ("ff", True, None),
-    "fp16 + fused QKV, CUDA graphs": (None, True, "reduce-overhead"),
-    "fp8 feed-forward only, CUDA graphs": ("ff", False, "reduce-overhead"),
-    "fp8 every Linear, CUDA graphs": ("all", False, "reduce-overhead"),
+    "fp16 + fused QKV (today's fp16)": (None, True, None, None),
+    "fp8, every Linear (today's fp8)": ("all", False, None, None),
+    "fp8 feed-forward only": ("ff", False, None, None),
+    "fp8 feed-forward only + fused QKV": ("ff", True, None, None),
+    "fp16 + fused QKV, CUDA graphs": (None, True, "reduce-overhead", None),
+    "fp8 feed-forward only, CUDA graphs": ("ff", False, "reduce-overhead", None),
+    "fp8 every Linear, CUDA graphs": ("all", False, "reduce-overhead", None),
+    "fp8 every Linear, bf16 GEMM output (before 2026-12-08)": ("all", False, None, BF16),
+    "fp8 every Linear, CUDA graphs, bf16 GEMM output": ("all", False, "reduce-overhead", BF16),
 }
 
 
@@ -88,7 +92,7 @@ def main() -> int:
     if args.variants is not None:  # in the order given, so a variant can run both before and after another
         chosen = [chosen[i] for i in args.variants]
     reference = None
-    for position, (label, (fp8, fused, mode)) in chosen:
+    for position, (label, (fp8, fused, mode, gemm_out)) in chosen:
         if time.monotonic() - started > args.budget:
             summary["rows"].append({"variant": label, "skipped": "past --budget"})
             continue
@@ -101,13 +105,17 @@ def main() -> int:
             quantized = all_linears(unet, spec, dtype)
         elif fp8 == "ff":
             quantized = feed_forward_only(unet, dtype)
+        for layer in unet.modules():
+            if isinstance(layer, Fp8Linear) and gemm_out is not None:
+                layer.gemm_out_dtype = gemm_out
         if fused:
             fuse_qkv_projections(unet)
         with torch.inference_mode():
             found = compile_and_time(unet, inputs, args.runs, cuda, mode=mode)
         if reference is None:
             reference = found["output"]
-        row = {"variant": label, "fp8_linears": quantized, "step_ms": round(found["step_ms"], 2),
+        row = {"variant": label, "fp8_linears": quantized,
+               "gemm_out": str({layer.gemm_out_dtype for layer in unet.modules() if isinstance(layer, Fp8Linear)}), "step_ms": round(found["step_ms"], 2),
                "host_ms": round(found["host_ms"], 2), "compile_s": round(found["compile_s"], 1),
                "relative_error_vs_first": round(relative_error(found["output"], reference), 5), "finite": found["finite"],
                # a graph break inside the UNet sends every call back through Python between compiled pieces

@@ -8,8 +8,9 @@ from pipelines.components import estimate_bytes
 from pipelines.families import family_of
 from pipelines.loading import load_component
 from pipelines.precision import Precision
-from pipelines.quant import (FP4_VALUES, Fp8Linear, Nvfp4WeightOnlyLinear, module_bytes, nvfp4_dequantize,
-                             nvfp4_quantize, quantize_linears)
+from pipelines import quant
+from pipelines.quant import (FP4_VALUES, Fp8Linear, Nvfp4WeightOnlyLinear, gemm_output_dtype, module_bytes,
+                             nvfp4_dequantize, nvfp4_quantize, quantize_linears)
 from pipelines.registry import resolve_spec
 
 
@@ -31,6 +32,38 @@ def test_fp8_linear_matches_a_float64_reference_of_the_same_quantization():
     assert q(x).shape == (3, 5, 48)
     assert rel_err(q(x), ref) < 1e-2  # only the bf16 output rounding remains
     assert 0.005 < rel_err(q(x), linear(x)) < 0.06  # measured 0.037: real FP8 error, neither zero nor large
+
+
+def test_the_fp8_gemm_writes_fp16_only_for_fp16_compute_on_a_gpu_whose_torch_writes_it(monkeypatch):
+    asked = []
+    monkeypatch.setattr(quant, "_rowwise_fp16_output", lambda index: asked.append(index) or True)
+    assert gemm_output_dtype(torch.float16, "cuda") is torch.float16
+    assert gemm_output_dtype(torch.float16, "cuda:1") is torch.float16
+    assert asked == [0, 1]
+    assert gemm_output_dtype(torch.bfloat16, "cuda") is torch.bfloat16  # FLUX.1: bf16 is the compute dtype
+    for compute in (torch.float16, torch.bfloat16, torch.float32):
+        assert gemm_output_dtype(compute, "cpu") is torch.bfloat16  # the CPU emulates the GPU's default
+    assert asked == [0, 1]  # asked only where the answer matters
+    monkeypatch.setattr(quant, "_rowwise_fp16_output", lambda index: False)  # an older torch: bf16 only
+    assert gemm_output_dtype(torch.float16, "cuda") is torch.bfloat16
+
+
+def test_fp8_linear_rounds_its_gemm_output_to_the_chosen_dtype():
+    torch.manual_seed(3)
+    linear = nn.Linear(256, 64, bias=False)
+    x = torch.randn(32, 256)
+    bf16 = Fp8Linear.from_linear(linear, torch.float32)
+    assert bf16.gemm_out_dtype is torch.bfloat16  # on the CPU, as the weight's device says
+    fp16 = Fp8Linear(bf16.weight_fp8, bf16.weight_scale, None, torch.float32, gemm_out_dtype=torch.float16)
+    out_fp16, out_bf16 = fp16(x), bf16(x)
+    assert torch.equal(out_fp16, out_fp16.to(torch.float16).float())  # every value is an fp16 value
+    assert torch.equal(out_bf16, out_bf16.to(torch.bfloat16).float())
+    # the same quantized operands, multiplied in float64: only the output rounding differs between the two
+    w = bf16.weight_fp8.double() * bf16.weight_scale.double().reshape(-1, 1)
+    sx = (x.double().abs().amax(1, keepdim=True) / 448).clamp(min=1e-12)
+    exact = ((x.double() / sx).clamp(-448, 448).to(torch.float8_e4m3fn).double() * sx) @ w.T
+    assert rel_err(out_fp16, exact) < 5e-4  # fp16 rounding: ~2^-12 relative
+    assert 5e-4 < rel_err(out_bf16, exact) < 5e-3  # bf16 keeps 3 fewer bits
 
 
 def test_nvfp4_round_trip_is_exact_for_representable_values():

@@ -29,6 +29,20 @@ def test_fp8_linear_on_the_gpu_matches_the_cpu_emulation():
     assert 0.005 < rel_err(gpu, linear.cpu()(x)) < 0.06
 
 
+def test_fp8_linear_at_fp16_compute_writes_fp16_on_hopper_and_matches_the_cpu_emulation():
+    torch.manual_seed(2)
+    linear = nn.Linear(512, 256).to(torch.float16)
+    x = torch.randn(64, 512, dtype=torch.float16)
+    gpu_layer = Fp8Linear.from_linear(linear.cuda(), torch.float16)
+    if torch.cuda.get_device_capability() == (9, 0):  # torch 2.11 + cuBLASLt 13 on the lent H100/H200
+        assert gpu_layer.gemm_out_dtype is torch.float16
+    cpu_layer = Fp8Linear.from_linear(linear.cpu().float(), torch.float32)
+    cpu_layer.gemm_out_dtype = gpu_layer.gemm_out_dtype
+    gpu = gpu_layer(x.cuda())
+    assert gpu.dtype is torch.float16
+    assert rel_err(gpu, cpu_layer(x.float())) < 5e-3  # same quantization; accumulation order and fp16 input
+
+
 def test_fp4_weight_only_on_the_gpu_matches_the_cpu():
     torch.manual_seed(1)
     linear = nn.Linear(512, 256).to(torch.bfloat16)
