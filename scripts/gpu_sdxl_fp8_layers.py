@@ -64,6 +64,8 @@ VARIANTS = {
     "fp8 every Linear, CUDA graphs": ("all", False, "reduce-overhead", None),
     "fp8 every Linear, bf16 GEMM output (before 2026-12-08)": ("all", False, None, BF16),
     "fp8 every Linear, CUDA graphs, bf16 GEMM output": ("all", False, "reduce-overhead", BF16),
+    "fp8 every Linear + FP8 QKV fused": ("all", True, None, None),
+    "fp8 every Linear + FP8 QKV fused, CUDA graphs": ("all", True, "reduce-overhead", None),
 }
 
 

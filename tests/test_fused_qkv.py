@@ -15,7 +15,8 @@ from pipelines.families.sdxl_attention import fuse_qkv_projections
 from pipelines.gpu import probe_device
 from pipelines.loading import WeightSource, load_component
 from pipelines.lora import LowRank
-from pipelines.quant import module_bytes
+from pipelines.precision import Precision
+from pipelines.quant import Fp8Linear, module_bytes, quantize_linears
 
 LEVER = "fused QKV projections (SDXL at 16 bits)"
 
@@ -50,6 +51,38 @@ def test_fusing_keeps_the_output_and_the_memory(sdxl):
         parts = (m.to_k, m.to_v) if m.is_cross_attention else (m.to_q, m.to_k, m.to_v)
         assert all(p.weight.untyped_storage().data_ptr() == whole.weight.untyped_storage().data_ptr() for p in parts)
         torch.testing.assert_close(torch.cat([p.weight for p in parts]), whole.weight, rtol=0, atol=0)
+
+
+def test_fp8_projections_fuse_into_one_fp8_gemm_with_the_same_output_and_memory(sdxl):
+    unet, inputs = unet_and_inputs(sdxl)
+    assert quantize_linears(unet, Precision.FP8, family_of(sdxl).keep_16bit, torch.float32).quantized > 0
+    attention = [m for m in unet.modules() if isinstance(m, Attention)]
+    assert all(isinstance(p, Fp8Linear) for m in attention for p in (m.to_q, m.to_k, m.to_v))
+    want, bytes_before = run(unet, inputs), module_bytes(unet)
+    assert fuse_qkv_projections(unet) == len(attention) > 0
+    assert {type(p) for p in unet.attn_processors.values()} == {FusedAttnProcessor2_0}
+    # per-channel weight scales and one shared per-row input quantization: only the matmul's blocking differs
+    torch.testing.assert_close(run(unet, inputs), want, rtol=1e-5, atol=1e-5)
+    assert module_bytes(unet) == bytes_before
+    for m in attention:
+        whole = m.to_kv if m.is_cross_attention else m.to_qkv
+        parts = (m.to_k, m.to_v) if m.is_cross_attention else (m.to_q, m.to_k, m.to_v)
+        assert isinstance(whole, Fp8Linear) and whole.out_features == sum(p.out_features for p in parts)
+        assert all(p.weight_fp8.untyped_storage().data_ptr() == whole.weight_fp8.untyped_storage().data_ptr() for p in parts)
+        torch.testing.assert_close(torch.cat([p.weight_scale for p in parts], dim=1), whole.weight_scale, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["fp4", "fp8 calibrated"])
+def test_projections_that_cannot_fuse_leave_the_model_as_it_was(sdxl, precision):
+    unet, inputs = unet_and_inputs(sdxl)
+    quantize_linears(unet, Precision.parse(precision.split()[0]), family_of(sdxl).keep_16bit, torch.float32)
+    if precision == "fp8 calibrated":
+        next(m for m in unet.modules() if isinstance(m, Attention)).to_k.set_input_amax(3.0)  # one layer is enough
+    want, processors = run(unet, inputs), {type(p) for p in unet.attn_processors.values()}
+    assert fuse_qkv_projections(unet) == 0
+    assert {type(p) for p in unet.attn_processors.values()} == processors == {AttnProcessor2_0}
+    assert not any(getattr(m, "fused_projections", False) for m in unet.modules())
+    assert torch.equal(run(unet, inputs), want)
 
 
 def test_a_lora_fused_into_the_separate_projections_reaches_the_fused_model(sdxl):
