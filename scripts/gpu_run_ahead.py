@@ -7,6 +7,7 @@ and GPU clocks; the order flips each round.
 
     python3 scripts/gpu_run_ahead.py --model sdxl-base-1.0 --precision fp16 --levers today unfused --out $OUT
     python3 scripts/gpu_run_ahead.py --model flux.1-dev --precision fp8 --levers today --out $OUT
+    python3 scripts/gpu_run_ahead.py --model flux.1-dev --precision fp8 --levers today --cache fast --out $OUT
     python3 scripts/gpu_run_ahead.py --device cpu --model demo-sdxl --size 64 --steps 6 --out /tmp/ra   # smoke run
 
 Full-size random weights for Hub models (nothing downloaded). Writes OUT/run_ahead_<model>.json and .md; rows are
@@ -89,6 +90,8 @@ def main() -> int:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=None, help="default: the model's")
     p.add_argument("--runs", type=int, default=4, help="rounds; each runs both settings once")
+    p.add_argument("--cache", choices=["off", "fast"], default="off",
+                   help="step caching: cached steps are short, so the host's share of a step is larger")
     p.add_argument("--device", default="cuda")
     p.add_argument("--budget", type=float, default=480.0, help="seconds; no lever set starts after this")
     p.add_argument("--engine-cache", type=Path, default=Path("engine_cache"))
@@ -98,7 +101,7 @@ def main() -> int:
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     request = GenerationRequest(PROMPT, args.model, precision=args.precision, seed=1, steps=args.steps,
-                                width=args.size, height=args.size, backend="torch")
+                                width=args.size, height=args.size, backend="torch", cache=args.cache)
     hub = args.model not in ("demo-flux", "demo-sdxl")
     rows: list[dict] = []
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
@@ -125,12 +128,12 @@ def main() -> int:
         for ahead, runs in found.items():
             rows.append({**summary(lever, ahead, runs), "first_job_s": round(load_s, 1), "same_image": same})
             print(f"[{time.perf_counter() - started:.0f} s] {rows[-1]}", flush=True)
-        stem = f"run_ahead_{args.model}"
+        stem = f"run_ahead_{args.model}" + ("_cache_fast" if args.cache == "fast" else "")
         (args.out / f"{stem}.json").write_text(json.dumps(
             {"rows": rows, "device": device, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-             "size": args.size}, indent=2))
+             "size": args.size, "cache": args.cache}, indent=2))
         (args.out / f"{stem}.md").write_text(table(rows) + "\n")
-    print(f"{device}, {args.model} {args.precision} {args.size}x{args.size}")
+    print(f"{device}, {args.model} {args.precision} {args.size}x{args.size}, step cache {args.cache}")
     print(table(rows))
     print("images identical across settings: " + ", ".join(f"{r['lever']} {r['same_image']}" for r in rows
                                                            if "same_image" in r and r["steps_ahead"] == 0))
