@@ -72,6 +72,29 @@ def test_fp8_projections_fuse_into_one_fp8_gemm_with_the_same_output_and_memory(
         torch.testing.assert_close(torch.cat([p.weight_scale for p in parts], dim=1), whole.weight_scale, rtol=0, atol=0)
 
 
+def test_a_lora_on_fused_fp8_projections_reaches_the_fused_gemm(sdxl):
+    """torch_lora re-quantizes an FP8 layer in place (its buffers keep their addresses), so a LoRA written into
+    to_k lands in the fused FP8 weight: the same output as the unfused FP8 model with the same LoRA."""
+    results = {}
+    for fused in (False, True):
+        unet, inputs = unet_and_inputs(sdxl)
+        state = LoraState(unet)
+        quantize_linears(unet, Precision.FP8, family_of(sdxl).keep_16bit, torch.float32, bases=state.base)
+        if fused:
+            assert fuse_qkv_projections(unet) > 0
+        path = next(f"{n}.to_k" for n, m in unet.named_modules() if isinstance(m, Attention) and not m.is_cross_attention)
+        out_features, in_features = unet.get_submodule(path).out_features, unet.get_submodule(path).in_features
+        g = torch.Generator().manual_seed(6)
+        lora = LowRank(down=torch.randn(4, in_features, generator=g), up=torch.randn(out_features, 4, generator=g), alpha=None)
+        before = run(unet, inputs)
+        state.apply({path: [(lora, 0.5)]}, ("test",), "test")
+        results[fused] = run(unet, inputs)
+        assert (results[fused] - before).abs().max() > 1e-3  # the LoRA changed what the model computes
+        state.apply({}, (), "none")
+        assert torch.equal(run(unet, inputs), before)
+    torch.testing.assert_close(results[True], results[False], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("precision", ["fp4", "fp8 calibrated"])
 def test_projections_that_cannot_fuse_leave_the_model_as_it_was(sdxl, precision):
     unet, inputs = unet_and_inputs(sdxl)

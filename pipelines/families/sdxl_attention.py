@@ -12,8 +12,8 @@ into the fused weight. So the weights are not held twice, and a LoRA, which `tor
 FP8 projections (our Fp8Linear, which diffusers cannot fuse) fuse exactly: each output channel keeps its own
 weight scale and the three share one input, so its per-row quantization is the same. Built for measurement on
 2026-12-08 and not yet used by the app: SDXL at FP8 issued 2515 kernels a step to fp16's 1520, and its GPU waited
-on the host (BENCHMARKS.md); fusing takes ~210 GEMM launches off that. A LoRA-ready FP8 model (torch_lora
-rebuilds its layers) must not be fused.
+on the host (BENCHMARKS.md); fusing takes ~210 GEMM launches off that. LoRAs reach it as at 16 bits: torch_lora
+re-quantizes an FP8 layer into its existing buffers, here views of the fused ones.
 """
 from __future__ import annotations
 
