@@ -110,14 +110,14 @@ def main() -> int:
         for layer in unet.modules():
             if isinstance(layer, Fp8Linear) and gemm_out is not None:
                 layer.gemm_out_dtype = gemm_out
-        if fused:
-            fuse_qkv_projections(unet)
+        fused_modules = fuse_qkv_projections(unet) if fused else 0
         with torch.inference_mode():
             found = compile_and_time(unet, inputs, args.runs, cuda, mode=mode)
         if reference is None:
             reference = found["output"]
-        row = {"variant": label, "fp8_linears": quantized,
-               "gemm_out": str({layer.gemm_out_dtype for layer in unet.modules() if isinstance(layer, Fp8Linear)}), "step_ms": round(found["step_ms"], 2),
+        gemm_outs = {str(layer.gemm_out_dtype) for layer in unet.modules() if isinstance(layer, Fp8Linear)}
+        row = {"variant": label, "fp8_linears": quantized, "gemm_out": sorted(gemm_outs), "fused_attention": fused_modules,
+               "step_ms": round(found["step_ms"], 2),
                "host_ms": round(found["host_ms"], 2), "compile_s": round(found["compile_s"], 1),
                "relative_error_vs_first": round(relative_error(found["output"], reference), 5), "finite": found["finite"],
                # a graph break inside the UNet sends every call back through Python between compiled pieces
