@@ -348,7 +348,8 @@ def test_cross_origin_requests_are_refused_unless_the_origin_is_allowed(app):
     assert ok.status_code == 204 and ok.headers["access-control-allow-origin"] == ALLOWED
     assert "authorization" in ok.headers["access-control-allow-headers"]
     served = httpx.post(endpoint, json={"prompt": PROMPT, "size": "32x32"}, headers={"Origin": ALLOWED}, timeout=60)
-    assert served.status_code == 200 and served.headers["access-control-allow-origin"] == ALLOWED
+    assert served.status_code == 200, served.text  # (once a 500 in CI, 2026-12-08: the text says why next time)
+    assert served.headers["access-control-allow-origin"] == ALLOWED
     # Prism serves no page that calls its API: an Origin naming this very server is a hostile name pointed
     # here (DNS rebinding), refused like any other. Clients that are not browsers send no Origin.
     rebound = httpx.post(endpoint, json={"prompt": PROMPT}, headers={"Origin": "http://evil.example:7860",
