@@ -1,9 +1,8 @@
 """Issue 17: does letting the host queue a denoising step ahead of the one it reports (ManagerConfig.steps_ahead,
 run_context.StepReports) make a job faster, and how does it add to the other step levers? For each lever set
-(today's default, SDXL without fused QKV, CUDA graphs, inductor's
-coordinate-descent tuning, max-autotune) one manager loads and compiles the model once, then the
-runs alternate between steps_ahead 0 (each step waited for, as before) and 1, so both see the same kernels, host
-and GPU clocks; the order flips each round.
+(today's default, SDXL without fused QKV, CUDA graphs, inductor's coordinate-descent tuning, max-autotune) one
+manager loads and compiles the model once, then the runs alternate between steps_ahead 0 (each step waited for,
+as before) and 1, so both see the same kernels, host and GPU clocks; the order flips each round.
 
     python3 scripts/gpu_run_ahead.py --model sdxl-base-1.0 --precision fp16 --levers today unfused --out $OUT
     python3 scripts/gpu_run_ahead.py --model flux.1-dev --precision fp8 --levers today --out $OUT

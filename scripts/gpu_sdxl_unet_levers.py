@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -65,7 +66,7 @@ def compile_and_time(unet: torch.nn.Module, inputs: dict, runs: int, cuda: bool,
         host.append((time.perf_counter() - began) * 1000)
         if cuda:
             torch.cuda.synchronize()
-    return {"step_ms": ms, "host_ms": sorted(host)[2], "compile_s": compile_s,
+    return {"step_ms": ms, "host_ms": statistics.median(host), "compile_s": compile_s,
             "output": compiled(**inputs).sample.float(), "finite": finite, "compiled": compiled}
 
 
